@@ -1,0 +1,23 @@
+//! GeoStream's domain core.
+//!
+//! Pure code only: the telemetry model and its validation, the versioned bus envelope, the geo
+//! index math, the rules engine, the ports the handlers talk to, the neutral stream batch, and
+//! the in-memory adapters used by the embedded runner and the tests. No AWS SDK in here: the
+//! SDK adapters live beside this crate so that most tests compile fast.
+
+pub mod envelope;
+pub mod geo;
+pub mod memory;
+pub mod model;
+pub mod ports;
+pub mod rules;
+pub mod stream;
+pub mod validation;
+
+/// Milliseconds since the Unix epoch, the one clock unit used across GeoStream.
+pub type EpochMillis = i64;
+
+/// The current wall-clock time in epoch milliseconds.
+pub fn now_millis() -> EpochMillis {
+    chrono::Utc::now().timestamp_millis()
+}

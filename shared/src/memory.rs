@@ -1,0 +1,626 @@
+//! In-memory adapters of every port: the embedded runner's bus and stores, and the tests'.
+//! Each keeps the semantics the AWS adapters promise (conditional writes, upserts, per-shard
+//! order) and bounds its memory, saying what it drops.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::{Mutex, MutexGuard, RwLock};
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+
+use crate::geo::geohash_of;
+use crate::model::{Alert, Position, Reading};
+use crate::ports::{
+    AlertFilter, AlertStore, Archive, BusRecord, DeadLetter, DeadLetterSink, EventBus,
+    PositionStore, Published, StoreError, UpsertOutcome,
+};
+use crate::rules::DeviceRuleStates;
+use crate::{now_millis, EpochMillis};
+
+/// Locks a mutex, recovering the data if a panicking thread poisoned it: every writer here
+/// leaves the data consistent before anything that could panic.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A record as a shard keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredRecord {
+    pub sequence: u64,
+    pub partition_key: String,
+    pub data: Vec<u8>,
+    pub arrival: EpochMillis,
+}
+
+struct Shard {
+    records: Mutex<VecDeque<StoredRecord>>,
+    /// The sequence number of the newest record; readers wait on it.
+    tip: watch::Sender<u64>,
+}
+
+/// What a read of a shard returned.
+#[derive(Debug, Default)]
+pub struct ShardRead {
+    pub records: Vec<StoredRecord>,
+    /// Records the reader asked for that had already been trimmed by retention.
+    pub expired: u64,
+}
+
+/// An in-memory stream with Kinesis semantics: records are routed to shards by the MD5 of
+/// their partition key (so one device always lands on one shard, in order), and each shard
+/// keeps at most `retention` records, oldest trimmed first.
+pub struct MemoryStream {
+    name: String,
+    shards: Vec<Shard>,
+    retention: usize,
+}
+
+impl MemoryStream {
+    pub fn new(name: impl Into<String>, shard_count: usize, retention_per_shard: usize) -> Self {
+        let shards = (0..shard_count.max(1))
+            .map(|_| Shard {
+                records: Mutex::new(VecDeque::new()),
+                tip: watch::channel(0).0,
+            })
+            .collect();
+        MemoryStream {
+            name: name.into(),
+            shards,
+            retention: retention_per_shard.max(1),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Kinesis's shard id format.
+    pub fn shard_id(shard: usize) -> String {
+        format!("shardId-{shard:012}")
+    }
+
+    /// The shard of a partition key: the key's 128-bit MD5 hash split evenly across shards,
+    /// as Kinesis splits its hash key range.
+    pub fn shard_of(&self, partition_key: &str) -> usize {
+        let hash = u128::from_be_bytes(md5::compute(partition_key.as_bytes()).0);
+        ((hash >> 64) as u128 * self.shards.len() as u128 >> 64) as usize
+    }
+
+    /// Records of `shard` with a sequence number of at least `from`, at most `max` of them.
+    pub fn read(&self, shard: usize, from: u64, max: usize) -> ShardRead {
+        let Some(shard) = self.shards.get(shard) else {
+            return ShardRead::default();
+        };
+        let records = lock(&shard.records);
+        let Some(first) = records.front().map(|r| r.sequence) else {
+            return ShardRead::default();
+        };
+        let expired = first.saturating_sub(from);
+        let start = from.saturating_sub(first) as usize;
+        ShardRead {
+            records: records.iter().skip(start).take(max).cloned().collect(),
+            expired,
+        }
+    }
+
+    /// A receiver of the shard's newest sequence number, to wait for new records.
+    pub fn subscribe(&self, shard: usize) -> Option<watch::Receiver<u64>> {
+        self.shards.get(shard).map(|s| s.tip.subscribe())
+    }
+
+    /// The newest sequence number of each shard.
+    pub fn tips(&self) -> Vec<u64> {
+        self.shards.iter().map(|s| *s.tip.borrow()).collect()
+    }
+
+    fn append(&self, record: BusRecord) -> Published {
+        let shard_index = self.shard_of(&record.partition_key);
+        let shard = &self.shards[shard_index];
+        let mut records = lock(&shard.records);
+        let sequence = records.back().map_or(1, |r| r.sequence + 1);
+        records.push_back(StoredRecord {
+            sequence,
+            partition_key: record.partition_key,
+            data: record.data,
+            arrival: now_millis(),
+        });
+        while records.len() > self.retention {
+            records.pop_front();
+        }
+        shard.tip.send_replace(sequence);
+        Published {
+            shard_id: Self::shard_id(shard_index),
+            sequence_number: format_sequence(sequence),
+        }
+    }
+}
+
+/// Sequence numbers as zero-padded decimal strings, so that text order is numeric order.
+pub fn format_sequence(sequence: u64) -> String {
+    format!("{sequence:020}")
+}
+
+pub fn parse_sequence(text: &str) -> Option<u64> {
+    text.parse().ok()
+}
+
+#[async_trait]
+impl EventBus for MemoryStream {
+    async fn publish(&self, records: Vec<BusRecord>) -> Vec<Result<Published, StoreError>> {
+        records
+            .into_iter()
+            .map(|record| Ok(self.append(record)))
+            .collect()
+    }
+}
+
+#[derive(Default)]
+struct PositionIndex {
+    by_device: HashMap<String, Position>,
+    /// (geohash, device id): positions in a cell are a prefix range.
+    by_cell: BTreeSet<(String, String)>,
+}
+
+/// Latest positions with a geohash index.
+#[derive(Default)]
+pub struct MemoryPositionStore {
+    inner: RwLock<PositionIndex>,
+}
+
+impl MemoryPositionStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_device
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every stored position (for the dashboard and brute-force checks).
+    pub fn all(&self) -> Vec<Position> {
+        let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        inner.by_device.values().cloned().collect()
+    }
+}
+
+#[async_trait]
+impl PositionStore for MemoryPositionStore {
+    async fn upsert_if_newer(&self, mut position: Position) -> Result<UpsertOutcome, StoreError> {
+        if position.geohash.is_empty() {
+            position.geohash = geohash_of(position.point()).ok_or_else(|| {
+                StoreError::permanent(
+                    "position upsert",
+                    format!("position out of range: {position:?}"),
+                )
+            })?;
+        }
+        let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(current) = inner.by_device.get(&position.device_id) {
+            if (current.ts, current.event_id.as_str()) >= (position.ts, position.event_id.as_str())
+            {
+                return Ok(UpsertOutcome::Stale);
+            }
+            let old_key = (current.geohash.clone(), current.device_id.clone());
+            inner.by_cell.remove(&old_key);
+        }
+        inner
+            .by_cell
+            .insert((position.geohash.clone(), position.device_id.clone()));
+        inner.by_device.insert(position.device_id.clone(), position);
+        Ok(UpsertOutcome::Applied)
+    }
+
+    async fn get(&self, device_id: &str) -> Result<Option<Position>, StoreError> {
+        Ok(self
+            .inner
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_device
+            .get(device_id)
+            .cloned())
+    }
+
+    async fn query_prefixes(&self, prefixes: &[String]) -> Result<Vec<Position>, StoreError> {
+        let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        let mut found = Vec::new();
+        for prefix in prefixes {
+            let start = (prefix.clone(), String::new());
+            for (hash, device) in inner.by_cell.range(start..) {
+                if !hash.starts_with(prefix.as_str()) {
+                    break;
+                }
+                if let Some(position) = inner.by_device.get(device) {
+                    found.push(position.clone());
+                }
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// Every reading, per device ordered by time, keeping the newest `max_per_device` readings of
+/// each device (the in-memory stand-in for Timestream's retention).
+pub struct MemoryArchive {
+    inner: RwLock<HashMap<String, BTreeMap<(EpochMillis, String), Reading>>>,
+    max_per_device: usize,
+}
+
+impl MemoryArchive {
+    pub fn new(max_per_device: usize) -> Self {
+        MemoryArchive {
+            inner: RwLock::new(HashMap::new()),
+            max_per_device: max_per_device.max(1),
+        }
+    }
+
+    /// Number of readings held.
+    pub fn len(&self) -> usize {
+        self.inner
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(BTreeMap::len)
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[async_trait]
+impl Archive for MemoryArchive {
+    async fn write(&self, readings: &[Reading]) -> Result<(), StoreError> {
+        let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        for reading in readings {
+            let track = inner.entry(reading.device_id.clone()).or_default();
+            track.insert((reading.ts, reading.event_id.clone()), reading.clone());
+            while track.len() > self.max_per_device {
+                track.pop_first();
+            }
+        }
+        Ok(())
+    }
+
+    async fn track(
+        &self,
+        device_id: &str,
+        from: EpochMillis,
+        to: EpochMillis,
+        limit: usize,
+    ) -> Result<Vec<Reading>, StoreError> {
+        let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        let Some(track) = inner.get(device_id) else {
+            return Ok(Vec::new());
+        };
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        Ok(track
+            .range((from, String::new())..(to, String::new()))
+            .take(limit)
+            .map(|(_, r)| r.clone())
+            .collect())
+    }
+}
+
+#[derive(Default)]
+struct AlertTables {
+    states: HashMap<String, DeviceRuleStates>,
+    alerts: HashMap<String, Alert>,
+}
+
+/// Rule state and alert records, with the conditional commit the DynamoDB adapter does with a
+/// transaction.
+#[derive(Default)]
+pub struct MemoryAlertStore {
+    inner: Mutex<AlertTables>,
+}
+
+impl MemoryAlertStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+#[async_trait]
+impl AlertStore for MemoryAlertStore {
+    async fn load_rule_states(&self, device_id: &str) -> Result<DeviceRuleStates, StoreError> {
+        Ok(lock(&self.inner)
+            .states
+            .get(device_id)
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    async fn commit(
+        &self,
+        device_id: &str,
+        expected_version: u64,
+        states: &DeviceRuleStates,
+        alerts: &[Alert],
+    ) -> Result<(), StoreError> {
+        let mut inner = lock(&self.inner);
+        let current = inner.states.get(device_id).map_or(0, |s| s.version);
+        if current != expected_version {
+            return Err(StoreError::conflict(
+                "alert state commit",
+                format!(
+                    "device {device_id}: expected version {expected_version}, store has {current}"
+                ),
+            ));
+        }
+        let mut stored = states.clone();
+        stored.version = expected_version + 1;
+        inner.states.insert(device_id.to_string(), stored);
+        for alert in alerts {
+            let mut alert = alert.clone();
+            if let Some(existing) = inner.alerts.get(&alert.alert_id) {
+                alert.acknowledged = existing.acknowledged;
+                alert.acknowledged_by.clone_from(&existing.acknowledged_by);
+                alert.acknowledged_at = existing.acknowledged_at;
+            }
+            inner.alerts.insert(alert.alert_id.clone(), alert);
+        }
+        Ok(())
+    }
+
+    async fn list_alerts(&self, filter: &AlertFilter) -> Result<Vec<Alert>, StoreError> {
+        let inner = lock(&self.inner);
+        let mut alerts: Vec<&Alert> = inner
+            .alerts
+            .values()
+            .filter(|a| filter.state.is_none_or(|s| a.state == s))
+            .filter(|a| filter.device_id.as_deref().is_none_or(|d| a.device_id == d))
+            .collect();
+        alerts.sort_by(|a, b| {
+            b.started_at
+                .cmp(&a.started_at)
+                .then_with(|| a.alert_id.cmp(&b.alert_id))
+        });
+        Ok(alerts.into_iter().take(filter.limit).cloned().collect())
+    }
+
+    async fn get_alert(&self, alert_id: &str) -> Result<Option<Alert>, StoreError> {
+        Ok(lock(&self.inner).alerts.get(alert_id).cloned())
+    }
+
+    async fn acknowledge(
+        &self,
+        alert_id: &str,
+        by: &str,
+        at: EpochMillis,
+    ) -> Result<Option<Alert>, StoreError> {
+        let mut inner = lock(&self.inner);
+        let Some(alert) = inner.alerts.get_mut(alert_id) else {
+            return Ok(None);
+        };
+        if !alert.acknowledged {
+            alert.acknowledged = true;
+            alert.acknowledged_by = Some(by.to_string());
+            alert.acknowledged_at = Some(at);
+        }
+        Ok(Some(alert.clone()))
+    }
+}
+
+/// Dead letters kept in memory, newest `capacity` of them, with a count of all ever received.
+pub struct MemoryDeadLetters {
+    inner: Mutex<(VecDeque<DeadLetter>, u64)>,
+    capacity: usize,
+}
+
+impl MemoryDeadLetters {
+    pub fn new(capacity: usize) -> Self {
+        MemoryDeadLetters {
+            inner: Mutex::new((VecDeque::new(), 0)),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// The kept letters, oldest first, and the number ever received.
+    pub fn snapshot(&self) -> (Vec<DeadLetter>, u64) {
+        let inner = lock(&self.inner);
+        (inner.0.iter().cloned().collect(), inner.1)
+    }
+}
+
+#[async_trait]
+impl DeadLetterSink for MemoryDeadLetters {
+    async fn send(&self, letters: Vec<DeadLetter>) -> Result<(), StoreError> {
+        let mut inner = lock(&self.inner);
+        for letter in letters {
+            inner.1 += 1;
+            inner.0.push_back(letter);
+            if inner.0.len() > self.capacity {
+                inner.0.pop_front();
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::geo::haversine_m;
+    use crate::model::GeoPoint;
+    use crate::ports::vehicles_near;
+    use proptest::prelude::*;
+
+    fn position(device: &str, ts: EpochMillis, lat: f64, lon: f64) -> Position {
+        Position {
+            device_id: device.into(),
+            ts,
+            event_id: format!("{device}@{ts}"),
+            lat,
+            lon,
+            geohash: String::new(),
+            speed_kmh: None,
+            heading_deg: None,
+            received_at: ts,
+        }
+    }
+
+    #[tokio::test]
+    async fn positions_never_go_back_in_time() {
+        let store = MemoryPositionStore::new();
+        assert_eq!(
+            store.upsert_if_newer(position("a", 2_000, 1.0, 1.0)).await,
+            Ok(UpsertOutcome::Applied)
+        );
+        assert_eq!(
+            store.upsert_if_newer(position("a", 1_000, 2.0, 2.0)).await,
+            Ok(UpsertOutcome::Stale)
+        );
+        assert_eq!(
+            store.upsert_if_newer(position("a", 2_000, 2.0, 2.0)).await,
+            Ok(UpsertOutcome::Stale)
+        );
+        assert_eq!(store.get("a").await.unwrap().unwrap().lat, 1.0);
+        assert_eq!(
+            store.upsert_if_newer(position("a", 3_000, 3.0, 3.0)).await,
+            Ok(UpsertOutcome::Applied)
+        );
+        // The old cell no longer lists the vehicle.
+        let old_cell = geohash_of(GeoPoint { lat: 1.0, lon: 1.0 }).unwrap();
+        assert!(store.query_prefixes(&[old_cell]).await.unwrap().is_empty());
+        assert_eq!(store.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn stream_routes_a_key_to_one_shard_in_order_and_trims() {
+        let stream = MemoryStream::new("t", 4, 3);
+        let records: Vec<BusRecord> = (0..5)
+            .map(|n| BusRecord {
+                partition_key: "truck-1".into(),
+                data: vec![n],
+            })
+            .collect();
+        let published = stream.publish(records).await;
+        let shard = stream.shard_of("truck-1");
+        assert!(published
+            .iter()
+            .all(|p| p.as_ref().unwrap().shard_id == MemoryStream::shard_id(shard)));
+        let read = stream.read(shard, 1, 10);
+        assert_eq!(read.expired, 2);
+        assert_eq!(
+            read.records.iter().map(|r| r.data[0]).collect::<Vec<_>>(),
+            [2, 3, 4]
+        );
+        assert_eq!(stream.read(shard, 5, 10).records.len(), 1);
+        assert!(stream.read(shard, 6, 10).records.is_empty());
+    }
+
+    #[tokio::test]
+    async fn alert_commit_is_conditional_and_keeps_acknowledgements() {
+        let store = MemoryAlertStore::new();
+        let states = DeviceRuleStates::default();
+        let alert = Alert {
+            alert_id: "a|r|1".into(),
+            device_id: "a".into(),
+            rule: "r".into(),
+            severity: crate::model::Severity::Major,
+            state: crate::model::AlertState::Active,
+            acknowledged: false,
+            acknowledged_by: None,
+            acknowledged_at: None,
+            started_at: 1,
+            cleared_at: None,
+            peak_value: 1.0,
+            last_value: 1.0,
+            count: 1,
+        };
+        store
+            .commit("a", 0, &states, std::slice::from_ref(&alert))
+            .await
+            .unwrap();
+        let conflict = store.commit("a", 0, &states, &[]).await.unwrap_err();
+        assert_eq!(conflict.kind, crate::ports::ErrorKind::Conflict);
+        store.acknowledge("a|r|1", "ops", 5).await.unwrap();
+        let mut update = alert.clone();
+        update.count = 2;
+        store.commit("a", 1, &states, &[update]).await.unwrap();
+        let stored = store.get_alert("a|r|1").await.unwrap().unwrap();
+        assert_eq!(
+            (
+                stored.count,
+                stored.acknowledged,
+                stored.acknowledged_by.as_deref()
+            ),
+            (2, true, Some("ops"))
+        );
+        assert_eq!(store.load_rule_states("a").await.unwrap().version, 2);
+        assert!(store.acknowledge("nope", "ops", 5).await.unwrap().is_none());
+    }
+
+    fn arb_fleet() -> impl Strategy<Value = (Vec<(f64, f64)>, GeoPoint, f64)> {
+        let city = (52.3..52.7f64, 13.1..13.7f64);
+        let antimeridian = (
+            -0.5..0.5f64,
+            prop_oneof![179.5..=180.0f64, -180.0..-179.5f64],
+        );
+        let polar = (89.5..=90.0f64, -180.0..=180.0f64);
+        prop_oneof![
+            (
+                proptest::collection::vec(city.clone(), 0..300),
+                city,
+                10.0..30_000.0f64
+            ),
+            (
+                proptest::collection::vec(antimeridian.clone(), 0..200),
+                antimeridian,
+                10.0..60_000.0f64
+            ),
+            (
+                proptest::collection::vec(polar.clone(), 0..200),
+                polar,
+                10.0..60_000.0f64
+            ),
+            (
+                proptest::collection::vec((-90.0..=90.0f64, -180.0..=180.0f64), 0..200),
+                (-90.0..=90.0f64, -180.0..=180.0f64),
+                10.0..100_000.0f64
+            ),
+        ]
+        .prop_map(|(points, (lat, lon), radius)| (points, GeoPoint { lat, lon }, radius))
+    }
+
+    proptest! {
+        /// A radius query returns exactly what a brute-force scan of every vehicle returns.
+        #[test]
+        fn radius_query_equals_brute_force((points, center, radius) in arb_fleet()) {
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let store = MemoryPositionStore::new();
+            runtime.block_on(async {
+                for (n, (lat, lon)) in points.iter().enumerate() {
+                    store.upsert_if_newer(position(&format!("v{n}"), 1, *lat, *lon)).await.unwrap();
+                }
+            });
+            let found = runtime.block_on(vehicles_near(&store, center, radius, usize::MAX)).unwrap();
+            let mut expected: Vec<(String, f64)> = store
+                .all()
+                .into_iter()
+                .map(|p| (p.device_id.clone(), haversine_m(center, p.point())))
+                .filter(|(_, d)| *d <= radius)
+                .collect();
+            expected.sort_by(|a, b| a.1.total_cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
+            let got: Vec<(String, f64)> = found.into_iter().map(|v| (v.position.device_id, v.distance_m)).collect();
+            prop_assert_eq!(got, expected);
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! The ports (DESIGN.md section 2): the small traits the handlers talk to. Each has an
+//! in-memory adapter in [`crate::memory`]; the AWS and Kafka adapters implement the same traits.
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use crate::model::{Alert, AlertState, Position, Reading};
+use crate::rules::DeviceRuleStates;
+use crate::EpochMillis;
+
+/// Whether retrying the failed operation can help.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Throttling, timeouts, 5xx: try again later.
+    Transient,
+    /// The request itself is wrong; retrying will fail the same way.
+    Permanent,
+    /// An optimistic-concurrency check failed: reload and try again.
+    Conflict,
+}
+
+/// An error from a store or bus adapter, saying what failed and whether to retry.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{operation}: {message}")]
+pub struct StoreError {
+    pub kind: ErrorKind,
+    pub operation: &'static str,
+    pub message: String,
+}
+
+impl StoreError {
+    pub fn transient(operation: &'static str, message: impl Into<String>) -> Self {
+        StoreError {
+            kind: ErrorKind::Transient,
+            operation,
+            message: message.into(),
+        }
+    }
+    pub fn permanent(operation: &'static str, message: impl Into<String>) -> Self {
+        StoreError {
+            kind: ErrorKind::Permanent,
+            operation,
+            message: message.into(),
+        }
+    }
+    pub fn conflict(operation: &'static str, message: impl Into<String>) -> Self {
+        StoreError {
+            kind: ErrorKind::Conflict,
+            operation,
+            message: message.into(),
+        }
+    }
+}
+
+/// One record to publish on a bus, keyed by device so per-device order is kept.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BusRecord {
+    pub partition_key: String,
+    pub data: Vec<u8>,
+}
+
+/// Where a published record landed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    pub shard_id: String,
+    pub sequence_number: String,
+}
+
+#[async_trait]
+pub trait EventBus: Send + Sync {
+    /// Publishes a batch; the result has one entry per record, in order. A failed entry was not
+    /// published (after the adapter's own retries) and says why.
+    async fn publish(&self, records: Vec<BusRecord>) -> Vec<Result<Published, StoreError>>;
+}
+
+/// Whether an upsert moved the vehicle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpsertOutcome {
+    Applied,
+    /// The store already holds a newer (or the same) reading: positions never go back in time.
+    Stale,
+}
+
+#[async_trait]
+pub trait PositionStore: Send + Sync {
+    /// Stores the position unless the store holds one with a later or equal `(ts, event_id)`.
+    async fn upsert_if_newer(&self, position: Position) -> Result<UpsertOutcome, StoreError>;
+    async fn get(&self, device_id: &str) -> Result<Option<Position>, StoreError>;
+    /// Every position whose geohash starts with one of `prefixes` (a covering from
+    /// [`crate::geo::cover_circle`]); the caller filters by exact distance.
+    async fn query_prefixes(&self, prefixes: &[String]) -> Result<Vec<Position>, StoreError>;
+}
+
+#[async_trait]
+pub trait Archive: Send + Sync {
+    /// Upserts readings keyed by (device, ts, event_id): a retried write changes nothing.
+    async fn write(&self, readings: &[Reading]) -> Result<(), StoreError>;
+    /// A device's readings with `from <= ts < to`, oldest first, at most `limit`.
+    async fn track(
+        &self,
+        device_id: &str,
+        from: EpochMillis,
+        to: EpochMillis,
+        limit: usize,
+    ) -> Result<Vec<Reading>, StoreError>;
+}
+
+/// Which alerts to list.
+#[derive(Debug, Clone, Default)]
+pub struct AlertFilter {
+    pub state: Option<AlertState>,
+    pub device_id: Option<String>,
+    pub limit: usize,
+}
+
+#[async_trait]
+pub trait AlertStore: Send + Sync {
+    /// The rule state of a device; a device never seen has the default (version 0).
+    async fn load_rule_states(&self, device_id: &str) -> Result<DeviceRuleStates, StoreError>;
+    /// Saves the new rule state and the alerts it touched, atomically, only if the stored
+    /// state still has `expected_version` (else an [`ErrorKind::Conflict`] error). Alert
+    /// acknowledgements already stored are kept.
+    async fn commit(
+        &self,
+        device_id: &str,
+        expected_version: u64,
+        states: &DeviceRuleStates,
+        alerts: &[Alert],
+    ) -> Result<(), StoreError>;
+    /// Newest first.
+    async fn list_alerts(&self, filter: &AlertFilter) -> Result<Vec<Alert>, StoreError>;
+    async fn get_alert(&self, alert_id: &str) -> Result<Option<Alert>, StoreError>;
+    /// Acknowledges an alert (idempotent: the first acknowledgement is kept). `None` if there
+    /// is no such alert.
+    async fn acknowledge(
+        &self,
+        alert_id: &str,
+        by: &str,
+        at: EpochMillis,
+    ) -> Result<Option<Alert>, StoreError>;
+}
+
+/// A record a stream function gave up on, with the reason.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeadLetter {
+    /// The function that gave up.
+    pub function: String,
+    /// The record's id on the bus (Kinesis sequence number or Kafka offset).
+    pub record_id: String,
+    pub partition_key: String,
+    /// The record's data, lossy UTF-8 (it is JSON when it came from ingest).
+    pub data: String,
+    pub reason: String,
+    pub attempts: u32,
+    pub failed_at: EpochMillis,
+}
+
+#[async_trait]
+pub trait DeadLetterSink: Send + Sync {
+    async fn send(&self, letters: Vec<DeadLetter>) -> Result<(), StoreError>;
+}
+
+/// A vehicle found by a radius query, with its distance from the query point.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NearbyVehicle {
+    #[serde(flatten)]
+    pub position: Position,
+    pub distance_m: f64,
+}
+
+/// The vehicles within `radius_m` of `center`, nearest first (ties by device id), at most
+/// `limit`: the store is asked for the geohash cells covering the circle, and the candidates
+/// are filtered by exact haversine distance, so the answer equals a brute-force scan.
+pub async fn vehicles_near(
+    store: &dyn PositionStore,
+    center: crate::model::GeoPoint,
+    radius_m: f64,
+    limit: usize,
+) -> Result<Vec<NearbyVehicle>, StoreError> {
+    let cells = crate::geo::cover_circle(center, radius_m);
+    let candidates = store.query_prefixes(&cells).await?;
+    let mut found: Vec<NearbyVehicle> = candidates
+        .into_iter()
+        .filter_map(|position| {
+            let distance_m = crate::geo::haversine_m(center, position.point());
+            (distance_m <= radius_m).then_some(NearbyVehicle {
+                position,
+                distance_m,
+            })
+        })
+        .collect();
+    found.sort_by(|a, b| {
+        a.distance_m
+            .total_cmp(&b.distance_m)
+            .then_with(|| a.position.device_id.cmp(&b.position.device_id))
+    });
+    found.dedup_by(|a, b| a.position.device_id == b.position.device_id);
+    found.truncate(limit);
+    Ok(found)
+}

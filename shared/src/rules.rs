@@ -1,0 +1,808 @@
+//! The rules engine: rules are data (a TOML file), evaluated per device with hysteresis and
+//! minimum durations. Per (device, rule) state is passed in and out so it can live in a store
+//! (Lambda is stateless), and evaluation is idempotent: readings at or before the state's
+//! watermark are skipped, so a replayed batch changes nothing.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{
+    Alert, AlertState, AlertTransition, Reading, Severity, TransitionKind, READING_FIELDS,
+};
+use crate::EpochMillis;
+
+/// The rules GeoStream ships with (`shared/rules/default.toml`).
+pub const DEFAULT_RULES_TOML: &str = include_str!("../rules/default.toml");
+
+/// One rule as written in the file. Every field is optional here so that a missing or
+/// conflicting one can be reported by name when the rule is compiled.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: Option<String>,
+    metric: Option<String>,
+    severity: Option<Severity>,
+    above: Option<f64>,
+    clear_below: Option<f64>,
+    below: Option<f64>,
+    clear_above: Option<f64>,
+    zscore_above: Option<f64>,
+    clear_zscore_below: Option<f64>,
+    min_samples: Option<u64>,
+    window: Option<u64>,
+    min_std: Option<f64>,
+    min_duration_s: Option<f64>,
+    clear_duration_s: Option<f64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRuleFile {
+    #[serde(default, rename = "rule")]
+    rules: Vec<RawRule>,
+}
+
+/// When a rule breaches and when it clears.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Condition {
+    Above {
+        threshold: f64,
+        clear_below: f64,
+    },
+    Below {
+        threshold: f64,
+        clear_above: f64,
+    },
+    ZScore {
+        z_threshold: f64,
+        clear_z: f64,
+        min_samples: u64,
+        window: u64,
+        min_std: f64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rule {
+    pub name: String,
+    pub metric: String,
+    pub severity: Severity,
+    pub condition: Condition,
+    pub min_duration_ms: EpochMillis,
+    pub clear_duration_ms: EpochMillis,
+}
+
+/// A compiled set of rules.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuleSet {
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RuleError {
+    #[error("rules file is not valid TOML for rules: {0}")]
+    Syntax(String),
+    #[error("rule #{index} ({name}): {message}")]
+    Invalid {
+        index: usize,
+        name: String,
+        message: String,
+    },
+}
+
+impl RuleSet {
+    pub fn default_rules() -> RuleSet {
+        RuleSet::from_toml(DEFAULT_RULES_TOML).expect("the bundled default rules are valid")
+    }
+
+    pub fn from_toml(text: &str) -> Result<RuleSet, RuleError> {
+        let raw: RawRuleFile =
+            toml::from_str(text).map_err(|e| RuleError::Syntax(e.to_string()))?;
+        let mut rules: Vec<Rule> = Vec::new();
+        for (index, raw) in raw.rules.into_iter().enumerate() {
+            let index = index + 1;
+            let name = raw.name.clone().unwrap_or_default();
+            let invalid = |message: String| RuleError::Invalid {
+                index,
+                name: if name.is_empty() {
+                    "unnamed".into()
+                } else {
+                    name.clone()
+                },
+                message,
+            };
+            let rule = compile(raw).map_err(invalid)?;
+            if rules.iter().any(|r| r.name == rule.name) {
+                return Err(invalid(
+                    "a rule of this name comes earlier in the file".into(),
+                ));
+            }
+            rules.push(rule);
+        }
+        Ok(RuleSet { rules })
+    }
+
+    /// Evaluates a device's readings against every rule, updating `state`. Readings are taken
+    /// in event-time order; those at or before the state's watermark were seen before and are
+    /// skipped. Returns the raise/clear transitions and every alert whose record changed.
+    pub fn evaluate(
+        &self,
+        device_id: &str,
+        state: &mut DeviceRuleStates,
+        readings: &[Reading],
+    ) -> Evaluation {
+        let mut ordered: Vec<&Reading> = readings
+            .iter()
+            .filter(|r| match &state.watermark {
+                Some(mark) => r.order_key() > (mark.ts, mark.event_id.as_str()),
+                None => true,
+            })
+            .collect();
+        ordered.sort_by(|a, b| a.order_key().cmp(&b.order_key()));
+        ordered.dedup_by(|a, b| a.order_key() == b.order_key());
+
+        let mut evaluation = Evaluation::default();
+        let mut touched: BTreeMap<String, Alert> = BTreeMap::new();
+        for reading in &ordered {
+            for rule in &self.rules {
+                let Some(value) = reading.value(&rule.metric) else {
+                    continue;
+                };
+                let rule_state = state.rules.entry(rule.name.clone()).or_default();
+                if let Some(transition) =
+                    step(rule, device_id, rule_state, reading.ts, value, &mut touched)
+                {
+                    evaluation.transitions.push(transition);
+                }
+            }
+        }
+        if let Some(last) = ordered.last() {
+            state.watermark = Some(Watermark {
+                ts: last.ts,
+                event_id: last.event_id.clone(),
+            });
+            evaluation.readings_evaluated = ordered.len();
+        }
+        evaluation.touched_alerts = touched.into_values().collect();
+        evaluation
+    }
+}
+
+fn compile(raw: RawRule) -> Result<Rule, String> {
+    let name = raw.name.ok_or("name is required")?;
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err("name must be 1-64 characters of A-Z a-z 0-9 _ -".into());
+    }
+    let metric = raw.metric.ok_or("metric is required")?;
+    let known = READING_FIELDS.iter().any(|(field, _, _)| *field == metric)
+        || metric
+            .strip_prefix("metrics.")
+            .is_some_and(crate::validation::is_valid_device_id);
+    if !known {
+        return Err(format!(
+            "metric {metric:?} is neither a named reading ({}) nor metrics.<name>",
+            READING_FIELDS
+                .iter()
+                .map(|f| f.0)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    let severity = raw
+        .severity
+        .ok_or("severity is required (info, warning, major, critical)")?;
+    let finite = |field: &str, value: Option<f64>| -> Result<f64, String> {
+        match value {
+            None => Err(format!("{field} is required with this condition")),
+            Some(v) if !v.is_finite() => Err(format!("{field} must be a finite number")),
+            Some(v) => Ok(v),
+        }
+    };
+    let condition = match (
+        raw.above.is_some(),
+        raw.below.is_some(),
+        raw.zscore_above.is_some(),
+    ) {
+        (true, false, false) => {
+            let threshold = finite("above", raw.above)?;
+            let clear_below = finite("clear_below", raw.clear_below.or(raw.above))?;
+            if clear_below > threshold {
+                return Err(format!(
+                    "clear_below {clear_below} must not exceed above {threshold}"
+                ));
+            }
+            Condition::Above {
+                threshold,
+                clear_below,
+            }
+        }
+        (false, true, false) => {
+            let threshold = finite("below", raw.below)?;
+            let clear_above = finite("clear_above", raw.clear_above.or(raw.below))?;
+            if clear_above < threshold {
+                return Err(format!(
+                    "clear_above {clear_above} must not be under below {threshold}"
+                ));
+            }
+            Condition::Below {
+                threshold,
+                clear_above,
+            }
+        }
+        (false, false, true) => {
+            let z_threshold = finite("zscore_above", raw.zscore_above)?;
+            let clear_z = finite(
+                "clear_zscore_below",
+                raw.clear_zscore_below.or(raw.zscore_above),
+            )?;
+            if z_threshold <= 0.0 || clear_z <= 0.0 || clear_z > z_threshold {
+                return Err(format!(
+                    "need 0 < clear_zscore_below ({clear_z}) <= zscore_above ({z_threshold})"
+                ));
+            }
+            let window = raw.window.unwrap_or(100).max(2);
+            Condition::ZScore {
+                z_threshold,
+                clear_z,
+                min_samples: raw.min_samples.unwrap_or(30).max(2),
+                window,
+                min_std: finite("min_std", Some(raw.min_std.unwrap_or(1e-3)))?.max(1e-9),
+            }
+        }
+        _ => return Err("exactly one of above, below or zscore_above is required".into()),
+    };
+    let duration = |field: &str, seconds: Option<f64>| -> Result<EpochMillis, String> {
+        match seconds.unwrap_or(0.0) {
+            s if s.is_finite() && (0.0..=86_400.0).contains(&s) => {
+                Ok((s * 1000.0).round() as EpochMillis)
+            }
+            s => Err(format!("{field} {s} must be between 0 and 86400 seconds")),
+        }
+    };
+    Ok(Rule {
+        name,
+        metric,
+        severity,
+        condition,
+        min_duration_ms: duration("min_duration_s", raw.min_duration_s)?,
+        clear_duration_ms: duration("clear_duration_s", raw.clear_duration_s)?,
+    })
+}
+
+/// The last reading a device's rules have seen, in [`Reading::order_key`] order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Watermark {
+    pub ts: EpochMillis,
+    pub event_id: String,
+}
+
+/// All rule state of one device: one entry per (device, rule), stored as one item so a batch
+/// costs one read and one conditional write per device.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DeviceRuleStates {
+    /// Optimistic-concurrency version; the store bumps it on every commit.
+    pub version: u64,
+    pub watermark: Option<Watermark>,
+    pub rules: BTreeMap<String, RuleState>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RuleState {
+    pub phase: Phase,
+    /// Running statistics, for z-score rules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<RunningStats>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "phase", rename_all = "snake_case")]
+pub enum Phase {
+    #[default]
+    Normal,
+    /// Breaching, but not yet for the rule's minimum duration.
+    Pending {
+        since: EpochMillis,
+        peak_value: f64,
+        peak_score: f64,
+        count: u64,
+    },
+    Active {
+        alert: Alert,
+        peak_score: f64,
+    },
+    /// Clear condition holds, but not yet for the rule's clear duration.
+    Clearing {
+        since: EpochMillis,
+        alert: Alert,
+        peak_score: f64,
+    },
+}
+
+/// Exponentially weighted running mean and variance: an exact cumulative mean and variance for
+/// the first `window` readings, then a moving one with weight 1/window, so the baseline follows
+/// slow drift.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunningStats {
+    pub count: u64,
+    pub mean: f64,
+    pub variance: f64,
+}
+
+impl RunningStats {
+    pub fn update(&mut self, value: f64, window: u64) {
+        self.count += 1;
+        let weight = 1.0 / self.count.min(window) as f64;
+        let diff = value - self.mean;
+        let increment = weight * diff;
+        self.mean += increment;
+        self.variance = (1.0 - weight) * (self.variance + diff * increment);
+    }
+
+    pub fn z_score(&self, value: f64, min_std: f64) -> f64 {
+        (value - self.mean) / self.variance.sqrt().max(min_std)
+    }
+}
+
+/// What one evaluation produced.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Evaluation {
+    pub transitions: Vec<AlertTransition>,
+    /// The latest record of every alert this evaluation raised, updated or cleared.
+    pub touched_alerts: Vec<Alert>,
+    /// Readings past the watermark; zero means nothing changed and nothing needs storing.
+    pub readings_evaluated: usize,
+}
+
+/// Whether a value breaches the rule, whether it is on the clear side, and how bad it is (a
+/// score that grows with severity, to track the peak).
+fn classify(rule: &Rule, rule_state: &mut RuleState, value: f64) -> (bool, bool, f64) {
+    match &rule.condition {
+        Condition::Above {
+            threshold,
+            clear_below,
+        } => (value > *threshold, value < *clear_below, value),
+        Condition::Below {
+            threshold,
+            clear_above,
+        } => (value < *threshold, value > *clear_above, -value),
+        Condition::ZScore {
+            z_threshold,
+            clear_z,
+            min_samples,
+            window,
+            min_std,
+        } => {
+            let stats = rule_state.stats.get_or_insert_with(RunningStats::default);
+            let verdict = if stats.count >= *min_samples {
+                let z = stats.z_score(value, *min_std).abs();
+                (z > *z_threshold, z < *clear_z, z)
+            } else {
+                (false, true, 0.0)
+            };
+            stats.update(value, *window);
+            verdict
+        }
+    }
+}
+
+fn step(
+    rule: &Rule,
+    device_id: &str,
+    rule_state: &mut RuleState,
+    ts: EpochMillis,
+    value: f64,
+    touched: &mut BTreeMap<String, Alert>,
+) -> Option<AlertTransition> {
+    let (breach, clear, score) = classify(rule, rule_state, value);
+    let raise = |since: EpochMillis, peak_value: f64, count: u64| Alert {
+        alert_id: Alert::make_id(device_id, &rule.name, since),
+        device_id: device_id.to_string(),
+        rule: rule.name.clone(),
+        severity: rule.severity,
+        state: AlertState::Active,
+        acknowledged: false,
+        acknowledged_by: None,
+        acknowledged_at: None,
+        started_at: since,
+        cleared_at: None,
+        peak_value,
+        last_value: value,
+        count,
+    };
+    let phase = std::mem::take(&mut rule_state.phase);
+    let (next, transition) = match phase {
+        Phase::Normal if breach && rule.min_duration_ms == 0 => {
+            let alert = raise(ts, value, 1);
+            (
+                Phase::Active {
+                    alert: alert.clone(),
+                    peak_score: score,
+                },
+                Some(AlertTransition::new(TransitionKind::Raised, alert)),
+            )
+        }
+        Phase::Normal if breach => (
+            Phase::Pending {
+                since: ts,
+                peak_value: value,
+                peak_score: score,
+                count: 1,
+            },
+            None,
+        ),
+        Phase::Normal => (Phase::Normal, None),
+        Phase::Pending {
+            since,
+            mut peak_value,
+            mut peak_score,
+            count,
+        } if breach => {
+            if score > peak_score {
+                peak_value = value;
+                peak_score = score;
+            }
+            if ts - since >= rule.min_duration_ms {
+                let alert = raise(since, peak_value, count + 1);
+                (
+                    Phase::Active {
+                        alert: alert.clone(),
+                        peak_score,
+                    },
+                    Some(AlertTransition::new(TransitionKind::Raised, alert)),
+                )
+            } else {
+                (
+                    Phase::Pending {
+                        since,
+                        peak_value,
+                        peak_score,
+                        count: count + 1,
+                    },
+                    None,
+                )
+            }
+        }
+        Phase::Pending { .. } => (Phase::Normal, None),
+        Phase::Active {
+            mut alert,
+            mut peak_score,
+        }
+        | Phase::Clearing {
+            mut alert,
+            mut peak_score,
+            ..
+        } if !clear => {
+            alert.last_value = value;
+            if breach {
+                alert.count += 1;
+                if score > peak_score {
+                    alert.peak_value = value;
+                    peak_score = score;
+                }
+            }
+            (Phase::Active { alert, peak_score }, None)
+        }
+        Phase::Active { mut alert, .. } | Phase::Clearing { mut alert, .. }
+            if rule.clear_duration_ms == 0 =>
+        {
+            alert.last_value = value;
+            alert.state = AlertState::Cleared;
+            alert.cleared_at = Some(ts);
+            (
+                Phase::Normal,
+                Some(AlertTransition::new(TransitionKind::Cleared, alert)),
+            )
+        }
+        Phase::Active {
+            mut alert,
+            peak_score,
+        } => {
+            alert.last_value = value;
+            (
+                Phase::Clearing {
+                    since: ts,
+                    alert,
+                    peak_score,
+                },
+                None,
+            )
+        }
+        Phase::Clearing {
+            since,
+            mut alert,
+            peak_score,
+        } => {
+            alert.last_value = value;
+            if ts - since >= rule.clear_duration_ms {
+                alert.state = AlertState::Cleared;
+                alert.cleared_at = Some(ts);
+                (
+                    Phase::Normal,
+                    Some(AlertTransition::new(TransitionKind::Cleared, alert)),
+                )
+            } else {
+                (
+                    Phase::Clearing {
+                        since,
+                        alert,
+                        peak_score,
+                    },
+                    None,
+                )
+            }
+        }
+    };
+    match (&next, &transition) {
+        (_, Some(transition)) => {
+            touched.insert(transition.alert.alert_id.clone(), transition.alert.clone());
+        }
+        (Phase::Active { alert, .. } | Phase::Clearing { alert, .. }, None) => {
+            touched.insert(alert.alert_id.clone(), alert.clone());
+        }
+        _ => {}
+    }
+    rule_state.phase = next;
+    transition
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn engine(ts: EpochMillis, temp: f64) -> Reading {
+        Reading {
+            device_id: "truck-1".into(),
+            ts,
+            event_id: format!("truck-1@{ts}"),
+            engine_temp_c: Some(temp),
+            ..Default::default()
+        }
+    }
+
+    fn one_rule(text: &str) -> RuleSet {
+        RuleSet::from_toml(text).unwrap()
+    }
+
+    const OVERHEAT: &str = r#"
+        [[rule]]
+        name = "engine_overheat"
+        metric = "engine_temp_c"
+        above = 100.0
+        clear_below = 95.0
+        severity = "critical"
+    "#;
+
+    #[test]
+    fn default_rules_load() {
+        let rules = RuleSet::default_rules();
+        let names: Vec<&str> = rules.rules.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "engine_overheat",
+                "battery_overheat",
+                "low_tire_pressure",
+                "cargo_overheat",
+                "low_humidity",
+                "engine_temp_anomaly"
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_rule_files_say_which_rule_and_why() {
+        let err = RuleSet::from_toml("[[rule]]\nname = \"x\"\nmetric = \"engine_temp_c\"\nseverity = \"major\"\nabove = 10\nclear_below = 20\n")
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "rule #1 (x): clear_below 20 must not exceed above 10"
+        );
+        let err = RuleSet::from_toml(
+            "[[rule]]\nname = \"x\"\nmetric = \"warp_factor\"\nseverity = \"major\"\nabove = 1\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("warp_factor"), "{err}");
+        assert!(matches!(
+            RuleSet::from_toml("[[rule]]\nnmae = \"x\"\n"),
+            Err(RuleError::Syntax(_))
+        ));
+        let twice = format!("{OVERHEAT}{OVERHEAT}");
+        assert!(RuleSet::from_toml(&twice)
+            .unwrap_err()
+            .to_string()
+            .contains("earlier"));
+    }
+
+    #[test]
+    fn raises_once_updates_then_clears_with_hysteresis() {
+        let rules = one_rule(OVERHEAT);
+        let mut state = DeviceRuleStates::default();
+        let ev = rules.evaluate(
+            "truck-1",
+            &mut state,
+            &[
+                engine(1_000, 90.0),
+                engine(2_000, 105.0),
+                engine(3_000, 110.0),
+            ],
+        );
+        assert_eq!(ev.transitions.len(), 1);
+        assert_eq!(ev.transitions[0].kind, TransitionKind::Raised);
+        let alert = &ev.touched_alerts[0];
+        assert_eq!(
+            (
+                alert.count,
+                alert.peak_value,
+                alert.last_value,
+                alert.started_at
+            ),
+            (2, 110.0, 110.0, 2_000)
+        );
+        // Inside the hysteresis band: still active.
+        let ev = rules.evaluate("truck-1", &mut state, &[engine(4_000, 97.0)]);
+        assert!(ev.transitions.is_empty());
+        assert_eq!(ev.touched_alerts[0].state, AlertState::Active);
+        let ev = rules.evaluate("truck-1", &mut state, &[engine(5_000, 90.0)]);
+        assert_eq!(ev.transitions[0].kind, TransitionKind::Cleared);
+        assert_eq!(ev.transitions[0].alert.cleared_at, Some(5_000));
+        assert_eq!(
+            ev.transitions[0].transition_id,
+            "truck-1|engine_overheat|2000|cleared"
+        );
+    }
+
+    #[test]
+    fn minimum_duration_holds_back_short_breaches() {
+        let rules = one_rule(&OVERHEAT.replace("severity", "min_duration_s = 5\nseverity"));
+        let mut state = DeviceRuleStates::default();
+        let ev = rules.evaluate(
+            "truck-1",
+            &mut state,
+            &[engine(0, 105.0), engine(3_000, 106.0), engine(4_000, 90.0)],
+        );
+        assert!(ev.transitions.is_empty());
+        let ev = rules.evaluate(
+            "truck-1",
+            &mut state,
+            &[engine(10_000, 105.0), engine(15_000, 104.0)],
+        );
+        assert_eq!(ev.transitions.len(), 1);
+        assert_eq!(ev.transitions[0].alert.started_at, 10_000);
+        assert_eq!(ev.transitions[0].alert.count, 2);
+    }
+
+    #[test]
+    fn zscore_rule_learns_the_device_baseline() {
+        let rules = one_rule(
+            "[[rule]]\nname = \"z\"\nmetric = \"engine_temp_c\"\nzscore_above = 4\nclear_zscore_below = 2\nmin_samples = 20\nwindow = 50\nseverity = \"warning\"\n",
+        );
+        let mut state = DeviceRuleStates::default();
+        let normal: Vec<Reading> = (0..40)
+            .map(|i| engine(i * 1000, 88.0 + (i % 5) as f64 * 0.5))
+            .collect();
+        assert!(rules
+            .evaluate("truck-1", &mut state, &normal)
+            .transitions
+            .is_empty());
+        let ev = rules.evaluate("truck-1", &mut state, &[engine(41_000, 97.0)]);
+        assert_eq!(ev.transitions.len(), 1, "{state:?}");
+    }
+
+    #[test]
+    fn readings_without_the_metric_leave_a_rule_alone() {
+        let rules = one_rule(OVERHEAT);
+        let mut state = DeviceRuleStates::default();
+        let mut no_engine = engine(1_000, 0.0);
+        no_engine.engine_temp_c = None;
+        let ev = rules.evaluate("truck-1", &mut state, &[no_engine]);
+        assert!(ev.transitions.is_empty() && ev.touched_alerts.is_empty());
+        assert_eq!(ev.readings_evaluated, 1);
+        assert!(state.rules.is_empty());
+    }
+
+    fn arb_readings() -> impl Strategy<Value = Vec<Reading>> {
+        proptest::collection::vec(
+            (
+                0..600i64,
+                prop_oneof![80.0..99.0f64, 94.0..101.0f64, 100.5..130.0f64],
+            ),
+            0..80,
+        )
+        .prop_map(|steps| {
+            steps
+                .into_iter()
+                .map(|(second, temp)| engine(second * 1000, temp))
+                .collect()
+        })
+    }
+
+    fn rules_with_durations() -> RuleSet {
+        one_rule(&format!(
+            "{}\n{}",
+            OVERHEAT.replace("severity", "min_duration_s = 3\nclear_duration_s = 2\nseverity"),
+            "[[rule]]\nname = \"z\"\nmetric = \"engine_temp_c\"\nzscore_above = 3\nclear_zscore_below = 1\nmin_samples = 5\nwindow = 20\nseverity = \"warning\"\n"
+        ))
+    }
+
+    proptest! {
+        /// Evaluating the same readings again changes nothing and emits nothing.
+        #[test]
+        fn replay_is_a_no_op(readings in arb_readings()) {
+            let rules = rules_with_durations();
+            let mut state = DeviceRuleStates::default();
+            rules.evaluate("truck-1", &mut state, &readings);
+            let before = state.clone();
+            let again = rules.evaluate("truck-1", &mut state, &readings);
+            prop_assert!(again.transitions.is_empty());
+            prop_assert!(again.touched_alerts.is_empty());
+            prop_assert_eq!(again.readings_evaluated, 0);
+            prop_assert_eq!(state, before);
+        }
+
+        /// However the readings are split into batches, the transitions and final state are the
+        /// same as evaluating them at once.
+        #[test]
+        fn batching_does_not_change_the_outcome(readings in arb_readings(), cuts in proptest::collection::vec(0usize..80, 0..6)) {
+            let rules = rules_with_durations();
+            let mut sorted = readings.clone();
+            sorted.sort_by(|a, b| a.order_key().cmp(&b.order_key()));
+            let mut whole_state = DeviceRuleStates::default();
+            let whole = rules.evaluate("truck-1", &mut whole_state, &sorted);
+
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(sorted.len())).collect();
+            cuts.push(0);
+            cuts.push(sorted.len());
+            cuts.sort_unstable();
+            let mut split_state = DeviceRuleStates::default();
+            let mut transitions = Vec::new();
+            for pair in cuts.windows(2) {
+                transitions.extend(rules.evaluate("truck-1", &mut split_state, &sorted[pair[0]..pair[1]]).transitions);
+            }
+            prop_assert_eq!(transitions, whole.transitions);
+            prop_assert_eq!(split_state, whole_state);
+        }
+
+        /// Per rule, transitions alternate raise/clear on the same alert; a raise follows at
+        /// least the minimum duration of breaching readings and a clear comes on a reading below
+        /// the clear threshold.
+        #[test]
+        fn transitions_alternate_and_respect_thresholds(readings in arb_readings()) {
+            let rules = rules_with_durations();
+            let mut sorted = readings.clone();
+            sorted.sort_by(|a, b| a.order_key().cmp(&b.order_key()));
+            sorted.dedup_by(|a, b| a.ts == b.ts);
+            let mut state = DeviceRuleStates::default();
+            let ev = rules.evaluate("truck-1", &mut state, &sorted);
+            let mut open: BTreeMap<String, String> = BTreeMap::new();
+            for t in &ev.transitions {
+                match t.kind {
+                    TransitionKind::Raised => {
+                        prop_assert!(open.insert(t.alert.rule.clone(), t.alert.alert_id.clone()).is_none());
+                        if t.alert.rule == "engine_overheat" {
+                            // The raise comes on the first reading 3 s after the breach began,
+                            // and every reading from the start up to it breached.
+                            let raised_at = sorted.iter().find(|r| r.ts >= t.alert.started_at + 3_000).map(|r| r.ts);
+                            prop_assert!(raised_at.is_some());
+                            for r in sorted.iter().filter(|r| r.ts >= t.alert.started_at && Some(r.ts) <= raised_at) {
+                                prop_assert!(r.engine_temp_c.unwrap() > 100.0);
+                            }
+                        }
+                    }
+                    TransitionKind::Cleared => {
+                        prop_assert_eq!(open.remove(&t.alert.rule), Some(t.alert.alert_id.clone()));
+                        if t.alert.rule == "engine_overheat" {
+                            prop_assert!(t.alert.last_value < 95.0);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

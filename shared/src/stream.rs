@@ -1,0 +1,127 @@
+//! The neutral batch type that stream handlers take (DESIGN.md section 2): built from a
+//! `KinesisEvent` (and, in Redpanda mode, a Kafka event), answered with partial batch failures.
+
+use aws_lambda_events::event::kinesis::KinesisEvent;
+use aws_lambda_events::event::streams::{KinesisBatchItemFailure, KinesisEventResponse};
+
+use crate::envelope::Envelope;
+use crate::now_millis;
+use crate::ports::{DeadLetter, DeadLetterSink};
+
+/// One record of a stream batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamRecord {
+    /// The id Lambda expects back in a batch item failure: the Kinesis sequence number.
+    pub id: String,
+    pub partition_key: String,
+    pub data: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StreamBatch {
+    pub records: Vec<StreamRecord>,
+}
+
+impl From<KinesisEvent> for StreamBatch {
+    fn from(event: KinesisEvent) -> Self {
+        StreamBatch {
+            records: event
+                .records
+                .into_iter()
+                .map(|record| StreamRecord {
+                    id: record.kinesis.sequence_number,
+                    partition_key: record.kinesis.partition_key,
+                    data: record.kinesis.data.0,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The ids of the records that failed and should be retried.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BatchOutcome {
+    pub failed: Vec<String>,
+}
+
+impl BatchOutcome {
+    pub fn into_kinesis_response(self) -> KinesisEventResponse {
+        let mut response = KinesisEventResponse::default();
+        response.batch_item_failures = self
+            .failed
+            .into_iter()
+            .map(|id| {
+                let mut failure = KinesisBatchItemFailure::default();
+                failure.item_identifier = Some(id);
+                failure
+            })
+            .collect();
+        response
+    }
+}
+
+/// A decoded record: its id and its envelope.
+pub type DecodedRecord = (String, Envelope);
+
+/// Decodes every record of a batch. Records that cannot be decoded will never decode, so they
+/// go straight to the dead-letter sink with the reason instead of blocking the shard. Returns
+/// the decoded records and the ids of undecodable records the sink did not take (to retry).
+pub async fn decode_batch(
+    function: &str,
+    batch: StreamBatch,
+    dead_letters: &dyn DeadLetterSink,
+) -> (Vec<DecodedRecord>, Vec<String>) {
+    let mut decoded = Vec::with_capacity(batch.records.len());
+    let mut poison = Vec::new();
+    for record in batch.records {
+        match Envelope::decode(&record.data) {
+            Ok(envelope) => decoded.push((record.id, envelope)),
+            Err(error) => {
+                tracing::warn!(function, record_id = %record.id, %error, "undecodable record sent to dead letters");
+                poison.push(DeadLetter {
+                    function: function.to_string(),
+                    record_id: record.id,
+                    partition_key: record.partition_key,
+                    data: String::from_utf8_lossy(&record.data).into_owned(),
+                    reason: error.to_string(),
+                    attempts: 1,
+                    failed_at: now_millis(),
+                });
+            }
+        }
+    }
+    let mut unsent = Vec::new();
+    if !poison.is_empty() {
+        let ids: Vec<String> = poison.iter().map(|l| l.record_id.clone()).collect();
+        if let Err(error) = dead_letters.send(poison).await {
+            tracing::error!(function, %error, "dead-letter sink failed; records will be retried");
+            unsent = ids;
+        }
+    }
+    (decoded, unsent)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builds_from_a_real_kinesis_event_fixture() {
+        let event: KinesisEvent =
+            serde_json::from_str(include_str!("../tests/fixtures/kinesis-event.json")).unwrap();
+        let batch = StreamBatch::from(event);
+        assert_eq!(batch.records.len(), 1);
+        assert_eq!(batch.records[0].partition_key, "truck-7");
+        let envelope = Envelope::decode(&batch.records[0].data).unwrap();
+        assert_eq!(envelope.readings[0].engine_temp_c, Some(104.5));
+        let response = BatchOutcome {
+            failed: vec![batch.records[0].id.clone()],
+        }
+        .into_kinesis_response();
+        let json = serde_json::to_value(response).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"batchItemFailures": [{"itemIdentifier": "49590338271490256608559692538361571095921575989136588898"}]})
+        );
+    }
+}

@@ -1,0 +1,499 @@
+//! Validation of device payloads (`POST /v1/telemetry`, DESIGN.md section 3).
+//!
+//! The body is parsed once into JSON values so that every item can be checked on its own: a
+//! bad item is reported by index and field, and its valid neighbours are kept.
+
+use std::collections::BTreeMap;
+
+use chrono::DateTime;
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::model::{Reading, READING_FIELDS};
+use crate::EpochMillis;
+
+/// Limits applied to a request. The defaults are the platform's contract.
+#[derive(Debug, Clone)]
+pub struct ValidationPolicy {
+    pub max_body_bytes: usize,
+    pub max_items: usize,
+    /// How far in the past an event time may be.
+    pub max_age_ms: i64,
+    /// How far ahead of the receiver's clock an event time may be (device clock skew).
+    pub max_future_ms: i64,
+    pub max_metrics: usize,
+}
+
+impl Default for ValidationPolicy {
+    fn default() -> Self {
+        ValidationPolicy {
+            max_body_bytes: 1024 * 1024,
+            max_items: 500,
+            max_age_ms: 7 * 24 * 3600 * 1000,
+            max_future_ms: 5 * 60 * 1000,
+            max_metrics: 64,
+        }
+    }
+}
+
+/// A problem with one field of one item.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+/// An item that was rejected, with every problem found in it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ItemRejection {
+    pub index: usize,
+    pub errors: Vec<FieldError>,
+}
+
+/// A problem with the request as a whole: nothing in it could be read as items.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum BodyError {
+    #[error("request body is empty")]
+    Empty,
+    #[error("request body is {size} bytes; the limit is {limit}")]
+    TooLarge { size: usize, limit: usize },
+    #[error("request body is not valid JSON: {0}")]
+    NotJson(String),
+    #[error("request body must be a JSON object or an array of objects, found {0}")]
+    WrongShape(&'static str),
+    #[error("request body holds {count} items; the limit is {limit}")]
+    TooManyItems { count: usize, limit: usize },
+    #[error("request body is an empty array")]
+    NoItems,
+}
+
+/// The outcome of validating one request: the valid readings with their item index, and the
+/// rejected items.
+#[derive(Debug, Clone, Default)]
+pub struct ValidatedBatch {
+    pub accepted: Vec<(usize, Reading)>,
+    pub rejected: Vec<ItemRejection>,
+}
+
+impl ValidatedBatch {
+    pub fn item_count(&self) -> usize {
+        self.accepted.len() + self.rejected.len()
+    }
+}
+
+/// Validates a request body received at `now`.
+pub fn validate_body(
+    body: &[u8],
+    now: EpochMillis,
+    policy: &ValidationPolicy,
+) -> Result<ValidatedBatch, BodyError> {
+    if body.len() > policy.max_body_bytes {
+        return Err(BodyError::TooLarge {
+            size: body.len(),
+            limit: policy.max_body_bytes,
+        });
+    }
+    if body.iter().all(|b| b.is_ascii_whitespace()) {
+        return Err(BodyError::Empty);
+    }
+    let parsed: Value =
+        serde_json::from_slice(body).map_err(|e| BodyError::NotJson(e.to_string()))?;
+    let items = match parsed {
+        Value::Array(items) => {
+            if items.is_empty() {
+                return Err(BodyError::NoItems);
+            }
+            if items.len() > policy.max_items {
+                return Err(BodyError::TooManyItems {
+                    count: items.len(),
+                    limit: policy.max_items,
+                });
+            }
+            items
+        }
+        Value::Object(_) => vec![parsed],
+        other => return Err(BodyError::WrongShape(json_kind(&other))),
+    };
+    let mut batch = ValidatedBatch::default();
+    for (index, item) in items.into_iter().enumerate() {
+        match validate_item(&item, now, policy) {
+            Ok(reading) => batch.accepted.push((index, reading)),
+            Err(errors) => batch.rejected.push(ItemRejection { index, errors }),
+        }
+    }
+    Ok(batch)
+}
+
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Whether `id` is a valid device id: 1 to 64 of `[A-Za-z0-9_.:-]`.
+pub fn is_valid_device_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+}
+
+/// Validates one item; on failure returns every problem found, not just the first.
+pub fn validate_item(
+    item: &Value,
+    now: EpochMillis,
+    policy: &ValidationPolicy,
+) -> Result<Reading, Vec<FieldError>> {
+    let mut errors = Vec::new();
+    let mut err = |field: &str, message: String| {
+        errors.push(FieldError {
+            field: field.to_string(),
+            message,
+        })
+    };
+    let Some(object) = item.as_object() else {
+        err(
+            "",
+            format!("item must be a JSON object, found {}", json_kind(item)),
+        );
+        return Err(errors);
+    };
+
+    for key in object.keys() {
+        let known = matches!(
+            key.as_str(),
+            "device_id" | "ts" | "event_id" | "lat" | "lon" | "metrics"
+        ) || READING_FIELDS.iter().any(|(name, _, _)| name == key);
+        if !known {
+            err(key, "unknown field".to_string());
+        }
+    }
+
+    let device_id = match object.get("device_id") {
+        None => {
+            err("device_id", "is required".to_string());
+            None
+        }
+        Some(Value::String(id)) if is_valid_device_id(id) => Some(id.clone()),
+        Some(Value::String(_)) => {
+            err(
+                "device_id",
+                "must be 1-64 characters of A-Z a-z 0-9 _ . : -".to_string(),
+            );
+            None
+        }
+        Some(other) => {
+            err(
+                "device_id",
+                format!("must be a string, found {}", json_kind(other)),
+            );
+            None
+        }
+    };
+
+    let ts = match object.get("ts") {
+        None => {
+            err(
+                "ts",
+                "is required (RFC 3339 or epoch milliseconds)".to_string(),
+            );
+            None
+        }
+        Some(value) => match parse_timestamp(value) {
+            Err(message) => {
+                err("ts", message);
+                None
+            }
+            Ok(ts) if ts > now + policy.max_future_ms => {
+                err(
+                    "ts",
+                    format!(
+                        "is {} s in the future; at most {} s are allowed",
+                        (ts - now) / 1000,
+                        policy.max_future_ms / 1000
+                    ),
+                );
+                None
+            }
+            Ok(ts) if ts < now - policy.max_age_ms => {
+                err(
+                    "ts",
+                    format!(
+                        "is {} s in the past; at most {} s are allowed",
+                        (now - ts) / 1000,
+                        policy.max_age_ms / 1000
+                    ),
+                );
+                None
+            }
+            Ok(ts) => Some(ts),
+        },
+    };
+
+    let event_id = match object.get("event_id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(id))
+            if (1..=128).contains(&id.len()) && !id.chars().any(char::is_control) =>
+        {
+            Some(id.clone())
+        }
+        Some(Value::String(_)) => {
+            err(
+                "event_id",
+                "must be 1-128 characters without control characters".to_string(),
+            );
+            None
+        }
+        Some(other) => {
+            err(
+                "event_id",
+                format!("must be a string, found {}", json_kind(other)),
+            );
+            None
+        }
+    };
+
+    let mut reading = Reading::default();
+    let lat = number_in_range(object, "lat", -90.0, 90.0, &mut err);
+    let lon = number_in_range(object, "lon", -180.0, 180.0, &mut err);
+    match (object.contains_key("lat"), object.contains_key("lon")) {
+        (true, false) => err("lon", "is required when lat is given".to_string()),
+        (false, true) => err("lat", "is required when lon is given".to_string()),
+        _ => {}
+    }
+    reading.lat = lat;
+    reading.lon = lon;
+    for (name, min, max) in READING_FIELDS {
+        if let Some(value) = number_in_range(object, name, *min, *max, &mut err) {
+            reading.set_value(name, value);
+        }
+    }
+    reading.metrics = validate_metrics(object.get("metrics"), policy, &mut err);
+
+    drop(err);
+    match (device_id, ts) {
+        (Some(device_id), Some(ts)) if errors.is_empty() => {
+            reading.event_id = event_id.unwrap_or_else(|| format!("{device_id}@{ts}"));
+            reading.device_id = device_id;
+            reading.ts = ts;
+            Ok(reading)
+        }
+        _ => Err(errors),
+    }
+}
+
+fn number_in_range(
+    object: &Map<String, Value>,
+    field: &str,
+    min: f64,
+    max: f64,
+    err: &mut impl FnMut(&str, String),
+) -> Option<f64> {
+    let value = object.get(field)?;
+    match value.as_f64() {
+        None => {
+            err(
+                field,
+                format!("must be a number, found {}", json_kind(value)),
+            );
+            None
+        }
+        Some(number) if !number.is_finite() => {
+            err(field, "must be a finite number".to_string());
+            None
+        }
+        Some(number) if number < min || number > max => {
+            err(field, format!("{number} is out of range [{min}, {max}]"));
+            None
+        }
+        Some(number) => Some(number),
+    }
+}
+
+fn validate_metrics(
+    value: Option<&Value>,
+    policy: &ValidationPolicy,
+    err: &mut impl FnMut(&str, String),
+) -> BTreeMap<String, f64> {
+    let mut metrics = BTreeMap::new();
+    let Some(value) = value else {
+        return metrics;
+    };
+    let Some(object) = value.as_object() else {
+        err(
+            "metrics",
+            format!(
+                "must be an object of name -> number, found {}",
+                json_kind(value)
+            ),
+        );
+        return metrics;
+    };
+    if object.len() > policy.max_metrics {
+        err(
+            "metrics",
+            format!(
+                "holds {} metrics; the limit is {}",
+                object.len(),
+                policy.max_metrics
+            ),
+        );
+        return metrics;
+    }
+    for (name, value) in object {
+        let field = format!("metrics.{name}");
+        if !is_valid_device_id(name) {
+            err(
+                &field,
+                "metric names must be 1-64 characters of A-Z a-z 0-9 _ . : -".to_string(),
+            );
+            continue;
+        }
+        match value.as_f64() {
+            Some(number) if number.is_finite() => {
+                metrics.insert(name.clone(), number);
+            }
+            Some(_) => err(&field, "must be a finite number".to_string()),
+            None => err(
+                &field,
+                format!("must be a number, found {}", json_kind(value)),
+            ),
+        }
+    }
+    metrics
+}
+
+/// Parses an event time: an RFC 3339 string, or an integer number of epoch milliseconds.
+pub fn parse_timestamp(value: &Value) -> Result<EpochMillis, String> {
+    match value {
+        Value::String(text) => DateTime::parse_from_rfc3339(text)
+            .map(|t| t.timestamp_millis())
+            .map_err(|e| format!("{text:?} is not an RFC 3339 timestamp: {e}")),
+        Value::Number(number) => match number.as_i64() {
+            Some(ms) => Ok(ms),
+            None => Err(format!(
+                "{number} is not a whole number of epoch milliseconds"
+            )),
+        },
+        other => Err(format!(
+            "must be an RFC 3339 string or epoch milliseconds, found {}",
+            json_kind(other)
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const NOW: EpochMillis = 1_763_900_000_000;
+
+    fn validate(value: Value) -> Result<ValidatedBatch, BodyError> {
+        validate_body(
+            value.to_string().as_bytes(),
+            NOW,
+            &ValidationPolicy::default(),
+        )
+    }
+
+    #[test]
+    fn accepts_a_full_item_and_derives_the_event_id() {
+        let batch = validate(json!({
+            "device_id": "truck-7", "ts": "2025-11-23T12:13:20Z", "lat": 52.5, "lon": 13.4,
+            "speed_kmh": 50.5, "engine_temp_c": 90, "metrics": {"door_open": 1}
+        }))
+        .unwrap();
+        assert!(batch.rejected.is_empty());
+        let reading = &batch.accepted[0].1;
+        assert_eq!(reading.ts, NOW);
+        assert_eq!(reading.event_id, format!("truck-7@{NOW}"));
+        assert_eq!(reading.engine_temp_c, Some(90.0));
+        assert_eq!(reading.metrics["door_open"], 1.0);
+    }
+
+    #[test]
+    fn mixed_batch_keeps_valid_items_and_names_each_bad_field() {
+        let batch = validate(json!([
+            {"device_id": "a", "ts": NOW},
+            {"device_id": "b c", "ts": NOW, "lat": 91, "bogus": true},
+            {"device_id": "d", "ts": NOW, "lat": 10},
+            {"device_id": "e", "ts": NOW + 3_600_000},
+            {"device_id": "f", "ts": NOW, "metrics": {"x": "high"}},
+            "not an object",
+        ]))
+        .unwrap();
+        assert_eq!(batch.accepted.len(), 1);
+        assert_eq!(batch.accepted[0].0, 0);
+        let fields = |index: usize| -> Vec<String> {
+            let rejection = batch.rejected.iter().find(|r| r.index == index).unwrap();
+            rejection.errors.iter().map(|e| e.field.clone()).collect()
+        };
+        assert_eq!(fields(1), ["bogus", "device_id", "lat", "lon"]);
+        assert_eq!(fields(2), ["lon"]);
+        assert_eq!(fields(3), ["ts"]);
+        assert_eq!(fields(4), ["metrics.x"]);
+        assert_eq!(fields(5), [""]);
+    }
+
+    #[test]
+    fn body_level_errors() {
+        let policy = ValidationPolicy::default();
+        assert_eq!(
+            validate_body(b" ", NOW, &policy).unwrap_err(),
+            BodyError::Empty
+        );
+        assert!(matches!(
+            validate_body(b"{", NOW, &policy),
+            Err(BodyError::NotJson(_))
+        ));
+        assert_eq!(
+            validate_body(b"[]", NOW, &policy).unwrap_err(),
+            BodyError::NoItems
+        );
+        assert_eq!(
+            validate_body(b"3", NOW, &policy).unwrap_err(),
+            BodyError::WrongShape("a number")
+        );
+        let many = Value::Array(vec![json!({"device_id": "a", "ts": NOW}); 501]).to_string();
+        assert_eq!(
+            validate_body(many.as_bytes(), NOW, &policy).unwrap_err(),
+            BodyError::TooManyItems {
+                count: 501,
+                limit: 500
+            }
+        );
+        let big = vec![b' '; policy.max_body_bytes + 1];
+        assert!(matches!(
+            validate_body(&big, NOW, &policy),
+            Err(BodyError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn huge_numbers_are_rejected_not_accepted_as_infinity() {
+        let body = format!(r#"{{"device_id":"a","ts":{NOW},"speed_kmh":1e999}}"#);
+        let outcome = validate_body(body.as_bytes(), NOW, &ValidationPolicy::default());
+        match outcome {
+            Err(BodyError::NotJson(_)) => {}
+            Ok(batch) => assert_eq!(batch.rejected[0].errors[0].field, "speed_kmh"),
+            Err(other) => panic!("unexpected {other}"),
+        }
+    }
+
+    #[test]
+    fn timestamps_in_both_forms() {
+        assert_eq!(parse_timestamp(&json!(NOW)), Ok(NOW));
+        assert_eq!(
+            parse_timestamp(&json!("2025-11-23T13:13:20+01:00")),
+            Ok(NOW)
+        );
+        assert!(parse_timestamp(&json!(1.5)).is_err());
+        assert!(parse_timestamp(&json!("yesterday")).is_err());
+    }
+}
