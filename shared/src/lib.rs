@@ -7,6 +7,7 @@
 
 pub mod envelope;
 pub mod geo;
+pub mod http;
 pub mod memory;
 pub mod model;
 pub mod ports;

@@ -1,1 +1,224 @@
+//! The anomaly-inspector function: evaluates every device's readings against the rules, keeps
+//! per (device, rule) state in the alert store, and publishes raise/clear transitions on the
+//! alerts bus.
+//!
+//! Per device and batch: load the state, evaluate, publish the transitions, then commit state
+//! and alert records with a version check. Publishing before the commit makes a crash between
+//! the two redeliver (at least once, deduplicated by `transition_id`) rather than lose a
+//! transition; the watermark in the committed state makes a replayed batch a no-op.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use aws_lambda_events::event::kinesis::KinesisEvent;
+use aws_lambda_events::event::streams::KinesisEventResponse;
+use geostream_shared::model::Reading;
+use geostream_shared::ports::{
+    AlertStore, BusRecord, DeadLetterSink, ErrorKind, EventBus, StoreError,
+};
+use geostream_shared::rules::RuleSet;
+use geostream_shared::stream::{decode_batch, BatchOutcome, StreamBatch};
+
+pub const FUNCTION_NAME: &str = "anomaly-inspector";
+/// Commits that lose a version race are retried this many times before the records fail.
+const COMMIT_ATTEMPTS: usize = 5;
+
+pub struct AnomalyInspector {
+    rules: Arc<RuleSet>,
+    alerts: Arc<dyn AlertStore>,
+    alert_bus: Arc<dyn EventBus>,
+    dead_letters: Arc<dyn DeadLetterSink>,
+}
+
+impl AnomalyInspector {
+    pub fn new(
+        rules: Arc<RuleSet>,
+        alerts: Arc<dyn AlertStore>,
+        alert_bus: Arc<dyn EventBus>,
+        dead_letters: Arc<dyn DeadLetterSink>,
+    ) -> Self {
+        AnomalyInspector {
+            rules,
+            alerts,
+            alert_bus,
+            dead_letters,
+        }
+    }
+
+    pub async fn handle(&self, event: KinesisEvent) -> KinesisEventResponse {
+        self.process(StreamBatch::from(event))
+            .await
+            .into_kinesis_response()
+    }
+
+    pub async fn process(&self, batch: StreamBatch) -> BatchOutcome {
+        let (records, mut failed) =
+            decode_batch(FUNCTION_NAME, batch, self.dead_letters.as_ref()).await;
+        let mut devices: Vec<String> = Vec::new();
+        let mut work: HashMap<String, (Vec<String>, Vec<Reading>)> = HashMap::new();
+        for (record_id, envelope) in records {
+            let entry = work.entry(envelope.device_id.clone()).or_insert_with(|| {
+                devices.push(envelope.device_id.clone());
+                (Vec::new(), Vec::new())
+            });
+            entry.0.push(record_id);
+            entry.1.extend(envelope.readings);
+        }
+        for device in devices {
+            let Some((record_ids, readings)) = work.remove(&device) else {
+                continue;
+            };
+            if let Err(error) = self.inspect_device(&device, &readings).await {
+                tracing::warn!(function = FUNCTION_NAME, device_id = %device, %error, "inspection failed; records will be retried");
+                failed.extend(record_ids);
+            }
+        }
+        BatchOutcome { failed }
+    }
+
+    async fn inspect_device(
+        &self,
+        device_id: &str,
+        readings: &[Reading],
+    ) -> Result<(), StoreError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut state = self.alerts.load_rule_states(device_id).await?;
+            let expected_version = state.version;
+            let evaluation = self.rules.evaluate(device_id, &mut state, readings);
+            if evaluation.readings_evaluated == 0 {
+                return Ok(());
+            }
+            if !evaluation.transitions.is_empty() {
+                let records = evaluation
+                    .transitions
+                    .iter()
+                    .map(|t| BusRecord {
+                        partition_key: device_id.to_string(),
+                        data: serde_json::to_vec(t).unwrap_or_default(),
+                    })
+                    .collect();
+                if let Some(Err(error)) = self
+                    .alert_bus
+                    .publish(records)
+                    .await
+                    .into_iter()
+                    .find(Result::is_err)
+                {
+                    return Err(error);
+                }
+                for t in &evaluation.transitions {
+                    tracing::info!(function = FUNCTION_NAME, device_id, alert_id = %t.alert.alert_id, kind = ?t.kind, rule = %t.alert.rule, "alert transition");
+                }
+            }
+            match self
+                .alerts
+                .commit(
+                    device_id,
+                    expected_version,
+                    &state,
+                    &evaluation.touched_alerts,
+                )
+                .await
+            {
+                Ok(()) => return Ok(()),
+                Err(error) if error.kind == ErrorKind::Conflict && attempt < COMMIT_ATTEMPTS => {
+                    continue
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use geostream_shared::envelope::{envelopes_by_device, Envelope};
+    use geostream_shared::memory::{MemoryAlertStore, MemoryDeadLetters, MemoryStream};
+    use geostream_shared::model::{AlertState, AlertTransition, TransitionKind};
+    use geostream_shared::ports::AlertFilter;
+    use geostream_shared::stream::StreamRecord;
+
+    fn batch(readings: Vec<(i64, f64)>, first_id: u64) -> StreamBatch {
+        let readings = readings
+            .into_iter()
+            .map(|(ts, temp)| Reading {
+                device_id: "truck-1".into(),
+                ts,
+                event_id: format!("truck-1@{ts}"),
+                engine_temp_c: Some(temp),
+                ..Default::default()
+            })
+            .collect();
+        let envelopes: Vec<Envelope> = envelopes_by_device(readings, 0);
+        StreamBatch {
+            records: envelopes
+                .into_iter()
+                .enumerate()
+                .map(|(n, e)| StreamRecord {
+                    id: format!("{}", first_id + n as u64),
+                    partition_key: e.device_id.clone(),
+                    data: e.encode(),
+                })
+                .collect(),
+        }
+    }
+
+    fn transitions(bus: &MemoryStream) -> Vec<AlertTransition> {
+        (0..bus.shard_count())
+            .flat_map(|s| bus.read(s, 1, 100).records)
+            .map(|r| serde_json::from_slice(&r.data).unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn raises_once_clears_once_and_replays_change_nothing() {
+        let store = Arc::new(MemoryAlertStore::new());
+        let bus = Arc::new(MemoryStream::new("alerts", 1, 100));
+        let inspector = AnomalyInspector::new(
+            Arc::new(RuleSet::default_rules()),
+            store.clone(),
+            bus.clone(),
+            Arc::new(MemoryDeadLetters::new(1)),
+        );
+        let hot = batch(vec![(1_000, 90.0), (2_000, 104.0), (3_000, 107.0)], 1);
+        assert!(inspector.process(hot.clone()).await.failed.is_empty());
+        assert!(inspector.process(hot).await.failed.is_empty());
+        let active = store
+            .list_alerts(&AlertFilter {
+                state: Some(AlertState::Active),
+                device_id: None,
+                limit: 10,
+            })
+            .await
+            .unwrap();
+        assert_eq!(active.len(), 1);
+        assert_eq!(
+            (
+                active[0].rule.as_str(),
+                active[0].count,
+                active[0].peak_value
+            ),
+            ("engine_overheat", 2, 107.0)
+        );
+        assert_eq!(transitions(&bus).len(), 1);
+
+        let cool = batch(vec![(4_000, 90.0)], 2);
+        inspector.process(cool.clone()).await;
+        inspector.process(cool).await;
+        let kinds: Vec<TransitionKind> = transitions(&bus).into_iter().map(|t| t.kind).collect();
+        assert_eq!(kinds, [TransitionKind::Raised, TransitionKind::Cleared]);
+        let all = store
+            .list_alerts(&AlertFilter {
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].state, AlertState::Cleared);
+        assert_eq!(all[0].cleared_at, Some(4_000));
+    }
+}

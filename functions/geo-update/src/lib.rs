@@ -1,1 +1,168 @@
+//! The geo-update function: keeps the latest position of every vehicle.
+//!
+//! For each device in a stream batch only its newest positioned reading is written (coalescing:
+//! one conditional write per device per batch), and the store refuses anything older than what
+//! it holds, so replays and out-of-order batches never move a vehicle back in time.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use aws_lambda_events::event::kinesis::KinesisEvent;
+use aws_lambda_events::event::streams::KinesisEventResponse;
+use geostream_shared::geo::geohash_of;
+use geostream_shared::model::{Position, Reading};
+use geostream_shared::ports::{DeadLetterSink, PositionStore, UpsertOutcome};
+use geostream_shared::stream::{decode_batch, BatchOutcome, StreamBatch};
+
+pub const FUNCTION_NAME: &str = "geo-update";
+
+pub struct GeoUpdate {
+    positions: Arc<dyn PositionStore>,
+    dead_letters: Arc<dyn DeadLetterSink>,
+}
+
+/// Per device: the records that carried it and its newest positioned reading.
+struct DeviceWork {
+    record_ids: Vec<String>,
+    newest: Option<(Reading, i64)>,
+}
+
+impl GeoUpdate {
+    pub fn new(positions: Arc<dyn PositionStore>, dead_letters: Arc<dyn DeadLetterSink>) -> Self {
+        GeoUpdate {
+            positions,
+            dead_letters,
+        }
+    }
+
+    pub async fn handle(&self, event: KinesisEvent) -> KinesisEventResponse {
+        self.process(StreamBatch::from(event))
+            .await
+            .into_kinesis_response()
+    }
+
+    pub async fn process(&self, batch: StreamBatch) -> BatchOutcome {
+        let (records, mut failed) =
+            decode_batch(FUNCTION_NAME, batch, self.dead_letters.as_ref()).await;
+        let mut devices: Vec<String> = Vec::new();
+        let mut work: HashMap<String, DeviceWork> = HashMap::new();
+        for (record_id, envelope) in records {
+            let entry = work.entry(envelope.device_id.clone()).or_insert_with(|| {
+                devices.push(envelope.device_id.clone());
+                DeviceWork {
+                    record_ids: Vec::new(),
+                    newest: None,
+                }
+            });
+            entry.record_ids.push(record_id);
+            for reading in envelope.readings {
+                if reading.position().is_none() {
+                    continue;
+                }
+                let newer = entry
+                    .newest
+                    .as_ref()
+                    .is_none_or(|(current, _)| reading.order_key() > current.order_key());
+                if newer {
+                    entry.newest = Some((reading, envelope.received_at));
+                }
+            }
+        }
+        let (mut applied, mut stale) = (0usize, 0usize);
+        for device in devices {
+            let Some(DeviceWork { record_ids, newest }) = work.remove(&device) else {
+                continue;
+            };
+            let Some((reading, received_at)) = newest else {
+                continue;
+            };
+            let Some(position) = to_position(reading, received_at) else {
+                continue;
+            };
+            match self.positions.upsert_if_newer(position).await {
+                Ok(UpsertOutcome::Applied) => applied += 1,
+                Ok(UpsertOutcome::Stale) => stale += 1,
+                Err(error) => {
+                    tracing::warn!(function = FUNCTION_NAME, device_id = %device, %error, "position upsert failed; records will be retried");
+                    failed.extend(record_ids);
+                }
+            }
+        }
+        tracing::debug!(
+            function = FUNCTION_NAME,
+            applied,
+            stale,
+            failed = failed.len(),
+            "batch done"
+        );
+        BatchOutcome { failed }
+    }
+}
+
+fn to_position(reading: Reading, received_at: i64) -> Option<Position> {
+    let point = reading.position()?;
+    Some(Position {
+        geohash: geohash_of(point)?,
+        device_id: reading.device_id,
+        ts: reading.ts,
+        event_id: reading.event_id,
+        lat: point.lat,
+        lon: point.lon,
+        speed_kmh: reading.speed_kmh,
+        heading_deg: reading.heading_deg,
+        received_at,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use geostream_shared::memory::{MemoryDeadLetters, MemoryPositionStore};
+
+    fn event() -> KinesisEvent {
+        serde_json::from_str(include_str!(
+            "../../../shared/tests/fixtures/kinesis-event.json"
+        ))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn stores_the_position_from_a_real_kinesis_event_and_ignores_replays() {
+        let positions = Arc::new(MemoryPositionStore::new());
+        let dead = Arc::new(MemoryDeadLetters::new(10));
+        let handler = GeoUpdate::new(positions.clone(), dead.clone());
+        let response = handler.handle(event()).await;
+        assert!(response.batch_item_failures.is_empty());
+        let stored = positions.get("truck-7").await.unwrap().unwrap();
+        assert_eq!(
+            (stored.lat, stored.lon, stored.received_at),
+            (52.52, 13.405, 1_763_900_000_000)
+        );
+        assert_eq!(
+            stored.geohash.len(),
+            geostream_shared::geo::POSITION_GEOHASH_LEN
+        );
+        let response = handler.handle(event()).await;
+        assert!(response.batch_item_failures.is_empty());
+        assert_eq!(positions.get("truck-7").await.unwrap().unwrap(), stored);
+    }
+
+    #[tokio::test]
+    async fn poison_records_go_to_dead_letters_not_retries() {
+        let positions = Arc::new(MemoryPositionStore::new());
+        let dead = Arc::new(MemoryDeadLetters::new(10));
+        let handler = GeoUpdate::new(positions, dead.clone());
+        let mut event = event();
+        event.records[0].kinesis.data.0 = b"{\"v\":1,\"oops\":true}".to_vec();
+        let response = handler.handle(event).await;
+        assert!(response.batch_item_failures.is_empty());
+        let (letters, total) = dead.snapshot();
+        assert_eq!(total, 1);
+        assert_eq!(letters[0].function, FUNCTION_NAME);
+        assert!(
+            letters[0].reason.contains("not a GeoStream envelope"),
+            "{}",
+            letters[0].reason
+        );
+    }
+}

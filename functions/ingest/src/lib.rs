@@ -1,1 +1,308 @@
+//! The ingest function: `POST /v1/telemetry` (API Gateway HTTP API, payload v2).
+//!
+//! Validates the body item by item, groups the valid readings into one versioned envelope per
+//! device, and publishes them to the telemetry bus keyed by device. Answers 202 when every item
+//! was accepted, 207 with per-item results when some were not, 400 when none was valid, 503
+//! when the bus took none of the valid ones.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use aws_lambda_events::event::apigw::{ApiGatewayV2httpRequest, ApiGatewayV2httpResponse};
+use geostream_shared::envelope::envelopes_by_device;
+use geostream_shared::http::{error_response, json_response, method_and_path, request_body};
+use geostream_shared::ports::EventBus;
+use geostream_shared::validation::{validate_body, FieldError, ValidationPolicy};
+use geostream_shared::{now_millis, EpochMillis};
+use serde::Serialize;
+
+pub const TELEMETRY_PATH: &str = "/v1/telemetry";
+
+pub struct Ingest {
+    bus: Arc<dyn EventBus>,
+    policy: ValidationPolicy,
+    clock: fn() -> EpochMillis,
+}
+
+/// What happened to one item of a request.
+#[derive(Debug, Serialize, PartialEq)]
+#[serde(tag = "status", rename_all = "lowercase")]
+pub enum ItemResult {
+    Accepted {
+        index: usize,
+        event_id: String,
+    },
+    Rejected {
+        index: usize,
+        errors: Vec<FieldError>,
+    },
+    /// Valid, but the bus did not take it: retry it.
+    Failed {
+        index: usize,
+        error: String,
+    },
+}
+
+#[derive(Debug, Serialize)]
+pub struct IngestResponse {
+    pub accepted: usize,
+    pub rejected: usize,
+    pub failed: usize,
+    /// Per-item results; left out when every item was accepted.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub results: Vec<ItemResult>,
+}
+
+impl Ingest {
+    pub fn new(bus: Arc<dyn EventBus>) -> Self {
+        Ingest {
+            bus,
+            policy: ValidationPolicy::default(),
+            clock: now_millis,
+        }
+    }
+
+    /// Uses another clock (tests pin "now").
+    pub fn with_clock(mut self, clock: fn() -> EpochMillis) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    pub async fn handle(&self, request: ApiGatewayV2httpRequest) -> ApiGatewayV2httpResponse {
+        let (method, path) = method_and_path(&request);
+        if path != TELEMETRY_PATH {
+            return error_response(
+                404,
+                format!("no route {path}; telemetry goes to POST {TELEMETRY_PATH}"),
+            );
+        }
+        if method != http::Method::POST {
+            return error_response(
+                405,
+                format!("{method} is not allowed on {TELEMETRY_PATH}; use POST"),
+            );
+        }
+        let body = match request_body(&request) {
+            Ok(body) => body,
+            Err(message) => return error_response(400, message),
+        };
+        let received_at = (self.clock)();
+        let batch = match validate_body(&body, received_at, &self.policy) {
+            Ok(batch) => batch,
+            Err(error) => return error_response(400, error.to_string()),
+        };
+
+        let mut results: Vec<ItemResult> = batch
+            .rejected
+            .into_iter()
+            .map(|r| ItemResult::Rejected {
+                index: r.index,
+                errors: r.errors,
+            })
+            .collect();
+        let mut items_of_device: HashMap<String, Vec<(usize, String)>> = HashMap::new();
+        let mut readings = Vec::with_capacity(batch.accepted.len());
+        for (index, reading) in batch.accepted {
+            items_of_device
+                .entry(reading.device_id.clone())
+                .or_default()
+                .push((index, reading.event_id.clone()));
+            readings.push(reading);
+        }
+        let envelopes = envelopes_by_device(readings, received_at);
+        let devices: Vec<String> = envelopes.iter().map(|e| e.device_id.clone()).collect();
+        let outcomes = if envelopes.is_empty() {
+            Vec::new()
+        } else {
+            self.bus
+                .publish(envelopes.iter().map(|e| e.to_bus_record()).collect())
+                .await
+        };
+        for (device, outcome) in devices.iter().zip(outcomes) {
+            let items = items_of_device.remove(device).unwrap_or_default();
+            match outcome {
+                Ok(_) => results.extend(
+                    items
+                        .into_iter()
+                        .map(|(index, event_id)| ItemResult::Accepted { index, event_id }),
+                ),
+                Err(error) => {
+                    tracing::error!(device_id = %device, %error, "telemetry bus did not take a record");
+                    results.extend(items.into_iter().map(|(index, _)| ItemResult::Failed {
+                        index,
+                        error: error.to_string(),
+                    }))
+                }
+            }
+        }
+        results.sort_by_key(|r| match r {
+            ItemResult::Accepted { index, .. }
+            | ItemResult::Rejected { index, .. }
+            | ItemResult::Failed { index, .. } => *index,
+        });
+
+        let count = |f: fn(&ItemResult) -> bool| results.iter().filter(|r| f(r)).count();
+        let accepted = count(|r| matches!(r, ItemResult::Accepted { .. }));
+        let rejected = count(|r| matches!(r, ItemResult::Rejected { .. }));
+        let failed = count(|r| matches!(r, ItemResult::Failed { .. }));
+        let status = match (accepted, rejected, failed) {
+            (_, 0, 0) => 202,
+            (0, _, 0) => 400,
+            (0, 0, _) => 503,
+            _ => 207,
+        };
+        if status == 202 {
+            results.clear();
+        }
+        json_response(
+            status,
+            &IngestResponse {
+                accepted,
+                rejected,
+                failed,
+                results,
+            },
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_trait::async_trait;
+    use aws_lambda_events::encodings::Body;
+    use geostream_shared::envelope::Envelope;
+    use geostream_shared::memory::MemoryStream;
+    use geostream_shared::ports::{BusRecord, Published, StoreError};
+    use serde_json::{json, Value};
+
+    const NOW: EpochMillis = 1_763_900_000_000;
+
+    fn fixture_request(body: &str) -> ApiGatewayV2httpRequest {
+        let mut request: ApiGatewayV2httpRequest =
+            serde_json::from_str(include_str!("../tests/fixtures/apigw-post-telemetry.json"))
+                .unwrap();
+        request.body = Some(body.to_string());
+        request
+    }
+
+    fn body_json(response: &ApiGatewayV2httpResponse) -> Value {
+        match &response.body {
+            Some(Body::Text(text)) => serde_json::from_str(text).unwrap(),
+            other => panic!("unexpected body {other:?}"),
+        }
+    }
+
+    fn stream_records(stream: &MemoryStream) -> Vec<Envelope> {
+        (0..stream.shard_count())
+            .flat_map(|shard| stream.read(shard, 1, 1000).records)
+            .map(|r| Envelope::decode(&r.data).unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn accepts_a_real_api_gateway_event() {
+        let stream = Arc::new(MemoryStream::new("t", 2, 100));
+        let ingest = Ingest::new(stream.clone()).with_clock(|| NOW);
+        let request: ApiGatewayV2httpRequest =
+            serde_json::from_str(include_str!("../tests/fixtures/apigw-post-telemetry.json"))
+                .unwrap();
+        let response = ingest.handle(request).await;
+        assert_eq!(response.status_code, 202, "{:?}", response.body);
+        assert_eq!(
+            body_json(&response),
+            json!({"accepted": 2, "rejected": 0, "failed": 0})
+        );
+        let envelopes = stream_records(&stream);
+        assert_eq!(envelopes.len(), 1, "one record per device per request");
+        assert_eq!(envelopes[0].readings.len(), 2);
+        assert_eq!(envelopes[0].received_at, NOW);
+    }
+
+    #[tokio::test]
+    async fn mixed_batch_answers_207_and_keeps_valid_items() {
+        let stream = Arc::new(MemoryStream::new("t", 2, 100));
+        let ingest = Ingest::new(stream.clone()).with_clock(|| NOW);
+        let body = json!([
+            {"device_id": "a", "ts": NOW, "lat": 1.0, "lon": 2.0},
+            {"device_id": "b", "ts": NOW, "speed_kmh": -5},
+            {"device_id": "c", "ts": NOW, "engine_temp_c": 99.5}
+        ]);
+        let response = ingest.handle(fixture_request(&body.to_string())).await;
+        assert_eq!(response.status_code, 207);
+        let json = body_json(&response);
+        assert_eq!(
+            (json["accepted"].as_u64(), json["rejected"].as_u64()),
+            (Some(2), Some(1))
+        );
+        assert_eq!(json["results"][1]["status"], "rejected");
+        assert_eq!(json["results"][1]["index"], 1);
+        assert_eq!(json["results"][1]["errors"][0]["field"], "speed_kmh");
+        assert_eq!(json["results"][2]["event_id"], format!("c@{NOW}"));
+        assert_eq!(stream_records(&stream).len(), 2);
+    }
+
+    #[tokio::test]
+    async fn all_bad_is_400_and_nothing_is_published() {
+        let stream = Arc::new(MemoryStream::new("t", 1, 100));
+        let ingest = Ingest::new(stream.clone()).with_clock(|| NOW);
+        let response = ingest
+            .handle(fixture_request(r#"{"device_id": "", "ts": "soon"}"#))
+            .await;
+        assert_eq!(response.status_code, 400);
+        let json = body_json(&response);
+        assert_eq!(json["results"][0]["errors"][0]["field"], "device_id");
+        assert_eq!(json["results"][0]["errors"][1]["field"], "ts");
+        let response = ingest.handle(fixture_request("not json")).await;
+        assert_eq!(response.status_code, 400);
+        assert!(body_json(&response)["error"]
+            .as_str()
+            .unwrap()
+            .contains("not valid JSON"));
+        assert!(stream_records(&stream).is_empty());
+    }
+
+    struct DownBus;
+    #[async_trait]
+    impl EventBus for DownBus {
+        async fn publish(&self, records: Vec<BusRecord>) -> Vec<Result<Published, StoreError>> {
+            records
+                .iter()
+                .map(|_| {
+                    Err(StoreError::transient(
+                        "PutRecords",
+                        "ProvisionedThroughputExceededException",
+                    ))
+                })
+                .collect()
+        }
+    }
+
+    #[tokio::test]
+    async fn bus_failure_is_503_with_the_reason_per_item() {
+        let ingest = Ingest::new(Arc::new(DownBus)).with_clock(|| NOW);
+        let response = ingest
+            .handle(fixture_request(
+                &json!({"device_id": "a", "ts": NOW}).to_string(),
+            ))
+            .await;
+        assert_eq!(response.status_code, 503);
+        let json = body_json(&response);
+        assert_eq!(json["results"][0]["status"], "failed");
+        assert!(json["results"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("ProvisionedThroughput"));
+    }
+
+    #[tokio::test]
+    async fn wrong_route_or_method() {
+        let ingest = Ingest::new(Arc::new(DownBus)).with_clock(|| NOW);
+        let mut request = fixture_request("{}");
+        request.request_context.http.method = http::Method::GET;
+        assert_eq!(ingest.handle(request).await.status_code, 405);
+        let mut request = fixture_request("{}");
+        request.request_context.http.path = Some("/v2/telemetry".into());
+        assert_eq!(ingest.handle(request).await.status_code, 404);
+    }
+}

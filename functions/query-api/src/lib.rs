@@ -1,1 +1,449 @@
+//! The query-api function (API Gateway HTTP API, payload v2):
+//!
+//! - `GET  /v1/vehicles/{id}`: latest position of a vehicle
+//! - `GET  /v1/vehicles/near?lat=&lon=&radius_m=&limit=`: vehicles within a radius, nearest first
+//! - `GET  /v1/vehicles/{id}/track?from=&to=&limit=`: a vehicle's readings over a time range
+//! - `GET  /v1/alerts?state=active|cleared&device_id=&limit=`: alerts, newest first
+//! - `POST /v1/alerts/{alert_id}/ack` with optional `{"by": "name"}`: acknowledge an alert
+//!
+//! It routes on the request path itself, so it serves both per-route integrations and a
+//! `$default` route.
 
+use std::sync::Arc;
+
+use aws_lambda_events::event::apigw::{ApiGatewayV2httpRequest, ApiGatewayV2httpResponse};
+use geostream_shared::geo::MAX_QUERY_RADIUS_M;
+use geostream_shared::http::{error_response, json_response, method_and_path, request_body};
+use geostream_shared::model::{AlertState, GeoPoint};
+use geostream_shared::ports::{
+    vehicles_near, AlertFilter, AlertStore, Archive, PositionStore, StoreError,
+};
+use geostream_shared::validation::{is_valid_device_id, parse_timestamp};
+use geostream_shared::{now_millis, EpochMillis};
+use http::Method;
+use percent_encoding::percent_decode_str;
+use serde_json::{json, Value};
+
+pub const FUNCTION_NAME: &str = "query-api";
+const DEFAULT_RADIUS_M: f64 = 1_000.0;
+const MAX_NEAR_LIMIT: usize = 1_000;
+const MAX_TRACK_LIMIT: usize = 10_000;
+const MAX_ALERT_LIMIT: usize = 1_000;
+const DEFAULT_TRACK_SPAN_MS: EpochMillis = 3_600_000;
+
+pub struct QueryApi {
+    positions: Arc<dyn PositionStore>,
+    archive: Arc<dyn Archive>,
+    alerts: Arc<dyn AlertStore>,
+}
+
+/// A failed request: status and message.
+struct Reject(u16, String);
+
+impl From<StoreError> for Reject {
+    fn from(error: StoreError) -> Self {
+        tracing::error!(function = FUNCTION_NAME, %error, "store call failed");
+        Reject(503, format!("store unavailable: {error}"))
+    }
+}
+
+fn bad(message: impl Into<String>) -> Reject {
+    Reject(400, message.into())
+}
+
+impl QueryApi {
+    pub fn new(
+        positions: Arc<dyn PositionStore>,
+        archive: Arc<dyn Archive>,
+        alerts: Arc<dyn AlertStore>,
+    ) -> Self {
+        QueryApi {
+            positions,
+            archive,
+            alerts,
+        }
+    }
+
+    pub async fn handle(&self, request: ApiGatewayV2httpRequest) -> ApiGatewayV2httpResponse {
+        match self.route(&request).await {
+            Ok(body) => json_response(200, &body),
+            Err(Reject(status, message)) => error_response(status, message),
+        }
+    }
+
+    async fn route(&self, request: &ApiGatewayV2httpRequest) -> Result<Value, Reject> {
+        let (method, path) = method_and_path(request);
+        let segments: Vec<String> = path
+            .trim_end_matches('/')
+            .split('/')
+            .skip(1)
+            .map(|s| percent_decode_str(s).decode_utf8_lossy().into_owned())
+            .collect();
+        let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+        let query = |name: &str| {
+            request
+                .query_string_parameters
+                .first(name)
+                .map(str::to_string)
+        };
+        match (&method, segments.as_slice()) {
+            (&Method::GET, ["v1", "vehicles", "near"]) => self.near(&query).await,
+            (&Method::GET, ["v1", "vehicles", id]) => self.vehicle(id).await,
+            (&Method::GET, ["v1", "vehicles", id, "track"]) => self.track(id, &query).await,
+            (&Method::GET, ["v1", "alerts"]) => self.list_alerts(&query).await,
+            (&Method::POST, ["v1", "alerts", id, "ack"]) => self.acknowledge(id, request).await,
+            (_, ["v1", "vehicles", ..] | ["v1", "alerts", ..]) => {
+                Err(Reject(405, format!("{method} {path} is not a route")))
+            }
+            _ => Err(Reject(404, format!("no route {path}"))),
+        }
+    }
+
+    async fn vehicle(&self, id: &str) -> Result<Value, Reject> {
+        valid_device(id)?;
+        match self.positions.get(id).await? {
+            Some(position) => Ok(json!(position)),
+            None => Err(Reject(404, format!("no position known for vehicle {id:?}"))),
+        }
+    }
+
+    async fn near(&self, query: &dyn Fn(&str) -> Option<String>) -> Result<Value, Reject> {
+        let lat = number(query, "lat")?.ok_or_else(|| bad("lat is required"))?;
+        let lon = number(query, "lon")?.ok_or_else(|| bad("lon is required"))?;
+        if !(-90.0..=90.0).contains(&lat) || !(-180.0..=180.0).contains(&lon) {
+            return Err(bad(format!(
+                "lat {lat} / lon {lon} are outside WGS84 ranges"
+            )));
+        }
+        let radius_m = number(query, "radius_m")?.unwrap_or(DEFAULT_RADIUS_M);
+        if !(radius_m > 0.0 && radius_m <= MAX_QUERY_RADIUS_M) {
+            return Err(bad(format!(
+                "radius_m {radius_m} must be in (0, {MAX_QUERY_RADIUS_M}]"
+            )));
+        }
+        let limit = limit(query, 100, MAX_NEAR_LIMIT)?;
+        let vehicles = vehicles_near(
+            self.positions.as_ref(),
+            GeoPoint { lat, lon },
+            radius_m,
+            limit,
+        )
+        .await?;
+        Ok(json!({ "count": vehicles.len(), "vehicles": vehicles }))
+    }
+
+    async fn track(
+        &self,
+        id: &str,
+        query: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Value, Reject> {
+        valid_device(id)?;
+        let to = time(query, "to")?.unwrap_or_else(|| now_millis() + 1);
+        let from = time(query, "from")?.unwrap_or(to - DEFAULT_TRACK_SPAN_MS);
+        if from >= to {
+            return Err(bad(format!("from ({from}) must be before to ({to})")));
+        }
+        let limit = limit(query, 1_000, MAX_TRACK_LIMIT)?;
+        let readings = self.archive.track(id, from, to, limit).await?;
+        Ok(
+            json!({ "device_id": id, "from": from, "to": to, "count": readings.len(), "readings": readings }),
+        )
+    }
+
+    async fn list_alerts(&self, query: &dyn Fn(&str) -> Option<String>) -> Result<Value, Reject> {
+        let state = match query("state") {
+            None => None,
+            Some(text) => Some(text.parse::<AlertState>().map_err(bad)?),
+        };
+        let device_id = query("device_id");
+        if let Some(id) = &device_id {
+            valid_device(id)?;
+        }
+        let filter = AlertFilter {
+            state,
+            device_id,
+            limit: limit(query, 100, MAX_ALERT_LIMIT)?,
+        };
+        let alerts = self.alerts.list_alerts(&filter).await?;
+        Ok(json!({ "count": alerts.len(), "alerts": alerts }))
+    }
+
+    async fn acknowledge(
+        &self,
+        alert_id: &str,
+        request: &ApiGatewayV2httpRequest,
+    ) -> Result<Value, Reject> {
+        let body = request_body(request).map_err(bad)?;
+        let by = if body.iter().all(u8::is_ascii_whitespace) {
+            "anonymous".to_string()
+        } else {
+            let value: Value =
+                serde_json::from_slice(&body).map_err(|e| bad(format!("body is not JSON: {e}")))?;
+            match value.get("by") {
+                None => "anonymous".to_string(),
+                Some(Value::String(by)) if (1..=128).contains(&by.len()) => by.clone(),
+                Some(_) => return Err(bad("by must be a string of 1-128 characters")),
+            }
+        };
+        match self.alerts.acknowledge(alert_id, &by, now_millis()).await? {
+            Some(alert) => Ok(json!(alert)),
+            None => Err(Reject(404, format!("no alert {alert_id:?}"))),
+        }
+    }
+}
+
+fn valid_device(id: &str) -> Result<(), Reject> {
+    if is_valid_device_id(id) {
+        Ok(())
+    } else {
+        Err(bad(format!(
+            "{id:?} is not a device id (1-64 of A-Z a-z 0-9 _ . : -)"
+        )))
+    }
+}
+
+fn number(query: &dyn Fn(&str) -> Option<String>, name: &str) -> Result<Option<f64>, Reject> {
+    match query(name) {
+        None => Ok(None),
+        Some(text) => match text.parse::<f64>() {
+            Ok(value) if value.is_finite() => Ok(Some(value)),
+            _ => Err(bad(format!("{name}={text:?} is not a finite number"))),
+        },
+    }
+}
+
+fn limit(
+    query: &dyn Fn(&str) -> Option<String>,
+    default: usize,
+    max: usize,
+) -> Result<usize, Reject> {
+    match query("limit") {
+        None => Ok(default),
+        Some(text) => match text.parse::<usize>() {
+            Ok(value) if (1..=max).contains(&value) => Ok(value),
+            _ => Err(bad(format!(
+                "limit={text:?} must be a whole number from 1 to {max}"
+            ))),
+        },
+    }
+}
+
+/// A time parameter: epoch milliseconds or RFC 3339.
+fn time(query: &dyn Fn(&str) -> Option<String>, name: &str) -> Result<Option<EpochMillis>, Reject> {
+    match query(name) {
+        None => Ok(None),
+        Some(text) => {
+            let value = match text.parse::<i64>() {
+                Ok(ms) => Value::from(ms),
+                Err(_) => Value::String(text.clone()),
+            };
+            parse_timestamp(&value)
+                .map(Some)
+                .map_err(|e| bad(format!("{name}: {e}")))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_lambda_events::encodings::Body;
+    use geostream_shared::memory::{MemoryAlertStore, MemoryArchive, MemoryPositionStore};
+    use geostream_shared::model::{Position, Reading};
+    use geostream_shared::rules::{DeviceRuleStates, RuleSet};
+    use std::collections::HashMap;
+
+    fn request(
+        method: &str,
+        path: &str,
+        query: &[(&str, &str)],
+        body: Option<&str>,
+    ) -> ApiGatewayV2httpRequest {
+        let mut request: ApiGatewayV2httpRequest =
+            serde_json::from_str(include_str!("../tests/fixtures/apigw-get-near.json")).unwrap();
+        request.request_context.http.method = method.parse().unwrap();
+        request.request_context.http.path = Some(path.to_string());
+        request.raw_path = Some(path.to_string());
+        let map: HashMap<String, String> = query
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        request.query_string_parameters = map.into();
+        request.body = body.map(str::to_string);
+        request
+    }
+
+    fn json_of(response: &ApiGatewayV2httpResponse) -> Value {
+        match &response.body {
+            Some(Body::Text(text)) => serde_json::from_str(text).unwrap(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    async fn api() -> (QueryApi, Arc<MemoryAlertStore>) {
+        let positions = Arc::new(MemoryPositionStore::new());
+        for (n, (lat, lon)) in [(52.5200, 13.4050), (52.5210, 13.4060), (52.6000, 13.5000)]
+            .iter()
+            .enumerate()
+        {
+            positions
+                .upsert_if_newer(Position {
+                    device_id: format!("v{n}"),
+                    ts: 1_000,
+                    event_id: format!("v{n}@1000"),
+                    lat: *lat,
+                    lon: *lon,
+                    geohash: String::new(),
+                    speed_kmh: Some(30.0),
+                    heading_deg: None,
+                    received_at: 1_000,
+                })
+                .await
+                .unwrap();
+        }
+        let archive = Arc::new(MemoryArchive::new(100));
+        let readings: Vec<Reading> = (0..5)
+            .map(|n| Reading {
+                device_id: "v0".into(),
+                ts: n * 1_000,
+                event_id: format!("v0@{n}"),
+                speed_kmh: Some(n as f64),
+                ..Default::default()
+            })
+            .collect();
+        archive.write(&readings).await.unwrap();
+        let alerts = Arc::new(MemoryAlertStore::new());
+        let mut state = DeviceRuleStates::default();
+        let hot = Reading {
+            device_id: "v0".into(),
+            ts: 10,
+            event_id: "e".into(),
+            engine_temp_c: Some(120.0),
+            ..Default::default()
+        };
+        let evaluation = RuleSet::default_rules().evaluate("v0", &mut state, &[hot]);
+        alerts
+            .commit("v0", 0, &state, &evaluation.touched_alerts)
+            .await
+            .unwrap();
+        (QueryApi::new(positions, archive, alerts.clone()), alerts)
+    }
+
+    #[tokio::test]
+    async fn near_answers_nearest_first_from_a_real_event() {
+        let (api, _) = api().await;
+        let request: ApiGatewayV2httpRequest =
+            serde_json::from_str(include_str!("../tests/fixtures/apigw-get-near.json")).unwrap();
+        let response = api.handle(request).await;
+        assert_eq!(response.status_code, 200);
+        let json = json_of(&response);
+        let ids: Vec<&str> = json["vehicles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["device_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, ["v0", "v1"]);
+        assert!(json["vehicles"][1]["distance_m"].as_f64().unwrap() > 100.0);
+    }
+
+    #[tokio::test]
+    async fn vehicle_track_and_errors() {
+        let (api, _) = api().await;
+        let response = api
+            .handle(request("GET", "/v1/vehicles/v2", &[], None))
+            .await;
+        assert_eq!(json_of(&response)["lat"], 52.6);
+        assert_eq!(
+            api.handle(request("GET", "/v1/vehicles/nobody", &[], None))
+                .await
+                .status_code,
+            404
+        );
+        let track = api
+            .handle(request(
+                "GET",
+                "/v1/vehicles/v0/track",
+                &[("from", "1000"), ("to", "1970-01-01T00:00:04Z")],
+                None,
+            ))
+            .await;
+        let json = json_of(&track);
+        assert_eq!(json["count"], 3, "{json}");
+        for (params, needle) in [
+            (vec![("lat", "x"), ("lon", "1")], "lat"),
+            (vec![("lat", "1")], "lon is required"),
+            (
+                vec![("lat", "1"), ("lon", "1"), ("radius_m", "1e9")],
+                "radius_m",
+            ),
+            (vec![("lat", "1"), ("lon", "1"), ("limit", "0")], "limit"),
+        ] {
+            let response = api
+                .handle(request("GET", "/v1/vehicles/near", &params, None))
+                .await;
+            assert_eq!(response.status_code, 400);
+            assert!(
+                json_of(&response)["error"]
+                    .as_str()
+                    .unwrap()
+                    .contains(needle),
+                "{needle}"
+            );
+        }
+        assert_eq!(
+            api.handle(request("DELETE", "/v1/alerts", &[], None))
+                .await
+                .status_code,
+            405
+        );
+        assert_eq!(
+            api.handle(request("GET", "/v2/else", &[], None))
+                .await
+                .status_code,
+            404
+        );
+    }
+
+    #[tokio::test]
+    async fn alerts_list_and_acknowledge() {
+        let (api, store) = api().await;
+        let response = api
+            .handle(request("GET", "/v1/alerts", &[("state", "active")], None))
+            .await;
+        let json = json_of(&response);
+        assert_eq!(json["count"], 1);
+        let alert_id = json["alerts"][0]["alert_id"].as_str().unwrap().to_string();
+        let encoded = alert_id.replace('|', "%7C");
+        let response = api
+            .handle(request(
+                "POST",
+                &format!("/v1/alerts/{encoded}/ack"),
+                &[],
+                Some(r#"{"by":"dispatch"}"#),
+            ))
+            .await;
+        assert_eq!(response.status_code, 200);
+        assert_eq!(json_of(&response)["acknowledged_by"], "dispatch");
+        assert!(
+            store
+                .get_alert(&alert_id)
+                .await
+                .unwrap()
+                .unwrap()
+                .acknowledged
+        );
+        assert_eq!(
+            api.handle(request("GET", "/v1/alerts", &[("state", "open")], None))
+                .await
+                .status_code,
+            400
+        );
+        assert_eq!(
+            api.handle(request("POST", "/v1/alerts/none/ack", &[], None))
+                .await
+                .status_code,
+            404
+        );
+    }
+}

@@ -1,0 +1,48 @@
+//! Helpers for the HTTP functions: reading an API Gateway v2 request body and answering JSON.
+
+use aws_lambda_events::encodings::Body;
+use aws_lambda_events::event::apigw::{ApiGatewayV2httpRequest, ApiGatewayV2httpResponse};
+use base64::Engine;
+use serde::Serialize;
+
+/// The request body as bytes, decoding it when API Gateway marked it base64.
+pub fn request_body(request: &ApiGatewayV2httpRequest) -> Result<Vec<u8>, String> {
+    let body = request.body.as_deref().unwrap_or_default();
+    if request.is_base64_encoded {
+        base64::engine::general_purpose::STANDARD
+            .decode(body)
+            .map_err(|e| format!("request body is marked base64 but does not decode: {e}"))
+    } else {
+        Ok(body.as_bytes().to_vec())
+    }
+}
+
+/// The request's method and path (API Gateway's `requestContext.http`, else the raw path).
+pub fn method_and_path(request: &ApiGatewayV2httpRequest) -> (http::Method, String) {
+    let http = &request.request_context.http;
+    let path = http
+        .path
+        .clone()
+        .or_else(|| request.raw_path.clone())
+        .unwrap_or_else(|| "/".to_string());
+    (http.method.clone(), path)
+}
+
+/// A JSON response with the given status.
+pub fn json_response(status: u16, body: &impl Serialize) -> ApiGatewayV2httpResponse {
+    let mut response = ApiGatewayV2httpResponse::default();
+    response.status_code = i64::from(status);
+    response.headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    response.body = Some(Body::Text(
+        serde_json::to_string(body).unwrap_or_else(|_| "{}".into()),
+    ));
+    response
+}
+
+/// A JSON error response: `{"error": message}`.
+pub fn error_response(status: u16, message: impl Into<String>) -> ApiGatewayV2httpResponse {
+    json_response(status, &serde_json::json!({ "error": message.into() }))
+}
