@@ -80,12 +80,7 @@ impl QueryApi {
             .map(|s| percent_decode_str(s).decode_utf8_lossy().into_owned())
             .collect();
         let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
-        let query = |name: &str| {
-            request
-                .query_string_parameters
-                .first(name)
-                .map(str::to_string)
-        };
+        let query = Params(&request.query_string_parameters);
         match (&method, segments.as_slice()) {
             (&Method::GET, ["v1", "vehicles", "near"]) => self.near(&query).await,
             (&Method::GET, ["v1", "vehicles", id]) => self.vehicle(id).await,
@@ -107,7 +102,7 @@ impl QueryApi {
         }
     }
 
-    async fn near(&self, query: &dyn Fn(&str) -> Option<String>) -> Result<Value, Reject> {
+    async fn near(&self, query: &Params<'_>) -> Result<Value, Reject> {
         let lat = number(query, "lat")?.ok_or_else(|| bad("lat is required"))?;
         let lon = number(query, "lon")?.ok_or_else(|| bad("lon is required"))?;
         if !(-90.0..=90.0).contains(&lat) || !(-180.0..=180.0).contains(&lon) {
@@ -132,11 +127,7 @@ impl QueryApi {
         Ok(json!({ "count": vehicles.len(), "vehicles": vehicles }))
     }
 
-    async fn track(
-        &self,
-        id: &str,
-        query: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Value, Reject> {
+    async fn track(&self, id: &str, query: &Params<'_>) -> Result<Value, Reject> {
         valid_device(id)?;
         let to = time(query, "to")?.unwrap_or_else(|| now_millis() + 1);
         let from = time(query, "from")?.unwrap_or(to - DEFAULT_TRACK_SPAN_MS);
@@ -150,12 +141,12 @@ impl QueryApi {
         )
     }
 
-    async fn list_alerts(&self, query: &dyn Fn(&str) -> Option<String>) -> Result<Value, Reject> {
-        let state = match query("state") {
+    async fn list_alerts(&self, query: &Params<'_>) -> Result<Value, Reject> {
+        let state = match query.get("state") {
             None => None,
             Some(text) => Some(text.parse::<AlertState>().map_err(bad)?),
         };
-        let device_id = query("device_id");
+        let device_id = query.get("device_id");
         if let Some(id) = &device_id {
             valid_device(id)?;
         }
@@ -192,6 +183,15 @@ impl QueryApi {
     }
 }
 
+/// The request's query parameters (first value of each).
+struct Params<'a>(&'a aws_lambda_events::query_map::QueryMap);
+
+impl Params<'_> {
+    fn get(&self, name: &str) -> Option<String> {
+        self.0.first(name).map(str::to_string)
+    }
+}
+
 fn valid_device(id: &str) -> Result<(), Reject> {
     if is_valid_device_id(id) {
         Ok(())
@@ -202,8 +202,8 @@ fn valid_device(id: &str) -> Result<(), Reject> {
     }
 }
 
-fn number(query: &dyn Fn(&str) -> Option<String>, name: &str) -> Result<Option<f64>, Reject> {
-    match query(name) {
+fn number(query: &Params<'_>, name: &str) -> Result<Option<f64>, Reject> {
+    match query.get(name) {
         None => Ok(None),
         Some(text) => match text.parse::<f64>() {
             Ok(value) if value.is_finite() => Ok(Some(value)),
@@ -212,12 +212,8 @@ fn number(query: &dyn Fn(&str) -> Option<String>, name: &str) -> Result<Option<f
     }
 }
 
-fn limit(
-    query: &dyn Fn(&str) -> Option<String>,
-    default: usize,
-    max: usize,
-) -> Result<usize, Reject> {
-    match query("limit") {
+fn limit(query: &Params<'_>, default: usize, max: usize) -> Result<usize, Reject> {
+    match query.get("limit") {
         None => Ok(default),
         Some(text) => match text.parse::<usize>() {
             Ok(value) if (1..=max).contains(&value) => Ok(value),
@@ -229,8 +225,8 @@ fn limit(
 }
 
 /// A time parameter: epoch milliseconds or RFC 3339.
-fn time(query: &dyn Fn(&str) -> Option<String>, name: &str) -> Result<Option<EpochMillis>, Reject> {
-    match query(name) {
+fn time(query: &Params<'_>, name: &str) -> Result<Option<EpochMillis>, Reject> {
+    match query.get(name) {
         None => Ok(None),
         Some(text) => {
             let value = match text.parse::<i64>() {
