@@ -89,7 +89,7 @@ impl MemoryStream {
     /// as Kinesis splits its hash key range.
     pub fn shard_of(&self, partition_key: &str) -> usize {
         let hash = u128::from_be_bytes(md5::compute(partition_key.as_bytes()).0);
-        ((hash >> 64) as u128 * self.shards.len() as u128 >> 64) as usize
+        (((hash >> 64) * self.shards.len() as u128) >> 64) as usize
     }
 
     /// Records of `shard` with a sequence number of at least `from`, at most `max` of them.
@@ -254,8 +254,11 @@ impl PositionStore for MemoryPositionStore {
 
 /// Every reading, per device ordered by time, keeping the newest `max_per_device` readings of
 /// each device (the in-memory stand-in for Timestream's retention).
+/// One device's readings keyed by (ts, event id).
+type Track = BTreeMap<(EpochMillis, String), Reading>;
+
 pub struct MemoryArchive {
-    inner: RwLock<HashMap<String, BTreeMap<(EpochMillis, String), Reading>>>,
+    inner: RwLock<HashMap<String, Track>>,
     max_per_device: usize,
 }
 

@@ -275,7 +275,6 @@ pub fn validate_item(
     }
     reading.metrics = validate_metrics(object.get("metrics"), policy, &mut err);
 
-    drop(err);
     match (device_id, ts) {
         (Some(device_id), Some(ts)) if errors.is_empty() => {
             reading.event_id = event_id.unwrap_or_else(|| format!("{device_id}@{ts}"));
