@@ -12,7 +12,7 @@ pub const EARTH_RADIUS_M: f64 = 6_371_008.8;
 /// Geohash length kept with every position: cells of about 4.8 m x 4.8 m.
 pub const POSITION_GEOHASH_LEN: usize = 9;
 /// A covering holds at most this many cells; it picks the finest length that fits.
-pub const MAX_COVER_CELLS: usize = 24;
+pub const MAX_COVER_CELLS: usize = 64;
 /// The largest radius a query may ask for.
 pub const MAX_QUERY_RADIUS_M: f64 = 100_000.0;
 
