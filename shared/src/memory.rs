@@ -10,6 +10,7 @@ use tokio::sync::watch;
 
 use crate::geo::geohash_of;
 use crate::model::{Alert, Position, Reading};
+use crate::ports::RejectedReading;
 use crate::ports::{
     AlertFilter, AlertStore, Archive, BusRecord, DeadLetter, DeadLetterSink, EventBus,
     PositionStore, Published, StoreError, UpsertOutcome,
@@ -287,7 +288,7 @@ impl MemoryArchive {
 
 #[async_trait]
 impl Archive for MemoryArchive {
-    async fn write(&self, readings: &[Reading]) -> Result<(), StoreError> {
+    async fn write(&self, readings: &[Reading]) -> Result<Vec<RejectedReading>, StoreError> {
         let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
         for reading in readings {
             let track = inner.entry(reading.device_id.clone()).or_default();
@@ -296,7 +297,7 @@ impl Archive for MemoryArchive {
                 track.pop_first();
             }
         }
-        Ok(())
+        Ok(Vec::new())
     }
 
     async fn track(

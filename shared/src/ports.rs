@@ -91,10 +91,20 @@ pub trait PositionStore: Send + Sync {
     async fn query_prefixes(&self, prefixes: &[String]) -> Result<Vec<Position>, StoreError>;
 }
 
+/// A reading the archive refused for good (retrying cannot help), with its reason.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RejectedReading {
+    /// Index into the slice given to [`Archive::write`].
+    pub index: usize,
+    pub reason: String,
+}
+
 #[async_trait]
 pub trait Archive: Send + Sync {
     /// Upserts readings keyed by (device, ts, event_id): a retried write changes nothing.
-    async fn write(&self, readings: &[Reading]) -> Result<(), StoreError>;
+    /// Readings the archive refuses for good are returned with the reason; an `Err` means
+    /// nothing can be said about the batch and all of it should be retried.
+    async fn write(&self, readings: &[Reading]) -> Result<Vec<RejectedReading>, StoreError>;
     /// A device's readings with `from <= ts < to`, oldest first, at most `limit`.
     async fn track(
         &self,

@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use aws_lambda_events::event::kinesis::KinesisEvent;
 use aws_lambda_events::event::streams::KinesisEventResponse;
-use geostream_shared::ports::{Archive, DeadLetterSink};
+use geostream_shared::now_millis;
+use geostream_shared::ports::{Archive, DeadLetter, DeadLetterSink};
 use geostream_shared::stream::{decode_batch, BatchOutcome, StreamBatch};
 
 pub const FUNCTION_NAME: &str = "archiver";
@@ -38,14 +39,52 @@ impl Archiver {
         }
         let mut record_ids = Vec::with_capacity(records.len());
         let mut readings = Vec::new();
+        // The record (index into record_ids) each reading came from.
+        let mut source = Vec::new();
         for (record_id, envelope) in records {
+            source.extend(std::iter::repeat_n(
+                record_ids.len(),
+                envelope.readings.len(),
+            ));
             record_ids.push(record_id);
             readings.extend(envelope.readings);
         }
-        if let Err(error) = self.archive.write(&readings).await {
-            tracing::warn!(function = FUNCTION_NAME, readings = readings.len(), %error, "archive write failed; batch will be retried");
-            failed.extend(record_ids);
+        match self.archive.write(&readings).await {
+            Ok(rejected) if rejected.is_empty() => {}
+            Ok(rejected) => {
+                let letters: Vec<DeadLetter> = rejected
+                    .into_iter()
+                    .filter_map(|r| {
+                        let reading = readings.get(r.index)?;
+                        Some(DeadLetter {
+                            function: FUNCTION_NAME.to_string(),
+                            record_id: record_ids[source[r.index]].clone(),
+                            partition_key: reading.device_id.clone(),
+                            data: serde_json::to_string(reading).unwrap_or_default(),
+                            reason: format!("archive refused the reading: {}", r.reason),
+                            attempts: 1,
+                            failed_at: now_millis(),
+                        })
+                    })
+                    .collect();
+                tracing::warn!(
+                    function = FUNCTION_NAME,
+                    refused = letters.len(),
+                    "archive refused readings; sent to dead letters"
+                );
+                let affected: Vec<String> = letters.iter().map(|l| l.record_id.clone()).collect();
+                if let Err(error) = self.dead_letters.send(letters).await {
+                    tracing::error!(function = FUNCTION_NAME, %error, "dead-letter sink failed; records will be retried");
+                    failed.extend(affected);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(function = FUNCTION_NAME, readings = readings.len(), %error, "archive write failed; batch will be retried");
+                failed.extend(record_ids);
+            }
         }
+        failed.sort();
+        failed.dedup();
         BatchOutcome { failed }
     }
 }
@@ -56,7 +95,7 @@ mod tests {
     use async_trait::async_trait;
     use geostream_shared::memory::{MemoryArchive, MemoryDeadLetters};
     use geostream_shared::model::Reading;
-    use geostream_shared::ports::StoreError;
+    use geostream_shared::ports::{RejectedReading, StoreError};
 
     fn event() -> KinesisEvent {
         serde_json::from_str(include_str!(
@@ -80,8 +119,14 @@ mod tests {
     struct FailingArchive;
     #[async_trait]
     impl Archive for FailingArchive {
-        async fn write(&self, _: &[Reading]) -> Result<(), StoreError> {
-            Err(StoreError::transient("WriteRecords", "ThrottlingException"))
+        async fn write(&self, readings: &[Reading]) -> Result<Vec<RejectedReading>, StoreError> {
+            match readings[0].engine_temp_c {
+                Some(t) if t > 200.0 => Ok(vec![RejectedReading {
+                    index: 0,
+                    reason: "ValidationException: out of retention".into(),
+                }]),
+                _ => Err(StoreError::transient("WriteRecords", "ThrottlingException")),
+            }
         }
         async fn track(
             &self,

@@ -1,0 +1,91 @@
+//! Configuration from environment variables, and SDK clients built from it.
+//!
+//! The standard AWS variables apply (region, credentials, `AWS_ENDPOINT_URL` for an emulator).
+//! GeoStream's own names the resources; a missing one is an error that says which.
+
+use aws_config::retry::RetryConfig;
+use aws_config::SdkConfig;
+
+use crate::counting::CallCounter;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("environment variable {name} is not set: {purpose}")]
+pub struct MissingEnv {
+    pub name: &'static str,
+    pub purpose: &'static str,
+}
+
+/// Reads a required environment variable.
+pub fn required_env(name: &'static str, purpose: &'static str) -> Result<String, MissingEnv> {
+    match std::env::var(name) {
+        Ok(value) if !value.trim().is_empty() => Ok(value),
+        _ => Err(MissingEnv { name, purpose }),
+    }
+}
+
+/// The SDK configuration every client starts from: the default provider chain, the adaptive
+/// retry mode (throttling and 5xx are retried with backoff and jitter, and the client slows
+/// down when throttled), and `endpoint_url` when talking to an emulator.
+pub async fn sdk_config(endpoint_url: Option<&str>) -> SdkConfig {
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .retry_config(RetryConfig::adaptive().with_max_attempts(5));
+    if let Some(url) = endpoint_url {
+        loader = loader.endpoint_url(url);
+    }
+    loader.load().await
+}
+
+/// SDK clients for every service GeoStream uses, each counting its calls.
+#[derive(Clone)]
+pub struct Clients {
+    pub kinesis: aws_sdk_kinesis::Client,
+    pub dynamodb: aws_sdk_dynamodb::Client,
+    pub timestream_write: aws_sdk_timestreamwrite::Client,
+    pub timestream_query: aws_sdk_timestreamquery::Client,
+    pub sqs: aws_sdk_sqs::Client,
+    /// Timestream on AWS needs endpoint discovery; against an emulator (`endpoint_url` set) it
+    /// would send the client to the real AWS hosts, so it is off there.
+    pub timestream_discovery: bool,
+    pub calls: CallCounter,
+}
+
+impl Clients {
+    /// Builds the clients without any network call (cold starts stay short).
+    pub fn new(sdk: &SdkConfig) -> Clients {
+        let calls = CallCounter::new();
+        let kinesis = aws_sdk_kinesis::Client::from_conf(
+            aws_sdk_kinesis::config::Builder::from(sdk)
+                .interceptor(calls.clone())
+                .build(),
+        );
+        let dynamodb = aws_sdk_dynamodb::Client::from_conf(
+            aws_sdk_dynamodb::config::Builder::from(sdk)
+                .interceptor(calls.clone())
+                .build(),
+        );
+        let sqs = aws_sdk_sqs::Client::from_conf(
+            aws_sdk_sqs::config::Builder::from(sdk)
+                .interceptor(calls.clone())
+                .build(),
+        );
+        let timestream_write = aws_sdk_timestreamwrite::Client::from_conf(
+            aws_sdk_timestreamwrite::config::Builder::from(sdk)
+                .interceptor(calls.clone())
+                .build(),
+        );
+        let timestream_query = aws_sdk_timestreamquery::Client::from_conf(
+            aws_sdk_timestreamquery::config::Builder::from(sdk)
+                .interceptor(calls.clone())
+                .build(),
+        );
+        Clients {
+            kinesis,
+            dynamodb,
+            timestream_write,
+            timestream_query,
+            sqs,
+            timestream_discovery: sdk.endpoint_url().is_none(),
+            calls,
+        }
+    }
+}

@@ -1,0 +1,675 @@
+//! Positions and alerts on DynamoDB.
+//!
+//! Tables (on-demand):
+//! - positions: key `device_id`; GSI [`GEO_INDEX`] with hash key `geo_pk` =
+//!   `"{geohash5}#{shard:02}"` and range key `geohash` (9 characters). Hot-spot arithmetic in
+//!   `geostream_shared::geo::INDEX_SHARDS`: no index key takes more than ~700 writes/s with
+//!   10,000 vehicles reporting every second in one 4.9 km cell. A radius query covers the circle
+//!   with geohash prefixes, groups them by 5-character cell, and reads each cell's 16 shards with
+//!   one Query each (`geohash BETWEEN` the cell's lowest and highest prefix), in parallel.
+//! - alert state: key `device_id`; `version` (number) and `rule_states` (JSON).
+//! - alerts: key `alert_id`; GSIs [`ALERTS_BY_STATE_INDEX`] (`state`, `started_at`) and
+//!   [`ALERTS_BY_DEVICE_INDEX`] (`device_id`, `started_at`).
+
+use std::collections::{BTreeMap, HashMap};
+
+use async_trait::async_trait;
+use aws_sdk_dynamodb::error::{DisplayErrorContext, SdkError};
+use aws_sdk_dynamodb::operation::put_item::PutItemError;
+use aws_sdk_dynamodb::types::{AttributeValue, Put, ReturnValue, TransactWriteItem, Update};
+use geostream_shared::geo::{index_partition_key, INDEX_PARTITION_GEOHASH_LEN, INDEX_SHARDS};
+use geostream_shared::model::{Alert, AlertState, Position, Severity};
+use geostream_shared::ports::{AlertFilter, AlertStore, PositionStore, StoreError, UpsertOutcome};
+use geostream_shared::rules::DeviceRuleStates;
+use geostream_shared::EpochMillis;
+
+pub const GEO_INDEX: &str = "geo-index";
+pub const ALERTS_BY_STATE_INDEX: &str = "by-state";
+pub const ALERTS_BY_DEVICE_INDEX: &str = "by-device";
+/// A radius query may read at most this many 5-character cells (each is 16 Query calls).
+const MAX_QUERY_CELLS: usize = 32;
+/// Geohash alphabet, in order; `~` sorts after all of it.
+const GEOHASH_ALPHABET: &str = "0123456789bcdefghjkmnpqrstuvwxyz";
+
+type Item = HashMap<String, AttributeValue>;
+
+fn s(value: impl Into<String>) -> AttributeValue {
+    AttributeValue::S(value.into())
+}
+
+fn n(value: impl ToString) -> AttributeValue {
+    AttributeValue::N(value.to_string())
+}
+
+fn get_s(item: &Item, name: &str) -> Result<String, String> {
+    match item.get(name) {
+        Some(AttributeValue::S(value)) => Ok(value.clone()),
+        other => Err(format!("attribute {name} is not a string: {other:?}")),
+    }
+}
+
+fn get_n<T: std::str::FromStr>(item: &Item, name: &str) -> Result<T, String> {
+    match item.get(name) {
+        Some(AttributeValue::N(value)) => value
+            .parse()
+            .map_err(|_| format!("attribute {name} is not a number: {value}")),
+        other => Err(format!("attribute {name} is not a number: {other:?}")),
+    }
+}
+
+fn get_opt_n<T: std::str::FromStr>(item: &Item, name: &str) -> Result<Option<T>, String> {
+    match item.get(name) {
+        None | Some(AttributeValue::Null(_)) => Ok(None),
+        Some(_) => get_n(item, name).map(Some),
+    }
+}
+
+/// Maps an SDK error to a [`StoreError`]: throttling, 5xx and transport problems are transient
+/// (the SDK has already retried them), the rest permanent.
+fn store_error<E, R>(operation: &'static str, error: SdkError<E, R>) -> StoreError
+where
+    E: std::error::Error + aws_sdk_dynamodb::error::ProvideErrorMetadata + 'static,
+    R: std::fmt::Debug,
+{
+    let transient = match &error {
+        SdkError::ServiceError(service) => {
+            let code = service.err().code().unwrap_or_default();
+            code.contains("Throttl")
+                || code.contains("ProvisionedThroughput")
+                || code.contains("RequestLimitExceeded")
+                || code.contains("InternalServerError")
+        }
+        _ => true,
+    };
+    let message = DisplayErrorContext(&error).to_string();
+    if transient {
+        StoreError::transient(operation, message)
+    } else {
+        StoreError::permanent(operation, message)
+    }
+}
+
+/// Latest positions with the sharded geohash index.
+#[derive(Clone)]
+pub struct DynamoPositions {
+    client: aws_sdk_dynamodb::Client,
+    table: String,
+}
+
+impl DynamoPositions {
+    pub fn new(client: aws_sdk_dynamodb::Client, table: impl Into<String>) -> Self {
+        DynamoPositions {
+            client,
+            table: table.into(),
+        }
+    }
+
+    fn to_item(position: &Position) -> Item {
+        let mut item: Item = HashMap::from([
+            ("device_id".to_string(), s(&position.device_id)),
+            ("ts".to_string(), n(position.ts)),
+            ("event_id".to_string(), s(&position.event_id)),
+            ("lat".to_string(), n(position.lat)),
+            ("lon".to_string(), n(position.lon)),
+            ("geohash".to_string(), s(&position.geohash)),
+            (
+                "geo_pk".to_string(),
+                s(index_partition_key(&position.geohash, &position.device_id)),
+            ),
+            ("received_at".to_string(), n(position.received_at)),
+        ]);
+        if let Some(speed) = position.speed_kmh {
+            item.insert("speed_kmh".into(), n(speed));
+        }
+        if let Some(heading) = position.heading_deg {
+            item.insert("heading_deg".into(), n(heading));
+        }
+        item
+    }
+
+    fn from_item(item: &Item) -> Result<Position, String> {
+        Ok(Position {
+            device_id: get_s(item, "device_id")?,
+            ts: get_n(item, "ts")?,
+            event_id: get_s(item, "event_id")?,
+            lat: get_n(item, "lat")?,
+            lon: get_n(item, "lon")?,
+            geohash: get_s(item, "geohash")?,
+            speed_kmh: get_opt_n(item, "speed_kmh")?,
+            heading_deg: get_opt_n(item, "heading_deg")?,
+            received_at: get_n(item, "received_at")?,
+        })
+    }
+
+    /// The index reads for a covering: per 5-character cell, the lowest and highest geohash to
+    /// read. Shorter prefixes expand to their 5-character cells.
+    fn cell_ranges(prefixes: &[String]) -> Result<BTreeMap<String, (String, String)>, StoreError> {
+        let mut cells: BTreeMap<String, (String, String)> = BTreeMap::new();
+        for prefix in prefixes {
+            let mut expanded = vec![prefix.clone()];
+            while expanded[0].len() < INDEX_PARTITION_GEOHASH_LEN {
+                expanded = expanded
+                    .iter()
+                    .flat_map(|p| GEOHASH_ALPHABET.chars().map(move |c| format!("{p}{c}")))
+                    .collect();
+                if expanded.len() > MAX_QUERY_CELLS * 32 {
+                    break;
+                }
+            }
+            for cell_prefix in expanded {
+                let cell =
+                    cell_prefix[..INDEX_PARTITION_GEOHASH_LEN.min(cell_prefix.len())].to_string();
+                let high = format!("{cell_prefix}~");
+                let range = cells
+                    .entry(cell)
+                    .or_insert_with(|| (cell_prefix.clone(), high.clone()));
+                if cell_prefix < range.0 {
+                    range.0 = cell_prefix.clone();
+                }
+                if high > range.1 {
+                    range.1 = high;
+                }
+            }
+        }
+        if cells.len() > MAX_QUERY_CELLS {
+            return Err(StoreError::permanent(
+                "radius query",
+                format!("the circle spans {} index cells of about 4.9 km; at most {MAX_QUERY_CELLS} are read: use a smaller radius", cells.len()),
+            ));
+        }
+        Ok(cells)
+    }
+}
+
+#[async_trait]
+impl PositionStore for DynamoPositions {
+    async fn upsert_if_newer(&self, mut position: Position) -> Result<UpsertOutcome, StoreError> {
+        if position.geohash.is_empty() {
+            position.geohash =
+                geostream_shared::geo::geohash_of(position.point()).ok_or_else(|| {
+                    StoreError::permanent("PutItem", format!("position out of range: {position:?}"))
+                })?;
+        }
+        let result = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(Self::to_item(&position)))
+            .condition_expression(
+                "attribute_not_exists(device_id) OR #ts < :ts OR (#ts = :ts AND #eid < :eid)",
+            )
+            .expression_attribute_names("#ts", "ts")
+            .expression_attribute_names("#eid", "event_id")
+            .expression_attribute_values(":ts", n(position.ts))
+            .expression_attribute_values(":eid", s(&position.event_id))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(UpsertOutcome::Applied),
+            Err(SdkError::ServiceError(service))
+                if matches!(
+                    service.err(),
+                    PutItemError::ConditionalCheckFailedException(_)
+                ) =>
+            {
+                Ok(UpsertOutcome::Stale)
+            }
+            Err(error) => Err(store_error("PutItem positions", error)),
+        }
+    }
+
+    async fn get(&self, device_id: &str) -> Result<Option<Position>, StoreError> {
+        let output = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key("device_id", s(device_id))
+            .send()
+            .await
+            .map_err(|e| store_error("GetItem positions", e))?;
+        output
+            .item()
+            .map(Self::from_item)
+            .transpose()
+            .map_err(|e| StoreError::permanent("GetItem positions", e))
+    }
+
+    async fn query_prefixes(&self, prefixes: &[String]) -> Result<Vec<Position>, StoreError> {
+        let cells = Self::cell_ranges(prefixes)?;
+        let mut queries = tokio::task::JoinSet::new();
+        for (cell, (low, high)) in cells {
+            for shard in 0..INDEX_SHARDS {
+                let (client, table) = (self.client.clone(), self.table.clone());
+                let (partition, low, high) =
+                    (format!("{cell}#{shard:02}"), low.clone(), high.clone());
+                queries.spawn(async move {
+                    let mut found = Vec::new();
+                    let mut start: Option<Item> = None;
+                    loop {
+                        let output = client
+                            .query()
+                            .table_name(&table)
+                            .index_name(GEO_INDEX)
+                            .key_condition_expression(
+                                "geo_pk = :pk AND geohash BETWEEN :low AND :high",
+                            )
+                            .expression_attribute_values(":pk", s(&partition))
+                            .expression_attribute_values(":low", s(&low))
+                            .expression_attribute_values(":high", s(&high))
+                            .set_exclusive_start_key(start.take())
+                            .send()
+                            .await
+                            .map_err(|e| store_error("Query geo-index", e))?;
+                        for item in output.items() {
+                            found.push(
+                                Self::from_item(item)
+                                    .map_err(|e| StoreError::permanent("Query geo-index", e))?,
+                            );
+                        }
+                        match output.last_evaluated_key() {
+                            Some(key) => start = Some(key.clone()),
+                            None => return Ok::<_, StoreError>(found),
+                        }
+                    }
+                });
+            }
+        }
+        let mut positions = Vec::new();
+        while let Some(joined) = queries.join_next().await {
+            let found =
+                joined.map_err(|e| StoreError::transient("Query geo-index", e.to_string()))??;
+            positions.extend(found);
+        }
+        Ok(positions)
+    }
+}
+
+/// Rule state and alerts.
+#[derive(Clone)]
+pub struct DynamoAlerts {
+    client: aws_sdk_dynamodb::Client,
+    state_table: String,
+    alerts_table: String,
+}
+
+/// Largest transaction DynamoDB takes.
+const MAX_TRANSACTION_ITEMS: usize = 100;
+
+impl DynamoAlerts {
+    pub fn new(
+        client: aws_sdk_dynamodb::Client,
+        state_table: impl Into<String>,
+        alerts_table: impl Into<String>,
+    ) -> Self {
+        DynamoAlerts {
+            client,
+            state_table: state_table.into(),
+            alerts_table: alerts_table.into(),
+        }
+    }
+
+    /// The update of an alert record: every field the inspector owns; acknowledgement fields are
+    /// only initialised, never overwritten.
+    fn alert_update(&self, alert: &Alert) -> Result<Update, StoreError> {
+        let mut values: Item = HashMap::from([
+            (":device_id".to_string(), s(&alert.device_id)),
+            (":rule".to_string(), s(&alert.rule)),
+            (":severity".to_string(), s(severity_name(alert.severity))),
+            (":state".to_string(), s(state_name(alert.state))),
+            (":started_at".to_string(), n(alert.started_at)),
+            (":peak".to_string(), n(alert.peak_value)),
+            (":last".to_string(), n(alert.last_value)),
+            (":count".to_string(), n(alert.count)),
+            (":false".to_string(), AttributeValue::Bool(false)),
+        ]);
+        let mut expression = "SET device_id = :device_id, #rule = :rule, severity = :severity, #state = :state, started_at = :started_at, peak_value = :peak, last_value = :last, #count = :count, acknowledged = if_not_exists(acknowledged, :false)".to_string();
+        if let Some(cleared_at) = alert.cleared_at {
+            values.insert(":cleared_at".into(), n(cleared_at));
+            expression.push_str(", cleared_at = :cleared_at");
+        }
+        Update::builder()
+            .table_name(&self.alerts_table)
+            .key("alert_id", s(&alert.alert_id))
+            .update_expression(expression)
+            .expression_attribute_names("#rule", "rule")
+            .expression_attribute_names("#state", "state")
+            .expression_attribute_names("#count", "count")
+            .set_expression_attribute_values(Some(values))
+            .build()
+            .map_err(|e| StoreError::permanent("TransactWriteItems", e.to_string()))
+    }
+
+    fn state_put(
+        &self,
+        device_id: &str,
+        expected_version: u64,
+        states: &DeviceRuleStates,
+    ) -> Result<Put, StoreError> {
+        let json = serde_json::to_string(states)
+            .map_err(|e| StoreError::permanent("alert state", e.to_string()))?;
+        let builder = Put::builder()
+            .table_name(&self.state_table)
+            .item("device_id", s(device_id))
+            .item("version", n(expected_version + 1))
+            .item("rule_states", s(json));
+        let builder = if expected_version == 0 {
+            builder.condition_expression("attribute_not_exists(device_id)")
+        } else {
+            builder
+                .condition_expression("version = :expected")
+                .expression_attribute_values(":expected", n(expected_version))
+        };
+        builder
+            .build()
+            .map_err(|e| StoreError::permanent("TransactWriteItems", e.to_string()))
+    }
+
+    async fn query_alerts(
+        &self,
+        index: &str,
+        key: &str,
+        value: AttributeValue,
+        state: Option<AlertState>,
+        limit: usize,
+    ) -> Result<Vec<Alert>, StoreError> {
+        let mut alerts = Vec::new();
+        let mut start: Option<Item> = None;
+        loop {
+            let mut query = self
+                .client
+                .query()
+                .table_name(&self.alerts_table)
+                .index_name(index)
+                .key_condition_expression("#key = :value")
+                .expression_attribute_names("#key", key)
+                .expression_attribute_values(":value", value.clone())
+                .scan_index_forward(false)
+                .set_exclusive_start_key(start.take());
+            if let (Some(state), true) = (state, key != "state") {
+                query = query
+                    .filter_expression("#state = :state")
+                    .expression_attribute_names("#state", "state")
+                    .expression_attribute_values(":state", s(state_name(state)));
+            }
+            let output = query
+                .send()
+                .await
+                .map_err(|e| store_error("Query alerts", e))?;
+            for item in output.items() {
+                alerts.push(
+                    alert_from_item(item).map_err(|e| StoreError::permanent("Query alerts", e))?,
+                );
+                if alerts.len() >= limit {
+                    return Ok(alerts);
+                }
+            }
+            match output.last_evaluated_key() {
+                Some(key) => start = Some(key.clone()),
+                None => return Ok(alerts),
+            }
+        }
+    }
+}
+
+fn severity_name(severity: Severity) -> &'static str {
+    match severity {
+        Severity::Info => "info",
+        Severity::Warning => "warning",
+        Severity::Major => "major",
+        Severity::Critical => "critical",
+    }
+}
+
+fn state_name(state: AlertState) -> &'static str {
+    match state {
+        AlertState::Active => "active",
+        AlertState::Cleared => "cleared",
+    }
+}
+
+fn alert_from_item(item: &Item) -> Result<Alert, String> {
+    let severity = match get_s(item, "severity")?.as_str() {
+        "info" => Severity::Info,
+        "warning" => Severity::Warning,
+        "major" => Severity::Major,
+        "critical" => Severity::Critical,
+        other => return Err(format!("unknown severity {other}")),
+    };
+    let acknowledged = matches!(item.get("acknowledged"), Some(AttributeValue::Bool(true)));
+    Ok(Alert {
+        alert_id: get_s(item, "alert_id")?,
+        device_id: get_s(item, "device_id")?,
+        rule: get_s(item, "rule")?,
+        severity,
+        state: get_s(item, "state")?.parse()?,
+        acknowledged,
+        acknowledged_by: item
+            .get("acknowledged_by")
+            .and_then(|v| v.as_s().ok())
+            .cloned(),
+        acknowledged_at: get_opt_n(item, "acknowledged_at")?,
+        started_at: get_n(item, "started_at")?,
+        cleared_at: get_opt_n(item, "cleared_at")?,
+        peak_value: get_n(item, "peak_value")?,
+        last_value: get_n(item, "last_value")?,
+        count: get_n(item, "count")?,
+    })
+}
+
+#[async_trait]
+impl AlertStore for DynamoAlerts {
+    async fn load_rule_states(&self, device_id: &str) -> Result<DeviceRuleStates, StoreError> {
+        let output = self
+            .client
+            .get_item()
+            .table_name(&self.state_table)
+            .key("device_id", s(device_id))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| store_error("GetItem alert state", e))?;
+        let Some(item) = output.item() else {
+            return Ok(DeviceRuleStates::default());
+        };
+        let json = get_s(item, "rule_states")
+            .map_err(|e| StoreError::permanent("GetItem alert state", e))?;
+        let mut states: DeviceRuleStates = serde_json::from_str(&json).map_err(|e| {
+            StoreError::permanent("GetItem alert state", format!("device {device_id}: {e}"))
+        })?;
+        states.version =
+            get_n(item, "version").map_err(|e| StoreError::permanent("GetItem alert state", e))?;
+        Ok(states)
+    }
+
+    async fn commit(
+        &self,
+        device_id: &str,
+        expected_version: u64,
+        states: &DeviceRuleStates,
+        alerts: &[Alert],
+    ) -> Result<(), StoreError> {
+        let mut updates = alerts
+            .iter()
+            .map(|a| self.alert_update(a))
+            .collect::<Result<Vec<_>, _>>()?;
+        // More alerts than a transaction takes: write the surplus first (idempotent upserts
+        // keyed by alert id), then the rest with the state in one transaction.
+        while updates.len() >= MAX_TRANSACTION_ITEMS {
+            let update = updates.remove(0);
+            let mut call = self
+                .client
+                .update_item()
+                .table_name(update.table_name())
+                .set_key(Some(update.key().clone()))
+                .update_expression(update.update_expression())
+                .set_expression_attribute_values(update.expression_attribute_values().cloned());
+            for (name, value) in update.expression_attribute_names().into_iter().flatten() {
+                call = call.expression_attribute_names(name, value);
+            }
+            call.send()
+                .await
+                .map_err(|e| store_error("UpdateItem alerts", e))?;
+        }
+        let mut items = vec![TransactWriteItem::builder()
+            .put(self.state_put(device_id, expected_version, states)?)
+            .build()];
+        items.extend(
+            updates
+                .into_iter()
+                .map(|u| TransactWriteItem::builder().update(u).build()),
+        );
+        let result = self
+            .client
+            .transact_write_items()
+            .set_transact_items(Some(items))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(SdkError::ServiceError(service))
+                if service.err().is_transaction_canceled_exception()
+                    && DisplayErrorContext(&service.err())
+                        .to_string()
+                        .contains("ConditionalCheckFailed") =>
+            {
+                Err(StoreError::conflict(
+                    "TransactWriteItems",
+                    format!(
+                        "device {device_id}: rule state is no longer at version {expected_version}"
+                    ),
+                ))
+            }
+            Err(error) => Err(store_error("TransactWriteItems", error)),
+        }
+    }
+
+    async fn list_alerts(&self, filter: &AlertFilter) -> Result<Vec<Alert>, StoreError> {
+        let mut alerts = match (&filter.device_id, filter.state) {
+            (Some(device), state) => {
+                self.query_alerts(
+                    ALERTS_BY_DEVICE_INDEX,
+                    "device_id",
+                    s(device),
+                    state,
+                    filter.limit,
+                )
+                .await?
+            }
+            (None, Some(state)) => {
+                self.query_alerts(
+                    ALERTS_BY_STATE_INDEX,
+                    "state",
+                    s(state_name(state)),
+                    None,
+                    filter.limit,
+                )
+                .await?
+            }
+            (None, None) => {
+                let mut both = self
+                    .query_alerts(
+                        ALERTS_BY_STATE_INDEX,
+                        "state",
+                        s("active"),
+                        None,
+                        filter.limit,
+                    )
+                    .await?;
+                both.extend(
+                    self.query_alerts(
+                        ALERTS_BY_STATE_INDEX,
+                        "state",
+                        s("cleared"),
+                        None,
+                        filter.limit,
+                    )
+                    .await?,
+                );
+                both
+            }
+        };
+        alerts.sort_by(|a, b| {
+            b.started_at
+                .cmp(&a.started_at)
+                .then_with(|| a.alert_id.cmp(&b.alert_id))
+        });
+        alerts.truncate(filter.limit);
+        Ok(alerts)
+    }
+
+    async fn get_alert(&self, alert_id: &str) -> Result<Option<Alert>, StoreError> {
+        let output = self
+            .client
+            .get_item()
+            .table_name(&self.alerts_table)
+            .key("alert_id", s(alert_id))
+            .send()
+            .await
+            .map_err(|e| store_error("GetItem alerts", e))?;
+        output
+            .item()
+            .map(alert_from_item)
+            .transpose()
+            .map_err(|e| StoreError::permanent("GetItem alerts", e))
+    }
+
+    async fn acknowledge(
+        &self,
+        alert_id: &str,
+        by: &str,
+        at: EpochMillis,
+    ) -> Result<Option<Alert>, StoreError> {
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.alerts_table)
+            .key("alert_id", s(alert_id))
+            .condition_expression("attribute_exists(alert_id)")
+            .update_expression("SET acknowledged = :true, acknowledged_by = if_not_exists(acknowledged_by, :by), acknowledged_at = if_not_exists(acknowledged_at, :at)")
+            .expression_attribute_values(":true", AttributeValue::Bool(true))
+            .expression_attribute_values(":by", s(by))
+            .expression_attribute_values(":at", n(at))
+            .return_values(ReturnValue::AllNew)
+            .send()
+            .await;
+        match result {
+            Ok(output) => output
+                .attributes()
+                .map(alert_from_item)
+                .transpose()
+                .map_err(|e| StoreError::permanent("UpdateItem alerts", e)),
+            Err(SdkError::ServiceError(service))
+                if service.err().is_conditional_check_failed_exception() =>
+            {
+                Ok(None)
+            }
+            Err(error) => Err(store_error("UpdateItem alerts", error)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn covering_prefixes_become_one_range_per_index_cell() {
+        let prefixes: Vec<String> = ["u33db", "u33dc1", "u33dc4"]
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        let cells = DynamoPositions::cell_ranges(&prefixes).unwrap();
+        assert_eq!(cells.len(), 2);
+        assert_eq!(cells["u33db"], ("u33db".to_string(), "u33db~".to_string()));
+        assert_eq!(
+            cells["u33dc"],
+            ("u33dc1".to_string(), "u33dc4~".to_string())
+        );
+        let expanded = DynamoPositions::cell_ranges(&["u33f".to_string()]).unwrap();
+        assert_eq!(expanded.len(), 32);
+        assert!(expanded
+            .values()
+            .all(|(low, high)| low.len() == 5 && high.ends_with('~')));
+        assert!(DynamoPositions::cell_ranges(&["u3".to_string()]).is_err());
+    }
+}

@@ -1,0 +1,202 @@
+//! The telemetry and alerts buses on Kinesis Data Streams.
+
+use async_trait::async_trait;
+use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::types::PutRecordsRequestEntry;
+use geostream_shared::ports::{BusRecord, EventBus, Published, StoreError};
+
+use crate::retry::{backoff, PARTIAL_FAILURE_ATTEMPTS};
+
+/// PutRecords limits: 500 records and 5 MiB per call, 1 MiB per record (data + key).
+const MAX_RECORDS_PER_CALL: usize = 500;
+const MAX_BYTES_PER_CALL: usize = 5 * 1024 * 1024;
+const MAX_BYTES_PER_RECORD: usize = 1024 * 1024;
+
+/// An [`EventBus`] over one Kinesis stream.
+#[derive(Clone)]
+pub struct KinesisBus {
+    client: aws_sdk_kinesis::Client,
+    stream_name: String,
+}
+
+impl KinesisBus {
+    pub fn new(client: aws_sdk_kinesis::Client, stream_name: impl Into<String>) -> Self {
+        KinesisBus {
+            client,
+            stream_name: stream_name.into(),
+        }
+    }
+
+    /// Splits record indices into PutRecords calls within the count and size limits.
+    fn chunks(records: &[BusRecord], indices: &[usize]) -> Vec<Vec<usize>> {
+        let mut chunks = Vec::new();
+        let mut current: Vec<usize> = Vec::new();
+        let mut bytes = 0;
+        for &index in indices {
+            let record = &records[index];
+            let size = record.data.len() + record.partition_key.len();
+            if !current.is_empty()
+                && (current.len() == MAX_RECORDS_PER_CALL || bytes + size > MAX_BYTES_PER_CALL)
+            {
+                chunks.push(std::mem::take(&mut current));
+                bytes = 0;
+            }
+            current.push(index);
+            bytes += size;
+        }
+        if !current.is_empty() {
+            chunks.push(current);
+        }
+        chunks
+    }
+
+    /// Puts one chunk, retrying the entries that failed (throttled or internal errors) with
+    /// backoff and jitter; fills in the result of every index.
+    async fn put_chunk(
+        &self,
+        records: &[BusRecord],
+        chunk: Vec<usize>,
+        results: &mut [Option<Result<Published, StoreError>>],
+    ) {
+        let mut pending = chunk;
+        for attempt in 1..=PARTIAL_FAILURE_ATTEMPTS {
+            let entries: Result<Vec<PutRecordsRequestEntry>, _> = pending
+                .iter()
+                .map(|&i| {
+                    PutRecordsRequestEntry::builder()
+                        .partition_key(&records[i].partition_key)
+                        .data(Blob::new(records[i].data.clone()))
+                        .build()
+                })
+                .collect();
+            let entries = match entries {
+                Ok(entries) => entries,
+                Err(error) => {
+                    for &i in &pending {
+                        results[i] =
+                            Some(Err(StoreError::permanent("PutRecords", error.to_string())));
+                    }
+                    return;
+                }
+            };
+            let output = self
+                .client
+                .put_records()
+                .stream_name(&self.stream_name)
+                .set_records(Some(entries))
+                .send()
+                .await;
+            let output = match output {
+                Ok(output) => output,
+                Err(error) => {
+                    // The SDK already retried throttling and 5xx for the call as a whole.
+                    let message = format!(
+                        "stream {}: {}",
+                        self.stream_name,
+                        aws_sdk_kinesis::error::DisplayErrorContext(&error)
+                    );
+                    for &i in &pending {
+                        results[i] =
+                            Some(Err(StoreError::transient("PutRecords", message.clone())));
+                    }
+                    return;
+                }
+            };
+            let mut still_failing = Vec::new();
+            for (&i, entry) in pending.iter().zip(output.records()) {
+                match (
+                    entry.error_code(),
+                    entry.shard_id(),
+                    entry.sequence_number(),
+                ) {
+                    (None, Some(shard_id), Some(sequence_number)) => {
+                        results[i] = Some(Ok(Published {
+                            shard_id: shard_id.to_string(),
+                            sequence_number: sequence_number.to_string(),
+                        }))
+                    }
+                    (code, _, _) => {
+                        let message = format!(
+                            "{}: {}",
+                            code.unwrap_or("missing sequence number"),
+                            entry.error_message().unwrap_or_default()
+                        );
+                        results[i] = Some(Err(StoreError::transient("PutRecords", message)));
+                        still_failing.push(i);
+                    }
+                }
+            }
+            if still_failing.is_empty() {
+                return;
+            }
+            tracing::warn!(stream = %self.stream_name, failed = still_failing.len(), attempt, "PutRecords partially failed; retrying the failed entries");
+            pending = still_failing;
+            if attempt < PARTIAL_FAILURE_ATTEMPTS {
+                tokio::time::sleep(backoff(attempt)).await;
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl EventBus for KinesisBus {
+    async fn publish(&self, records: Vec<BusRecord>) -> Vec<Result<Published, StoreError>> {
+        let mut results: Vec<Option<Result<Published, StoreError>>> = vec![None; records.len()];
+        let mut sendable = Vec::with_capacity(records.len());
+        for (i, record) in records.iter().enumerate() {
+            if record.data.len() + record.partition_key.len() > MAX_BYTES_PER_RECORD {
+                results[i] = Some(Err(StoreError::permanent(
+                    "PutRecords",
+                    format!(
+                        "record of {} bytes exceeds Kinesis's 1 MiB limit",
+                        record.data.len()
+                    ),
+                )));
+            } else {
+                sendable.push(i);
+            }
+        }
+        for chunk in Self::chunks(&records, &sendable) {
+            self.put_chunk(&records, chunk, &mut results).await;
+        }
+        results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err(StoreError::transient("PutRecords", "no result for record"))
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_respect_count_and_size_limits() {
+        let small: Vec<BusRecord> = (0..1_201)
+            .map(|n| BusRecord {
+                partition_key: format!("d{n}"),
+                data: vec![0; 10],
+            })
+            .collect();
+        let sizes: Vec<usize> = KinesisBus::chunks(&small, &(0..small.len()).collect::<Vec<_>>())
+            .iter()
+            .map(Vec::len)
+            .collect();
+        assert_eq!(sizes, [500, 500, 201]);
+        let big: Vec<BusRecord> = (0..12)
+            .map(|_| BusRecord {
+                partition_key: "k".into(),
+                data: vec![0; 1_000_000],
+            })
+            .collect();
+        let sizes: Vec<usize> = KinesisBus::chunks(&big, &(0..big.len()).collect::<Vec<_>>())
+            .iter()
+            .map(Vec::len)
+            .collect();
+        assert_eq!(sizes, [5, 5, 2]);
+    }
+}

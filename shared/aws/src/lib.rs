@@ -1,0 +1,20 @@
+//! GeoStream's AWS adapters: the ports of `geostream-shared` over the AWS SDK.
+//!
+//! - [`kinesis::KinesisBus`]: `EventBus` over PutRecords, partial failures retried item by item.
+//! - [`dynamodb::DynamoPositions`]: `PositionStore` with conditional upsert-if-newer and a
+//!   sharded geohash index (GSI).
+//! - [`dynamodb::DynamoAlerts`]: `AlertStore` with versioned rule state and alert records
+//!   committed in one transaction.
+//! - [`timestream::TimestreamArchive`]: `Archive` over WriteRecords (multi-measure, batches of
+//!   100, rejected records reported per reading) and track reads over Timestream queries.
+//! - [`sqs::SqsDeadLetters`]: `DeadLetterSink` over SendMessageBatch.
+//!
+//! Every client carries a [`counting::CallCounter`] so tests and benches can count API calls.
+
+pub mod config;
+pub mod counting;
+pub mod dynamodb;
+pub mod kinesis;
+pub mod retry;
+pub mod sqs;
+pub mod timestream;
