@@ -1,0 +1,232 @@
+//! Resource names from the environment, and creation of the resources for emulators and
+//! tests (on AWS, Terraform creates them).
+
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType, Projection,
+    ProjectionType, ScalarAttributeType,
+};
+use aws_sdk_kinesis::types::{StreamMode, StreamModeDetails};
+
+use crate::config::{required_env, Clients, MissingEnv};
+use crate::dynamodb::{ALERTS_BY_DEVICE_INDEX, ALERTS_BY_STATE_INDEX, GEO_INDEX};
+
+/// The names of every resource GeoStream uses.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResourceNames {
+    pub telemetry_stream: String,
+    pub alerts_stream: String,
+    pub positions_table: String,
+    pub alert_state_table: String,
+    pub alerts_table: String,
+    pub timestream_database: String,
+    pub timestream_table: String,
+    pub dead_letter_queue: String,
+}
+
+impl ResourceNames {
+    /// Names with a common prefix, e.g. `geostream-dev` (tests use a fresh prefix each run).
+    pub fn with_prefix(prefix: &str) -> ResourceNames {
+        ResourceNames {
+            telemetry_stream: format!("{prefix}-telemetry"),
+            alerts_stream: format!("{prefix}-alerts"),
+            positions_table: format!("{prefix}-positions"),
+            alert_state_table: format!("{prefix}-alert-state"),
+            alerts_table: format!("{prefix}-alerts"),
+            timestream_database: format!("{prefix}-archive"),
+            timestream_table: "readings".to_string(),
+            dead_letter_queue: format!("{prefix}-dead-letters"),
+        }
+    }
+
+    /// Names from the environment variables the functions read (set by Terraform).
+    pub fn from_env() -> Result<ResourceNames, MissingEnv> {
+        Ok(ResourceNames {
+            telemetry_stream: required_env(
+                "TELEMETRY_STREAM",
+                "the Kinesis stream of telemetry records",
+            )?,
+            alerts_stream: required_env(
+                "ALERTS_STREAM",
+                "the Kinesis stream alert transitions are published to",
+            )?,
+            positions_table: required_env(
+                "POSITIONS_TABLE",
+                "the DynamoDB table of latest positions",
+            )?,
+            alert_state_table: required_env(
+                "ALERT_STATE_TABLE",
+                "the DynamoDB table of per-device rule state",
+            )?,
+            alerts_table: required_env("ALERTS_TABLE", "the DynamoDB table of alerts")?,
+            timestream_database: required_env(
+                "TIMESTREAM_DATABASE",
+                "the Timestream database of the archive",
+            )?,
+            timestream_table: required_env(
+                "TIMESTREAM_TABLE",
+                "the Timestream table of the archive",
+            )?,
+            dead_letter_queue: required_env(
+                "DEAD_LETTER_QUEUE_URL",
+                "the SQS queue URL for dead letters",
+            )?,
+        })
+    }
+}
+
+fn key(name: &str, key_type: KeyType) -> Result<KeySchemaElement, String> {
+    KeySchemaElement::builder()
+        .attribute_name(name)
+        .key_type(key_type)
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+fn attribute(name: &str, kind: ScalarAttributeType) -> Result<AttributeDefinition, String> {
+    AttributeDefinition::builder()
+        .attribute_name(name)
+        .attribute_type(kind)
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+fn index(name: &str, hash: &str, range: &str) -> Result<GlobalSecondaryIndex, String> {
+    GlobalSecondaryIndex::builder()
+        .index_name(name)
+        .key_schema(key(hash, KeyType::Hash)?)
+        .key_schema(key(range, KeyType::Range)?)
+        .projection(
+            Projection::builder()
+                .projection_type(ProjectionType::All)
+                .build(),
+        )
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+/// Creates the streams, tables, Timestream database and table, and the queue; returns the
+/// queue URL. For emulators and tests.
+pub async fn create_resources(
+    clients: &Clients,
+    names: &ResourceNames,
+    shards: i32,
+) -> Result<String, String> {
+    let context = |what: &str, e: &dyn std::fmt::Display| format!("creating {what}: {e}");
+    for stream in [&names.telemetry_stream, &names.alerts_stream] {
+        clients
+            .kinesis
+            .create_stream()
+            .stream_name(stream)
+            .shard_count(shards)
+            .stream_mode_details(
+                StreamModeDetails::builder()
+                    .stream_mode(StreamMode::Provisioned)
+                    .build()
+                    .map_err(|e| e.to_string())?,
+            )
+            .send()
+            .await
+            .map_err(|e| context(stream, &aws_sdk_kinesis::error::DisplayErrorContext(&e)))?;
+    }
+    use ScalarAttributeType::{N, S};
+    let tables = [
+        (
+            &names.positions_table,
+            "device_id",
+            vec![
+                attribute("device_id", S)?,
+                attribute("geo_pk", S)?,
+                attribute("geohash", S)?,
+            ],
+            vec![index(GEO_INDEX, "geo_pk", "geohash")?],
+        ),
+        (
+            &names.alert_state_table,
+            "device_id",
+            vec![attribute("device_id", S)?],
+            vec![],
+        ),
+        (
+            &names.alerts_table,
+            "alert_id",
+            vec![
+                attribute("alert_id", S)?,
+                attribute("state", S)?,
+                attribute("device_id", S)?,
+                attribute("started_at", N)?,
+            ],
+            vec![
+                index(ALERTS_BY_STATE_INDEX, "state", "started_at")?,
+                index(ALERTS_BY_DEVICE_INDEX, "device_id", "started_at")?,
+            ],
+        ),
+    ];
+    for (table, hash_key, attributes, indexes) in tables {
+        clients
+            .dynamodb
+            .create_table()
+            .table_name(table)
+            .billing_mode(BillingMode::PayPerRequest)
+            .key_schema(key(hash_key, KeyType::Hash)?)
+            .set_attribute_definitions(Some(attributes))
+            .set_global_secondary_indexes((!indexes.is_empty()).then_some(indexes))
+            .send()
+            .await
+            .map_err(|e| context(table, &aws_sdk_dynamodb::error::DisplayErrorContext(&e)))?;
+    }
+    clients
+        .timestream_write
+        .create_database()
+        .database_name(&names.timestream_database)
+        .send()
+        .await
+        .map_err(|e| {
+            context(
+                &names.timestream_database,
+                &aws_sdk_timestreamwrite::error::DisplayErrorContext(&e),
+            )
+        })?;
+    clients
+        .timestream_write
+        .create_table()
+        .database_name(&names.timestream_database)
+        .table_name(&names.timestream_table)
+        .send()
+        .await
+        .map_err(|e| {
+            context(
+                &names.timestream_table,
+                &aws_sdk_timestreamwrite::error::DisplayErrorContext(&e),
+            )
+        })?;
+    let queue = clients
+        .sqs
+        .create_queue()
+        .queue_name(&names.dead_letter_queue)
+        .send()
+        .await
+        .map_err(|e| {
+            context(
+                &names.dead_letter_queue,
+                &aws_sdk_sqs::error::DisplayErrorContext(&e),
+            )
+        })?;
+    queue
+        .queue_url()
+        .map(str::to_string)
+        .ok_or_else(|| "CreateQueue answered without a queue URL".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_variable_is_named() {
+        let error = required_env("GEOSTREAM_SURELY_UNSET_VARIABLE", "the thing").unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "environment variable GEOSTREAM_SURELY_UNSET_VARIABLE is not set: the thing"
+        );
+    }
+}
