@@ -8,11 +8,19 @@ use aws_config::SdkConfig;
 
 use crate::counting::CallCounter;
 
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Clone, PartialEq, thiserror::Error)]
 #[error("environment variable {name} is not set: {purpose}")]
 pub struct MissingEnv {
     pub name: &'static str,
     pub purpose: &'static str,
+}
+
+/// The sentence, not the struct: a Lambda `main` that returns this error prints it with
+/// `Debug`, and the init error in CloudWatch should read as the sentence.
+impl std::fmt::Debug for MissingEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 /// Reads a required environment variable.

@@ -15,6 +15,7 @@ pub mod config;
 pub mod counting;
 pub mod dynamodb;
 pub mod kinesis;
+pub mod lambda;
 pub mod provision;
 pub mod retry;
 pub mod sqs;

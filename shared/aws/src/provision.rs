@@ -7,7 +7,7 @@ use aws_sdk_dynamodb::types::{
 };
 use aws_sdk_kinesis::types::{StreamMode, StreamModeDetails};
 
-use crate::config::{required_env, Clients, MissingEnv};
+use crate::config::Clients;
 use crate::dynamodb::{ALERTS_BY_DEVICE_INDEX, ALERTS_BY_STATE_INDEX, GEO_INDEX};
 
 /// The names of every resource GeoStream uses.
@@ -36,41 +36,6 @@ impl ResourceNames {
             timestream_table: "readings".to_string(),
             dead_letter_queue: format!("{prefix}-dead-letters"),
         }
-    }
-
-    /// Names from the environment variables the functions read (set by Terraform).
-    pub fn from_env() -> Result<ResourceNames, MissingEnv> {
-        Ok(ResourceNames {
-            telemetry_stream: required_env(
-                "TELEMETRY_STREAM",
-                "the Kinesis stream of telemetry records",
-            )?,
-            alerts_stream: required_env(
-                "ALERTS_STREAM",
-                "the Kinesis stream alert transitions are published to",
-            )?,
-            positions_table: required_env(
-                "POSITIONS_TABLE",
-                "the DynamoDB table of latest positions",
-            )?,
-            alert_state_table: required_env(
-                "ALERT_STATE_TABLE",
-                "the DynamoDB table of per-device rule state",
-            )?,
-            alerts_table: required_env("ALERTS_TABLE", "the DynamoDB table of alerts")?,
-            timestream_database: required_env(
-                "TIMESTREAM_DATABASE",
-                "the Timestream database of the archive",
-            )?,
-            timestream_table: required_env(
-                "TIMESTREAM_TABLE",
-                "the Timestream table of the archive",
-            )?,
-            dead_letter_queue: required_env(
-                "DEAD_LETTER_QUEUE_URL",
-                "the SQS queue URL for dead letters",
-            )?,
-        })
     }
 }
 
@@ -219,7 +184,7 @@ pub async fn create_resources(
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::config::required_env;
 
     #[test]
     fn a_missing_variable_is_named() {
