@@ -1,25 +1,27 @@
-//! The event-source-mapping loop: what Lambda does between a Kinesis stream and a function.
+//! The event-source-mapping loop: what Lambda does between a stream and a function.
 //!
 //! One loop per (function, shard), one batch in flight per shard (so per-device order holds):
 //! wait for records, gather up to `batch_size` of them within the batching window, hand the
 //! function a real `KinesisEvent`, and read its `batchItemFailures`. Records before the lowest
 //! failed one are checkpointed; the rest are retried (Lambda's ReportBatchItemFailures
 //! behaviour) with backoff, at most `max_retries` times, after which the failed records go to
-//! the dead-letter sink with the reason and the loop moves on.
+//! the dead-letter sink with the reason and the loop moves on. Checkpoints are kept per shard
+//! for the life of the process.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_lambda_events::event::kinesis::{KinesisEvent, KinesisEventRecord, KinesisRecord};
 use aws_lambda_events::event::streams::KinesisEventResponse;
 use chrono::TimeZone;
-use geostream_shared::memory::{format_sequence, parse_sequence, MemoryStream, StoredRecord};
 use geostream_shared::now_millis;
 use geostream_shared::ports::{DeadLetter, DeadLetterSink};
 use serde::Serialize;
 use tokio::sync::watch;
+
+use crate::source::{compare_sequences, ShardSource, SourceRecord};
 
 /// A stream function as Lambda sees it: a `KinesisEvent` in, partial batch failures out, or an
 /// error for the whole invocation.
@@ -58,8 +60,9 @@ pub struct MappingStats {
     pub failed_invocations: AtomicU64,
     pub retried_records: AtomicU64,
     pub dead_lettered: AtomicU64,
-    /// Per shard: the next sequence number the loop will read.
-    pub checkpoints: Vec<AtomicU64>,
+    pub read_errors: AtomicU64,
+    /// Per shard: the sequence number of the last record done with.
+    pub checkpoints: Mutex<Vec<Option<String>>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -70,24 +73,29 @@ pub struct MappingSnapshot {
     pub failed_invocations: u64,
     pub retried_records: u64,
     pub dead_lettered: u64,
-    /// Records on the stream not yet processed, all shards together.
-    pub lag: u64,
+    pub read_errors: u64,
+    /// Records on the stream not yet processed, all shards together, when the source can tell.
+    pub lag: Option<u64>,
 }
 
 impl MappingStats {
     fn new(shards: usize) -> Self {
         MappingStats {
-            checkpoints: (0..shards).map(|_| AtomicU64::new(1)).collect(),
+            checkpoints: Mutex::new(vec![None; shards]),
             ..Default::default()
         }
     }
 
-    pub fn snapshot(&self, function: &str, stream: &MemoryStream) -> MappingSnapshot {
-        let lag = stream
-            .tips()
+    pub fn snapshot(&self, function: &str, source: &dyn ShardSource) -> MappingSnapshot {
+        let checkpoints = self
+            .checkpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let lag = checkpoints
             .iter()
-            .zip(&self.checkpoints)
-            .map(|(tip, next)| (tip + 1).saturating_sub(next.load(Ordering::Relaxed)))
+            .enumerate()
+            .map(|(shard, checkpoint)| source.backlog(shard, checkpoint.as_deref()))
             .sum();
         MappingSnapshot {
             function: function.to_string(),
@@ -96,26 +104,28 @@ impl MappingStats {
             failed_invocations: self.failed_invocations.load(Ordering::Relaxed),
             retried_records: self.retried_records.load(Ordering::Relaxed),
             dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
+            read_errors: self.read_errors.load(Ordering::Relaxed),
             lag,
         }
     }
 }
 
-/// Starts one loop per shard of `stream` for `function`; they stop when `shutdown` turns true,
+/// Starts one loop per shard of `source` for `function`; they stop when `shutdown` turns true,
 /// after the batch in flight.
 pub fn start_mapping(
     function: Arc<dyn KinesisFunction>,
-    stream: Arc<MemoryStream>,
+    source: Arc<dyn ShardSource>,
     config: MappingConfig,
     dead_letters: Arc<dyn DeadLetterSink>,
     shutdown: watch::Receiver<bool>,
 ) -> (Arc<MappingStats>, Vec<tokio::task::JoinHandle<()>>) {
-    let stats = Arc::new(MappingStats::new(stream.shard_count()));
-    let tasks = (0..stream.shard_count())
+    let shards = source.shard_ids().len();
+    let stats = Arc::new(MappingStats::new(shards));
+    let tasks = (0..shards)
         .map(|shard| {
             let shard_loop = ShardLoop {
                 function: function.clone(),
-                stream: stream.clone(),
+                source: source.clone(),
                 shard,
                 config: config.clone(),
                 dead_letters: dead_letters.clone(),
@@ -127,9 +137,12 @@ pub fn start_mapping(
     (stats, tasks)
 }
 
+/// How long one read waits for records before the loop looks at the shutdown flag again.
+const READ_WAIT: Duration = Duration::from_millis(500);
+
 struct ShardLoop {
     function: Arc<dyn KinesisFunction>,
-    stream: Arc<MemoryStream>,
+    source: Arc<dyn ShardSource>,
     shard: usize,
     config: MappingConfig,
     dead_letters: Arc<dyn DeadLetterSink>,
@@ -138,58 +151,54 @@ struct ShardLoop {
 
 impl ShardLoop {
     async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let Some(mut tip) = self.stream.subscribe(self.shard) else {
-            return;
-        };
-        let mut next: u64 = 1;
-        loop {
-            if *shutdown.borrow() {
-                return;
-            }
-            let available = tip
-                .borrow_and_update()
-                .saturating_add(1)
-                .saturating_sub(next);
-            if available == 0 {
-                tokio::select! {
-                    changed = tip.changed() => if changed.is_err() { return },
-                    _ = shutdown.changed() => {}
-                }
-                continue;
-            }
-            if (available as usize) < self.config.batch_size
-                && !self.config.batching_window.is_zero()
-            {
-                // Batching window: wait for a full batch or the window, whichever comes first.
-                let window = tokio::time::sleep(self.config.batching_window);
-                tokio::pin!(window);
-                loop {
-                    tokio::select! {
-                        _ = &mut window => break,
-                        changed = tip.changed() => {
-                            if changed.is_err() || (*tip.borrow()).saturating_add(1).saturating_sub(next) as usize >= self.config.batch_size {
-                                break;
-                            }
-                        }
-                    }
-                }
-            }
-            let read = self.stream.read(self.shard, next, self.config.batch_size);
-            if read.expired > 0 {
-                self.report_expired(next, read.expired).await;
-                next += read.expired;
-            }
-            let Some(last) = read.records.last().map(|r| r.sequence) else {
-                continue;
+        let mut checkpoint: Option<String> = None;
+        while !*shutdown.borrow() {
+            let read = tokio::select! {
+                read = self.source.read(self.shard, checkpoint.as_deref(), self.config.batch_size, READ_WAIT) => read,
+                _ = shutdown.changed() => continue,
             };
+            let mut read = match read {
+                Ok(read) => read,
+                Err(error) => {
+                    self.stats.read_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(function = self.function.name(), shard = self.shard, %error, "reading the stream failed; retrying");
+                    tokio::time::sleep(self.config.retry_backoff).await;
+                    continue;
+                }
+            };
+            if read.expired > 0 {
+                self.report_expired(read.expired).await;
+            }
+            if read.records.is_empty() {
+                continue;
+            }
+            if read.records.len() < self.config.batch_size && !self.config.batching_window.is_zero()
+            {
+                // Batching window: gather more records until the batch is full or the window ends.
+                tokio::time::sleep(self.config.batching_window).await;
+                let last = read.records.last().map(|r| r.sequence.clone());
+                let wanted = self.config.batch_size - read.records.len();
+                if let Ok(more) = self
+                    .source
+                    .read(self.shard, last.as_deref(), wanted, Duration::ZERO)
+                    .await
+                {
+                    read.records.extend(more.records);
+                }
+            }
+            let last = read.records.last().map(|r| r.sequence.clone());
             self.deliver(read.records).await;
-            next = last + 1;
-            self.stats.checkpoints[self.shard].store(next, Ordering::Relaxed);
+            checkpoint = last;
+            self.stats
+                .checkpoints
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())[self.shard]
+                .clone_from(&checkpoint);
         }
     }
 
     /// Invokes the function until every record succeeded or retries ran out.
-    async fn deliver(&self, mut records: Vec<StoredRecord>) {
+    async fn deliver(&self, mut records: Vec<SourceRecord>) {
         let mut attempt: u32 = 0;
         let mut backoff = self.config.retry_backoff;
         loop {
@@ -199,27 +208,33 @@ impl ShardLoop {
                 .records
                 .fetch_add(records.len() as u64, Ordering::Relaxed);
             let event = self.kinesis_event(&records);
-            let (failed, reason): (Vec<u64>, String) = match self.function.invoke(event).await {
+            let every_record = || {
+                records
+                    .iter()
+                    .map(|r| r.sequence.clone())
+                    .collect::<Vec<_>>()
+            };
+            let (failed, reason): (Vec<String>, String) = match self.function.invoke(event).await {
                 Ok(response) => {
-                    let mut failed = Vec::new();
-                    let mut unreadable = false;
-                    for failure in &response.batch_item_failures {
-                        match failure.item_identifier.as_deref().and_then(parse_sequence) {
-                            Some(sequence) => failed.push(sequence),
-                            None => unreadable = true,
-                        }
-                    }
-                    if unreadable {
-                        // Lambda treats an unusable itemIdentifier as a failure of the whole batch.
-                        (
-                            records.iter().map(|r| r.sequence).collect(),
-                            "batch item failure without a valid itemIdentifier".into(),
-                        )
-                    } else {
-                        (
-                            failed,
+                    let ids: Option<Vec<String>> = response
+                        .batch_item_failures
+                        .iter()
+                        .map(|f| {
+                            f.item_identifier
+                                .clone()
+                                .filter(|id| records.iter().any(|r| &r.sequence == id))
+                        })
+                        .collect();
+                    match ids {
+                        Some(ids) => (
+                            ids,
                             format!("{} reported the record as failed", self.function.name()),
-                        )
+                        ),
+                        // Lambda treats an unusable itemIdentifier as a failure of the whole batch.
+                        None => (
+                            every_record(),
+                            "batch item failure without a valid itemIdentifier".into(),
+                        ),
                     }
                 }
                 Err(error) => {
@@ -227,12 +242,16 @@ impl ShardLoop {
                         .failed_invocations
                         .fetch_add(1, Ordering::Relaxed);
                     (
-                        records.iter().map(|r| r.sequence).collect(),
+                        every_record(),
                         format!("{} failed: {error}", self.function.name()),
                     )
                 }
             };
-            let Some(&lowest) = failed.iter().min() else {
+            let Some(lowest) = failed
+                .iter()
+                .min_by(|a, b| compare_sequences(a, b))
+                .cloned()
+            else {
                 return;
             };
             if attempt > self.config.max_retries {
@@ -241,7 +260,7 @@ impl ShardLoop {
                     .filter(|r| failed.contains(&r.sequence))
                     .map(|r| DeadLetter {
                         function: self.function.name().to_string(),
-                        record_id: format_sequence(r.sequence),
+                        record_id: r.sequence.clone(),
                         partition_key: r.partition_key.clone(),
                         data: String::from_utf8_lossy(&r.data).into_owned(),
                         reason: format!("{reason} on all {attempt} attempts"),
@@ -259,7 +278,7 @@ impl ShardLoop {
                 return;
             }
             // Checkpoint before the lowest failure; retry from there.
-            records.retain(|r| r.sequence >= lowest);
+            records.retain(|r| compare_sequences(&r.sequence, &lowest).is_ge());
             self.stats
                 .retried_records
                 .fetch_add(records.len() as u64, Ordering::Relaxed);
@@ -269,19 +288,15 @@ impl ShardLoop {
         }
     }
 
-    async fn report_expired(&self, from: u64, count: u64) {
+    async fn report_expired(&self, count: u64) {
+        let shard_id = &self.source.shard_ids()[self.shard];
         let letter = DeadLetter {
             function: self.function.name().to_string(),
-            record_id: format!(
-                "{}..{}",
-                format_sequence(from),
-                format_sequence(from + count - 1)
-            ),
+            record_id: String::new(),
             partition_key: String::new(),
             data: String::new(),
             reason: format!(
-                "{count} records of {} expired from the stream's retention before {} read them",
-                MemoryStream::shard_id(self.shard),
+                "{count} records of {shard_id} expired from the stream's retention before {} read them",
                 self.function.name()
             ),
             attempts: 0,
@@ -299,29 +314,28 @@ impl ShardLoop {
         }
     }
 
-    fn kinesis_event(&self, records: &[StoredRecord]) -> KinesisEvent {
-        let shard_id = MemoryStream::shard_id(self.shard);
+    fn kinesis_event(&self, records: &[SourceRecord]) -> KinesisEvent {
+        let shard_id = &self.source.shard_ids()[self.shard];
         let stream_arn = format!(
             "arn:aws:kinesis:local:000000000000:stream/{}",
-            self.stream.name()
+            self.source.stream_name()
         );
         let mut event = KinesisEvent::default();
         event.records = records
             .iter()
-            .map(|stored| {
-                let sequence = format_sequence(stored.sequence);
+            .map(|source| {
                 let mut kinesis = KinesisRecord::default();
                 kinesis.approximate_arrival_timestamp.0 = chrono::Utc
-                    .timestamp_millis_opt(stored.arrival)
+                    .timestamp_millis_opt(source.arrival)
                     .single()
                     .unwrap_or_default();
-                kinesis.data.0 = stored.data.clone();
-                kinesis.partition_key = stored.partition_key.clone();
-                kinesis.sequence_number = sequence.clone();
+                kinesis.data.0 = source.data.clone();
+                kinesis.partition_key = source.partition_key.clone();
+                kinesis.sequence_number = source.sequence.clone();
                 kinesis.kinesis_schema_version = Some("1.0".into());
                 let mut record = KinesisEventRecord::default();
                 record.aws_region = Some("local".into());
-                record.event_id = Some(format!("{shard_id}:{sequence}"));
+                record.event_id = Some(format!("{shard_id}:{}", source.sequence));
                 record.event_name = Some("aws:kinesis:record".into());
                 record.event_source = Some("aws:kinesis".into());
                 record.event_source_arn = Some(stream_arn.clone());
@@ -341,14 +355,13 @@ impl ShardLoop {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use geostream_shared::memory::MemoryDeadLetters;
+    use crate::source::MemorySource;
+    use geostream_shared::memory::{MemoryDeadLetters, MemoryStream};
     use geostream_shared::ports::{BusRecord, EventBus};
-    use std::sync::Mutex;
 
     /// Fails the record with this payload on its first `fail_times` deliveries.
     struct Flaky {
         poison: Vec<u8>,
-        fail_times: u32,
         seen: Mutex<Vec<Vec<u8>>>,
         failures_left: Mutex<u32>,
     }
@@ -384,9 +397,9 @@ mod tests {
             })
             .collect();
         stream.publish(records).await;
+        let source: Arc<dyn ShardSource> = Arc::new(MemorySource::new(stream));
         let function = Arc::new(Flaky {
             poison: vec![2],
-            fail_times,
             seen: Mutex::new(Vec::new()),
             failures_left: Mutex::new(fail_times),
         });
@@ -400,13 +413,13 @@ mod tests {
         };
         let (stats, tasks) = start_mapping(
             function.clone(),
-            stream.clone(),
+            source.clone(),
             config,
             dead.clone(),
             stop_rx,
         );
         for _ in 0..200 {
-            if stats.snapshot("flaky", &stream).lag == 0 {
+            if stats.snapshot("flaky", source.as_ref()).lag == Some(0) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -415,7 +428,6 @@ mod tests {
         for task in tasks {
             task.await.unwrap();
         }
-        assert_eq!(function.fail_times, fail_times);
         (function, dead)
     }
 

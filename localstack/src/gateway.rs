@@ -47,19 +47,32 @@ async fn stats(State(stack): State<Arc<Stack>>) -> Json<crate::StackStats> {
 }
 
 async fn dead_letters(State(stack): State<Arc<Stack>>) -> impl IntoResponse {
-    let (letters, total) = stack.dead_letters.snapshot();
-    Json(serde_json::json!({ "total": total, "kept": letters.len(), "dead_letters": letters }))
+    match &stack.memory {
+        Some(memory) => {
+            let (letters, total) = memory.dead_letters.snapshot();
+            Json(
+                serde_json::json!({ "total": total, "kept": letters.len(), "dead_letters": letters }),
+            )
+        }
+        None => Json(
+            serde_json::json!({ "note": "on the AWS backend dead letters go to the SQS dead-letter queue" }),
+        ),
+    }
 }
 
-/// Every vehicle's position as `[device_id, lat, lon]`, compact for the status page's map.
+/// Every vehicle's position as `[device_id, lat, lon]`, compact for the status page's map
+/// (embedded backend only).
 async fn positions(State(stack): State<Arc<Stack>>) -> impl IntoResponse {
-    let all: Vec<(String, f64, f64)> = stack
-        .positions
-        .store()
-        .all()
-        .into_iter()
-        .map(|p| (p.device_id, p.lat, p.lon))
-        .collect();
+    let all: Vec<(String, f64, f64)> = match &stack.memory {
+        Some(memory) => memory
+            .positions
+            .all()
+            .into_iter()
+            .map(|p| (p.device_id, p.lat, p.lon))
+            .collect(),
+        // A table scan of DynamoDB on every refresh would cost more than the page is worth.
+        None => Vec::new(),
+    };
     Json(all)
 }
 

@@ -2,14 +2,18 @@
 //!
 //! The gateway turns each HTTP request into a real API Gateway v2 event for the ingest and
 //! query-api handlers; event-source-mapping loops hand real `KinesisEvent` batches from the
-//! in-memory telemetry stream to geo-update, archiver and anomaly-inspector; stores, buses and
-//! dead letters are the in-memory adapters of `geostream-shared`. A small status page lives at
-//! `/`, counters at `/local/stats`, dead letters at `/local/dead-letters`.
+//! telemetry stream to geo-update, archiver and anomaly-inspector. On the embedded backend the
+//! stream, stores and dead letters are the in-memory adapters of `geostream-shared`; on the AWS
+//! backend they are Kinesis, DynamoDB, Timestream and SQS through the AWS SDK (real AWS, or an
+//! emulator). A small status page lives at `/`, counters at `/local/stats`, dead letters at
+//! `/local/dead-letters`.
 
 pub mod esm;
 pub mod functions;
 pub mod gateway;
+pub mod source;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,6 +21,13 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use geostream_anomaly_inspector::AnomalyInspector;
 use geostream_archiver::Archiver;
+use geostream_aws::config::{sdk_config, Clients};
+use geostream_aws::counting::CallCounter;
+use geostream_aws::dynamodb::{DynamoAlerts, DynamoPositions};
+use geostream_aws::kinesis::KinesisBus;
+use geostream_aws::provision::{create_resources, ResourceNames};
+use geostream_aws::sqs::SqsDeadLetters;
+use geostream_aws::timestream::TimestreamArchive;
 use geostream_geo_update::GeoUpdate;
 use geostream_ingest::Ingest;
 use geostream_query_api::QueryApi;
@@ -25,18 +36,38 @@ use geostream_shared::memory::{
 };
 use geostream_shared::model::Position;
 use geostream_shared::now_millis;
-use geostream_shared::ports::{PositionStore, StoreError, UpsertOutcome};
+use geostream_shared::ports::{
+    AlertStore, Archive, DeadLetterSink, EventBus, PositionStore, StoreError, UpsertOutcome,
+};
 use geostream_shared::rules::RuleSet;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::sync::watch;
 
 use esm::{start_mapping, MappingConfig, MappingSnapshot, MappingStats};
+use source::{KinesisSource, MemorySource, ShardSource};
 
-/// Everything the embedded stack can be tuned with.
+/// Where the bus and the stores live.
+// Built once at start-up: the size difference of the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// In this process: nothing else needed.
+    Embedded,
+    /// Through the AWS SDK: real AWS, or an emulator at `endpoint_url`.
+    Aws {
+        endpoint_url: Option<String>,
+        names: ResourceNames,
+        /// Create the streams, tables and queue first (for a fresh emulator).
+        create_resources: bool,
+    },
+}
+
+/// Everything the local stack can be tuned with.
 #[derive(Debug, Clone)]
 pub struct LocalConfig {
     pub listen: SocketAddr,
+    pub backend: Backend,
     pub shards: usize,
     pub retention_per_shard: usize,
     pub archive_per_device: usize,
@@ -49,6 +80,7 @@ impl Default for LocalConfig {
     fn default() -> Self {
         LocalConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            backend: Backend::Embedded,
             shards: 4,
             retention_per_shard: 250_000,
             archive_per_device: 2_000,
@@ -62,22 +94,18 @@ impl Default for LocalConfig {
 /// The position store, measuring for each applied position how long ago the gateway received
 /// the request that carried it: the POST-to-position latency.
 pub struct MeasuredPositions {
-    inner: Arc<MemoryPositionStore>,
+    inner: Arc<dyn PositionStore>,
     latency_ms: Mutex<Histogram<u64>>,
 }
 
 impl MeasuredPositions {
-    fn new(inner: Arc<MemoryPositionStore>) -> Self {
+    fn new(inner: Arc<dyn PositionStore>) -> Self {
         MeasuredPositions {
             inner,
             latency_ms: Mutex::new(
                 Histogram::new_with_bounds(1, 3_600_000, 3).expect("valid histogram bounds"),
             ),
         }
-    }
-
-    pub fn store(&self) -> &MemoryPositionStore {
-        &self.inner
     }
 
     pub fn latency(&self) -> LatencySnapshot {
@@ -124,55 +152,70 @@ impl PositionStore for MeasuredPositions {
     }
 }
 
-/// The handlers and in-memory adapters of one embedded stack.
+/// The in-memory parts of the embedded backend, for counters and the status page.
+pub struct MemoryParts {
+    pub telemetry: Arc<MemoryStream>,
+    pub alert_stream: Arc<MemoryStream>,
+    pub positions: Arc<MemoryPositionStore>,
+    pub archive: Arc<MemoryArchive>,
+    pub alerts: Arc<MemoryAlertStore>,
+    pub dead_letters: Arc<MemoryDeadLetters>,
+}
+
+/// The handlers of one local stack and what they run on.
 pub struct Stack {
     pub ingest: Ingest,
     pub query_api: QueryApi,
     pub positions: Arc<MeasuredPositions>,
-    pub archive: Arc<MemoryArchive>,
-    pub alerts: Arc<MemoryAlertStore>,
-    pub telemetry: Arc<MemoryStream>,
-    pub alert_stream: Arc<MemoryStream>,
-    pub dead_letters: Arc<MemoryDeadLetters>,
+    pub telemetry_source: Arc<dyn ShardSource>,
     pub mappings: Vec<(String, Arc<MappingStats>)>,
+    /// Set on the embedded backend.
+    pub memory: Option<MemoryParts>,
+    /// Set on the AWS backend: API calls made so far, per operation.
+    pub aws_calls: Option<CallCounter>,
     pub started: Instant,
 }
 
 #[derive(Debug, Serialize)]
 pub struct StackStats {
     pub uptime_s: f64,
-    pub telemetry_records: u64,
-    pub alert_transitions: u64,
-    pub positions: usize,
-    pub archived_readings: usize,
-    pub dead_letters: u64,
+    pub backend: &'static str,
+    pub telemetry_records: Option<u64>,
+    pub alert_transitions: Option<u64>,
+    pub positions: Option<usize>,
+    pub archived_readings: Option<usize>,
+    pub dead_letters: Option<u64>,
     pub mappings: Vec<MappingSnapshot>,
     pub post_to_position: LatencySnapshot,
+    pub aws_calls: Option<BTreeMap<String, u64>>,
 }
 
 impl Stack {
     pub fn stats(&self) -> StackStats {
+        let memory = self.memory.as_ref();
         StackStats {
             uptime_s: self.started.elapsed().as_secs_f64(),
-            telemetry_records: self.telemetry.tips().iter().sum(),
-            alert_transitions: self.alert_stream.tips().iter().sum(),
-            positions: self.positions.store().len(),
-            archived_readings: self.archive.len(),
-            dead_letters: self.dead_letters.snapshot().1,
+            backend: if memory.is_some() { "embedded" } else { "aws" },
+            telemetry_records: memory.map(|m| m.telemetry.tips().iter().sum()),
+            alert_transitions: memory.map(|m| m.alert_stream.tips().iter().sum()),
+            positions: memory.map(|m| m.positions.len()),
+            archived_readings: memory.map(|m| m.archive.len()),
+            dead_letters: memory.map(|m| m.dead_letters.snapshot().1),
             mappings: self
                 .mappings
                 .iter()
-                .map(|(name, stats)| stats.snapshot(name, &self.telemetry))
+                .map(|(name, stats)| stats.snapshot(name, self.telemetry_source.as_ref()))
                 .collect(),
             post_to_position: self.positions.latency(),
+            aws_calls: self.aws_calls.as_ref().map(CallCounter::snapshot),
         }
     }
 
     /// True when every stream function has processed every record on the stream.
     pub fn drained(&self) -> bool {
-        self.mappings
-            .iter()
-            .all(|(name, stats)| stats.snapshot(name, &self.telemetry).lag == 0)
+        self.mappings.iter().all(|(name, stats)| {
+            stats.snapshot(name, self.telemetry_source.as_ref()).lag == Some(0)
+        })
     }
 }
 
@@ -206,38 +249,148 @@ impl RunningStack {
     }
 }
 
-/// Builds the embedded stack and starts serving on `config.listen` (port 0 picks a free port).
-pub async fn start(config: LocalConfig) -> std::io::Result<RunningStack> {
-    let telemetry = Arc::new(MemoryStream::new(
-        "geostream-telemetry",
-        config.shards,
-        config.retention_per_shard,
-    ));
-    let alert_stream = Arc::new(MemoryStream::new(
-        "geostream-alerts",
-        config.shards,
-        config.retention_per_shard,
-    ));
-    let positions = Arc::new(MeasuredPositions::new(Arc::new(MemoryPositionStore::new())));
-    let archive = Arc::new(MemoryArchive::new(config.archive_per_device));
-    let alerts = Arc::new(MemoryAlertStore::new());
-    let dead_letters = Arc::new(MemoryDeadLetters::new(config.dead_letter_capacity));
+/// The ports a stack runs on.
+struct Ports {
+    bus: Arc<dyn EventBus>,
+    alert_bus: Arc<dyn EventBus>,
+    positions: Arc<dyn PositionStore>,
+    archive: Arc<dyn Archive>,
+    alerts: Arc<dyn AlertStore>,
+    dead_letters: Arc<dyn DeadLetterSink>,
+    telemetry_source: Arc<dyn ShardSource>,
+    memory: Option<MemoryParts>,
+    aws_calls: Option<CallCounter>,
+}
+
+fn embedded_ports(config: &LocalConfig) -> Ports {
+    let memory = MemoryParts {
+        telemetry: Arc::new(MemoryStream::new(
+            "geostream-telemetry",
+            config.shards,
+            config.retention_per_shard,
+        )),
+        alert_stream: Arc::new(MemoryStream::new(
+            "geostream-alerts",
+            config.shards,
+            config.retention_per_shard,
+        )),
+        positions: Arc::new(MemoryPositionStore::new()),
+        archive: Arc::new(MemoryArchive::new(config.archive_per_device)),
+        alerts: Arc::new(MemoryAlertStore::new()),
+        dead_letters: Arc::new(MemoryDeadLetters::new(config.dead_letter_capacity)),
+    };
+    Ports {
+        bus: memory.telemetry.clone(),
+        alert_bus: memory.alert_stream.clone(),
+        positions: memory.positions.clone(),
+        archive: memory.archive.clone(),
+        alerts: memory.alerts.clone(),
+        dead_letters: memory.dead_letters.clone(),
+        telemetry_source: Arc::new(MemorySource::new(memory.telemetry.clone())),
+        memory: Some(memory),
+        aws_calls: None,
+    }
+}
+
+async fn aws_ports(
+    endpoint_url: Option<&str>,
+    names: &ResourceNames,
+    create: bool,
+    shards: usize,
+) -> Result<Ports, String> {
+    let sdk = sdk_config(endpoint_url).await;
+    let clients = Clients::new(&sdk);
+    let queue_url = if create {
+        create_resources(&clients, names, shards.clamp(1, 64) as i32).await?
+    } else {
+        let output = clients
+            .sqs
+            .get_queue_url()
+            .queue_name(&names.dead_letter_queue)
+            .send()
+            .await
+            .map_err(|e| {
+                format!(
+                    "GetQueueUrl {}: {}",
+                    names.dead_letter_queue,
+                    aws_sdk_sqs::error::DisplayErrorContext(&e)
+                )
+            })?;
+        output
+            .queue_url()
+            .map(str::to_string)
+            .ok_or("GetQueueUrl answered without a URL")?
+    };
+    Ok(Ports {
+        bus: Arc::new(KinesisBus::new(
+            clients.kinesis.clone(),
+            &names.telemetry_stream,
+        )),
+        alert_bus: Arc::new(KinesisBus::new(
+            clients.kinesis.clone(),
+            &names.alerts_stream,
+        )),
+        positions: Arc::new(DynamoPositions::new(
+            clients.dynamodb.clone(),
+            &names.positions_table,
+        )),
+        archive: Arc::new(TimestreamArchive::new(
+            clients.timestream_write.clone(),
+            clients.timestream_query.clone(),
+            clients.timestream_discovery,
+            &names.timestream_database,
+            &names.timestream_table,
+        )),
+        alerts: Arc::new(DynamoAlerts::new(
+            clients.dynamodb.clone(),
+            &names.alert_state_table,
+            &names.alerts_table,
+        )),
+        dead_letters: Arc::new(SqsDeadLetters::new(clients.sqs.clone(), queue_url)),
+        telemetry_source: Arc::new(
+            KinesisSource::new(clients.kinesis.clone(), &names.telemetry_stream).await?,
+        ),
+        memory: None,
+        aws_calls: Some(clients.calls.clone()),
+    })
+}
+
+/// Builds the stack on its backend and starts serving on `config.listen` (port 0 picks a free
+/// port).
+pub async fn start(config: LocalConfig) -> Result<RunningStack, String> {
+    let ports = match &config.backend {
+        Backend::Embedded => embedded_ports(&config),
+        Backend::Aws {
+            endpoint_url,
+            names,
+            create_resources,
+        } => {
+            aws_ports(
+                endpoint_url.as_deref(),
+                names,
+                *create_resources,
+                config.shards,
+            )
+            .await?
+        }
+    };
+    let positions = Arc::new(MeasuredPositions::new(ports.positions.clone()));
     let (shutdown, shutdown_rx) = watch::channel(false);
 
     let stream_functions: Vec<Arc<dyn esm::KinesisFunction>> = vec![
         Arc::new(functions::GeoUpdateFunction(GeoUpdate::new(
             positions.clone(),
-            dead_letters.clone(),
+            ports.dead_letters.clone(),
         ))),
         Arc::new(functions::ArchiverFunction(Archiver::new(
-            archive.clone(),
-            dead_letters.clone(),
+            ports.archive.clone(),
+            ports.dead_letters.clone(),
         ))),
         Arc::new(functions::AnomalyInspectorFunction(AnomalyInspector::new(
             Arc::new(config.rules.clone()),
-            alerts.clone(),
-            alert_stream.clone(),
-            dead_letters.clone(),
+            ports.alerts.clone(),
+            ports.alert_bus.clone(),
+            ports.dead_letters.clone(),
         ))),
     ];
     let mut tasks = Vec::new();
@@ -246,9 +399,9 @@ pub async fn start(config: LocalConfig) -> std::io::Result<RunningStack> {
         let name = function.name().to_string();
         let (stats, loops) = start_mapping(
             function,
-            telemetry.clone(),
+            ports.telemetry_source.clone(),
             config.mapping.clone(),
-            dead_letters.clone(),
+            ports.dead_letters.clone(),
             shutdown_rx.clone(),
         );
         mappings.push((name, stats));
@@ -256,19 +409,23 @@ pub async fn start(config: LocalConfig) -> std::io::Result<RunningStack> {
     }
 
     let stack = Arc::new(Stack {
-        ingest: Ingest::new(telemetry.clone()),
-        query_api: QueryApi::new(positions.clone(), archive.clone(), alerts.clone()),
+        ingest: Ingest::new(ports.bus.clone()),
+        query_api: QueryApi::new(
+            positions.clone(),
+            ports.archive.clone(),
+            ports.alerts.clone(),
+        ),
         positions,
-        archive,
-        alerts,
-        telemetry,
-        alert_stream,
-        dead_letters,
+        telemetry_source: ports.telemetry_source.clone(),
         mappings,
+        memory: ports.memory,
+        aws_calls: ports.aws_calls,
         started: Instant::now(),
     });
-    let listener = tokio::net::TcpListener::bind(config.listen).await?;
-    let addr = listener.local_addr()?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let router = gateway::router(stack.clone());
     let mut server_shutdown = shutdown_rx.clone();
     tasks.push(tokio::spawn(async move {

@@ -4,8 +4,9 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use geostream_aws::provision::ResourceNames;
 use geostream_local::esm::MappingConfig;
-use geostream_local::{start, LocalConfig};
+use geostream_local::{start, Backend, LocalConfig};
 use geostream_shared::rules::RuleSet;
 use geostream_sim::SimOptions;
 
@@ -22,6 +23,19 @@ struct Cli {
     /// Address to serve the API and status page on.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// Where the bus and stores live: in this process, or AWS services through the AWS SDK.
+    #[arg(long, value_enum, default_value_t = BackendKind::Embedded)]
+    backend: BackendKind,
+    /// With --backend aws: the AWS-API endpoint (an emulator such as moto or LocalStack);
+    /// without it, real AWS from the default credential chain.
+    #[arg(long, env = "AWS_ENDPOINT_URL")]
+    endpoint_url: Option<String>,
+    /// With --backend aws: the prefix of every resource name (`PREFIX-telemetry`, ...).
+    #[arg(long, default_value = "geostream")]
+    resource_prefix: String,
+    /// With --backend aws: create the streams, tables, Timestream database and queue first.
+    #[arg(long)]
+    create_resources: bool,
     /// Shards of the telemetry stream.
     #[arg(long, default_value_t = 4)]
     shards: usize,
@@ -51,6 +65,12 @@ struct Cli {
     simulate: bool,
     #[command(flatten)]
     sim: SimOptions,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BackendKind {
+    Embedded,
+    Aws,
 }
 
 #[tokio::main]
@@ -83,8 +103,17 @@ async fn main() -> ExitCode {
             }
         },
     };
+    let backend = match cli.backend {
+        BackendKind::Embedded => Backend::Embedded,
+        BackendKind::Aws => Backend::Aws {
+            endpoint_url: cli.endpoint_url.clone(),
+            names: ResourceNames::with_prefix(&cli.resource_prefix),
+            create_resources: cli.create_resources,
+        },
+    };
     let config = LocalConfig {
         listen: cli.listen,
+        backend,
         shards: cli.shards,
         retention_per_shard: cli.retention_per_shard,
         archive_per_device: cli.archive_per_device,
@@ -100,7 +129,7 @@ async fn main() -> ExitCode {
     let running = match start(config).await {
         Ok(running) => running,
         Err(error) => {
-            eprintln!("geostream-local: cannot serve on {}: {error}", cli.listen);
+            eprintln!("geostream-local: cannot start: {error}");
             return ExitCode::FAILURE;
         }
     };
@@ -137,6 +166,12 @@ async fn main() -> ExitCode {
                         if drained { "" } else { " (NOT drained)" },
                         report.accepted as f64 / elapsed
                     );
+                    if let Some(calls) = &stats.aws_calls {
+                        println!(
+                            "aws calls  {} in all: {calls:?}",
+                            calls.values().sum::<u64>()
+                        );
+                    }
                     println!(
                         "position   POST-to-position latency p50 {} ms   p90 {} ms   p99 {} ms   max {} ms ({} positions applied)",
                         stats.post_to_position.p50_ms, stats.post_to_position.p90_ms, stats.post_to_position.p99_ms, stats.post_to_position.max_ms, stats.post_to_position.samples

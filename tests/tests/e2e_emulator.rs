@@ -465,3 +465,79 @@ async fn aws_calls_per_thousand_events() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_runner_on_the_aws_backend_serves_the_pipeline_over_http() {
+    let Some(endpoint) = emulator() else { return };
+    let config = geostream_local::LocalConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        backend: geostream_local::Backend::Aws {
+            endpoint_url: Some(endpoint.clone()),
+            names: ResourceNames::with_prefix(&format!("gs-runner-{}", std::process::id())),
+            create_resources: true,
+        },
+        shards: 2,
+        ..Default::default()
+    };
+    let running = geostream_local::start(config)
+        .await
+        .expect("the runner starts on the emulator");
+    let base = format!("http://{}", running.addr);
+    let http = reqwest::Client::new();
+    let t0 = geostream_shared::now_millis() - 30_000;
+    let body = json!([
+        {"device_id": "runner-1", "ts": t0, "lat": 48.137, "lon": 11.575, "engine_temp_c": 101.5},
+        {"device_id": "runner-1", "ts": t0 + 1000, "lat": 48.138, "lon": 11.575, "engine_temp_c": 103.0},
+        {"device_id": "runner-2", "ts": t0, "lat": 48.139, "lon": 11.576, "humidity_pct": 40.0},
+    ]);
+    let response = http
+        .post(format!("{base}/v1/telemetry"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 202);
+
+    // The event-source-mapping loops poll Kinesis with GetRecords; wait for the results.
+    let mut alerts = Value::Null;
+    for _ in 0..100 {
+        alerts = http
+            .get(format!("{base}/v1/alerts?state=active"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let position = http
+            .get(format!("{base}/v1/vehicles/runner-2"))
+            .send()
+            .await
+            .unwrap();
+        if alerts["count"] == 1 && position.status().as_u16() == 200 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(alerts["count"], 1, "{alerts}");
+    assert_eq!(alerts["alerts"][0]["device_id"], "runner-1");
+    assert_eq!(alerts["alerts"][0]["count"], 2);
+    let near: Value = http
+        .get(format!(
+            "{base}/v1/vehicles/near?lat=48.138&lon=11.575&radius_m=500"
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(near["count"], 2, "{near}");
+    let stats = running.stack.stats();
+    assert_eq!(stats.backend, "aws");
+    let calls = stats.aws_calls.unwrap();
+    // One for the telemetry request, one for the alert raised.
+    assert_eq!(calls.get("PutRecords"), Some(&2), "{calls:?}");
+    assert!(calls.get("GetRecords").is_some_and(|n| *n > 0));
+    running.shutdown().await;
+}

@@ -39,6 +39,34 @@ impl ResourceNames {
     }
 }
 
+/// Waits until the streams are ACTIVE (seconds on AWS, at once on emulators), at most 120 s.
+async fn wait_for_streams(clients: &Clients, streams: &[&String]) -> Result<(), String> {
+    for stream in streams {
+        for _ in 0..240 {
+            let summary = clients
+                .kinesis
+                .describe_stream_summary()
+                .stream_name(stream.as_str())
+                .send()
+                .await
+                .map_err(|e| {
+                    format!(
+                        "describing {stream}: {}",
+                        aws_sdk_kinesis::error::DisplayErrorContext(&e)
+                    )
+                })?;
+            let status = summary
+                .stream_description_summary()
+                .map(|d| d.stream_status().clone());
+            if status == Some(aws_sdk_kinesis::types::StreamStatus::Active) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+    }
+    Ok(())
+}
+
 fn key(name: &str, key_type: KeyType) -> Result<KeySchemaElement, String> {
     KeySchemaElement::builder()
         .attribute_name(name)
@@ -93,6 +121,7 @@ pub async fn create_resources(
             .await
             .map_err(|e| context(stream, &aws_sdk_kinesis::error::DisplayErrorContext(&e)))?;
     }
+    wait_for_streams(clients, &[&names.telemetry_stream, &names.alerts_stream]).await?;
     use ScalarAttributeType::{N, S};
     let tables = [
         (
