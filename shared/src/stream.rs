@@ -8,6 +8,11 @@ use crate::envelope::Envelope;
 use crate::now_millis;
 use crate::ports::{DeadLetter, DeadLetterSink};
 
+/// How many devices of one batch a stream function works on at once. Devices are independent
+/// (each device's readings stay together and in order), and the stores' latency, not CPU,
+/// bounds a batch: one device at a time would make a 100-device batch cost 100 round trips.
+pub const DEVICE_CONCURRENCY: usize = 16;
+
 /// One record of a stream batch.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StreamRecord {

@@ -12,12 +12,13 @@ use std::sync::Arc;
 
 use aws_lambda_events::event::kinesis::KinesisEvent;
 use aws_lambda_events::event::streams::KinesisEventResponse;
+use futures::stream::{self, StreamExt};
 use geostream_shared::model::Reading;
 use geostream_shared::ports::{
     AlertStore, BusRecord, DeadLetterSink, ErrorKind, EventBus, StoreError,
 };
 use geostream_shared::rules::RuleSet;
-use geostream_shared::stream::{decode_batch, BatchOutcome, StreamBatch};
+use geostream_shared::stream::{decode_batch, BatchOutcome, StreamBatch, DEVICE_CONCURRENCY};
 
 pub const FUNCTION_NAME: &str = "anomaly-inspector";
 /// Commits that lose a version race are retried this many times before the records fail.
@@ -64,11 +65,17 @@ impl AnomalyInspector {
             entry.0.push(record_id);
             entry.1.extend(envelope.readings);
         }
-        for device in devices {
-            let Some((record_ids, readings)) = work.remove(&device) else {
-                continue;
-            };
-            if let Err(error) = self.inspect_device(&device, &readings).await {
+        let jobs = devices.into_iter().filter_map(|device| {
+            work.remove(&device)
+                .map(|(record_ids, readings)| (device, record_ids, readings))
+        });
+        let mut results = stream::iter(jobs.map(|(device, record_ids, readings)| async move {
+            let result = self.inspect_device(&device, &readings).await;
+            (device, record_ids, result)
+        }))
+        .buffer_unordered(DEVICE_CONCURRENCY);
+        while let Some((device, record_ids, result)) = results.next().await {
+            if let Err(error) = result {
                 tracing::warn!(function = FUNCTION_NAME, device_id = %device, %error, "inspection failed; records will be retried");
                 failed.extend(record_ids);
             }

@@ -9,10 +9,11 @@ use std::sync::Arc;
 
 use aws_lambda_events::event::kinesis::KinesisEvent;
 use aws_lambda_events::event::streams::KinesisEventResponse;
+use futures::stream::{self, StreamExt};
 use geostream_shared::geo::geohash_of;
 use geostream_shared::model::{Position, Reading};
 use geostream_shared::ports::{DeadLetterSink, PositionStore, UpsertOutcome};
-use geostream_shared::stream::{decode_batch, BatchOutcome, StreamBatch};
+use geostream_shared::stream::{decode_batch, BatchOutcome, StreamBatch, DEVICE_CONCURRENCY};
 
 pub const FUNCTION_NAME: &str = "geo-update";
 
@@ -69,17 +70,18 @@ impl GeoUpdate {
             }
         }
         let (mut applied, mut stale) = (0usize, 0usize);
-        for device in devices {
-            let Some(DeviceWork { record_ids, newest }) = work.remove(&device) else {
-                continue;
-            };
-            let Some((reading, received_at)) = newest else {
-                continue;
-            };
-            let Some(position) = to_position(reading, received_at) else {
-                continue;
-            };
-            match self.positions.upsert_if_newer(position).await {
+        let upserts = devices.into_iter().filter_map(|device| {
+            let DeviceWork { record_ids, newest } = work.remove(&device)?;
+            let (reading, received_at) = newest?;
+            Some((device, record_ids, to_position(reading, received_at)?))
+        });
+        let mut outcomes = stream::iter(upserts.map(|(device, record_ids, position)| async move {
+            let outcome = self.positions.upsert_if_newer(position).await;
+            (device, record_ids, outcome)
+        }))
+        .buffer_unordered(DEVICE_CONCURRENCY);
+        while let Some((device, record_ids, outcome)) = outcomes.next().await {
+            match outcome {
                 Ok(UpsertOutcome::Applied) => applied += 1,
                 Ok(UpsertOutcome::Stale) => stale += 1,
                 Err(error) => {
