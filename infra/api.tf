@@ -1,0 +1,100 @@
+# The HTTP API. Devices and operators authenticate with JWTs from an OIDC provider (for
+# example Cognito with the client-credentials grant for devices): API Gateway checks them
+# itself, so no authorizer function runs per request, tokens expire and can be revoked per
+# client, and each device gets its own client id. (IAM/SigV4 would need AWS credentials on
+# every device; a Lambda authorizer would add an invocation to every telemetry POST.)
+
+resource "aws_apigatewayv2_api" "http" {
+  name          = "${var.name_prefix}-api"
+  protocol_type = "HTTP"
+  description   = "GeoStream telemetry and query API"
+}
+
+resource "aws_apigatewayv2_authorizer" "jwt" {
+  api_id           = aws_apigatewayv2_api.http.id
+  name             = "${var.name_prefix}-jwt"
+  authorizer_type  = "JWT"
+  identity_sources = ["$request.header.Authorization"]
+
+  jwt_configuration {
+    issuer   = var.jwt_issuer
+    audience = var.jwt_audiences
+  }
+}
+
+resource "aws_apigatewayv2_integration" "function" {
+  for_each = {
+    ingest      = module.ingest.invoke_arn
+    "query-api" = module.query_api.invoke_arn
+  }
+
+  api_id                 = aws_apigatewayv2_api.http.id
+  integration_type       = "AWS_PROXY"
+  integration_uri        = each.value
+  payload_format_version = "2.0"
+}
+
+locals {
+  routes = {
+    "POST /v1/telemetry"             = "ingest"
+    "GET /v1/vehicles/near"          = "query-api"
+    "GET /v1/vehicles/{id}"          = "query-api"
+    "GET /v1/vehicles/{id}/track"    = "query-api"
+    "GET /v1/alerts"                 = "query-api"
+    "POST /v1/alerts/{alert_id}/ack" = "query-api"
+  }
+}
+
+resource "aws_apigatewayv2_route" "route" {
+  for_each = local.routes
+
+  api_id             = aws_apigatewayv2_api.http.id
+  route_key          = each.key
+  target             = "integrations/${aws_apigatewayv2_integration.function[each.value].id}"
+  authorization_type = "JWT"
+  authorizer_id      = aws_apigatewayv2_authorizer.jwt.id
+}
+
+resource "aws_cloudwatch_log_group" "api_access" {
+  name              = "/aws/apigateway/${var.name_prefix}-api"
+  retention_in_days = var.log_retention_days
+}
+
+resource "aws_apigatewayv2_stage" "default" {
+  api_id      = aws_apigatewayv2_api.http.id
+  name        = "$default"
+  auto_deploy = true
+
+  default_route_settings {
+    throttling_rate_limit  = var.api_throttle_rate
+    throttling_burst_limit = var.api_throttle_burst
+  }
+
+  access_log_settings {
+    destination_arn = aws_cloudwatch_log_group.api_access.arn
+    format = jsonencode({
+      requestId      = "$context.requestId"
+      ip             = "$context.identity.sourceIp"
+      requestTime    = "$context.requestTime"
+      routeKey       = "$context.routeKey"
+      status         = "$context.status"
+      latencyMs      = "$context.responseLatency"
+      integrationErr = "$context.integrationErrorMessage"
+      authorizerErr  = "$context.authorizer.error"
+      subject        = "$context.authorizer.claims.sub"
+    })
+  }
+}
+
+resource "aws_lambda_permission" "api" {
+  for_each = {
+    ingest      = module.ingest.function_name
+    "query-api" = module.query_api.function_name
+  }
+
+  statement_id  = "AllowApiGateway"
+  action        = "lambda:InvokeFunction"
+  function_name = each.value
+  principal     = "apigateway.amazonaws.com"
+  source_arn    = "${aws_apigatewayv2_api.http.execution_arn}/*/*"
+}

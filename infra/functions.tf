@@ -1,0 +1,194 @@
+# The five functions, each with only the actions it calls on only its resources, and the
+# Kinesis event source mappings of the three stream functions.
+
+locals {
+  artifact = { for f in ["ingest", "geo-update", "archiver", "anomaly-inspector", "query-api"] : f => "${var.lambda_artifacts_dir}/geostream-${f}/bootstrap.zip" }
+
+  # What Lambda's event source mapping needs to read the telemetry stream and report failures.
+  stream_reader_statements = [
+    {
+      sid       = "ReadTelemetryStream"
+      actions   = ["kinesis:DescribeStream", "kinesis:DescribeStreamSummary", "kinesis:GetRecords", "kinesis:GetShardIterator", "kinesis:ListShards"]
+      resources = [aws_kinesis_stream.telemetry.arn]
+    },
+    {
+      sid       = "ListStreams"
+      actions   = ["kinesis:ListStreams"]
+      resources = ["*"]
+    },
+    {
+      sid       = "ReportStreamFailures"
+      actions   = ["sqs:SendMessage"]
+      resources = [aws_sqs_queue.stream_failures.arn]
+    },
+  ]
+
+  dead_letter_statement = {
+    sid       = "SendDeadLetters"
+    actions   = ["sqs:SendMessage"]
+    resources = [aws_sqs_queue.dead_letters.arn]
+  }
+
+  # Timestream resolves its cell endpoints through DescribeEndpoints, which takes no resource.
+  timestream_endpoints_statement = {
+    sid       = "TimestreamEndpoints"
+    actions   = ["timestream:DescribeEndpoints"]
+    resources = ["*"]
+  }
+}
+
+module "ingest" {
+  source             = "./modules/function"
+  name               = "${var.name_prefix}-ingest"
+  description        = "POST /v1/telemetry: validates readings and publishes them to the telemetry stream"
+  zip_path           = local.artifact["ingest"]
+  log_retention_days = var.log_retention_days
+  environment = {
+    TELEMETRY_STREAM = aws_kinesis_stream.telemetry.name
+  }
+  policy_statements = [
+    {
+      sid       = "PublishTelemetry"
+      actions   = ["kinesis:PutRecords"]
+      resources = [aws_kinesis_stream.telemetry.arn]
+    },
+  ]
+}
+
+module "geo_update" {
+  source             = "./modules/function"
+  name               = "${var.name_prefix}-geo-update"
+  description        = "Keeps the latest position of every vehicle and its geo index"
+  zip_path           = local.artifact["geo-update"]
+  log_retention_days = var.log_retention_days
+  environment = {
+    POSITIONS_TABLE       = aws_dynamodb_table.positions.name
+    DEAD_LETTER_QUEUE_URL = aws_sqs_queue.dead_letters.url
+  }
+  policy_statements = concat(local.stream_reader_statements, [
+    {
+      sid       = "WritePositions"
+      actions   = ["dynamodb:PutItem"]
+      resources = [aws_dynamodb_table.positions.arn]
+    },
+    local.dead_letter_statement,
+  ])
+}
+
+module "archiver" {
+  source             = "./modules/function"
+  name               = "${var.name_prefix}-archiver"
+  description        = "Archives every reading in Timestream"
+  zip_path           = local.artifact["archiver"]
+  log_retention_days = var.log_retention_days
+  timeout_seconds    = 60
+  environment = {
+    TIMESTREAM_DATABASE   = aws_timestreamwrite_database.archive.database_name
+    TIMESTREAM_TABLE      = aws_timestreamwrite_table.readings.table_name
+    DEAD_LETTER_QUEUE_URL = aws_sqs_queue.dead_letters.url
+  }
+  policy_statements = concat(local.stream_reader_statements, [
+    {
+      sid       = "WriteReadings"
+      actions   = ["timestream:WriteRecords"]
+      resources = [aws_timestreamwrite_table.readings.arn]
+    },
+    local.timestream_endpoints_statement,
+    local.dead_letter_statement,
+  ])
+}
+
+module "anomaly_inspector" {
+  source             = "./modules/function"
+  name               = "${var.name_prefix}-anomaly-inspector"
+  description        = "Evaluates the rules per vehicle, keeps alert state, publishes raise and clear"
+  zip_path           = local.artifact["anomaly-inspector"]
+  log_retention_days = var.log_retention_days
+  environment = {
+    ALERT_STATE_TABLE     = aws_dynamodb_table.alert_state.name
+    ALERTS_TABLE          = aws_dynamodb_table.alerts.name
+    ALERTS_STREAM         = aws_kinesis_stream.alerts.name
+    DEAD_LETTER_QUEUE_URL = aws_sqs_queue.dead_letters.url
+  }
+  policy_statements = concat(local.stream_reader_statements, [
+    {
+      # The state and the alerts it touched are written in one TransactWriteItems call, which
+      # DynamoDB authorises as the PutItem and UpdateItem inside it.
+      sid       = "RuleState"
+      actions   = ["dynamodb:GetItem", "dynamodb:PutItem"]
+      resources = [aws_dynamodb_table.alert_state.arn]
+    },
+    {
+      sid       = "AlertRecords"
+      actions   = ["dynamodb:UpdateItem"]
+      resources = [aws_dynamodb_table.alerts.arn]
+    },
+    {
+      sid       = "PublishAlerts"
+      actions   = ["kinesis:PutRecords"]
+      resources = [aws_kinesis_stream.alerts.arn]
+    },
+    local.dead_letter_statement,
+  ])
+}
+
+module "query_api" {
+  source             = "./modules/function"
+  name               = "${var.name_prefix}-query-api"
+  description        = "Vehicles by id and near a point, tracks, alerts and acknowledgements"
+  zip_path           = local.artifact["query-api"]
+  log_retention_days = var.log_retention_days
+  environment = {
+    POSITIONS_TABLE     = aws_dynamodb_table.positions.name
+    ALERT_STATE_TABLE   = aws_dynamodb_table.alert_state.name
+    ALERTS_TABLE        = aws_dynamodb_table.alerts.name
+    TIMESTREAM_DATABASE = aws_timestreamwrite_database.archive.database_name
+    TIMESTREAM_TABLE    = aws_timestreamwrite_table.readings.table_name
+  }
+  policy_statements = [
+    {
+      sid       = "ReadPositions"
+      actions   = ["dynamodb:GetItem", "dynamodb:Query"]
+      resources = [aws_dynamodb_table.positions.arn, "${aws_dynamodb_table.positions.arn}/index/geo-index"]
+    },
+    {
+      sid       = "ReadAndAcknowledgeAlerts"
+      actions   = ["dynamodb:GetItem", "dynamodb:Query", "dynamodb:UpdateItem"]
+      resources = [aws_dynamodb_table.alerts.arn, "${aws_dynamodb_table.alerts.arn}/index/by-state", "${aws_dynamodb_table.alerts.arn}/index/by-device"]
+    },
+    {
+      sid       = "ReadTracks"
+      actions   = ["timestream:Select"]
+      resources = [aws_timestreamwrite_table.readings.arn]
+    },
+    local.timestream_endpoints_statement,
+  ]
+}
+
+locals {
+  stream_functions = {
+    "geo-update"        = module.geo_update.arn
+    "archiver"          = module.archiver.arn
+    "anomaly-inspector" = module.anomaly_inspector.arn
+  }
+}
+
+resource "aws_lambda_event_source_mapping" "telemetry" {
+  for_each = local.stream_functions
+
+  function_name                      = each.value
+  event_source_arn                   = aws_kinesis_stream.telemetry.arn
+  starting_position                  = "TRIM_HORIZON"
+  batch_size                         = var.stream_batch_size
+  maximum_batching_window_in_seconds = var.stream_batching_window_seconds
+  bisect_batch_on_function_error     = true
+  maximum_retry_attempts             = var.stream_max_retries
+  maximum_record_age_in_seconds      = var.stream_max_record_age_seconds
+  function_response_types            = ["ReportBatchItemFailures"]
+
+  destination_config {
+    on_failure {
+      destination_arn = aws_sqs_queue.stream_failures.arn
+    }
+  }
+}

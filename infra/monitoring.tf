@@ -1,0 +1,132 @@
+# Alarms on what tells an operator the pipeline is in trouble: stream functions falling behind,
+# function errors and throttles, and anything landing in the dead-letter queues.
+
+locals {
+  alarm_actions = var.alarm_topic_arn == "" ? [] : [var.alarm_topic_arn]
+  all_functions = {
+    "ingest"            = module.ingest.function_name
+    "geo-update"        = module.geo_update.function_name
+    "archiver"          = module.archiver.function_name
+    "anomaly-inspector" = module.anomaly_inspector.function_name
+    "query-api"         = module.query_api.function_name
+  }
+}
+
+resource "aws_cloudwatch_metric_alarm" "iterator_age" {
+  for_each = local.stream_functions
+
+  alarm_name          = "${var.name_prefix}-${each.key}-iterator-age"
+  alarm_description   = "${each.key} is more than ${var.iterator_age_alarm_ms} ms behind the telemetry stream"
+  namespace           = "AWS/Lambda"
+  metric_name         = "IteratorAge"
+  dimensions          = { FunctionName = local.all_functions[each.key] }
+  statistic           = "Maximum"
+  period              = 60
+  evaluation_periods  = 5
+  threshold           = var.iterator_age_alarm_ms
+  comparison_operator = "GreaterThanThreshold"
+  treat_missing_data  = "notBreaching"
+  alarm_actions       = local.alarm_actions
+}
+
+resource "aws_cloudwatch_metric_alarm" "errors" {
+  for_each = local.all_functions
+
+  alarm_name          = "${var.name_prefix}-${each.key}-errors"
+  alarm_description   = "${each.key} invocations are failing"
+  namespace           = "AWS/Lambda"
+  metric_name         = "Errors"
+  dimensions          = { FunctionName = each.value }
+  statistic           = "Sum"
+  period              = 60
+  evaluation_periods  = 3
+  threshold           = 0
+  comparison_operator = "GreaterThanThreshold"
+  treat_missing_data  = "notBreaching"
+  alarm_actions       = local.alarm_actions
+}
+
+resource "aws_cloudwatch_metric_alarm" "throttles" {
+  for_each = local.all_functions
+
+  alarm_name          = "${var.name_prefix}-${each.key}-throttles"
+  alarm_description   = "${each.key} invocations are being throttled"
+  namespace           = "AWS/Lambda"
+  metric_name         = "Throttles"
+  dimensions          = { FunctionName = each.value }
+  statistic           = "Sum"
+  period              = 60
+  evaluation_periods  = 3
+  threshold           = 0
+  comparison_operator = "GreaterThanThreshold"
+  treat_missing_data  = "notBreaching"
+  alarm_actions       = local.alarm_actions
+}
+
+resource "aws_cloudwatch_metric_alarm" "dead_letters" {
+  for_each = {
+    "dead-letters"    = aws_sqs_queue.dead_letters.name
+    "stream-failures" = aws_sqs_queue.stream_failures.name
+  }
+
+  alarm_name          = "${var.name_prefix}-${each.key}-depth"
+  alarm_description   = "Records are waiting in ${each.value}: read their reasons"
+  namespace           = "AWS/SQS"
+  metric_name         = "ApproximateNumberOfMessagesVisible"
+  dimensions          = { QueueName = each.value }
+  statistic           = "Maximum"
+  period              = 60
+  evaluation_periods  = 1
+  threshold           = 0
+  comparison_operator = "GreaterThanThreshold"
+  treat_missing_data  = "notBreaching"
+  alarm_actions       = local.alarm_actions
+}
+
+resource "aws_cloudwatch_dashboard" "pipeline" {
+  dashboard_name = "${var.name_prefix}-pipeline"
+  dashboard_body = jsonencode({
+    widgets = [
+      {
+        type = "metric", x = 0, y = 0, width = 12, height = 6
+        properties = {
+          title   = "Iterator age per stream function (ms)"
+          region  = data.aws_region.current.region
+          stat    = "Maximum"
+          period  = 60
+          metrics = [for f, name in local.stream_functions : ["AWS/Lambda", "IteratorAge", "FunctionName", local.all_functions[f]]]
+        }
+      },
+      {
+        type = "metric", x = 12, y = 0, width = 12, height = 6
+        properties = {
+          title   = "Function errors and throttles"
+          region  = data.aws_region.current.region
+          stat    = "Sum"
+          period  = 60
+          metrics = concat([for f, name in local.all_functions : ["AWS/Lambda", "Errors", "FunctionName", name]], [for f, name in local.all_functions : ["AWS/Lambda", "Throttles", "FunctionName", name]])
+        }
+      },
+      {
+        type = "metric", x = 0, y = 6, width = 12, height = 6
+        properties = {
+          title   = "Dead letters waiting"
+          region  = data.aws_region.current.region
+          stat    = "Maximum"
+          period  = 60
+          metrics = [["AWS/SQS", "ApproximateNumberOfMessagesVisible", "QueueName", aws_sqs_queue.dead_letters.name], ["AWS/SQS", "ApproximateNumberOfMessagesVisible", "QueueName", aws_sqs_queue.stream_failures.name]]
+        }
+      },
+      {
+        type = "metric", x = 12, y = 6, width = 12, height = 6
+        properties = {
+          title   = "Telemetry records in"
+          region  = data.aws_region.current.region
+          stat    = "Sum"
+          period  = 60
+          metrics = [["AWS/Kinesis", "IncomingRecords", "StreamName", aws_kinesis_stream.telemetry.name]]
+        }
+      },
+    ]
+  })
+}

@@ -1,0 +1,38 @@
+output "api_url" {
+  description = "Base URL of the API: POST $api_url/v1/telemetry with a bearer token."
+  value       = aws_apigatewayv2_stage.default.invoke_url
+}
+
+output "telemetry_stream" {
+  description = "Kinesis stream of telemetry records."
+  value       = aws_kinesis_stream.telemetry.name
+}
+
+output "alerts_stream" {
+  description = "Kinesis stream of alert raise and clear transitions."
+  value       = aws_kinesis_stream.alerts.name
+}
+
+output "tables" {
+  description = "DynamoDB tables."
+  value = {
+    positions   = aws_dynamodb_table.positions.name
+    alert_state = aws_dynamodb_table.alert_state.name
+    alerts      = aws_dynamodb_table.alerts.name
+  }
+}
+
+output "dead_letter_queue_url" {
+  description = "Records the functions gave up on, with reasons."
+  value       = aws_sqs_queue.dead_letters.url
+}
+
+output "stream_failures_queue_url" {
+  description = "Batches the event source mappings gave up on."
+  value       = aws_sqs_queue.stream_failures.url
+}
+
+output "dashboard" {
+  description = "CloudWatch dashboard name."
+  value       = aws_cloudwatch_dashboard.pipeline.dashboard_name
+}

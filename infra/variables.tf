@@ -1,0 +1,176 @@
+variable "region" {
+  description = "AWS region to deploy to."
+  type        = string
+  default     = "eu-central-1"
+}
+
+variable "name_prefix" {
+  description = "Prefix of every resource name; one stack per prefix."
+  type        = string
+  default     = "geostream"
+
+  validation {
+    condition     = can(regex("^[a-z][a-z0-9-]{1,30}$", var.name_prefix))
+    error_message = "name_prefix must be 2-31 characters of a-z, 0-9 and -, starting with a letter."
+  }
+}
+
+variable "lambda_artifacts_dir" {
+  description = "Folder holding geostream-<function>/bootstrap.zip, as scripts/package writes them."
+  type        = string
+  default     = "../target/lambda"
+}
+
+variable "stream_mode" {
+  description = "Kinesis capacity mode: ON_DEMAND (scales by itself) or PROVISIONED (fixed shards, cheaper at steady load)."
+  type        = string
+  default     = "ON_DEMAND"
+
+  validation {
+    condition     = contains(["ON_DEMAND", "PROVISIONED"], var.stream_mode)
+    error_message = "stream_mode must be ON_DEMAND or PROVISIONED."
+  }
+}
+
+variable "telemetry_shards" {
+  description = "Shards of the telemetry stream when stream_mode is PROVISIONED (1 MB/s or 1,000 records/s of writes each)."
+  type        = number
+  default     = 4
+
+  validation {
+    condition     = var.telemetry_shards >= 1 && var.telemetry_shards <= 500
+    error_message = "telemetry_shards must be between 1 and 500."
+  }
+}
+
+variable "stream_retention_hours" {
+  description = "How long the streams keep records (24 to 8760 hours)."
+  type        = number
+  default     = 24
+
+  validation {
+    condition     = var.stream_retention_hours >= 24 && var.stream_retention_hours <= 8760
+    error_message = "stream_retention_hours must be between 24 and 8760."
+  }
+}
+
+variable "timestream_memory_retention_hours" {
+  description = "Hours readings stay in Timestream's memory store (fast queries, late writes accepted)."
+  type        = number
+  default     = 24
+
+  validation {
+    condition     = var.timestream_memory_retention_hours >= 1 && var.timestream_memory_retention_hours <= 8766
+    error_message = "timestream_memory_retention_hours must be between 1 and 8766."
+  }
+}
+
+variable "timestream_magnetic_retention_days" {
+  description = "Days readings stay in Timestream's magnetic store."
+  type        = number
+  default     = 365
+
+  validation {
+    condition     = var.timestream_magnetic_retention_days >= 1 && var.timestream_magnetic_retention_days <= 73000
+    error_message = "timestream_magnetic_retention_days must be between 1 and 73000."
+  }
+}
+
+variable "log_retention_days" {
+  description = "Retention of the functions' and the API's log groups."
+  type        = number
+  default     = 30
+
+  validation {
+    condition     = contains([1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288, 3653], var.log_retention_days)
+    error_message = "log_retention_days must be one of the values CloudWatch Logs accepts (1, 3, 5, 7, 14, 30, 60, 90, ...)."
+  }
+}
+
+variable "stream_batch_size" {
+  description = "Records per invocation of the stream functions."
+  type        = number
+  default     = 100
+
+  validation {
+    condition     = var.stream_batch_size >= 1 && var.stream_batch_size <= 10000
+    error_message = "stream_batch_size must be between 1 and 10000."
+  }
+}
+
+variable "stream_batching_window_seconds" {
+  description = "How long Lambda gathers records before invoking a stream function."
+  type        = number
+  default     = 1
+
+  validation {
+    condition     = var.stream_batching_window_seconds >= 0 && var.stream_batching_window_seconds <= 300
+    error_message = "stream_batching_window_seconds must be between 0 and 300."
+  }
+}
+
+variable "stream_max_retries" {
+  description = "Retries of a failing batch before its records go to the on-failure queue."
+  type        = number
+  default     = 5
+
+  validation {
+    condition     = var.stream_max_retries >= 0 && var.stream_max_retries <= 10000
+    error_message = "stream_max_retries must be between 0 and 10000."
+  }
+}
+
+variable "stream_max_record_age_seconds" {
+  description = "Records older than this are sent to the on-failure queue instead of being processed (60 to 604800)."
+  type        = number
+  default     = 21600
+
+  validation {
+    condition     = var.stream_max_record_age_seconds >= 60 && var.stream_max_record_age_seconds <= 604800
+    error_message = "stream_max_record_age_seconds must be between 60 and 604800."
+  }
+}
+
+variable "jwt_issuer" {
+  description = "Issuer URL of the OIDC provider that signs device and operator tokens (for example a Cognito user pool: https://cognito-idp.REGION.amazonaws.com/POOL_ID)."
+  type        = string
+
+  validation {
+    condition     = can(regex("^https://", var.jwt_issuer))
+    error_message = "jwt_issuer must be an https:// URL."
+  }
+}
+
+variable "jwt_audiences" {
+  description = "Accepted token audiences (for Cognito: the app client ids of devices and operators)."
+  type        = list(string)
+
+  validation {
+    condition     = length(var.jwt_audiences) > 0
+    error_message = "jwt_audiences needs at least one audience."
+  }
+}
+
+variable "api_throttle_rate" {
+  description = "Steady requests per second the API accepts across all clients."
+  type        = number
+  default     = 2000
+}
+
+variable "api_throttle_burst" {
+  description = "Burst of requests the API accepts above the steady rate."
+  type        = number
+  default     = 5000
+}
+
+variable "iterator_age_alarm_ms" {
+  description = "Alarm when a stream function falls this far behind (IteratorAge, milliseconds)."
+  type        = number
+  default     = 60000
+}
+
+variable "alarm_topic_arn" {
+  description = "SNS topic for alarm notifications; empty for none."
+  type        = string
+  default     = ""
+}
