@@ -148,13 +148,23 @@ module "query_api" {
   policy_statements = [
     {
       sid       = "ReadPositions"
-      actions   = ["dynamodb:GetItem", "dynamodb:Query"]
-      resources = [aws_dynamodb_table.positions.arn, "${aws_dynamodb_table.positions.arn}/index/geo-index"]
+      actions   = ["dynamodb:GetItem"]
+      resources = [aws_dynamodb_table.positions.arn]
+    },
+    {
+      sid       = "QueryGeoIndex"
+      actions   = ["dynamodb:Query"]
+      resources = ["${aws_dynamodb_table.positions.arn}/index/geo-index"]
     },
     {
       sid       = "ReadAndAcknowledgeAlerts"
-      actions   = ["dynamodb:GetItem", "dynamodb:Query", "dynamodb:UpdateItem"]
-      resources = [aws_dynamodb_table.alerts.arn, "${aws_dynamodb_table.alerts.arn}/index/by-state", "${aws_dynamodb_table.alerts.arn}/index/by-device"]
+      actions   = ["dynamodb:GetItem", "dynamodb:UpdateItem"]
+      resources = [aws_dynamodb_table.alerts.arn]
+    },
+    {
+      sid       = "ListAlerts"
+      actions   = ["dynamodb:Query"]
+      resources = ["${aws_dynamodb_table.alerts.arn}/index/by-state", "${aws_dynamodb_table.alerts.arn}/index/by-device"]
     },
     {
       sid       = "ReadTracks"

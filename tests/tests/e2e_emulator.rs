@@ -55,6 +55,7 @@ struct Pipeline {
     geo_clients: Clients,
     archiver_clients: Clients,
     inspector_clients: Clients,
+    query_clients: Clients,
     ingest: Ingest,
     geo_update: GeoUpdate,
     archiver: Archiver,
@@ -134,6 +135,7 @@ async fn pipeline(endpoint: &str, test: &str) -> Pipeline {
         geo_clients,
         archiver_clients,
         inspector_clients,
+        query_clients,
         queue_url,
     }
 }
@@ -217,6 +219,29 @@ async fn read_stream(kinesis: &aws_sdk_kinesis::Client, stream: &str) -> Vec<Kin
 }
 
 impl Pipeline {
+    /// Every AWS operation each function was seen to call is declared in the manifest that
+    /// infra/ is checked against (tests/src/lib.rs), so Terraform grants what the code uses.
+    fn assert_calls_are_declared(&self) {
+        for (function, clients) in [
+            ("ingest", &self.ingest_clients),
+            ("geo-update", &self.geo_clients),
+            ("archiver", &self.archiver_clients),
+            ("anomaly-inspector", &self.inspector_clients),
+            ("query-api", &self.query_clients),
+        ] {
+            let manifest = geostream_aws::manifest::FUNCTIONS
+                .iter()
+                .find(|f| f.name == function)
+                .unwrap();
+            for operation in clients.calls.snapshot().keys() {
+                assert!(
+                    manifest.operations.contains(&operation.as_str()),
+                    "{function} called {operation}, which its manifest (and so its IAM policy) does not list"
+                );
+            }
+        }
+    }
+
     async fn post(&self, body: Value) -> Value {
         let response = self
             .ingest

@@ -16,6 +16,7 @@ pub mod counting;
 pub mod dynamodb;
 pub mod kinesis;
 pub mod lambda;
+pub mod manifest;
 pub mod provision;
 pub mod retry;
 pub mod sqs;

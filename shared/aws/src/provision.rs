@@ -8,7 +8,7 @@ use aws_sdk_dynamodb::types::{
 use aws_sdk_kinesis::types::{StreamMode, StreamModeDetails};
 
 use crate::config::Clients;
-use crate::dynamodb::{ALERTS_BY_DEVICE_INDEX, ALERTS_BY_STATE_INDEX, GEO_INDEX};
+use crate::manifest::{self, TABLES};
 
 /// The names of every resource GeoStream uses.
 #[derive(Debug, Clone, PartialEq)]
@@ -75,7 +75,11 @@ fn key(name: &str, key_type: KeyType) -> Result<KeySchemaElement, String> {
         .map_err(|e| e.to_string())
 }
 
-fn attribute(name: &str, kind: ScalarAttributeType) -> Result<AttributeDefinition, String> {
+fn attribute((name, kind): (&str, manifest::KeyType)) -> Result<AttributeDefinition, String> {
+    let kind = match kind {
+        manifest::KeyType::String => ScalarAttributeType::S,
+        manifest::KeyType::Number => ScalarAttributeType::N,
+    };
     AttributeDefinition::builder()
         .attribute_name(name)
         .attribute_type(kind)
@@ -122,46 +126,32 @@ pub async fn create_resources(
             .map_err(|e| context(stream, &aws_sdk_kinesis::error::DisplayErrorContext(&e)))?;
     }
     wait_for_streams(clients, &[&names.telemetry_stream, &names.alerts_stream]).await?;
-    use ScalarAttributeType::{N, S};
-    let tables = [
-        (
-            &names.positions_table,
-            "device_id",
-            vec![
-                attribute("device_id", S)?,
-                attribute("geo_pk", S)?,
-                attribute("geohash", S)?,
-            ],
-            vec![index(GEO_INDEX, "geo_pk", "geohash")?],
-        ),
-        (
-            &names.alert_state_table,
-            "device_id",
-            vec![attribute("device_id", S)?],
-            vec![],
-        ),
-        (
-            &names.alerts_table,
-            "alert_id",
-            vec![
-                attribute("alert_id", S)?,
-                attribute("state", S)?,
-                attribute("device_id", S)?,
-                attribute("started_at", N)?,
-            ],
-            vec![
-                index(ALERTS_BY_STATE_INDEX, "state", "started_at")?,
-                index(ALERTS_BY_DEVICE_INDEX, "device_id", "started_at")?,
-            ],
-        ),
+    let table_names = [
+        &names.positions_table,
+        &names.alert_state_table,
+        &names.alerts_table,
     ];
-    for (table, hash_key, attributes, indexes) in tables {
+    for (schema, table) in TABLES.iter().zip(table_names) {
+        let mut attributes = vec![attribute(schema.hash_key)?];
+        let mut indexes = Vec::new();
+        for index_schema in schema.indexes {
+            for key in [index_schema.hash_key, index_schema.range_key] {
+                if !attributes.iter().any(|a| a.attribute_name() == key.0) {
+                    attributes.push(attribute(key)?);
+                }
+            }
+            indexes.push(index(
+                index_schema.name,
+                index_schema.hash_key.0,
+                index_schema.range_key.0,
+            )?);
+        }
         clients
             .dynamodb
             .create_table()
             .table_name(table)
             .billing_mode(BillingMode::PayPerRequest)
-            .key_schema(key(hash_key, KeyType::Hash)?)
+            .key_schema(key(schema.hash_key.0, KeyType::Hash)?)
             .set_attribute_definitions(Some(attributes))
             .set_global_secondary_indexes((!indexes.is_empty()).then_some(indexes))
             .send()

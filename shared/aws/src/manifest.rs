@@ -1,0 +1,200 @@
+//! What each function needs from its environment and from IAM, and the DynamoDB schema the
+//! adapters rely on: the code's side of the contract with `infra/`.
+//!
+//! Kept honest from both ends: the emulator tests check that every AWS operation a function is
+//! seen to call is listed here, and the infrastructure consistency test checks that Terraform
+//! sets every variable, grants every permission and declares every key and index listed here.
+
+/// One IAM permission: an action on a resource, named as Terraform references it
+/// (`aws_kinesis_stream.telemetry`, `aws_dynamodb_table.positions/index/geo-index`, or `*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Permission {
+    pub action: &'static str,
+    pub resource: &'static str,
+}
+
+const fn allow(action: &'static str, resource: &'static str) -> Permission {
+    Permission { action, resource }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct FunctionManifest {
+    /// The function's name: `functions/<name>/`, Terraform `module "<name with _>"`.
+    pub name: &'static str,
+    /// Environment variables its `main` requires.
+    pub env: &'static [&'static str],
+    /// AWS operations its adapters send (as counted by [`crate::counting::CallCounter`]).
+    pub operations: &'static [&'static str],
+    /// What its role must allow for those operations.
+    pub permissions: &'static [Permission],
+    /// Whether a Kinesis event source mapping on the telemetry stream invokes it (its role then
+    /// also needs to read the stream and report failed batches).
+    pub reads_telemetry: bool,
+}
+
+pub const FUNCTIONS: &[FunctionManifest] = &[
+    FunctionManifest {
+        name: "ingest",
+        env: &["TELEMETRY_STREAM"],
+        operations: &["PutRecords"],
+        permissions: &[allow("kinesis:PutRecords", "aws_kinesis_stream.telemetry")],
+        reads_telemetry: false,
+    },
+    FunctionManifest {
+        name: "geo-update",
+        env: &["POSITIONS_TABLE", "DEAD_LETTER_QUEUE_URL"],
+        operations: &["PutItem", "SendMessageBatch"],
+        permissions: &[
+            allow("dynamodb:PutItem", "aws_dynamodb_table.positions"),
+            allow("sqs:SendMessage", "aws_sqs_queue.dead_letters"),
+        ],
+        reads_telemetry: true,
+    },
+    FunctionManifest {
+        name: "archiver",
+        env: &[
+            "TIMESTREAM_DATABASE",
+            "TIMESTREAM_TABLE",
+            "DEAD_LETTER_QUEUE_URL",
+        ],
+        operations: &["WriteRecords", "DescribeEndpoints", "SendMessageBatch"],
+        permissions: &[
+            allow(
+                "timestream:WriteRecords",
+                "aws_timestreamwrite_table.readings",
+            ),
+            allow("timestream:DescribeEndpoints", "*"),
+            allow("sqs:SendMessage", "aws_sqs_queue.dead_letters"),
+        ],
+        reads_telemetry: true,
+    },
+    FunctionManifest {
+        name: "anomaly-inspector",
+        env: &[
+            "ALERT_STATE_TABLE",
+            "ALERTS_TABLE",
+            "ALERTS_STREAM",
+            "DEAD_LETTER_QUEUE_URL",
+        ],
+        operations: &[
+            "GetItem",
+            "TransactWriteItems",
+            "UpdateItem",
+            "PutRecords",
+            "SendMessageBatch",
+        ],
+        permissions: &[
+            allow("dynamodb:GetItem", "aws_dynamodb_table.alert_state"),
+            // TransactWriteItems is authorised as the PutItem and UpdateItem inside it.
+            allow("dynamodb:PutItem", "aws_dynamodb_table.alert_state"),
+            allow("dynamodb:UpdateItem", "aws_dynamodb_table.alerts"),
+            allow("kinesis:PutRecords", "aws_kinesis_stream.alerts"),
+            allow("sqs:SendMessage", "aws_sqs_queue.dead_letters"),
+        ],
+        reads_telemetry: true,
+    },
+    FunctionManifest {
+        name: "query-api",
+        env: &[
+            "POSITIONS_TABLE",
+            "ALERT_STATE_TABLE",
+            "ALERTS_TABLE",
+            "TIMESTREAM_DATABASE",
+            "TIMESTREAM_TABLE",
+        ],
+        operations: &["GetItem", "Query", "UpdateItem", "DescribeEndpoints"],
+        permissions: &[
+            allow("dynamodb:GetItem", "aws_dynamodb_table.positions"),
+            allow(
+                "dynamodb:Query",
+                "aws_dynamodb_table.positions/index/geo-index",
+            ),
+            allow("dynamodb:GetItem", "aws_dynamodb_table.alerts"),
+            allow("dynamodb:UpdateItem", "aws_dynamodb_table.alerts"),
+            allow("dynamodb:Query", "aws_dynamodb_table.alerts/index/by-state"),
+            allow(
+                "dynamodb:Query",
+                "aws_dynamodb_table.alerts/index/by-device",
+            ),
+            allow("timestream:Select", "aws_timestreamwrite_table.readings"),
+            allow("timestream:DescribeEndpoints", "*"),
+        ],
+        reads_telemetry: false,
+    },
+];
+
+/// What an event source mapping needs from the role of a function it invokes.
+pub const TELEMETRY_READER_PERMISSIONS: &[Permission] = &[
+    allow("kinesis:GetRecords", "aws_kinesis_stream.telemetry"),
+    allow("kinesis:GetShardIterator", "aws_kinesis_stream.telemetry"),
+    allow("kinesis:DescribeStream", "aws_kinesis_stream.telemetry"),
+    allow(
+        "kinesis:DescribeStreamSummary",
+        "aws_kinesis_stream.telemetry",
+    ),
+    allow("kinesis:ListShards", "aws_kinesis_stream.telemetry"),
+    allow("sqs:SendMessage", "aws_sqs_queue.stream_failures"),
+];
+
+/// Attribute type of a key attribute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyType {
+    String,
+    Number,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct IndexSchema {
+    pub name: &'static str,
+    pub hash_key: (&'static str, KeyType),
+    pub range_key: (&'static str, KeyType),
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct TableSchema {
+    /// Terraform resource label, and the suffix of the table's name after the prefix (with `_`
+    /// as `-`).
+    pub label: &'static str,
+    pub hash_key: (&'static str, KeyType),
+    pub indexes: &'static [IndexSchema],
+}
+
+impl TableSchema {
+    /// The table's name under a prefix, as `ResourceNames::with_prefix` and Terraform name it.
+    pub fn name(&self, prefix: &str) -> String {
+        format!("{prefix}-{}", self.label.replace('_', "-"))
+    }
+}
+
+pub const TABLES: &[TableSchema] = &[
+    TableSchema {
+        label: "positions",
+        hash_key: ("device_id", KeyType::String),
+        indexes: &[IndexSchema {
+            name: crate::dynamodb::GEO_INDEX,
+            hash_key: ("geo_pk", KeyType::String),
+            range_key: ("geohash", KeyType::String),
+        }],
+    },
+    TableSchema {
+        label: "alert_state",
+        hash_key: ("device_id", KeyType::String),
+        indexes: &[],
+    },
+    TableSchema {
+        label: "alerts",
+        hash_key: ("alert_id", KeyType::String),
+        indexes: &[
+            IndexSchema {
+                name: crate::dynamodb::ALERTS_BY_STATE_INDEX,
+                hash_key: ("state", KeyType::String),
+                range_key: ("started_at", KeyType::Number),
+            },
+            IndexSchema {
+                name: crate::dynamodb::ALERTS_BY_DEVICE_INDEX,
+                hash_key: ("device_id", KeyType::String),
+                range_key: ("started_at", KeyType::Number),
+            },
+        ],
+    },
+];
