@@ -50,6 +50,8 @@ fn emulator() -> Option<String> {
 
 struct Pipeline {
     names: ResourceNames,
+    /// The test's own clients (reading streams and queues), not counted against a function.
+    harness: Clients,
     /// One client set per function, so API calls are counted per function.
     ingest_clients: Clients,
     geo_clients: Clients,
@@ -131,6 +133,7 @@ async fn pipeline(endpoint: &str, test: &str) -> Pipeline {
         ),
         archive: query_archive,
         names,
+        harness: setup,
         ingest_clients,
         geo_clients,
         archiver_clients,
@@ -303,7 +306,7 @@ async fn pipeline_through_the_sdk_adapters_and_replay_changes_nothing() {
         reading("aws-hot-1", 1, 52.523, 108.0),
     ]))
     .await;
-    let events = read_stream(&p.ingest_clients.kinesis, &p.names.telemetry_stream).await;
+    let events = read_stream(&p.harness.kinesis, &p.names.telemetry_stream).await;
     assert_eq!(
         events.iter().map(|e| e.records.len()).sum::<usize>(),
         3,
@@ -343,7 +346,7 @@ async fn pipeline_through_the_sdk_adapters_and_replay_changes_nothing() {
         ),
         (Some("aws-hot-1"), Some(2))
     );
-    let transitions = read_stream(&p.inspector_clients.kinesis, &p.names.alerts_stream).await;
+    let transitions = read_stream(&p.harness.kinesis, &p.names.alerts_stream).await;
     assert_eq!(
         transitions.iter().map(|e| e.records.len()).sum::<usize>(),
         1
@@ -356,7 +359,7 @@ async fn pipeline_through_the_sdk_adapters_and_replay_changes_nothing() {
     assert_eq!(hot_before, hot_after);
     let (_, active_after) = p.get("/v1/alerts", &[("state", "active".into())]).await;
     assert_eq!(active_after, active);
-    let transitions = read_stream(&p.inspector_clients.kinesis, &p.names.alerts_stream).await;
+    let transitions = read_stream(&p.harness.kinesis, &p.names.alerts_stream).await;
     assert_eq!(
         transitions.iter().map(|e| e.records.len()).sum::<usize>(),
         1,
@@ -422,7 +425,7 @@ async fn pipeline_through_the_sdk_adapters_and_replay_changes_nothing() {
         .batch_item_failures
         .is_empty());
     let received = p
-        .geo_clients
+        .harness
         .sqs
         .receive_message()
         .queue_url(&p.queue_url)
@@ -441,6 +444,7 @@ async fn pipeline_through_the_sdk_adapters_and_replay_changes_nothing() {
         .as_str()
         .unwrap()
         .contains("not a GeoStream envelope"));
+    p.assert_calls_are_declared();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -461,8 +465,7 @@ async fn aws_calls_per_thousand_events() {
             .collect();
         p.post(Value::Array(items)).await;
     }
-    let events = read_stream(&p.geo_clients.kinesis, &p.names.telemetry_stream).await;
-    p.geo_clients.calls.reset();
+    let events = read_stream(&p.harness.kinesis, &p.names.telemetry_stream).await;
     p.process(&events).await;
     let per_function: BTreeMap<&str, (u64, BTreeMap<String, u64>)> = [
         ("ingest", &p.ingest_clients),
