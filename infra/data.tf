@@ -129,11 +129,13 @@ resource "aws_dynamodb_table" "alerts" {
 }
 
 resource "aws_timestreamwrite_database" "archive" {
+  count         = var.archive == "timestream" ? 1 : 0
   database_name = "${var.name_prefix}-archive"
 }
 
 resource "aws_timestreamwrite_table" "readings" {
-  database_name = aws_timestreamwrite_database.archive.database_name
+  count         = var.archive == "timestream" ? 1 : 0
+  database_name = aws_timestreamwrite_database.archive[0].database_name
   table_name    = "readings"
 
   retention_properties {
@@ -143,6 +145,144 @@ resource "aws_timestreamwrite_table" "readings" {
 
   magnetic_store_write_properties {
     enable_magnetic_store_writes = true
+  }
+}
+
+# The S3 archive: readings/date=YYYY-MM-DD/hour=HH/<digest>.jsonl (see shared/aws/src/s3archive.rs),
+# described to Athena by a Glue table with partition projection.
+resource "aws_s3_bucket" "archive" {
+  count         = var.archive == "s3" ? 1 : 0
+  bucket_prefix = "${var.name_prefix}-archive-"
+}
+
+resource "aws_s3_bucket_public_access_block" "archive" {
+  count                   = var.archive == "s3" ? 1 : 0
+  bucket                  = aws_s3_bucket.archive[0].id
+  block_public_acls       = true
+  block_public_policy     = true
+  ignore_public_acls      = true
+  restrict_public_buckets = true
+}
+
+resource "aws_s3_bucket_server_side_encryption_configuration" "archive" {
+  count  = var.archive == "s3" ? 1 : 0
+  bucket = aws_s3_bucket.archive[0].id
+
+  rule {
+    apply_server_side_encryption_by_default {
+      sse_algorithm = "aws:kms"
+    }
+    bucket_key_enabled = true
+  }
+}
+
+resource "aws_s3_bucket_versioning" "archive" {
+  count  = var.archive == "s3" ? 1 : 0
+  bucket = aws_s3_bucket.archive[0].id
+
+  versioning_configuration {
+    status = "Enabled"
+  }
+}
+
+resource "aws_s3_bucket_lifecycle_configuration" "archive" {
+  count  = var.archive == "s3" ? 1 : 0
+  bucket = aws_s3_bucket.archive[0].id
+
+  rule {
+    id     = "abort-incomplete-uploads"
+    status = "Enabled"
+
+    filter {}
+
+    abort_incomplete_multipart_upload {
+      days_after_initiation = 1
+    }
+  }
+
+  rule {
+    id     = "expire-readings"
+    status = "Enabled"
+
+    filter {
+      prefix = "readings/"
+    }
+
+    expiration {
+      days = var.archive_expiration_days
+    }
+
+    noncurrent_version_expiration {
+      noncurrent_days = 7
+    }
+  }
+}
+
+resource "aws_glue_catalog_database" "archive" {
+  count = var.archive == "s3" ? 1 : 0
+  name  = replace("${var.name_prefix}_archive", "-", "_")
+}
+
+resource "aws_glue_catalog_table" "readings" {
+  count         = var.archive == "s3" ? 1 : 0
+  name          = "readings"
+  database_name = aws_glue_catalog_database.archive[0].name
+  table_type    = "EXTERNAL_TABLE"
+
+  parameters = {
+    "classification"            = "json"
+    "projection.enabled"        = "true"
+    "projection.date.type"      = "date"
+    "projection.date.format"    = "yyyy-MM-dd"
+    "projection.date.range"     = "2025-01-01,NOW"
+    "projection.hour.type"      = "integer"
+    "projection.hour.range"     = "0,23"
+    "projection.hour.digits"    = "2"
+    "storage.location.template" = "s3://${aws_s3_bucket.archive[0].bucket}/readings/date=$${date}/hour=$${hour}/"
+  }
+
+  partition_keys {
+    name = "date"
+    type = "string"
+  }
+
+  partition_keys {
+    name = "hour"
+    type = "string"
+  }
+
+  storage_descriptor {
+    location      = "s3://${aws_s3_bucket.archive[0].bucket}/readings/"
+    input_format  = "org.apache.hadoop.mapred.TextInputFormat"
+    output_format = "org.apache.hadoop.hive.ql.io.HiveIgnoreKeyTextOutputFormat"
+
+    ser_de_info {
+      serialization_library = "org.openx.data.jsonserde.JsonSerDe"
+    }
+
+    dynamic "columns" {
+      for_each = {
+        device_id         = "string"
+        ts                = "bigint"
+        event_id          = "string"
+        lat               = "double"
+        lon               = "double"
+        speed_kmh         = "double"
+        heading_deg       = "double"
+        engine_temp_c     = "double"
+        battery_temp_c    = "double"
+        battery_soc_pct   = "double"
+        tire_pressure_psi = "double"
+        fuel_pct          = "double"
+        temperature_c     = "double"
+        humidity_pct      = "double"
+        metrics           = "map<string,double>"
+      }
+      content {
+        name = columns.key
+        type = columns.value
+      }
+    }
   }
 }
 

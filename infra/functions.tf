@@ -35,6 +35,49 @@ locals {
     actions   = ["timestream:DescribeEndpoints"]
     resources = ["*"]
   }
+
+  # The archive the deployment chose (variable archive), for the archiver and the query API.
+  archive_environment = {
+    ARCHIVE             = var.archive
+    ARCHIVE_BUCKET      = var.archive == "s3" ? aws_s3_bucket.archive[0].bucket : ""
+    TIMESTREAM_DATABASE = var.archive == "timestream" ? aws_timestreamwrite_database.archive[0].database_name : ""
+    TIMESTREAM_TABLE    = var.archive == "timestream" ? aws_timestreamwrite_table.readings[0].table_name : ""
+  }
+
+  archive_write_statements = var.archive == "s3" ? [
+    {
+      sid       = "WriteArchive"
+      actions   = ["s3:PutObject"]
+      resources = ["${aws_s3_bucket.archive[0].arn}/readings/*"]
+    },
+    ] : [
+    {
+      sid       = "WriteReadings"
+      actions   = ["timestream:WriteRecords"]
+      resources = [aws_timestreamwrite_table.readings[0].arn]
+    },
+    local.timestream_endpoints_statement,
+  ]
+
+  archive_read_statements = var.archive == "s3" ? [
+    {
+      sid       = "ListArchive"
+      actions   = ["s3:ListBucket"]
+      resources = [aws_s3_bucket.archive[0].arn]
+    },
+    {
+      sid       = "ReadArchive"
+      actions   = ["s3:GetObject"]
+      resources = ["${aws_s3_bucket.archive[0].arn}/readings/*"]
+    },
+    ] : [
+    {
+      sid       = "ReadTracks"
+      actions   = ["timestream:Select"]
+      resources = [aws_timestreamwrite_table.readings[0].arn]
+    },
+    local.timestream_endpoints_statement,
+  ]
 }
 
 module "ingest" {
@@ -78,24 +121,14 @@ module "geo_update" {
 module "archiver" {
   source             = "./modules/function"
   name               = "${var.name_prefix}-archiver"
-  description        = "Archives every reading in Timestream"
+  description        = "Archives every reading (S3 or Timestream)"
   zip_path           = local.artifact["archiver"]
   log_retention_days = var.log_retention_days
   timeout_seconds    = 60
-  environment = {
-    TIMESTREAM_DATABASE   = aws_timestreamwrite_database.archive.database_name
-    TIMESTREAM_TABLE      = aws_timestreamwrite_table.readings.table_name
+  environment = merge(local.archive_environment, {
     DEAD_LETTER_QUEUE_URL = aws_sqs_queue.dead_letters.url
-  }
-  policy_statements = concat(local.stream_reader_statements, [
-    {
-      sid       = "WriteReadings"
-      actions   = ["timestream:WriteRecords"]
-      resources = [aws_timestreamwrite_table.readings.arn]
-    },
-    local.timestream_endpoints_statement,
-    local.dead_letter_statement,
-  ])
+  })
+  policy_statements = concat(local.stream_reader_statements, local.archive_write_statements, [local.dead_letter_statement])
 }
 
 module "anomaly_inspector" {
@@ -138,14 +171,12 @@ module "query_api" {
   description        = "Vehicles by id and near a point, tracks, alerts and acknowledgements"
   zip_path           = local.artifact["query-api"]
   log_retention_days = var.log_retention_days
-  environment = {
-    POSITIONS_TABLE     = aws_dynamodb_table.positions.name
-    ALERT_STATE_TABLE   = aws_dynamodb_table.alert_state.name
-    ALERTS_TABLE        = aws_dynamodb_table.alerts.name
-    TIMESTREAM_DATABASE = aws_timestreamwrite_database.archive.database_name
-    TIMESTREAM_TABLE    = aws_timestreamwrite_table.readings.table_name
-  }
-  policy_statements = [
+  environment = merge(local.archive_environment, {
+    POSITIONS_TABLE   = aws_dynamodb_table.positions.name
+    ALERT_STATE_TABLE = aws_dynamodb_table.alert_state.name
+    ALERTS_TABLE      = aws_dynamodb_table.alerts.name
+  })
+  policy_statements = concat([
     {
       sid       = "ReadPositions"
       actions   = ["dynamodb:GetItem"]
@@ -166,13 +197,7 @@ module "query_api" {
       actions   = ["dynamodb:Query"]
       resources = ["${aws_dynamodb_table.alerts.arn}/index/by-state", "${aws_dynamodb_table.alerts.arn}/index/by-device"]
     },
-    {
-      sid       = "ReadTracks"
-      actions   = ["timestream:Select"]
-      resources = [aws_timestreamwrite_table.readings.arn]
-    },
-    local.timestream_endpoints_statement,
-  ]
+  ], local.archive_read_statements)
 }
 
 locals {

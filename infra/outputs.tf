@@ -36,3 +36,16 @@ output "dashboard" {
   description = "CloudWatch dashboard name."
   value       = aws_cloudwatch_dashboard.pipeline.dashboard_name
 }
+
+output "archive" {
+  description = "Where readings are archived: the S3 bucket and Athena (Glue) table, or the Timestream table."
+  value = var.archive == "s3" ? {
+    kind   = "s3"
+    bucket = aws_s3_bucket.archive[0].bucket
+    athena = "${aws_glue_catalog_database.archive[0].name}.${aws_glue_catalog_table.readings[0].name}"
+    } : {
+    kind   = "timestream"
+    bucket = ""
+    athena = "${aws_timestreamwrite_database.archive[0].database_name}.${aws_timestreamwrite_table.readings[0].table_name}"
+  }
+}

@@ -174,3 +174,25 @@ variable "alarm_topic_arn" {
   type        = string
   default     = ""
 }
+
+variable "archive" {
+  description = "Where every reading is archived: s3 (time-partitioned JSON objects, queried with Athena) or timestream (for accounts that have Amazon Timestream for LiveAnalytics, closed to new customers since 2025-06-20)."
+  type        = string
+  default     = "s3"
+
+  validation {
+    condition     = contains(["s3", "timestream"], var.archive)
+    error_message = "archive must be s3 or timestream."
+  }
+}
+
+variable "archive_expiration_days" {
+  description = "With the S3 archive: days after which readings are deleted."
+  type        = number
+  default     = 365
+
+  validation {
+    condition     = var.archive_expiration_days >= 1
+    error_message = "archive_expiration_days must be at least 1."
+  }
+}

@@ -68,7 +68,8 @@ fn locals(bodies: &[(String, Body)]) -> HashMap<String, Expression> {
         .collect()
 }
 
-/// Resolves `local.x` references and `concat(...)` calls, recursively.
+/// Resolves `local.x` references, `concat(...)` and `merge(...)` calls and conditionals,
+/// recursively.
 fn resolve(expression: &Expression, locals: &HashMap<String, Expression>) -> Expression {
     match expression {
         Expression::Traversal(traversal) => match (&traversal.expr, traversal.operators.as_slice())
@@ -83,6 +84,15 @@ fn resolve(expression: &Expression, locals: &HashMap<String, Expression>) -> Exp
             }
             _ => expression.clone(),
         },
+        Expression::FuncCall(call) if call.name.name.as_str() == "merge" => Expression::Object(
+            call.args
+                .iter()
+                .flat_map(|arg| match resolve(arg, locals) {
+                    Expression::Object(object) => object.into_iter().collect::<Vec<_>>(),
+                    _ => Vec::new(),
+                })
+                .collect(),
+        ),
         Expression::FuncCall(call) if call.name.name.as_str() == "concat" => Expression::Array(
             call.args
                 .iter()
@@ -92,6 +102,19 @@ fn resolve(expression: &Expression, locals: &HashMap<String, Expression>) -> Exp
                 })
                 .collect(),
         ),
+        // `cond ? [a] : [b]`: a deployment takes one branch; the checker takes both.
+        Expression::Conditional(conditional) => {
+            match (
+                resolve(&conditional.true_expr, locals),
+                resolve(&conditional.false_expr, locals),
+            ) {
+                (Expression::Array(mut yes), Expression::Array(no)) => {
+                    yes.extend(no);
+                    Expression::Array(yes)
+                }
+                (yes, _) => yes,
+            }
+        }
         Expression::Array(items) => {
             Expression::Array(items.iter().map(|i| resolve(i, locals)).collect())
         }
@@ -120,10 +143,12 @@ fn reference(expression: &Expression) -> String {
     normalize(&text)
 }
 
-/// Interpolation marks and `.arn` dropped, so references compare as plain names.
+/// Interpolation marks, `[0]` (of resources with a count) and `.arn` dropped, so references
+/// compare as plain names.
 fn normalize(text: &str) -> String {
     text.replace("${", "")
         .replace('}', "")
+        .replace("[0]", "")
         .replace(".arn", "")
         .trim()
         .to_string()
@@ -198,7 +223,8 @@ pub fn check(
             ));
             continue;
         };
-        let set = object_keys(attribute(module.body(), "environment"));
+        let environment = attribute(module.body(), "environment").map(|e| resolve(e, &locals));
+        let set = object_keys(environment.as_ref());
         for variable in function.env {
             if !set.contains(*variable) {
                 problems.push(format!(
@@ -364,8 +390,9 @@ pub fn check(
     problems
 }
 
-/// The environment variables a Lambda `main` reads: every `lambda::env("NAME"` call, and the
-/// dead-letter queue behind `lambda::dead_letters(`. A `main` must not read the environment any
+/// The environment variables a Lambda `main` reads: every `lambda::env("NAME"` call, the
+/// dead-letter queue behind `lambda::dead_letters(`, and the archive settings behind
+/// `lambda::archive(`. A `main` must not read the environment any
 /// other way, so that this scan is complete.
 pub fn env_read_by_main(source: &str) -> Result<BTreeSet<String>, String> {
     if source.contains("std::env::var") || source.contains("env::var(") {
@@ -383,6 +410,17 @@ pub fn env_read_by_main(source: &str) -> Result<BTreeSet<String>, String> {
         .collect();
     if compact.contains("lambda::dead_letters(") {
         read.insert("DEAD_LETTER_QUEUE_URL".to_string());
+    }
+    if compact.contains("lambda::archive(") {
+        read.extend(
+            [
+                "ARCHIVE",
+                "ARCHIVE_BUCKET",
+                "TIMESTREAM_DATABASE",
+                "TIMESTREAM_TABLE",
+            ]
+            .map(String::from),
+        );
     }
     Ok(read)
 }

@@ -569,3 +569,75 @@ async fn the_local_runner_on_the_aws_backend_serves_the_pipeline_over_http() {
     assert!(calls.get("GetRecords").is_some_and(|n| *n > 0));
     running.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_s3_archive_partitions_by_hour_and_rewrites_on_replay() {
+    use geostream_shared::model::Reading;
+    use geostream_shared::ports::Archive;
+    let Some(endpoint) = emulator() else { return };
+    let clients = Clients::new(&sdk_config(Some(&endpoint)).await);
+    let bucket = format!("gs-archive-{}", std::process::id());
+    clients
+        .s3
+        .create_bucket()
+        .bucket(&bucket)
+        .send()
+        .await
+        .expect("bucket is created on the emulator");
+    let archive = geostream_aws::s3archive::S3Archive::new(clients.s3.clone(), &bucket);
+    let t0 = 1_763_900_000_000; // 2025-11-23 12:13:20 UTC
+    let readings: Vec<Reading> = (0..6)
+        .map(|n| Reading {
+            device_id: if n % 2 == 0 {
+                "s3-truck-1"
+            } else {
+                "s3-truck-2"
+            }
+            .into(),
+            ts: t0 + n * 20 * 60 * 1000, // every 20 minutes: two hour partitions
+            event_id: format!("e{n}"),
+            engine_temp_c: Some(90.0 + n as f64),
+            ..Default::default()
+        })
+        .collect();
+    assert!(archive.write(&readings).await.unwrap().is_empty());
+    assert!(
+        archive.write(&readings).await.unwrap().is_empty(),
+        "a retried batch rewrites the same objects"
+    );
+    // The same readings in another batch (a replay from the stream) land in another object.
+    assert!(archive.write(&readings[..2]).await.unwrap().is_empty());
+
+    let listed = clients
+        .s3
+        .list_objects_v2()
+        .bucket(&bucket)
+        .prefix("readings/")
+        .send()
+        .await
+        .unwrap();
+    let keys: Vec<&str> = listed.contents().iter().filter_map(|o| o.key()).collect();
+    assert_eq!(keys.len(), 3, "{keys:?}");
+    assert!(keys
+        .iter()
+        .any(|k| k.starts_with("readings/date=2025-11-23/hour=12/")));
+    assert!(keys
+        .iter()
+        .any(|k| k.starts_with("readings/date=2025-11-23/hour=13/")));
+
+    let track = archive
+        .track("s3-truck-1", t0, t0 + 3 * 3_600_000, 100)
+        .await
+        .unwrap();
+    let ids: Vec<&str> = track.iter().map(|r| r.event_id.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["e0", "e2", "e4"],
+        "one reading each, in time order, duplicates removed"
+    );
+    assert_eq!(track[1].engine_temp_c, Some(92.0));
+    assert!(archive
+        .track("s3-truck-1", t0, t0 + 49 * 3_600_000, 100)
+        .await
+        .is_err());
+}

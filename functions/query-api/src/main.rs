@@ -1,11 +1,10 @@
-//! The query-api Lambda: API Gateway HTTP API (payload v2) -> DynamoDB and Timestream reads.
+//! The query-api Lambda: API Gateway HTTP API (payload v2) -> DynamoDB and archive reads.
 
 use std::sync::Arc;
 
 use aws_lambda_events::event::apigw::ApiGatewayV2httpRequest;
 use geostream_aws::dynamodb::{DynamoAlerts, DynamoPositions};
 use geostream_aws::lambda;
-use geostream_aws::timestream::TimestreamArchive;
 use geostream_query_api::QueryApi;
 use lambda_runtime::{run, service_fn, Error, LambdaEvent};
 
@@ -18,24 +17,14 @@ async fn main() -> Result<(), Error> {
         "the DynamoDB table of per-device rule state",
     )?;
     let alerts_table = lambda::env("ALERTS_TABLE", "the DynamoDB table of alerts")?;
-    let database = lambda::env(
-        "TIMESTREAM_DATABASE",
-        "the Timestream database of the archive",
-    )?;
-    let table = lambda::env("TIMESTREAM_TABLE", "the Timestream table of the archive")?;
     let clients = lambda::clients().await;
+    let archive = lambda::archive(&clients)?;
     let handler = QueryApi::new(
         Arc::new(DynamoPositions::new(
             clients.dynamodb.clone(),
             positions_table,
         )),
-        Arc::new(TimestreamArchive::new(
-            clients.timestream_write,
-            clients.timestream_query,
-            clients.timestream_discovery,
-            database,
-            table,
-        )),
+        archive,
         Arc::new(DynamoAlerts::new(
             clients.dynamodb,
             state_table,

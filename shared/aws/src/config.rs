@@ -51,6 +51,7 @@ pub struct Clients {
     pub timestream_write: aws_sdk_timestreamwrite::Client,
     pub timestream_query: aws_sdk_timestreamquery::Client,
     pub sqs: aws_sdk_sqs::Client,
+    pub s3: aws_sdk_s3::Client,
     /// Timestream on AWS needs endpoint discovery; against an emulator (`endpoint_url` set) it
     /// would send the client to the real AWS hosts, so it is off there.
     pub timestream_discovery: bool,
@@ -76,6 +77,13 @@ impl Clients {
                 .interceptor(calls.clone())
                 .build(),
         );
+        // Emulators serve buckets on their own host: path-style addressing.
+        let s3 = aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::config::Builder::from(sdk)
+                .force_path_style(sdk.endpoint_url().is_some())
+                .interceptor(calls.clone())
+                .build(),
+        );
         let timestream_write = aws_sdk_timestreamwrite::Client::from_conf(
             aws_sdk_timestreamwrite::config::Builder::from(sdk)
                 .interceptor(calls.clone())
@@ -92,6 +100,7 @@ impl Clients {
             timestream_write,
             timestream_query,
             sqs,
+            s3,
             timestream_discovery: sdk.endpoint_url().is_none(),
             calls,
         }

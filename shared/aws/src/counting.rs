@@ -6,11 +6,12 @@ use std::sync::{Arc, Mutex};
 use aws_smithy_runtime_api::box_error::BoxError;
 use aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextRef;
 use aws_smithy_runtime_api::client::interceptors::Intercept;
+use aws_smithy_runtime_api::client::orchestrator::Metadata;
 use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
 use aws_smithy_types::config_bag::ConfigBag;
 
-/// An SDK interceptor that counts every request it sees by its `X-Amz-Target` operation (all
-/// services GeoStream calls speak AWS JSON), e.g. `Kinesis_20131202.PutRecords`.
+/// An SDK interceptor that counts every request it sees by operation name (`PutRecords`,
+/// `PutObject`, ...), as the SDK's operation metadata names it.
 #[derive(Debug, Clone, Default)]
 pub struct CallCounter {
     counts: Arc<Mutex<BTreeMap<String, u64>>>,
@@ -50,14 +51,12 @@ impl Intercept for CallCounter {
         &self,
         context: &BeforeTransmitInterceptorContextRef<'_>,
         _runtime_components: &RuntimeComponents,
-        _cfg: &mut ConfigBag,
+        cfg: &mut ConfigBag,
     ) -> Result<(), BoxError> {
-        let request = context.request();
-        let operation = request
-            .headers()
-            .get("x-amz-target")
-            .map(|target| target.rsplit('.').next().unwrap_or(target).to_string())
-            .unwrap_or_else(|| format!("{} {}", request.method(), request.uri()));
+        let operation = match cfg.load::<Metadata>() {
+            Some(metadata) => metadata.name().to_string(),
+            None => format!("{} {}", context.request().method(), context.request().uri()),
+        };
         *self
             .counts
             .lock()

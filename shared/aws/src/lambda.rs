@@ -3,11 +3,13 @@
 
 use std::sync::Arc;
 
-use geostream_shared::ports::DeadLetterSink;
+use geostream_shared::ports::{Archive, DeadLetterSink};
 use geostream_shared::rules::RuleSet;
 
 use crate::config::{required_env, sdk_config, Clients, MissingEnv};
+use crate::s3archive::S3Archive;
 use crate::sqs::SqsDeadLetters;
+use crate::timestream::TimestreamArchive;
 
 /// Structured JSON logs on stdout (CloudWatch Logs), level from `RUST_LOG` (default info).
 pub fn init_tracing() {
@@ -50,5 +52,36 @@ pub fn rules() -> Result<RuleSet, String> {
             RuleSet::from_toml(&text).map_err(|e| format!("RULES_FILE {path}: {e}"))
         }
         _ => Ok(RuleSet::default_rules()),
+    }
+}
+
+/// The archive named by `ARCHIVE`: `timestream` (`TIMESTREAM_DATABASE`, `TIMESTREAM_TABLE`) or
+/// `s3` (`ARCHIVE_BUCKET`).
+pub fn archive(clients: &Clients) -> Result<Arc<dyn Archive>, String> {
+    let kind = required_env("ARCHIVE", "which archive to use: timestream or s3")
+        .map_err(|e| e.to_string())?;
+    match kind.as_str() {
+        "timestream" => {
+            let database = required_env(
+                "TIMESTREAM_DATABASE",
+                "the Timestream database of the archive",
+            )
+            .map_err(|e| e.to_string())?;
+            let table = required_env("TIMESTREAM_TABLE", "the Timestream table of the archive")
+                .map_err(|e| e.to_string())?;
+            Ok(Arc::new(TimestreamArchive::new(
+                clients.timestream_write.clone(),
+                clients.timestream_query.clone(),
+                clients.timestream_discovery,
+                database,
+                table,
+            )))
+        }
+        "s3" => {
+            let bucket = required_env("ARCHIVE_BUCKET", "the S3 bucket of the archive")
+                .map_err(|e| e.to_string())?;
+            Ok(Arc::new(S3Archive::new(clients.s3.clone(), bucket)))
+        }
+        other => Err(format!("ARCHIVE={other:?}: expected timestream or s3")),
     }
 }

@@ -19,5 +19,6 @@ pub mod lambda;
 pub mod manifest;
 pub mod provision;
 pub mod retry;
+pub mod s3archive;
 pub mod sqs;
 pub mod timestream;

@@ -53,12 +53,21 @@ pub const FUNCTIONS: &[FunctionManifest] = &[
     FunctionManifest {
         name: "archiver",
         env: &[
+            "ARCHIVE",
+            "ARCHIVE_BUCKET",
             "TIMESTREAM_DATABASE",
             "TIMESTREAM_TABLE",
             "DEAD_LETTER_QUEUE_URL",
         ],
-        operations: &["WriteRecords", "DescribeEndpoints", "SendMessageBatch"],
+        operations: &[
+            "WriteRecords",
+            "DescribeEndpoints",
+            "PutObject",
+            "SendMessageBatch",
+        ],
+        // Timestream or S3, whichever the deployment's `archive` variable chose.
         permissions: &[
+            allow("s3:PutObject", "aws_s3_bucket.archive/readings/*"),
             allow(
                 "timestream:WriteRecords",
                 "aws_timestreamwrite_table.readings",
@@ -99,10 +108,19 @@ pub const FUNCTIONS: &[FunctionManifest] = &[
             "POSITIONS_TABLE",
             "ALERT_STATE_TABLE",
             "ALERTS_TABLE",
+            "ARCHIVE",
+            "ARCHIVE_BUCKET",
             "TIMESTREAM_DATABASE",
             "TIMESTREAM_TABLE",
         ],
-        operations: &["GetItem", "Query", "UpdateItem", "DescribeEndpoints"],
+        operations: &[
+            "GetItem",
+            "Query",
+            "UpdateItem",
+            "DescribeEndpoints",
+            "ListObjectsV2",
+            "GetObject",
+        ],
         permissions: &[
             allow("dynamodb:GetItem", "aws_dynamodb_table.positions"),
             allow(
@@ -118,6 +136,8 @@ pub const FUNCTIONS: &[FunctionManifest] = &[
             ),
             allow("timestream:Select", "aws_timestreamwrite_table.readings"),
             allow("timestream:DescribeEndpoints", "*"),
+            allow("s3:ListBucket", "aws_s3_bucket.archive"),
+            allow("s3:GetObject", "aws_s3_bucket.archive/readings/*"),
         ],
         reads_telemetry: false,
     },

@@ -1,0 +1,193 @@
+//! The archive as time-partitioned objects on S3, for accounts without Timestream (closed to
+//! new customers since 2025-06-20), queryable with Athena.
+//!
+//! Layout: `s3://BUCKET/readings/date=YYYY-MM-DD/hour=HH/<digest>.jsonl`, one JSON object per
+//! line (the same fields as the API's readings), partitioned by the reading's event time (UTC).
+//! Each stream batch writes one object per hour it touches, named by a digest of its readings'
+//! keys: a retried batch overwrites the same object. A reading replayed in a different batch
+//! lands in a second object; track reads here deduplicate by (ts, event_id), and Athena queries
+//! should too (`SELECT DISTINCT` or `GROUP BY event_id`).
+//!
+//! Track reads list and read the hour partitions of the range, so they are meant for short
+//! ranges (at most [`MAX_TRACK_HOURS`]); longer analyses belong in Athena over the same objects.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use aws_sdk_s3::primitives::ByteStream;
+use chrono::{DateTime, Duration, Timelike, Utc};
+use geostream_shared::model::Reading;
+use geostream_shared::ports::{Archive, RejectedReading, StoreError};
+use geostream_shared::EpochMillis;
+
+/// The longest range a track read lists partitions for.
+pub const MAX_TRACK_HOURS: i64 = 48;
+
+pub struct S3Archive {
+    client: aws_sdk_s3::Client,
+    bucket: String,
+}
+
+fn hour_of(ts: EpochMillis) -> Option<DateTime<Utc>> {
+    let time = DateTime::from_timestamp_millis(ts)?;
+    time.with_minute(0)?.with_second(0)?.with_nanosecond(0)
+}
+
+/// The key prefix of an hour partition.
+pub fn partition_prefix(hour: DateTime<Utc>) -> String {
+    format!(
+        "readings/date={}/hour={:02}/",
+        hour.format("%Y-%m-%d"),
+        hour.hour()
+    )
+}
+
+fn s3_error<E: std::error::Error + 'static, R: std::fmt::Debug>(
+    operation: &'static str,
+    error: aws_sdk_s3::error::SdkError<E, R>,
+) -> StoreError {
+    StoreError::transient(
+        operation,
+        aws_sdk_s3::error::DisplayErrorContext(&error).to_string(),
+    )
+}
+
+impl S3Archive {
+    pub fn new(client: aws_sdk_s3::Client, bucket: impl Into<String>) -> Self {
+        S3Archive {
+            client,
+            bucket: bucket.into(),
+        }
+    }
+
+    async fn keys_under(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let mut keys = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let output = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(prefix)
+                .set_continuation_token(token.take())
+                .send()
+                .await
+                .map_err(|e| s3_error("ListObjectsV2", e))?;
+            keys.extend(
+                output
+                    .contents()
+                    .iter()
+                    .filter_map(|o| o.key().map(str::to_string)),
+            );
+            match output.next_continuation_token() {
+                Some(next) => token = Some(next.to_string()),
+                None => return Ok(keys),
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Archive for S3Archive {
+    async fn write(&self, readings: &[Reading]) -> Result<Vec<RejectedReading>, StoreError> {
+        let mut rejected = Vec::new();
+        let mut partitions: BTreeMap<DateTime<Utc>, Vec<&Reading>> = BTreeMap::new();
+        for (index, reading) in readings.iter().enumerate() {
+            match hour_of(reading.ts) {
+                Some(hour) => partitions.entry(hour).or_default().push(reading),
+                None => rejected.push(RejectedReading {
+                    index,
+                    reason: format!("ts {} is not a representable time", reading.ts),
+                }),
+            }
+        }
+        for (hour, mut group) in partitions {
+            group.sort_by(|a, b| {
+                (a.device_id.as_str(), a.order_key()).cmp(&(b.device_id.as_str(), b.order_key()))
+            });
+            let mut digest = md5::Context::new();
+            let mut body = Vec::new();
+            for reading in &group {
+                digest.consume(reading.device_id.as_bytes());
+                digest.consume(reading.ts.to_be_bytes());
+                digest.consume(reading.event_id.as_bytes());
+                serde_json::to_writer(&mut body, reading)
+                    .map_err(|e| StoreError::permanent("PutObject", e.to_string()))?;
+                body.push(b'\n');
+            }
+            let key = format!("{}{:x}.jsonl", partition_prefix(hour), digest.finalize());
+            self.client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(&key)
+                .content_type("application/x-ndjson")
+                .body(ByteStream::from(body))
+                .send()
+                .await
+                .map_err(|e| s3_error("PutObject", e))?;
+        }
+        Ok(rejected)
+    }
+
+    async fn track(
+        &self,
+        device_id: &str,
+        from: EpochMillis,
+        to: EpochMillis,
+        limit: usize,
+    ) -> Result<Vec<Reading>, StoreError> {
+        let (Some(first), Some(last)) = (hour_of(from), hour_of(to - 1)) else {
+            return Err(StoreError::permanent(
+                "track",
+                format!("{from}..{to} is not a representable time range"),
+            ));
+        };
+        let hours = (last - first).num_hours() + 1;
+        if hours > MAX_TRACK_HOURS {
+            return Err(StoreError::permanent(
+                "track",
+                format!("the range spans {hours} hours; the S3 archive reads at most {MAX_TRACK_HOURS} (query longer ranges with Athena)"),
+            ));
+        }
+        let mut found: BTreeMap<(EpochMillis, String), Reading> = BTreeMap::new();
+        for step in 0..hours {
+            let prefix = partition_prefix(first + Duration::hours(step));
+            for key in self.keys_under(&prefix).await? {
+                let object = self
+                    .client
+                    .get_object()
+                    .bucket(&self.bucket)
+                    .key(&key)
+                    .send()
+                    .await
+                    .map_err(|e| s3_error("GetObject", e))?;
+                let bytes = object
+                    .body
+                    .collect()
+                    .await
+                    .map_err(|e| StoreError::transient("GetObject", format!("{key}: {e}")))?
+                    .into_bytes();
+                for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                    let reading: Reading = serde_json::from_slice(line)
+                        .map_err(|e| StoreError::permanent("GetObject", format!("{key}: {e}")))?;
+                    if reading.device_id == device_id && reading.ts >= from && reading.ts < to {
+                        found.insert((reading.ts, reading.event_id.clone()), reading);
+                    }
+                }
+            }
+        }
+        Ok(found.into_values().take(limit).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitions_are_hours_of_event_time() {
+        let hour = hour_of(1_763_900_000_123).unwrap();
+        assert_eq!(partition_prefix(hour), "readings/date=2025-11-23/hour=12/");
+        assert_eq!(hour_of(1_763_902_799_999), Some(hour));
+    }
+}
