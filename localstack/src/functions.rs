@@ -3,41 +3,20 @@
 use async_trait::async_trait;
 use aws_lambda_events::event::kinesis::KinesisEvent;
 use aws_lambda_events::event::streams::KinesisEventResponse;
-use geostream_anomaly_inspector::AnomalyInspector;
-use geostream_archiver::Archiver;
-use geostream_geo_update::GeoUpdate;
+use geostream_shared::stream::StreamFunction;
 
 use crate::esm::KinesisFunction;
 
-pub struct GeoUpdateFunction(pub GeoUpdate);
-pub struct ArchiverFunction(pub Archiver);
-pub struct AnomalyInspectorFunction(pub AnomalyInspector);
+/// A stream function seen as Lambda sees it. The handlers answer every batch with partial
+/// failures, so an invocation as a whole never fails.
+pub struct Invoked<T>(pub T);
 
 #[async_trait]
-impl KinesisFunction for GeoUpdateFunction {
+impl<T: StreamFunction> KinesisFunction for Invoked<T> {
     fn name(&self) -> &str {
-        geostream_geo_update::FUNCTION_NAME
+        self.0.name()
     }
-    async fn invoke(&self, event: KinesisEvent) -> Result<KinesisEventResponse, String> {
-        Ok(self.0.handle(event).await)
-    }
-}
 
-#[async_trait]
-impl KinesisFunction for ArchiverFunction {
-    fn name(&self) -> &str {
-        geostream_archiver::FUNCTION_NAME
-    }
-    async fn invoke(&self, event: KinesisEvent) -> Result<KinesisEventResponse, String> {
-        Ok(self.0.handle(event).await)
-    }
-}
-
-#[async_trait]
-impl KinesisFunction for AnomalyInspectorFunction {
-    fn name(&self) -> &str {
-        geostream_anomaly_inspector::FUNCTION_NAME
-    }
     async fn invoke(&self, event: KinesisEvent) -> Result<KinesisEventResponse, String> {
         Ok(self.0.handle(event).await)
     }

@@ -378,15 +378,15 @@ pub async fn start(config: LocalConfig) -> Result<RunningStack, String> {
     let (shutdown, shutdown_rx) = watch::channel(false);
 
     let stream_functions: Vec<Arc<dyn esm::KinesisFunction>> = vec![
-        Arc::new(functions::GeoUpdateFunction(GeoUpdate::new(
+        Arc::new(functions::Invoked(GeoUpdate::new(
             positions.clone(),
             ports.dead_letters.clone(),
         ))),
-        Arc::new(functions::ArchiverFunction(Archiver::new(
+        Arc::new(functions::Invoked(Archiver::new(
             ports.archive.clone(),
             ports.dead_letters.clone(),
         ))),
-        Arc::new(functions::AnomalyInspectorFunction(AnomalyInspector::new(
+        Arc::new(functions::Invoked(AnomalyInspector::new(
             Arc::new(config.rules.clone()),
             ports.alerts.clone(),
             ports.alert_bus.clone(),

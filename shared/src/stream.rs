@@ -43,6 +43,23 @@ impl From<KinesisEvent> for StreamBatch {
     }
 }
 
+/// A stream function (geo-update, archiver, anomaly-inspector): a batch in, the ids of the
+/// records to retry out.
+#[async_trait::async_trait]
+pub trait StreamFunction: Send + Sync {
+    /// The function's name, as logs and dead letters give it.
+    fn name(&self) -> &'static str;
+
+    async fn process(&self, batch: StreamBatch) -> BatchOutcome;
+
+    /// Lambda's view: a `KinesisEvent` in, partial batch failures out.
+    async fn handle(&self, event: KinesisEvent) -> KinesisEventResponse {
+        self.process(StreamBatch::from(event))
+            .await
+            .into_kinesis_response()
+    }
+}
+
 /// The ids of the records that failed and should be retried.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct BatchOutcome {

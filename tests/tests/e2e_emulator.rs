@@ -20,6 +20,7 @@ use geostream_geo_update::GeoUpdate;
 use geostream_ingest::Ingest;
 use geostream_query_api::QueryApi;
 use geostream_shared::rules::RuleSet;
+use geostream_shared::stream::StreamFunction;
 use serde_json::{json, Value};
 
 /// The emulator's URL, or `None` (with a loud note) when it is not running; under

@@ -10,15 +10,16 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use aws_lambda_events::event::kinesis::KinesisEvent;
-use aws_lambda_events::event::streams::KinesisEventResponse;
+use async_trait::async_trait;
 use futures::stream::{self, StreamExt};
 use geostream_shared::model::Reading;
 use geostream_shared::ports::{
     AlertStore, BusRecord, DeadLetterSink, ErrorKind, EventBus, StoreError,
 };
 use geostream_shared::rules::RuleSet;
-use geostream_shared::stream::{decode_batch, BatchOutcome, StreamBatch, DEVICE_CONCURRENCY};
+use geostream_shared::stream::{
+    decode_batch, BatchOutcome, StreamBatch, StreamFunction, DEVICE_CONCURRENCY,
+};
 
 pub const FUNCTION_NAME: &str = "anomaly-inspector";
 /// Commits that lose a version race are retried this many times before the records fail.
@@ -44,43 +45,6 @@ impl AnomalyInspector {
             alert_bus,
             dead_letters,
         }
-    }
-
-    pub async fn handle(&self, event: KinesisEvent) -> KinesisEventResponse {
-        self.process(StreamBatch::from(event))
-            .await
-            .into_kinesis_response()
-    }
-
-    pub async fn process(&self, batch: StreamBatch) -> BatchOutcome {
-        let (records, mut failed) =
-            decode_batch(FUNCTION_NAME, batch, self.dead_letters.as_ref()).await;
-        let mut devices: Vec<String> = Vec::new();
-        let mut work: HashMap<String, (Vec<String>, Vec<Reading>)> = HashMap::new();
-        for (record_id, envelope) in records {
-            let entry = work.entry(envelope.device_id.clone()).or_insert_with(|| {
-                devices.push(envelope.device_id.clone());
-                (Vec::new(), Vec::new())
-            });
-            entry.0.push(record_id);
-            entry.1.extend(envelope.readings);
-        }
-        let jobs = devices.into_iter().filter_map(|device| {
-            work.remove(&device)
-                .map(|(record_ids, readings)| (device, record_ids, readings))
-        });
-        let mut results = stream::iter(jobs.map(|(device, record_ids, readings)| async move {
-            let result = self.inspect_device(&device, &readings).await;
-            (device, record_ids, result)
-        }))
-        .buffer_unordered(DEVICE_CONCURRENCY);
-        while let Some((device, record_ids, result)) = results.next().await {
-            if let Err(error) = result {
-                tracing::warn!(function = FUNCTION_NAME, device_id = %device, %error, "inspection failed; records will be retried");
-                failed.extend(record_ids);
-            }
-        }
-        BatchOutcome { failed }
     }
 
     async fn inspect_device(
@@ -136,6 +100,44 @@ impl AnomalyInspector {
                 Err(error) => return Err(error),
             }
         }
+    }
+}
+
+#[async_trait]
+impl StreamFunction for AnomalyInspector {
+    fn name(&self) -> &'static str {
+        FUNCTION_NAME
+    }
+
+    async fn process(&self, batch: StreamBatch) -> BatchOutcome {
+        let (records, mut failed) =
+            decode_batch(FUNCTION_NAME, batch, self.dead_letters.as_ref()).await;
+        let mut devices: Vec<String> = Vec::new();
+        let mut work: HashMap<String, (Vec<String>, Vec<Reading>)> = HashMap::new();
+        for (record_id, envelope) in records {
+            let entry = work.entry(envelope.device_id.clone()).or_insert_with(|| {
+                devices.push(envelope.device_id.clone());
+                (Vec::new(), Vec::new())
+            });
+            entry.0.push(record_id);
+            entry.1.extend(envelope.readings);
+        }
+        let jobs = devices.into_iter().filter_map(|device| {
+            work.remove(&device)
+                .map(|(record_ids, readings)| (device, record_ids, readings))
+        });
+        let mut results = stream::iter(jobs.map(|(device, record_ids, readings)| async move {
+            let result = self.inspect_device(&device, &readings).await;
+            (device, record_ids, result)
+        }))
+        .buffer_unordered(DEVICE_CONCURRENCY);
+        while let Some((device, record_ids, result)) = results.next().await {
+            if let Err(error) = result {
+                tracing::warn!(function = FUNCTION_NAME, device_id = %device, %error, "inspection failed; records will be retried");
+                failed.extend(record_ids);
+            }
+        }
+        BatchOutcome { failed }
     }
 }
 

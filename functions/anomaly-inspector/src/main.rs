@@ -7,6 +7,7 @@ use geostream_anomaly_inspector::AnomalyInspector;
 use geostream_aws::dynamodb::DynamoAlerts;
 use geostream_aws::kinesis::KinesisBus;
 use geostream_aws::lambda;
+use geostream_shared::stream::StreamFunction;
 use lambda_runtime::{run, service_fn, Error, LambdaEvent};
 
 #[tokio::main]

@@ -4,11 +4,10 @@
 
 use std::sync::Arc;
 
-use aws_lambda_events::event::kinesis::KinesisEvent;
-use aws_lambda_events::event::streams::KinesisEventResponse;
+use async_trait::async_trait;
 use geostream_shared::now_millis;
 use geostream_shared::ports::{Archive, DeadLetter, DeadLetterSink};
-use geostream_shared::stream::{decode_batch, BatchOutcome, StreamBatch};
+use geostream_shared::stream::{decode_batch, BatchOutcome, StreamBatch, StreamFunction};
 
 pub const FUNCTION_NAME: &str = "archiver";
 
@@ -24,14 +23,15 @@ impl Archiver {
             dead_letters,
         }
     }
+}
 
-    pub async fn handle(&self, event: KinesisEvent) -> KinesisEventResponse {
-        self.process(StreamBatch::from(event))
-            .await
-            .into_kinesis_response()
+#[async_trait]
+impl StreamFunction for Archiver {
+    fn name(&self) -> &'static str {
+        FUNCTION_NAME
     }
 
-    pub async fn process(&self, batch: StreamBatch) -> BatchOutcome {
+    async fn process(&self, batch: StreamBatch) -> BatchOutcome {
         let (records, mut failed) =
             decode_batch(FUNCTION_NAME, batch, self.dead_letters.as_ref()).await;
         if records.is_empty() {
@@ -93,6 +93,7 @@ impl Archiver {
 mod tests {
     use super::*;
     use async_trait::async_trait;
+    use aws_lambda_events::event::kinesis::KinesisEvent;
     use geostream_shared::memory::{MemoryArchive, MemoryDeadLetters};
     use geostream_shared::model::Reading;
     use geostream_shared::ports::{RejectedReading, StoreError};

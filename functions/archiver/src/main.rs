@@ -3,6 +3,7 @@
 use aws_lambda_events::event::kinesis::KinesisEvent;
 use geostream_archiver::Archiver;
 use geostream_aws::lambda;
+use geostream_shared::stream::StreamFunction;
 use lambda_runtime::{run, service_fn, Error, LambdaEvent};
 
 #[tokio::main]

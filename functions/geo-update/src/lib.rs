@@ -7,13 +7,14 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use aws_lambda_events::event::kinesis::KinesisEvent;
-use aws_lambda_events::event::streams::KinesisEventResponse;
+use async_trait::async_trait;
 use futures::stream::{self, StreamExt};
 use geostream_shared::geo::geohash_of;
 use geostream_shared::model::{Position, Reading};
 use geostream_shared::ports::{DeadLetterSink, PositionStore, UpsertOutcome};
-use geostream_shared::stream::{decode_batch, BatchOutcome, StreamBatch, DEVICE_CONCURRENCY};
+use geostream_shared::stream::{
+    decode_batch, BatchOutcome, StreamBatch, StreamFunction, DEVICE_CONCURRENCY,
+};
 
 pub const FUNCTION_NAME: &str = "geo-update";
 
@@ -35,14 +36,15 @@ impl GeoUpdate {
             dead_letters,
         }
     }
+}
 
-    pub async fn handle(&self, event: KinesisEvent) -> KinesisEventResponse {
-        self.process(StreamBatch::from(event))
-            .await
-            .into_kinesis_response()
+#[async_trait]
+impl StreamFunction for GeoUpdate {
+    fn name(&self) -> &'static str {
+        FUNCTION_NAME
     }
 
-    pub async fn process(&self, batch: StreamBatch) -> BatchOutcome {
+    async fn process(&self, batch: StreamBatch) -> BatchOutcome {
         let (records, mut failed) =
             decode_batch(FUNCTION_NAME, batch, self.dead_letters.as_ref()).await;
         let mut devices: Vec<String> = Vec::new();
@@ -119,6 +121,7 @@ fn to_position(reading: Reading, received_at: i64) -> Option<Position> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use aws_lambda_events::event::kinesis::KinesisEvent;
     use geostream_shared::memory::{MemoryDeadLetters, MemoryPositionStore};
 
     fn event() -> KinesisEvent {

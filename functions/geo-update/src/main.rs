@@ -6,6 +6,7 @@ use aws_lambda_events::event::kinesis::KinesisEvent;
 use geostream_aws::dynamodb::DynamoPositions;
 use geostream_aws::lambda;
 use geostream_geo_update::GeoUpdate;
+use geostream_shared::stream::StreamFunction;
 use lambda_runtime::{run, service_fn, Error, LambdaEvent};
 
 #[tokio::main]
