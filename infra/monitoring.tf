@@ -29,31 +29,18 @@ resource "aws_cloudwatch_metric_alarm" "iterator_age" {
   alarm_actions       = local.alarm_actions
 }
 
-resource "aws_cloudwatch_metric_alarm" "errors" {
-  for_each = local.all_functions
+# Errors and throttles of every function: any at all, three minutes running.
+resource "aws_cloudwatch_metric_alarm" "function_health" {
+  for_each = {
+    for pair in setproduct(keys(local.all_functions), ["Errors", "Throttles"]) :
+    "${pair[0]}-${lower(pair[1])}" => { function = pair[0], metric = pair[1] }
+  }
 
-  alarm_name          = "${var.name_prefix}-${each.key}-errors"
-  alarm_description   = "${each.key} invocations are failing"
+  alarm_name          = "${var.name_prefix}-${each.key}"
+  alarm_description   = "${each.value.function}: ${lower(each.value.metric)} in its invocations"
   namespace           = "AWS/Lambda"
-  metric_name         = "Errors"
-  dimensions          = { FunctionName = each.value }
-  statistic           = "Sum"
-  period              = 60
-  evaluation_periods  = 3
-  threshold           = 0
-  comparison_operator = "GreaterThanThreshold"
-  treat_missing_data  = "notBreaching"
-  alarm_actions       = local.alarm_actions
-}
-
-resource "aws_cloudwatch_metric_alarm" "throttles" {
-  for_each = local.all_functions
-
-  alarm_name          = "${var.name_prefix}-${each.key}-throttles"
-  alarm_description   = "${each.key} invocations are being throttled"
-  namespace           = "AWS/Lambda"
-  metric_name         = "Throttles"
-  dimensions          = { FunctionName = each.value }
+  metric_name         = each.value.metric
+  dimensions          = { FunctionName = local.all_functions[each.value.function] }
   statistic           = "Sum"
   period              = 60
   evaluation_periods  = 3
