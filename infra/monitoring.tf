@@ -70,50 +70,21 @@ resource "aws_cloudwatch_metric_alarm" "dead_letters" {
   alarm_actions       = local.alarm_actions
 }
 
+# The dashboard is drawn from infra/dashboard.json, the same definition geostream-local's live
+# page draws; modules/dashboard renders it (and `terraform test` checks the rendering offline).
+module "dashboard" {
+  source = "./modules/dashboard"
+
+  definition = file("${path.module}/dashboard.json")
+  region     = data.aws_region.current.region
+  functions  = local.all_functions
+  queues = {
+    "dead-letters"    = aws_sqs_queue.dead_letters.name
+    "stream-failures" = aws_sqs_queue.stream_failures.name
+  }
+}
+
 resource "aws_cloudwatch_dashboard" "pipeline" {
   dashboard_name = "${var.name_prefix}-pipeline"
-  dashboard_body = jsonencode({
-    widgets = [
-      {
-        type = "metric", x = 0, y = 0, width = 12, height = 6
-        properties = {
-          title   = "Iterator age per stream function (ms)"
-          region  = data.aws_region.current.region
-          stat    = "Maximum"
-          period  = 60
-          metrics = [for f, name in local.stream_functions : ["AWS/Lambda", "IteratorAge", "FunctionName", local.all_functions[f]]]
-        }
-      },
-      {
-        type = "metric", x = 12, y = 0, width = 12, height = 6
-        properties = {
-          title   = "Function errors and throttles"
-          region  = data.aws_region.current.region
-          stat    = "Sum"
-          period  = 60
-          metrics = concat([for f, name in local.all_functions : ["AWS/Lambda", "Errors", "FunctionName", name]], [for f, name in local.all_functions : ["AWS/Lambda", "Throttles", "FunctionName", name]])
-        }
-      },
-      {
-        type = "metric", x = 0, y = 6, width = 12, height = 6
-        properties = {
-          title   = "Dead letters waiting"
-          region  = data.aws_region.current.region
-          stat    = "Maximum"
-          period  = 60
-          metrics = [["AWS/SQS", "ApproximateNumberOfMessagesVisible", "QueueName", aws_sqs_queue.dead_letters.name], ["AWS/SQS", "ApproximateNumberOfMessagesVisible", "QueueName", aws_sqs_queue.stream_failures.name]]
-        }
-      },
-      {
-        type = "metric", x = 12, y = 6, width = 12, height = 6
-        properties = {
-          title   = "Telemetry records in"
-          region  = data.aws_region.current.region
-          stat    = "Sum"
-          period  = 60
-          metrics = [["AWS/Kinesis", "IncomingRecords", "StreamName", aws_kinesis_stream.telemetry.name]]
-        }
-      },
-    ]
-  })
+  dashboard_body = module.dashboard.body
 }

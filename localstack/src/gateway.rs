@@ -33,6 +33,8 @@ pub fn router(stack: Arc<Stack>) -> Router {
         .route("/local/stats", get(stats))
         .route("/local/dead-letters", get(dead_letters))
         .route("/local/positions", get(positions))
+        .route("/local/metrics", get(metrics))
+        .route("/local/dashboard.json", get(dashboard_definition))
         .fallback(api_gateway)
         .layer(DefaultBodyLimit::max(GATEWAY_BODY_LIMIT))
         .with_state(stack)
@@ -76,6 +78,33 @@ async fn positions(State(stack): State<Arc<Stack>>) -> impl IntoResponse {
     Json(all)
 }
 
+/// The dashboard definition the CloudWatch dashboard is rendered from.
+async fn dashboard_definition() -> impl IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        crate::dashboard::DEFINITION,
+    )
+}
+
+#[derive(serde::Deserialize)]
+struct MetricsQuery {
+    /// Epoch seconds: only buckets after it (the page asks for what it has not seen yet).
+    #[serde(default)]
+    since: i64,
+}
+
+/// The functions' metrics as per-second series (`t`, `sum`, `count`, `max` per bucket).
+async fn metrics(
+    State(stack): State<Arc<Stack>>,
+    axum::extract::Query(query): axum::extract::Query<MetricsQuery>,
+) -> impl IntoResponse {
+    Json(serde_json::json!({
+        "now": now_millis() / 1000,
+        "window_s": crate::metrics::WINDOW_SECONDS,
+        "series": stack.metrics.series_since(query.since),
+    }))
+}
+
 async fn api_gateway(
     State(stack): State<Arc<Stack>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -87,9 +116,9 @@ async fn api_gateway(
     let event = build_event(&method, &uri, headers, &body, peer);
     let path = uri.path();
     let response = if path == geostream_ingest::TELEMETRY_PATH {
-        stack.ingest.handle(event).await
+        stack.ingest.handle(event, stack.metrics.as_ref()).await
     } else if path.starts_with("/v1/") {
-        stack.query_api.handle(event).await
+        stack.query_api.handle(event, stack.metrics.as_ref()).await
     } else {
         return (
             StatusCode::NOT_FOUND,

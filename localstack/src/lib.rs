@@ -8,9 +8,11 @@
 //! emulator). A small status page lives at `/`, counters at `/local/stats`, dead letters at
 //! `/local/dead-letters`.
 
+pub mod dashboard;
 pub mod esm;
 pub mod functions;
 pub mod gateway;
+pub mod metrics;
 pub mod source;
 
 use std::collections::BTreeMap;
@@ -45,6 +47,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use esm::{start_mapping, MappingConfig, MappingSnapshot, MappingStats};
+use metrics::LocalMetrics;
 use source::{KinesisSource, MemorySource, ShardSource};
 
 /// Where the bus and the stores live.
@@ -173,6 +176,8 @@ pub struct Stack {
     pub memory: Option<MemoryParts>,
     /// Set on the AWS backend: API calls made so far, per operation.
     pub aws_calls: Option<CallCounter>,
+    /// What the functions measured, as short series.
+    pub metrics: Arc<LocalMetrics>,
     pub started: Instant,
 }
 
@@ -376,22 +381,26 @@ pub async fn start(config: LocalConfig) -> Result<RunningStack, String> {
     };
     let positions = Arc::new(MeasuredPositions::new(ports.positions.clone()));
     let (shutdown, shutdown_rx) = watch::channel(false);
+    let metrics = Arc::new(LocalMetrics::new());
 
     let stream_functions: Vec<Arc<dyn esm::KinesisFunction>> = vec![
-        Arc::new(functions::Invoked(GeoUpdate::new(
-            positions.clone(),
-            ports.dead_letters.clone(),
-        ))),
-        Arc::new(functions::Invoked(Archiver::new(
-            ports.archive.clone(),
-            ports.dead_letters.clone(),
-        ))),
-        Arc::new(functions::Invoked(AnomalyInspector::new(
-            Arc::new(config.rules.clone()),
-            ports.alerts.clone(),
-            ports.alert_bus.clone(),
-            ports.dead_letters.clone(),
-        ))),
+        Arc::new(functions::Invoked {
+            metrics: metrics.clone(),
+            function: GeoUpdate::new(positions.clone(), ports.dead_letters.clone()),
+        }),
+        Arc::new(functions::Invoked {
+            metrics: metrics.clone(),
+            function: Archiver::new(ports.archive.clone(), ports.dead_letters.clone()),
+        }),
+        Arc::new(functions::Invoked {
+            metrics: metrics.clone(),
+            function: AnomalyInspector::new(
+                Arc::new(config.rules.clone()),
+                ports.alerts.clone(),
+                ports.alert_bus.clone(),
+                ports.dead_letters.clone(),
+            ),
+        }),
     ];
     let mut tasks = Vec::new();
     let mut mappings = Vec::new();
@@ -420,6 +429,7 @@ pub async fn start(config: LocalConfig) -> Result<RunningStack, String> {
         mappings,
         memory: ports.memory,
         aws_calls: ports.aws_calls,
+        metrics,
         started: Instant::now(),
     });
     let listener = tokio::net::TcpListener::bind(config.listen)

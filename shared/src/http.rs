@@ -5,6 +5,8 @@ use aws_lambda_events::event::apigw::{ApiGatewayV2httpRequest, ApiGatewayV2httpR
 use base64::Engine;
 use serde::Serialize;
 
+use crate::metrics::{Measurements, MetricName};
+
 /// The request body as bytes, decoding it when API Gateway marked it base64.
 pub fn request_body(request: &ApiGatewayV2httpRequest) -> Result<Vec<u8>, String> {
     let body = request.body.as_deref().unwrap_or_default();
@@ -45,4 +47,20 @@ pub fn json_response(status: u16, body: &impl Serialize) -> ApiGatewayV2httpResp
 /// A JSON error response: `{"error": message}`.
 pub fn error_response(status: u16, message: impl Into<String>) -> ApiGatewayV2httpResponse {
     json_response(status, &serde_json::json!({ "error": message.into() }))
+}
+
+/// Records what every HTTP function measures of a request: that it was answered, whether it
+/// was the client's error, and how long it took.
+pub fn measure_response(
+    measurements: &mut Measurements,
+    started: std::time::Instant,
+    response: &ApiGatewayV2httpResponse,
+) {
+    measurements.count(MetricName::Requests, 1);
+    let client_error = (400..500).contains(&response.status_code);
+    measurements.count(MetricName::ClientErrors, usize::from(client_error));
+    measurements.millis(
+        MetricName::RequestDuration,
+        started.elapsed().as_secs_f64() * 1000.0,
+    );
 }

@@ -9,6 +9,7 @@ pub mod envelope;
 pub mod geo;
 pub mod http;
 pub mod memory;
+pub mod metrics;
 pub mod model;
 pub mod ports;
 pub mod rules;

@@ -210,7 +210,11 @@ pub fn check(
 ) -> Vec<String> {
     let mut problems = Vec::new();
     let locals = locals(bodies);
+    // Function modules only: other modules (the dashboard) deploy no function.
     let modules: BTreeMap<String, &Block> = blocks(bodies, "module")
+        .filter(|b| {
+            matches!(attribute(b.body(), "source"), Some(Expression::String(source)) if source == "./modules/function")
+        })
         .map(|b| (label(b, 0).replace('_', "-"), b))
         .collect();
 

@@ -320,3 +320,78 @@ async fn a_simulated_fleet_is_processed_completely_and_its_anomalies_raise_alert
     assert!(checked >= 5, "only {checked} anomalies checked");
     running.shutdown().await;
 }
+
+/// Every GeoStream metric the dashboard definition draws is emitted by the function it names:
+/// the pipeline runs readings good and bad, an alert raised and cleared, a poison record, and
+/// the live page's metrics endpoint must then have a series for every widget metric.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_dashboard_metric_is_emitted_by_its_function() {
+    use geostream_local::dashboard::Dashboard;
+    use geostream_shared::ports::{BusRecord, EventBus};
+
+    let running = stack().await;
+    let client = Client::new(&running);
+    let t0 = now_ms() - 60_000;
+    let reading = |n: i64, engine: f64| json!({"device_id": "dash-1", "ts": t0 + n * 1000, "lat": 52.5, "lon": 13.4, "engine_temp_c": engine});
+    let mixed = json!([reading(0, 90.0), {"device_id": "dash-2", "ts": "soon"}]);
+    assert_eq!(client.post("/v1/telemetry", &mixed).await.0, 207);
+    let hot = json!([reading(1, 105.0), reading(2, 108.0)]);
+    assert_eq!(client.post("/v1/telemetry", &hot).await.0, 202);
+    drained(&running).await;
+    let cool = json!([reading(3, 90.0)]);
+    assert_eq!(client.post("/v1/telemetry", &cool).await.0, 202);
+    let memory = running.stack.memory.as_ref().unwrap();
+    let poison = BusRecord {
+        partition_key: "dash-1".into(),
+        data: b"not an envelope".to_vec(),
+    };
+    assert!(memory.telemetry.publish(vec![poison]).await[0].is_ok());
+    drained(&running).await;
+    assert_eq!(client.get("/v1/vehicles/dash-1").await.0, 200);
+
+    let (status, metrics) = client.get("/local/metrics").await;
+    assert_eq!(status, 200);
+    let total = |function: &str, metric: &str| -> Option<f64> {
+        metrics["series"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["function"] == function && s["metric"] == metric)
+            .map(|s| {
+                s["points"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| p["sum"].as_f64().unwrap())
+                    .sum()
+            })
+    };
+    let (_, definition) = client.get("/local/dashboard.json").await;
+    let dashboard = Dashboard::parse(&definition.to_string()).unwrap();
+    for (function, metric) in dashboard.geostream_metrics().unwrap() {
+        assert!(
+            total(&function, metric.as_str()).is_some(),
+            "the dashboard draws {} of {function}, which {function} does not emit",
+            metric.as_str()
+        );
+    }
+    for (function, metric, expected) in [
+        ("ingest", "EventsAccepted", 4.0),
+        ("ingest", "EventsRejected", 1.0),
+        ("anomaly-inspector", "AlertsRaised", 1.0),
+        ("anomaly-inspector", "AlertsCleared", 1.0),
+        ("archiver", "ReadingsArchived", 4.0),
+        ("geo-update", "DeadLetters", 1.0),
+        ("archiver", "DeadLetters", 1.0),
+        ("anomaly-inspector", "DeadLetters", 1.0),
+        ("query-api", "Requests", 1.0),
+    ] {
+        assert_eq!(
+            total(function, metric),
+            Some(expected),
+            "{function} {metric}"
+        );
+    }
+    assert!(total("geo-update", "PositionsUpdated").unwrap() >= 1.0);
+    running.shutdown().await;
+}

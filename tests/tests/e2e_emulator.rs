@@ -19,6 +19,7 @@ use geostream_aws::timestream::TimestreamArchive;
 use geostream_geo_update::GeoUpdate;
 use geostream_ingest::Ingest;
 use geostream_query_api::QueryApi;
+use geostream_shared::metrics::{MetricName, RecordedMetrics};
 use geostream_shared::rules::RuleSet;
 use geostream_shared::stream::StreamFunction;
 use serde_json::{json, Value};
@@ -66,6 +67,7 @@ struct Pipeline {
     query_api: QueryApi,
     archive: Arc<TimestreamArchive>,
     queue_url: String,
+    metrics: RecordedMetrics,
 }
 
 async fn pipeline(endpoint: &str, test: &str) -> Pipeline {
@@ -133,6 +135,7 @@ async fn pipeline(endpoint: &str, test: &str) -> Pipeline {
             )),
         ),
         archive: query_archive,
+        metrics: RecordedMetrics::new(),
         names,
         harness: setup,
         ingest_clients,
@@ -249,7 +252,10 @@ impl Pipeline {
     async fn post(&self, body: Value) -> Value {
         let response = self
             .ingest
-            .handle(request("POST", "/v1/telemetry", &[], Some(body)))
+            .handle(
+                request("POST", "/v1/telemetry", &[], Some(body)),
+                &self.metrics,
+            )
             .await;
         assert_eq!(response.status_code, 202, "{:?}", response.body);
         json_of(&response)
@@ -260,7 +266,7 @@ impl Pipeline {
         for event in events {
             assert!(
                 self.geo_update
-                    .handle(event.clone())
+                    .handle(event.clone(), &self.metrics)
                     .await
                     .batch_item_failures
                     .is_empty(),
@@ -268,7 +274,7 @@ impl Pipeline {
             );
             assert!(
                 self.archiver
-                    .handle(event.clone())
+                    .handle(event.clone(), &self.metrics)
                     .await
                     .batch_item_failures
                     .is_empty(),
@@ -276,7 +282,7 @@ impl Pipeline {
             );
             assert!(
                 self.inspector
-                    .handle(event.clone())
+                    .handle(event.clone(), &self.metrics)
                     .await
                     .batch_item_failures
                     .is_empty(),
@@ -288,7 +294,7 @@ impl Pipeline {
     async fn get(&self, path: &str, query: &[(&str, String)]) -> (i64, Value) {
         let response = self
             .query_api
-            .handle(request("GET", path, query, None))
+            .handle(request("GET", path, query, None), &self.metrics)
             .await;
         (response.status_code, json_of(&response))
     }
@@ -374,12 +380,15 @@ async fn pipeline_through_the_sdk_adapters_and_replay_changes_nothing() {
         .replace('|', "%7C");
     let response = p
         .query_api
-        .handle(request(
-            "POST",
-            &format!("/v1/alerts/{alert_id}/ack"),
-            &[],
-            Some(json!({"by": "ops"})),
-        ))
+        .handle(
+            request(
+                "POST",
+                &format!("/v1/alerts/{alert_id}/ack"),
+                &[],
+                Some(json!({"by": "ops"})),
+            ),
+            &p.metrics,
+        )
         .await;
     assert_eq!(json_of(&response)["acknowledged_by"], "ops");
 
@@ -421,10 +430,15 @@ async fn pipeline_through_the_sdk_adapters_and_replay_changes_nothing() {
     poison.records[0].kinesis.data.0 = b"not an envelope".to_vec();
     assert!(p
         .geo_update
-        .handle(poison)
+        .handle(poison, &p.metrics)
         .await
         .batch_item_failures
         .is_empty());
+    assert_eq!(
+        p.metrics
+            .total(geostream_geo_update::FUNCTION_NAME, MetricName::DeadLetters),
+        1.0
+    );
     let received = p
         .harness
         .sqs

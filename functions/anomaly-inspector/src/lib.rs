@@ -12,7 +12,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::stream::{self, StreamExt};
-use geostream_shared::model::Reading;
+use geostream_shared::metrics::{Measurements, MetricName};
+use geostream_shared::model::{Reading, TransitionKind};
 use geostream_shared::ports::{
     AlertStore, BusRecord, DeadLetterSink, ErrorKind, EventBus, StoreError,
 };
@@ -24,6 +25,13 @@ use geostream_shared::stream::{
 pub const FUNCTION_NAME: &str = "anomaly-inspector";
 /// Commits that lose a version race are retried this many times before the records fail.
 const COMMIT_ATTEMPTS: usize = 5;
+
+/// The alert transitions a device's committed evaluation made.
+#[derive(Debug, Default)]
+struct Transitions {
+    raised: usize,
+    cleared: usize,
+}
 
 pub struct AnomalyInspector {
     rules: Arc<RuleSet>,
@@ -51,7 +59,7 @@ impl AnomalyInspector {
         &self,
         device_id: &str,
         readings: &[Reading],
-    ) -> Result<(), StoreError> {
+    ) -> Result<Transitions, StoreError> {
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -59,7 +67,7 @@ impl AnomalyInspector {
             let expected_version = state.version;
             let evaluation = self.rules.evaluate(device_id, &mut state, readings);
             if evaluation.readings_evaluated == 0 {
-                return Ok(());
+                return Ok(Transitions::default());
             }
             if !evaluation.transitions.is_empty() {
                 let records = evaluation
@@ -93,7 +101,17 @@ impl AnomalyInspector {
                 )
                 .await
             {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    let raised = evaluation
+                        .transitions
+                        .iter()
+                        .filter(|t| t.kind == TransitionKind::Raised)
+                        .count();
+                    return Ok(Transitions {
+                        raised,
+                        cleared: evaluation.transitions.len() - raised,
+                    });
+                }
                 Err(error) if error.kind == ErrorKind::Conflict && attempt < COMMIT_ATTEMPTS => {
                     continue
                 }
@@ -110,11 +128,11 @@ impl StreamFunction for AnomalyInspector {
     }
 
     async fn process(&self, batch: StreamBatch) -> BatchOutcome {
-        let (records, mut failed) =
-            decode_batch(FUNCTION_NAME, batch, self.dead_letters.as_ref()).await;
+        let decoded = decode_batch(FUNCTION_NAME, batch, self.dead_letters.as_ref()).await;
+        let mut failed = decoded.retry;
         let mut devices: Vec<String> = Vec::new();
         let mut work: HashMap<String, (Vec<String>, Vec<Reading>)> = HashMap::new();
-        for (record_id, envelope) in records {
+        for (record_id, envelope) in decoded.records {
             let entry = work.entry(envelope.device_id.clone()).or_insert_with(|| {
                 devices.push(envelope.device_id.clone());
                 (Vec::new(), Vec::new())
@@ -131,13 +149,27 @@ impl StreamFunction for AnomalyInspector {
             (device, record_ids, result)
         }))
         .buffer_unordered(DEVICE_CONCURRENCY);
+        let mut committed = Transitions::default();
         while let Some((device, record_ids, result)) = results.next().await {
-            if let Err(error) = result {
-                tracing::warn!(function = FUNCTION_NAME, device_id = %device, %error, "inspection failed; records will be retried");
-                failed.extend(record_ids);
+            match result {
+                Ok(transitions) => {
+                    committed.raised += transitions.raised;
+                    committed.cleared += transitions.cleared;
+                }
+                Err(error) => {
+                    tracing::warn!(function = FUNCTION_NAME, device_id = %device, %error, "inspection failed; records will be retried");
+                    failed.extend(record_ids);
+                }
             }
         }
-        BatchOutcome { failed }
+        let mut measurements = Measurements::default();
+        measurements.count(MetricName::AlertsRaised, committed.raised);
+        measurements.count(MetricName::AlertsCleared, committed.cleared);
+        measurements.count(MetricName::DeadLetters, decoded.dead_lettered);
+        BatchOutcome {
+            failed,
+            measurements,
+        }
     }
 }
 
@@ -170,6 +202,7 @@ mod tests {
                     id: format!("{}", first_id + n as u64),
                     partition_key: e.device_id.clone(),
                     data: e.encode(),
+                    arrived_at: None,
                 })
                 .collect(),
         }
@@ -193,8 +226,12 @@ mod tests {
             Arc::new(MemoryDeadLetters::new(1)),
         );
         let hot = batch(vec![(1_000, 90.0), (2_000, 104.0), (3_000, 107.0)], 1);
-        assert!(inspector.process(hot.clone()).await.failed.is_empty());
-        assert!(inspector.process(hot).await.failed.is_empty());
+        let first = inspector.process(hot.clone()).await;
+        assert!(first.failed.is_empty());
+        assert_eq!(first.measurements.get(MetricName::AlertsRaised), Some(1.0));
+        let replay = inspector.process(hot).await;
+        assert!(replay.failed.is_empty());
+        assert_eq!(replay.measurements.get(MetricName::AlertsRaised), Some(0.0));
         let active = store
             .list_alerts(&AlertFilter {
                 state: Some(AlertState::Active),
@@ -215,7 +252,11 @@ mod tests {
         assert_eq!(transitions(&bus).len(), 1);
 
         let cool = batch(vec![(4_000, 90.0)], 2);
-        inspector.process(cool.clone()).await;
+        let cleared = inspector.process(cool.clone()).await;
+        assert_eq!(
+            cleared.measurements.get(MetricName::AlertsCleared),
+            Some(1.0)
+        );
         inspector.process(cool).await;
         let kinds: Vec<TransitionKind> = transitions(&bus).into_iter().map(|t| t.kind).collect();
         assert_eq!(kinds, [TransitionKind::Raised, TransitionKind::Cleared]);

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use geostream_shared::metrics::{Measurements, MetricName};
 use geostream_shared::now_millis;
 use geostream_shared::ports::{Archive, DeadLetter, DeadLetterSink};
 use geostream_shared::stream::{decode_batch, BatchOutcome, StreamBatch, StreamFunction};
@@ -32,16 +33,21 @@ impl StreamFunction for Archiver {
     }
 
     async fn process(&self, batch: StreamBatch) -> BatchOutcome {
-        let (records, mut failed) =
-            decode_batch(FUNCTION_NAME, batch, self.dead_letters.as_ref()).await;
-        if records.is_empty() {
-            return BatchOutcome { failed };
+        let decoded = decode_batch(FUNCTION_NAME, batch, self.dead_letters.as_ref()).await;
+        let mut failed = decoded.retry;
+        let mut measurements = Measurements::default();
+        measurements.count(MetricName::DeadLetters, decoded.dead_lettered);
+        if decoded.records.is_empty() {
+            return BatchOutcome {
+                failed,
+                measurements,
+            };
         }
-        let mut record_ids = Vec::with_capacity(records.len());
+        let mut record_ids = Vec::with_capacity(decoded.records.len());
         let mut readings = Vec::new();
         // The record (index into record_ids) each reading came from.
         let mut source = Vec::new();
-        for (record_id, envelope) in records {
+        for (record_id, envelope) in decoded.records {
             source.extend(std::iter::repeat_n(
                 record_ids.len(),
                 envelope.readings.len(),
@@ -50,8 +56,16 @@ impl StreamFunction for Archiver {
             readings.extend(envelope.readings);
         }
         match self.archive.write(&readings).await {
-            Ok(rejected) if rejected.is_empty() => {}
+            Ok(rejected) if rejected.is_empty() => {
+                measurements.count(MetricName::ReadingsArchived, readings.len());
+                measurements.count(MetricName::ArchiveRejects, 0);
+            }
             Ok(rejected) => {
+                measurements.count(
+                    MetricName::ReadingsArchived,
+                    readings.len().saturating_sub(rejected.len()),
+                );
+                measurements.count(MetricName::ArchiveRejects, rejected.len());
                 let letters: Vec<DeadLetter> = rejected
                     .into_iter()
                     .filter_map(|r| {
@@ -73,9 +87,13 @@ impl StreamFunction for Archiver {
                     "archive refused readings; sent to dead letters"
                 );
                 let affected: Vec<String> = letters.iter().map(|l| l.record_id.clone()).collect();
-                if let Err(error) = self.dead_letters.send(letters).await {
-                    tracing::error!(function = FUNCTION_NAME, %error, "dead-letter sink failed; records will be retried");
-                    failed.extend(affected);
+                let letter_count = letters.len();
+                match self.dead_letters.send(letters).await {
+                    Ok(()) => measurements.count(MetricName::DeadLetters, letter_count),
+                    Err(error) => {
+                        tracing::error!(function = FUNCTION_NAME, %error, "dead-letter sink failed; records will be retried");
+                        failed.extend(affected);
+                    }
                 }
             }
             Err(error) => {
@@ -85,7 +103,10 @@ impl StreamFunction for Archiver {
         }
         failed.sort();
         failed.dedup();
-        BatchOutcome { failed }
+        BatchOutcome {
+            failed,
+            measurements,
+        }
     }
 }
 
@@ -95,6 +116,7 @@ mod tests {
     use async_trait::async_trait;
     use aws_lambda_events::event::kinesis::KinesisEvent;
     use geostream_shared::memory::{MemoryArchive, MemoryDeadLetters};
+    use geostream_shared::metrics::RecordedMetrics;
     use geostream_shared::model::Reading;
     use geostream_shared::ports::{RejectedReading, StoreError};
 
@@ -110,7 +132,11 @@ mod tests {
         let archive = Arc::new(MemoryArchive::new(100));
         let handler = Archiver::new(archive.clone(), Arc::new(MemoryDeadLetters::new(1)));
         for _ in 0..2 {
-            assert!(handler.handle(event()).await.batch_item_failures.is_empty());
+            assert!(handler
+                .handle(event(), &RecordedMetrics::new())
+                .await
+                .batch_item_failures
+                .is_empty());
         }
         let track = archive.track("truck-7", 0, i64::MAX, 10).await.unwrap();
         assert_eq!(track.len(), 1);
@@ -146,7 +172,12 @@ mod tests {
             Arc::new(FailingArchive),
             Arc::new(MemoryDeadLetters::new(1)),
         );
-        let response = handler.handle(event()).await;
+        let metrics = RecordedMetrics::new();
+        let response = handler.handle(event(), &metrics).await;
+        assert_eq!(
+            metrics.total(FUNCTION_NAME, MetricName::RecordsRetried),
+            1.0
+        );
         let ids: Vec<_> = response
             .batch_item_failures
             .iter()

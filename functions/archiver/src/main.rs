@@ -14,9 +14,10 @@ async fn main() -> Result<(), Error> {
     let dead_letters = lambda::dead_letters(&clients)?;
     let handler = Archiver::new(archive, dead_letters);
     let handler = &handler;
+    let metrics = &lambda::metrics(geostream_archiver::FUNCTION_NAME);
     run(service_fn(
         move |event: LambdaEvent<KinesisEvent>| async move {
-            Ok::<_, Error>(handler.handle(event.payload).await)
+            Ok::<_, Error>(handler.handle(event.payload, metrics).await)
         },
     ))
     .await

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use futures::stream::{self, StreamExt};
 use geostream_shared::geo::geohash_of;
+use geostream_shared::metrics::{Measurements, MetricName};
 use geostream_shared::model::{Position, Reading};
 use geostream_shared::ports::{DeadLetterSink, PositionStore, UpsertOutcome};
 use geostream_shared::stream::{
@@ -45,11 +46,11 @@ impl StreamFunction for GeoUpdate {
     }
 
     async fn process(&self, batch: StreamBatch) -> BatchOutcome {
-        let (records, mut failed) =
-            decode_batch(FUNCTION_NAME, batch, self.dead_letters.as_ref()).await;
+        let decoded = decode_batch(FUNCTION_NAME, batch, self.dead_letters.as_ref()).await;
+        let mut failed = decoded.retry;
         let mut devices: Vec<String> = Vec::new();
         let mut work: HashMap<String, DeviceWork> = HashMap::new();
-        for (record_id, envelope) in records {
+        for (record_id, envelope) in decoded.records {
             let entry = work.entry(envelope.device_id.clone()).or_insert_with(|| {
                 devices.push(envelope.device_id.clone());
                 DeviceWork {
@@ -92,14 +93,14 @@ impl StreamFunction for GeoUpdate {
                 }
             }
         }
-        tracing::debug!(
-            function = FUNCTION_NAME,
-            applied,
-            stale,
-            failed = failed.len(),
-            "batch done"
-        );
-        BatchOutcome { failed }
+        let mut measurements = Measurements::default();
+        measurements.count(MetricName::PositionsUpdated, applied);
+        measurements.count(MetricName::PositionsStale, stale);
+        measurements.count(MetricName::DeadLetters, decoded.dead_lettered);
+        BatchOutcome {
+            failed,
+            measurements,
+        }
     }
 }
 
@@ -123,6 +124,7 @@ mod tests {
     use super::*;
     use aws_lambda_events::event::kinesis::KinesisEvent;
     use geostream_shared::memory::{MemoryDeadLetters, MemoryPositionStore};
+    use geostream_shared::metrics::RecordedMetrics;
 
     fn event() -> KinesisEvent {
         serde_json::from_str(include_str!(
@@ -136,7 +138,7 @@ mod tests {
         let positions = Arc::new(MemoryPositionStore::new());
         let dead = Arc::new(MemoryDeadLetters::new(10));
         let handler = GeoUpdate::new(positions.clone(), dead.clone());
-        let response = handler.handle(event()).await;
+        let response = handler.handle(event(), &RecordedMetrics::new()).await;
         assert!(response.batch_item_failures.is_empty());
         let stored = positions.get("truck-7").await.unwrap().unwrap();
         assert_eq!(
@@ -147,9 +149,22 @@ mod tests {
             stored.geohash.len(),
             geostream_shared::geo::POSITION_GEOHASH_LEN
         );
-        let response = handler.handle(event()).await;
+        let metrics = RecordedMetrics::new();
+        let response = handler.handle(event(), &metrics).await;
         assert!(response.batch_item_failures.is_empty());
         assert_eq!(positions.get("truck-7").await.unwrap().unwrap(), stored);
+        assert_eq!(
+            [
+                MetricName::RecordsIn,
+                MetricName::PositionsUpdated,
+                MetricName::PositionsStale,
+                MetricName::RecordsRetried,
+            ]
+            .map(|name| metrics.total(FUNCTION_NAME, name)),
+            [1.0, 0.0, 1.0, 0.0],
+            "the replay is refused as stale"
+        );
+        assert!(metrics.total(FUNCTION_NAME, MetricName::IteratorAge) > 0.0);
     }
 
     #[tokio::test]
@@ -159,7 +174,7 @@ mod tests {
         let handler = GeoUpdate::new(positions, dead.clone());
         let mut event = event();
         event.records[0].kinesis.data.0 = b"{\"v\":1,\"oops\":true}".to_vec();
-        let response = handler.handle(event).await;
+        let response = handler.handle(event, &RecordedMetrics::new()).await;
         assert!(response.batch_item_failures.is_empty());
         let (letters, total) = dead.snapshot();
         assert_eq!(total, 1);

@@ -20,9 +20,10 @@ async fn main() -> Result<(), Error> {
         dead_letters,
     );
     let handler = &handler;
+    let metrics = &lambda::metrics(geostream_geo_update::FUNCTION_NAME);
     run(service_fn(
         move |event: LambdaEvent<KinesisEvent>| async move {
-            Ok::<_, Error>(handler.handle(event.payload).await)
+            Ok::<_, Error>(handler.handle(event.payload, metrics).await)
         },
     ))
     .await

@@ -7,15 +7,20 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use aws_lambda_events::event::apigw::{ApiGatewayV2httpRequest, ApiGatewayV2httpResponse};
 use geostream_shared::envelope::envelopes_by_device;
-use geostream_shared::http::{error_response, json_response, method_and_path, request_body};
+use geostream_shared::http::{
+    error_response, json_response, measure_response, method_and_path, request_body,
+};
+use geostream_shared::metrics::{Measurements, MetricName, MetricsSink};
 use geostream_shared::ports::EventBus;
 use geostream_shared::validation::{validate_body, FieldError, ValidationPolicy};
 use geostream_shared::{now_millis, EpochMillis};
 use serde::Serialize;
 
+pub const FUNCTION_NAME: &str = "ingest";
 pub const TELEMETRY_PATH: &str = "/v1/telemetry";
 
 pub struct Ingest {
@@ -68,7 +73,25 @@ impl Ingest {
         self
     }
 
-    pub async fn handle(&self, request: ApiGatewayV2httpRequest) -> ApiGatewayV2httpResponse {
+    /// Answers a request and publishes what it measured.
+    pub async fn handle(
+        &self,
+        request: ApiGatewayV2httpRequest,
+        metrics: &dyn MetricsSink,
+    ) -> ApiGatewayV2httpResponse {
+        let started = Instant::now();
+        let mut measurements = Measurements::default();
+        let response = self.answer(request, &mut measurements).await;
+        measure_response(&mut measurements, started, &response);
+        metrics.publish(FUNCTION_NAME, &measurements);
+        response
+    }
+
+    async fn answer(
+        &self,
+        request: ApiGatewayV2httpRequest,
+        measurements: &mut Measurements,
+    ) -> ApiGatewayV2httpResponse {
         let (method, path) = method_and_path(&request);
         if path != TELEMETRY_PATH {
             return error_response(
@@ -145,6 +168,9 @@ impl Ingest {
         let accepted = count(|r| matches!(r, ItemResult::Accepted { .. }));
         let rejected = count(|r| matches!(r, ItemResult::Rejected { .. }));
         let failed = count(|r| matches!(r, ItemResult::Failed { .. }));
+        measurements.count(MetricName::EventsAccepted, accepted);
+        measurements.count(MetricName::EventsRejected, rejected);
+        measurements.count(MetricName::EventsFailed, failed);
         let status = match (accepted, rejected, failed) {
             (_, 0, 0) => 202,
             (0, _, 0) => 400,
@@ -173,6 +199,7 @@ mod tests {
     use aws_lambda_events::encodings::Body;
     use geostream_shared::envelope::Envelope;
     use geostream_shared::memory::MemoryStream;
+    use geostream_shared::metrics::RecordedMetrics;
     use geostream_shared::ports::{BusRecord, Published, StoreError};
     use serde_json::{json, Value};
 
@@ -207,7 +234,7 @@ mod tests {
         let request: ApiGatewayV2httpRequest =
             serde_json::from_str(include_str!("../tests/fixtures/apigw-post-telemetry.json"))
                 .unwrap();
-        let response = ingest.handle(request).await;
+        let response = ingest.handle(request, &RecordedMetrics::new()).await;
         assert_eq!(response.status_code, 202, "{:?}", response.body);
         assert_eq!(
             body_json(&response),
@@ -228,8 +255,22 @@ mod tests {
             {"device_id": "b", "ts": NOW, "speed_kmh": -5},
             {"device_id": "c", "ts": NOW, "engine_temp_c": 99.5}
         ]);
-        let response = ingest.handle(fixture_request(&body.to_string())).await;
+        let metrics = RecordedMetrics::new();
+        let response = ingest
+            .handle(fixture_request(&body.to_string()), &metrics)
+            .await;
         assert_eq!(response.status_code, 207);
+        assert_eq!(
+            [
+                MetricName::EventsAccepted,
+                MetricName::EventsRejected,
+                MetricName::EventsFailed,
+                MetricName::Requests,
+                MetricName::ClientErrors,
+            ]
+            .map(|name| metrics.total(FUNCTION_NAME, name)),
+            [2.0, 1.0, 0.0, 1.0, 0.0]
+        );
         let json = body_json(&response);
         assert_eq!(
             (json["accepted"].as_u64(), json["rejected"].as_u64()),
@@ -247,13 +288,18 @@ mod tests {
         let stream = Arc::new(MemoryStream::new("t", 1, 100));
         let ingest = Ingest::new(stream.clone()).with_clock(|| NOW);
         let response = ingest
-            .handle(fixture_request(r#"{"device_id": "", "ts": "soon"}"#))
+            .handle(
+                fixture_request(r#"{"device_id": "", "ts": "soon"}"#),
+                &RecordedMetrics::new(),
+            )
             .await;
         assert_eq!(response.status_code, 400);
         let json = body_json(&response);
         assert_eq!(json["results"][0]["errors"][0]["field"], "device_id");
         assert_eq!(json["results"][0]["errors"][1]["field"], "ts");
-        let response = ingest.handle(fixture_request("not json")).await;
+        let response = ingest
+            .handle(fixture_request("not json"), &RecordedMetrics::new())
+            .await;
         assert_eq!(response.status_code, 400);
         assert!(body_json(&response)["error"]
             .as_str()
@@ -282,9 +328,10 @@ mod tests {
     async fn bus_failure_is_503_with_the_reason_per_item() {
         let ingest = Ingest::new(Arc::new(DownBus)).with_clock(|| NOW);
         let response = ingest
-            .handle(fixture_request(
-                &json!({"device_id": "a", "ts": NOW}).to_string(),
-            ))
+            .handle(
+                fixture_request(&json!({"device_id": "a", "ts": NOW}).to_string()),
+                &RecordedMetrics::new(),
+            )
             .await;
         assert_eq!(response.status_code, 503);
         let json = body_json(&response);
@@ -300,9 +347,21 @@ mod tests {
         let ingest = Ingest::new(Arc::new(DownBus)).with_clock(|| NOW);
         let mut request = fixture_request("{}");
         request.request_context.http.method = http::Method::GET;
-        assert_eq!(ingest.handle(request).await.status_code, 405);
+        assert_eq!(
+            ingest
+                .handle(request, &RecordedMetrics::new())
+                .await
+                .status_code,
+            405
+        );
         let mut request = fixture_request("{}");
         request.request_context.http.path = Some("/v2/telemetry".into());
-        assert_eq!(ingest.handle(request).await.status_code, 404);
+        assert_eq!(
+            ingest
+                .handle(request, &RecordedMetrics::new())
+                .await
+                .status_code,
+            404
+        );
     }
 }

@@ -18,9 +18,10 @@ async fn main() -> Result<(), Error> {
     let clients = lambda::clients().await;
     let ingest = Ingest::new(Arc::new(KinesisBus::new(clients.kinesis, stream)));
     let ingest = &ingest;
+    let metrics = &lambda::metrics(geostream_ingest::FUNCTION_NAME);
     run(service_fn(
         move |event: LambdaEvent<ApiGatewayV2httpRequest>| async move {
-            Ok::<_, Error>(ingest.handle(event.payload).await)
+            Ok::<_, Error>(ingest.handle(event.payload, metrics).await)
         },
     ))
     .await

@@ -10,10 +10,14 @@
 //! `$default` route.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use aws_lambda_events::event::apigw::{ApiGatewayV2httpRequest, ApiGatewayV2httpResponse};
 use geostream_shared::geo::MAX_QUERY_RADIUS_M;
-use geostream_shared::http::{error_response, json_response, method_and_path, request_body};
+use geostream_shared::http::{
+    error_response, json_response, measure_response, method_and_path, request_body,
+};
+use geostream_shared::metrics::{Measurements, MetricsSink};
 use geostream_shared::model::{AlertState, GeoPoint};
 use geostream_shared::ports::{
     vehicles_near, AlertFilter, AlertStore, Archive, PositionStore, StoreError,
@@ -64,11 +68,21 @@ impl QueryApi {
         }
     }
 
-    pub async fn handle(&self, request: ApiGatewayV2httpRequest) -> ApiGatewayV2httpResponse {
-        match self.route(&request).await {
+    /// Answers a request and publishes what it measured.
+    pub async fn handle(
+        &self,
+        request: ApiGatewayV2httpRequest,
+        metrics: &dyn MetricsSink,
+    ) -> ApiGatewayV2httpResponse {
+        let started = Instant::now();
+        let response = match self.route(&request).await {
             Ok(body) => json_response(200, &body),
             Err(Reject(status, message)) => error_response(status, message),
-        }
+        };
+        let mut measurements = Measurements::default();
+        measure_response(&mut measurements, started, &response);
+        metrics.publish(FUNCTION_NAME, &measurements);
+        response
     }
 
     async fn route(&self, request: &ApiGatewayV2httpRequest) -> Result<Value, Reject> {
@@ -245,6 +259,7 @@ mod tests {
     use super::*;
     use aws_lambda_events::encodings::Body;
     use geostream_shared::memory::{MemoryAlertStore, MemoryArchive, MemoryPositionStore};
+    use geostream_shared::metrics::RecordedMetrics;
     use geostream_shared::model::{Position, Reading};
     use geostream_shared::rules::{DeviceRuleStates, RuleSet};
     use std::collections::HashMap;
@@ -330,7 +345,7 @@ mod tests {
         let (api, _) = api().await;
         let request: ApiGatewayV2httpRequest =
             serde_json::from_str(include_str!("../tests/fixtures/apigw-get-near.json")).unwrap();
-        let response = api.handle(request).await;
+        let response = api.handle(request, &RecordedMetrics::new()).await;
         assert_eq!(response.status_code, 200);
         let json = json_of(&response);
         let ids: Vec<&str> = json["vehicles"]
@@ -347,22 +362,31 @@ mod tests {
     async fn vehicle_track_and_errors() {
         let (api, _) = api().await;
         let response = api
-            .handle(request("GET", "/v1/vehicles/v2", &[], None))
+            .handle(
+                request("GET", "/v1/vehicles/v2", &[], None),
+                &RecordedMetrics::new(),
+            )
             .await;
         assert_eq!(json_of(&response)["lat"], 52.6);
         assert_eq!(
-            api.handle(request("GET", "/v1/vehicles/nobody", &[], None))
-                .await
-                .status_code,
+            api.handle(
+                request("GET", "/v1/vehicles/nobody", &[], None),
+                &RecordedMetrics::new()
+            )
+            .await
+            .status_code,
             404
         );
         let track = api
-            .handle(request(
-                "GET",
-                "/v1/vehicles/v0/track",
-                &[("from", "1000"), ("to", "1970-01-01T00:00:04Z")],
-                None,
-            ))
+            .handle(
+                request(
+                    "GET",
+                    "/v1/vehicles/v0/track",
+                    &[("from", "1000"), ("to", "1970-01-01T00:00:04Z")],
+                    None,
+                ),
+                &RecordedMetrics::new(),
+            )
             .await;
         let json = json_of(&track);
         assert_eq!(json["count"], 3, "{json}");
@@ -376,7 +400,10 @@ mod tests {
             (vec![("lat", "1"), ("lon", "1"), ("limit", "0")], "limit"),
         ] {
             let response = api
-                .handle(request("GET", "/v1/vehicles/near", &params, None))
+                .handle(
+                    request("GET", "/v1/vehicles/near", &params, None),
+                    &RecordedMetrics::new(),
+                )
                 .await;
             assert_eq!(response.status_code, 400);
             assert!(
@@ -388,15 +415,21 @@ mod tests {
             );
         }
         assert_eq!(
-            api.handle(request("DELETE", "/v1/alerts", &[], None))
-                .await
-                .status_code,
+            api.handle(
+                request("DELETE", "/v1/alerts", &[], None),
+                &RecordedMetrics::new()
+            )
+            .await
+            .status_code,
             405
         );
         assert_eq!(
-            api.handle(request("GET", "/v2/else", &[], None))
-                .await
-                .status_code,
+            api.handle(
+                request("GET", "/v2/else", &[], None),
+                &RecordedMetrics::new()
+            )
+            .await
+            .status_code,
             404
         );
     }
@@ -405,19 +438,25 @@ mod tests {
     async fn alerts_list_and_acknowledge() {
         let (api, store) = api().await;
         let response = api
-            .handle(request("GET", "/v1/alerts", &[("state", "active")], None))
+            .handle(
+                request("GET", "/v1/alerts", &[("state", "active")], None),
+                &RecordedMetrics::new(),
+            )
             .await;
         let json = json_of(&response);
         assert_eq!(json["count"], 1);
         let alert_id = json["alerts"][0]["alert_id"].as_str().unwrap().to_string();
         let encoded = alert_id.replace('|', "%7C");
         let response = api
-            .handle(request(
-                "POST",
-                &format!("/v1/alerts/{encoded}/ack"),
-                &[],
-                Some(r#"{"by":"dispatch"}"#),
-            ))
+            .handle(
+                request(
+                    "POST",
+                    &format!("/v1/alerts/{encoded}/ack"),
+                    &[],
+                    Some(r#"{"by":"dispatch"}"#),
+                ),
+                &RecordedMetrics::new(),
+            )
             .await;
         assert_eq!(response.status_code, 200);
         assert_eq!(json_of(&response)["acknowledged_by"], "dispatch");
@@ -430,15 +469,21 @@ mod tests {
                 .acknowledged
         );
         assert_eq!(
-            api.handle(request("GET", "/v1/alerts", &[("state", "open")], None))
-                .await
-                .status_code,
+            api.handle(
+                request("GET", "/v1/alerts", &[("state", "open")], None),
+                &RecordedMetrics::new()
+            )
+            .await
+            .status_code,
             400
         );
         assert_eq!(
-            api.handle(request("POST", "/v1/alerts/none/ack", &[], None))
-                .await
-                .status_code,
+            api.handle(
+                request("POST", "/v1/alerts/none/ack", &[], None),
+                &RecordedMetrics::new()
+            )
+            .await
+            .status_code,
             404
         );
     }

@@ -32,9 +32,10 @@ async fn main() -> Result<(), Error> {
         )),
     );
     let handler = &handler;
+    let metrics = &lambda::metrics(geostream_query_api::FUNCTION_NAME);
     run(service_fn(
         move |event: LambdaEvent<ApiGatewayV2httpRequest>| async move {
-            Ok::<_, Error>(handler.handle(event.payload).await)
+            Ok::<_, Error>(handler.handle(event.payload, metrics).await)
         },
     ))
     .await

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use geostream_shared::metrics::EmfLog;
 use geostream_shared::ports::{Archive, DeadLetterSink};
 use geostream_shared::rules::RuleSet;
 
@@ -22,6 +23,12 @@ pub fn init_tracing() {
         .with_target(false)
         .without_time()
         .init();
+}
+
+/// Metrics as CloudWatch Embedded Metric Format lines on stdout, dimensioned by the deployed
+/// function name Lambda sets (`function` where it is not set, as under an emulator).
+pub fn metrics(function: &str) -> EmfLog {
+    EmfLog::stdout(std::env::var("AWS_LAMBDA_FUNCTION_NAME").unwrap_or_else(|_| function.into()))
 }
 
 /// SDK clients from the default provider chain; `AWS_ENDPOINT_URL` points them at an emulator.

@@ -1,0 +1,152 @@
+//! The local runner's view of the functions' metrics: what each invocation measured (the same
+//! values the Lambda functions write as EMF lines), kept as per-second series over a short
+//! window for the live page's charts.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Mutex;
+
+use geostream_shared::metrics::{Measurements, MetricName, MetricsSink, Unit};
+use geostream_shared::{now_millis, EpochMillis};
+use serde::Serialize;
+
+/// How much history the local series keep.
+pub const WINDOW_SECONDS: i64 = 900;
+
+/// One second of one metric.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Bucket {
+    /// Epoch seconds.
+    pub t: i64,
+    pub sum: f64,
+    pub count: u64,
+    pub max: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Series {
+    pub function: String,
+    pub metric: MetricName,
+    pub unit: Unit,
+    pub points: Vec<Bucket>,
+}
+
+#[derive(Default)]
+pub struct LocalMetrics {
+    series: Mutex<BTreeMap<(String, MetricName), VecDeque<Bucket>>>,
+}
+
+impl LocalMetrics {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn record_at(&self, function: &str, measurements: &Measurements, now: EpochMillis) {
+        let second = now.div_euclid(1000);
+        let mut series = self
+            .series
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for &(name, value) in measurements.values() {
+            let buckets = series.entry((function.to_string(), name)).or_default();
+            match buckets.back_mut() {
+                Some(last) if last.t == second => {
+                    last.sum += value;
+                    last.count += 1;
+                    last.max = last.max.max(value);
+                }
+                _ => buckets.push_back(Bucket {
+                    t: second,
+                    sum: value,
+                    count: 1,
+                    max: value,
+                }),
+            }
+            while buckets
+                .front()
+                .is_some_and(|b| b.t <= second - WINDOW_SECONDS)
+            {
+                buckets.pop_front();
+            }
+        }
+    }
+
+    /// Every series, with the buckets after `since` (epoch seconds).
+    pub fn series_since(&self, since: i64) -> Vec<Series> {
+        let series = self
+            .series
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        series
+            .iter()
+            .map(|((function, metric), buckets)| Series {
+                function: function.clone(),
+                metric: *metric,
+                unit: metric.unit(),
+                points: buckets.iter().filter(|b| b.t > since).copied().collect(),
+            })
+            .collect()
+    }
+
+    /// The sum of a metric over the whole window.
+    pub fn total(&self, function: &str, metric: MetricName) -> f64 {
+        let series = self
+            .series
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        series
+            .get(&(function.to_string(), metric))
+            .map(|buckets| buckets.iter().map(|b| b.sum).sum())
+            .unwrap_or_default()
+    }
+}
+
+impl MetricsSink for LocalMetrics {
+    fn publish(&self, function: &str, measurements: &Measurements) {
+        self.record_at(function, measurements, now_millis());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_per_second_and_forgets_past_the_window() {
+        let metrics = LocalMetrics::new();
+        let mut m = Measurements::default();
+        m.count(MetricName::EventsAccepted, 10);
+        m.millis(MetricName::RequestDuration, 4.0);
+        metrics.record_at("ingest", &m, 1_000_000);
+        metrics.record_at("ingest", &m, 1_000_900);
+        metrics.record_at("ingest", &m, 1_001_100);
+        let series = metrics.series_since(0);
+        let accepted = series
+            .iter()
+            .find(|s| s.metric == MetricName::EventsAccepted)
+            .unwrap();
+        assert_eq!(
+            accepted.points,
+            [
+                Bucket {
+                    t: 1000,
+                    sum: 20.0,
+                    count: 2,
+                    max: 10.0
+                },
+                Bucket {
+                    t: 1001,
+                    sum: 10.0,
+                    count: 1,
+                    max: 10.0
+                },
+            ]
+        );
+        assert_eq!(metrics.total("ingest", MetricName::EventsAccepted), 30.0);
+        metrics.record_at("ingest", &m, (1001 + WINDOW_SECONDS) * 1000);
+        assert_eq!(metrics.total("ingest", MetricName::EventsAccepted), 10.0);
+        assert_eq!(
+            metrics.series_since(1000 + WINDOW_SECONDS)[0].points.len(),
+            1
+        );
+    }
+}
