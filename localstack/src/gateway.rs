@@ -35,6 +35,8 @@ pub fn router(stack: Arc<Stack>) -> Router {
         .route("/local/positions", get(positions))
         .route("/local/metrics", get(metrics))
         .route("/local/dashboard.json", get(dashboard_definition))
+        .route("/local/live", get(crate::live::live))
+        .route("/assets/{*path}", get(crate::live::asset))
         .fallback(api_gateway)
         .layer(DefaultBodyLimit::max(GATEWAY_BODY_LIMIT))
         .with_state(stack)

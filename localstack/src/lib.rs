@@ -12,6 +12,7 @@ pub mod dashboard;
 pub mod esm;
 pub mod functions;
 pub mod gateway;
+pub mod live;
 pub mod metrics;
 pub mod source;
 
@@ -178,6 +179,10 @@ pub struct Stack {
     pub aws_calls: Option<CallCounter>,
     /// What the functions measured, as short series.
     pub metrics: Arc<LocalMetrics>,
+    /// The alert store, for the live page's alerts feed.
+    pub alerts: Arc<dyn AlertStore>,
+    /// Turns true when the stack stops (the live page's streams end then).
+    pub shutdown: watch::Receiver<bool>,
     pub started: Instant,
 }
 
@@ -430,6 +435,8 @@ pub async fn start(config: LocalConfig) -> Result<RunningStack, String> {
         memory: ports.memory,
         aws_calls: ports.aws_calls,
         metrics,
+        alerts: ports.alerts.clone(),
+        shutdown: shutdown_rx.clone(),
         started: Instant::now(),
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
