@@ -1,7 +1,12 @@
 //! The neutral batch type that stream handlers take (DESIGN.md section 2): built from a
 //! `KinesisEvent` (and, in Redpanda mode, a Kafka event), answered with partial batch failures.
 
+use std::collections::BTreeMap;
+
+use aws_lambda_events::event::kafka::KafkaEvent;
 use aws_lambda_events::event::kinesis::KinesisEvent;
+use base64::Engine;
+use serde::{Deserialize, Serialize};
 use aws_lambda_events::event::streams::{KinesisBatchItemFailure, KinesisEventResponse};
 
 use std::time::Instant;
@@ -57,6 +62,94 @@ impl From<KinesisEvent> for StreamBatch {
     }
 }
 
+impl From<KafkaEvent> for StreamBatch {
+    /// Lambda's Kafka event groups records by "topic-partition", with base64 keys and values.
+    /// Records keep their order within a partition; ids are `topic-partition@offset`.
+    fn from(event: KafkaEvent) -> Self {
+        let decode = |text: Option<String>| {
+            text.map(|t| base64::engine::general_purpose::STANDARD.decode(t.as_bytes()))
+        };
+        let mut partitions: Vec<_> = event.records.into_iter().collect();
+        partitions.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut records = Vec::new();
+        for (topic_partition, mut messages) in partitions {
+            messages.sort_by_key(|m| m.offset);
+            for message in messages {
+                let id = format!("{topic_partition}@{}", message.offset);
+                let timestamp = message.timestamp.0.timestamp_millis();
+                // An undecodable value is kept as its text, for the dead-letter sink to show.
+                let data = match decode(message.value.clone()) {
+                    Some(Ok(bytes)) => bytes,
+                    Some(Err(_)) | None => message.value.unwrap_or_default().into_bytes(),
+                };
+                let partition_key = match decode(message.key) {
+                    Some(Ok(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
+                    _ => String::new(),
+                };
+                records.push(StreamRecord {
+                    id,
+                    partition_key,
+                    data,
+                    arrived_at: Some(timestamp).filter(|millis| *millis > 0),
+                });
+            }
+        }
+        StreamBatch { records }
+    }
+}
+
+/// Lambda's partial batch response for Kafka event source mappings: per failed
+/// topic-partition, the offset to resume from.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaBatchResponse {
+    pub batch_item_failures: Vec<KafkaBatchItemFailure>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaBatchItemFailure {
+    pub item_identifier: KafkaItemIdentifier,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KafkaItemIdentifier {
+    /// `topic-partition`, as the event's record groups are keyed.
+    pub partition: String,
+    pub offset: i64,
+}
+
+impl KafkaBatchResponse {
+    /// From the ids of failed records (`topic-partition@offset`): the lowest failed offset of
+    /// each partition, from which the partition is redelivered.
+    pub fn from_failed(failed: &[String]) -> Self {
+        let mut resume: BTreeMap<&str, i64> = BTreeMap::new();
+        for id in failed {
+            let Some((partition, offset)) = id.rsplit_once('@') else {
+                continue;
+            };
+            let Ok(offset) = offset.parse::<i64>() else {
+                continue;
+            };
+            resume
+                .entry(partition)
+                .and_modify(|lowest| *lowest = (*lowest).min(offset))
+                .or_insert(offset);
+        }
+        KafkaBatchResponse {
+            batch_item_failures: resume
+                .into_iter()
+                .map(|(partition, offset)| KafkaBatchItemFailure {
+                    item_identifier: KafkaItemIdentifier {
+                        partition: partition.to_string(),
+                        offset,
+                    },
+                })
+                .collect(),
+        }
+    }
+}
+
 /// A stream function (geo-update, archiver, anomaly-inspector): a batch in, the ids of the
 /// records to retry out.
 #[async_trait::async_trait]
@@ -95,6 +188,15 @@ pub trait StreamFunction: Send + Sync {
             .process_measured(StreamBatch::from(event), metrics)
             .await;
         BatchOutcome::retry(failed).into_kinesis_response()
+    }
+
+    /// Lambda's view in Kafka mode: a `KafkaEvent` in, the offset to resume from per failed
+    /// partition out.
+    async fn handle_kafka(&self, event: KafkaEvent, metrics: &dyn MetricsSink) -> KafkaBatchResponse {
+        let failed = self
+            .process_measured(StreamBatch::from(event), metrics)
+            .await;
+        KafkaBatchResponse::from_failed(&failed)
     }
 }
 
@@ -188,6 +290,36 @@ pub async fn decode_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn builds_from_a_real_kafka_event_fixture_and_answers_per_partition() {
+        let event: KafkaEvent =
+            serde_json::from_str(include_str!("../tests/fixtures/kafka-event.json")).unwrap();
+        let batch = StreamBatch::from(event);
+        let ids: Vec<&str> = batch.records.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            ["telemetry-0@15", "telemetry-0@16", "telemetry-1@7"],
+            "ordered by partition, then offset"
+        );
+        assert_eq!(batch.records[0].partition_key, "truck-7");
+        assert_eq!(batch.records[0].arrived_at, Some(1_763_900_000_123));
+        let envelope = Envelope::decode(&batch.records[0].data).unwrap();
+        assert_eq!(envelope.readings[0].engine_temp_c, Some(104.5));
+
+        let response = KafkaBatchResponse::from_failed(&[
+            "telemetry-0@16".into(),
+            "telemetry-1@7".into(),
+            "telemetry-0@15".into(),
+        ]);
+        assert_eq!(
+            serde_json::to_value(response).unwrap(),
+            serde_json::json!({"batchItemFailures": [
+                {"itemIdentifier": {"partition": "telemetry-0", "offset": 15}},
+                {"itemIdentifier": {"partition": "telemetry-1", "offset": 7}},
+            ]})
+        );
+    }
 
     #[test]
     fn builds_from_a_real_kinesis_event_fixture() {
