@@ -13,13 +13,13 @@ use crate::esm::KinesisFunction;
 /// A stream function seen as Lambda sees it, publishing its metrics where the runner keeps them.
 /// The handlers answer every batch with partial failures, so an invocation as a whole never
 /// fails.
-pub struct Invoked<T> {
-    pub function: T,
+pub struct Invoked {
+    pub function: Arc<dyn StreamFunction>,
     pub metrics: Arc<dyn MetricsSink>,
 }
 
 #[async_trait]
-impl<T: StreamFunction> KinesisFunction for Invoked<T> {
+impl KinesisFunction for Invoked {
     fn name(&self) -> &str {
         self.function.name()
     }

@@ -12,6 +12,7 @@ pub mod dashboard;
 pub mod esm;
 pub mod functions;
 pub mod gateway;
+pub mod kafka_esm;
 pub mod live;
 pub mod metrics;
 pub mod source;
@@ -33,6 +34,7 @@ use geostream_aws::sqs::SqsDeadLetters;
 use geostream_aws::timestream::TimestreamArchive;
 use geostream_geo_update::GeoUpdate;
 use geostream_ingest::Ingest;
+use geostream_kafka::{KafkaBus, KafkaSettings};
 use geostream_query_api::QueryApi;
 use geostream_shared::memory::{
     MemoryAlertStore, MemoryArchive, MemoryDeadLetters, MemoryPositionStore, MemoryStream,
@@ -43,6 +45,7 @@ use geostream_shared::ports::{
     AlertStore, Archive, DeadLetterSink, EventBus, PositionStore, StoreError, UpsertOutcome,
 };
 use geostream_shared::rules::RuleSet;
+use geostream_shared::stream::StreamFunction;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::sync::watch;
@@ -67,11 +70,43 @@ pub enum Backend {
     },
 }
 
+/// Which bus the pipeline runs on.
+#[derive(Debug, Clone, Default)]
+pub enum Bus {
+    /// The backend's own stream: in memory (embedded) or Kinesis (AWS).
+    #[default]
+    Backend,
+    /// A Kafka-compatible broker (Kafka, Redpanda, MSK), with the backend's stores.
+    Kafka(KafkaBusConfig),
+}
+
+#[derive(Debug, Clone)]
+pub struct KafkaBusConfig {
+    pub settings: KafkaSettings,
+    pub telemetry_topic: String,
+    pub alerts_topic: String,
+    /// Each stream function consumes as group `PREFIX-FUNCTION`.
+    pub group_prefix: String,
+}
+
+impl KafkaBusConfig {
+    pub fn local(bootstrap_servers: impl Into<String>) -> Self {
+        KafkaBusConfig {
+            settings: KafkaSettings::plaintext(bootstrap_servers),
+            telemetry_topic: "geostream-telemetry".into(),
+            alerts_topic: "geostream-alerts".into(),
+            group_prefix: "geostream".into(),
+        }
+    }
+}
+
 /// Everything the local stack can be tuned with.
 #[derive(Debug, Clone)]
 pub struct LocalConfig {
     pub listen: SocketAddr,
     pub backend: Backend,
+    pub bus: Bus,
+    /// Shards of the telemetry stream, or partitions of the Kafka topics.
     pub shards: usize,
     pub retention_per_shard: usize,
     pub archive_per_device: usize,
@@ -85,6 +120,7 @@ impl Default for LocalConfig {
         LocalConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             backend: Backend::Embedded,
+            bus: Bus::Backend,
             shards: 4,
             retention_per_shard: 250_000,
             archive_per_device: 2_000,
@@ -171,12 +207,15 @@ pub struct Stack {
     pub ingest: Ingest,
     pub query_api: QueryApi,
     pub positions: Arc<MeasuredPositions>,
-    pub telemetry_source: Arc<dyn ShardSource>,
+    /// The telemetry stream the mappings read; none on the Kafka bus.
+    pub telemetry_source: Option<Arc<dyn ShardSource>>,
     pub mappings: Vec<(String, Arc<MappingStats>)>,
     /// Set on the embedded backend.
     pub memory: Option<MemoryParts>,
     /// Set on the AWS backend: API calls made so far, per operation.
     pub aws_calls: Option<CallCounter>,
+    /// Which bus the stack runs on: memory, kinesis or kafka.
+    pub bus: &'static str,
     /// What the functions measured, as short series.
     pub metrics: Arc<LocalMetrics>,
     /// The alert store, for the live page's alerts feed.
@@ -190,6 +229,7 @@ pub struct Stack {
 pub struct StackStats {
     pub uptime_s: f64,
     pub backend: &'static str,
+    pub bus: &'static str,
     pub telemetry_records: Option<u64>,
     pub alert_transitions: Option<u64>,
     pub positions: Option<usize>,
@@ -206,15 +246,21 @@ impl Stack {
         StackStats {
             uptime_s: self.started.elapsed().as_secs_f64(),
             backend: if memory.is_some() { "embedded" } else { "aws" },
-            telemetry_records: memory.map(|m| m.telemetry.tips().iter().sum()),
-            alert_transitions: memory.map(|m| m.alert_stream.tips().iter().sum()),
+            bus: self.bus,
+            // Counted on the in-memory streams only.
+            telemetry_records: memory
+                .filter(|_| self.bus == "memory")
+                .map(|m| m.telemetry.tips().iter().sum()),
+            alert_transitions: memory
+                .filter(|_| self.bus == "memory")
+                .map(|m| m.alert_stream.tips().iter().sum()),
             positions: memory.map(|m| m.positions.len()),
             archived_readings: memory.map(|m| m.archive.len()),
             dead_letters: memory.map(|m| m.dead_letters.snapshot().1),
             mappings: self
                 .mappings
                 .iter()
-                .map(|(name, stats)| stats.snapshot(name, self.telemetry_source.as_ref()))
+                .map(|(name, stats)| stats.snapshot(name, self.telemetry_source.as_deref()))
                 .collect(),
             post_to_position: self.positions.latency(),
             aws_calls: self.aws_calls.as_ref().map(CallCounter::snapshot),
@@ -224,7 +270,7 @@ impl Stack {
     /// True when every stream function has processed every record on the stream.
     pub fn drained(&self) -> bool {
         self.mappings.iter().all(|(name, stats)| {
-            stats.snapshot(name, self.telemetry_source.as_ref()).lag == Some(0)
+            stats.snapshot(name, self.telemetry_source.as_deref()).lag == Some(0)
         })
     }
 }
@@ -267,7 +313,7 @@ struct Ports {
     archive: Arc<dyn Archive>,
     alerts: Arc<dyn AlertStore>,
     dead_letters: Arc<dyn DeadLetterSink>,
-    telemetry_source: Arc<dyn ShardSource>,
+    telemetry_source: Option<Arc<dyn ShardSource>>,
     memory: Option<MemoryParts>,
     aws_calls: Option<CallCounter>,
 }
@@ -296,7 +342,7 @@ fn embedded_ports(config: &LocalConfig) -> Ports {
         archive: memory.archive.clone(),
         alerts: memory.alerts.clone(),
         dead_letters: memory.dead_letters.clone(),
-        telemetry_source: Arc::new(MemorySource::new(memory.telemetry.clone())),
+        telemetry_source: Some(Arc::new(MemorySource::new(memory.telemetry.clone()))),
         memory: Some(memory),
         aws_calls: None,
     }
@@ -307,6 +353,7 @@ async fn aws_ports(
     names: &ResourceNames,
     create: bool,
     shards: usize,
+    read_stream: bool,
 ) -> Result<Ports, String> {
     let sdk = sdk_config(endpoint_url).await;
     let clients = Clients::new(&sdk);
@@ -357,9 +404,13 @@ async fn aws_ports(
             &names.alerts_table,
         )),
         dead_letters: Arc::new(SqsDeadLetters::new(clients.sqs.clone(), queue_url)),
-        telemetry_source: Arc::new(
-            KinesisSource::new(clients.kinesis.clone(), &names.telemetry_stream).await?,
-        ),
+        telemetry_source: if read_stream {
+            Some(Arc::new(
+                KinesisSource::new(clients.kinesis.clone(), &names.telemetry_stream).await?,
+            ))
+        } else {
+            None
+        },
         memory: None,
         aws_calls: Some(clients.calls.clone()),
     })
@@ -368,7 +419,7 @@ async fn aws_ports(
 /// Builds the stack on its backend and starts serving on `config.listen` (port 0 picks a free
 /// port).
 pub async fn start(config: LocalConfig) -> Result<RunningStack, String> {
-    let ports = match &config.backend {
+    let mut ports = match &config.backend {
         Backend::Embedded => embedded_ports(&config),
         Backend::Aws {
             endpoint_url,
@@ -380,44 +431,77 @@ pub async fn start(config: LocalConfig) -> Result<RunningStack, String> {
                 names,
                 *create_resources,
                 config.shards,
+                matches!(config.bus, Bus::Backend),
             )
             .await?
         }
     };
+    if let Bus::Kafka(kafka) = &config.bus {
+        let partitions = i32::try_from(config.shards.clamp(1, 1024)).unwrap_or(4);
+        geostream_kafka::ensure_topics(
+            &kafka.settings,
+            &[
+                (kafka.telemetry_topic.as_str(), partitions),
+                (kafka.alerts_topic.as_str(), partitions),
+            ],
+        )
+        .await?;
+        ports.bus = Arc::new(KafkaBus::new(&kafka.settings, &kafka.telemetry_topic)?);
+        ports.alert_bus = Arc::new(KafkaBus::new(&kafka.settings, &kafka.alerts_topic)?);
+        ports.telemetry_source = None;
+    }
     let positions = Arc::new(MeasuredPositions::new(ports.positions.clone()));
     let (shutdown, shutdown_rx) = watch::channel(false);
     let metrics = Arc::new(LocalMetrics::new());
 
-    let stream_functions: Vec<Arc<dyn esm::KinesisFunction>> = vec![
-        Arc::new(functions::Invoked {
-            metrics: metrics.clone(),
-            function: GeoUpdate::new(positions.clone(), ports.dead_letters.clone()),
-        }),
-        Arc::new(functions::Invoked {
-            metrics: metrics.clone(),
-            function: Archiver::new(ports.archive.clone(), ports.dead_letters.clone()),
-        }),
-        Arc::new(functions::Invoked {
-            metrics: metrics.clone(),
-            function: AnomalyInspector::new(
-                Arc::new(config.rules.clone()),
-                ports.alerts.clone(),
-                ports.alert_bus.clone(),
-                ports.dead_letters.clone(),
-            ),
-        }),
+    let stream_functions: Vec<Arc<dyn StreamFunction>> = vec![
+        Arc::new(GeoUpdate::new(
+            positions.clone(),
+            ports.dead_letters.clone(),
+        )),
+        Arc::new(Archiver::new(
+            ports.archive.clone(),
+            ports.dead_letters.clone(),
+        )),
+        Arc::new(AnomalyInspector::new(
+            Arc::new(config.rules.clone()),
+            ports.alerts.clone(),
+            ports.alert_bus.clone(),
+            ports.dead_letters.clone(),
+        )),
     ];
     let mut tasks = Vec::new();
     let mut mappings = Vec::new();
     for function in stream_functions {
         let name = function.name().to_string();
-        let (stats, loops) = start_mapping(
-            function,
-            ports.telemetry_source.clone(),
-            config.mapping.clone(),
-            ports.dead_letters.clone(),
-            shutdown_rx.clone(),
-        );
+        let (stats, loops) = match (&config.bus, &ports.telemetry_source) {
+            (Bus::Kafka(kafka), _) => {
+                let (stats, task) = kafka_esm::start_kafka_mapping(
+                    function,
+                    metrics.clone(),
+                    &kafka.settings,
+                    &kafka.telemetry_topic,
+                    &format!("{}-{name}", kafka.group_prefix),
+                    config.mapping.clone(),
+                    ports.dead_letters.clone(),
+                    shutdown_rx.clone(),
+                )?;
+                (stats, vec![task])
+            }
+            (Bus::Backend, Some(source)) => start_mapping(
+                Arc::new(functions::Invoked {
+                    function,
+                    metrics: metrics.clone(),
+                }),
+                source.clone(),
+                config.mapping.clone(),
+                ports.dead_letters.clone(),
+                shutdown_rx.clone(),
+            ),
+            (Bus::Backend, None) => {
+                return Err("the backend has no telemetry stream to read".into())
+            }
+        };
         mappings.push((name, stats));
         tasks.extend(loops);
     }
@@ -434,6 +518,11 @@ pub async fn start(config: LocalConfig) -> Result<RunningStack, String> {
         mappings,
         memory: ports.memory,
         aws_calls: ports.aws_calls,
+        bus: match &config.bus {
+            Bus::Kafka(_) => "kafka",
+            Bus::Backend if matches!(config.backend, Backend::Embedded) => "memory",
+            Bus::Backend => "kinesis",
+        },
         metrics,
         alerts: ports.alerts.clone(),
         shutdown: shutdown_rx.clone(),

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use geostream_aws::provision::ResourceNames;
 use geostream_local::esm::MappingConfig;
-use geostream_local::{start, Backend, LocalConfig};
+use geostream_local::{start, Backend, Bus, KafkaBusConfig, LocalConfig};
 use geostream_shared::rules::RuleSet;
 use geostream_sim::SimOptions;
 
@@ -26,17 +26,27 @@ struct Cli {
     /// Where the bus and stores live: in this process, or AWS services through the AWS SDK.
     #[arg(long, value_enum, default_value_t = BackendKind::Embedded)]
     backend: BackendKind,
+    /// The bus: the backend's native stream (in memory, or Kinesis with --backend aws), or a
+    /// Kafka-compatible broker (Kafka, Redpanda, MSK) with the backend's stores.
+    #[arg(long, value_enum, default_value_t = BusKind::Native)]
+    bus: BusKind,
+    /// With --bus kafka: the brokers, `host:port[,host:port...]`. Topics `PREFIX-telemetry`
+    /// and `PREFIX-alerts` are created if missing; each stream function consumes as group
+    /// `PREFIX-FUNCTION` (PREFIX: --resource-prefix).
+    #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS", required_if_eq("bus", "kafka"))]
+    brokers: Option<String>,
     /// With --backend aws: the AWS-API endpoint (an emulator such as moto or LocalStack);
     /// without it, real AWS from the default credential chain.
     #[arg(long, env = "AWS_ENDPOINT_URL")]
     endpoint_url: Option<String>,
-    /// With --backend aws: the prefix of every resource name (`PREFIX-telemetry`, ...).
+    /// The prefix of every resource name (`PREFIX-telemetry`, ...): AWS resources with
+    /// --backend aws, topics and consumer groups with --bus kafka.
     #[arg(long, default_value = "geostream")]
     resource_prefix: String,
     /// With --backend aws: create the streams, tables, Timestream database and queue first.
     #[arg(long)]
     create_resources: bool,
-    /// Shards of the telemetry stream.
+    /// Shards of the telemetry stream (partitions of new topics with --bus kafka).
     #[arg(long, default_value_t = 4)]
     shards: usize,
     /// Records kept per shard; older ones are trimmed (and reported if unprocessed).
@@ -65,6 +75,12 @@ struct Cli {
     simulate: bool,
     #[command(flatten)]
     sim: SimOptions,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BusKind {
+    Native,
+    Kafka,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -111,9 +127,23 @@ async fn main() -> ExitCode {
             create_resources: cli.create_resources,
         },
     };
+    let bus = match (cli.bus, &cli.brokers) {
+        (BusKind::Native, _) => Bus::Backend,
+        (BusKind::Kafka, Some(brokers)) => Bus::Kafka(KafkaBusConfig {
+            telemetry_topic: format!("{}-telemetry", cli.resource_prefix),
+            alerts_topic: format!("{}-alerts", cli.resource_prefix),
+            group_prefix: cli.resource_prefix.clone(),
+            ..KafkaBusConfig::local(brokers.as_str())
+        }),
+        (BusKind::Kafka, None) => {
+            eprintln!("geostream-local: --bus kafka needs --brokers HOST:PORT");
+            return ExitCode::FAILURE;
+        }
+    };
     let config = LocalConfig {
         listen: cli.listen,
         backend,
+        bus,
         shards: cli.shards,
         retention_per_shard: cli.retention_per_shard,
         archive_per_device: cli.archive_per_device,

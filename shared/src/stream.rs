@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 
 use aws_lambda_events::event::kafka::KafkaEvent;
 use aws_lambda_events::event::kinesis::KinesisEvent;
+use aws_lambda_events::event::streams::{KinesisBatchItemFailure, KinesisEventResponse};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
-use aws_lambda_events::event::streams::{KinesisBatchItemFailure, KinesisEventResponse};
 
 use std::time::Instant;
 
@@ -192,7 +192,11 @@ pub trait StreamFunction: Send + Sync {
 
     /// Lambda's view in Kafka mode: a `KafkaEvent` in, the offset to resume from per failed
     /// partition out.
-    async fn handle_kafka(&self, event: KafkaEvent, metrics: &dyn MetricsSink) -> KafkaBatchResponse {
+    async fn handle_kafka(
+        &self,
+        event: KafkaEvent,
+        metrics: &dyn MetricsSink,
+    ) -> KafkaBatchResponse {
         let failed = self
             .process_measured(StreamBatch::from(event), metrics)
             .await;
@@ -303,7 +307,7 @@ mod tests {
             "ordered by partition, then offset"
         );
         assert_eq!(batch.records[0].partition_key, "truck-7");
-        assert_eq!(batch.records[0].arrived_at, Some(1_763_900_000_123));
+        assert_eq!(batch.records[0].arrived_at, Some(1_763_900_000_125));
         let envelope = Envelope::decode(&batch.records[0].data).unwrap();
         assert_eq!(envelope.readings[0].engine_temp_c, Some(104.5));
 
