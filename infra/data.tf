@@ -1,6 +1,7 @@
 # The bus, the stores and the dead-letter queues.
 
 resource "aws_kinesis_stream" "telemetry" {
+  count            = var.bus == "kinesis" ? 1 : 0
   name             = "${var.name_prefix}-telemetry"
   shard_count      = var.stream_mode == "PROVISIONED" ? var.telemetry_shards : null
   retention_period = var.stream_retention_hours
@@ -13,6 +14,7 @@ resource "aws_kinesis_stream" "telemetry" {
 }
 
 resource "aws_kinesis_stream" "alerts" {
+  count            = var.bus == "kinesis" ? 1 : 0
   name             = "${var.name_prefix}-alerts"
   shard_count      = var.stream_mode == "PROVISIONED" ? 1 : null
   retention_period = var.stream_retention_hours

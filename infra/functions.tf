@@ -1,27 +1,47 @@
-# The five functions, each with only the actions it calls on only its resources, and the
-# Kinesis event source mappings of the three stream functions.
+# The five functions, each with only the actions it calls on only its resources, and the event
+# source mappings (Kinesis, or self-managed Kafka with bus = kafka) of the three stream
+# functions.
 
 locals {
   artifact = { for f in ["ingest", "geo-update", "archiver", "anomaly-inspector", "query-api"] : f => "${var.lambda_artifacts_dir}/geostream-${f}/bootstrap.zip" }
 
-  # What Lambda's event source mapping needs to read the telemetry stream and report failures.
-  stream_reader_statements = [
+  # The SASL/SCRAM secret of the Kafka brokers, for the event source mappings and the
+  # functions that produce (none when the brokers need no authentication).
+  kafka_secret_statements = var.bus == "kafka" && var.kafka_secret_arn != "" ? [
+    {
+      sid       = "ReadKafkaSecret"
+      actions   = ["secretsmanager:GetSecretValue"]
+      resources = [var.kafka_secret_arn]
+    },
+  ] : []
+
+  # What Lambda's event source mapping needs to read the telemetry stream (or the Kafka
+  # brokers' secret) and report failures.
+  stream_reader_statements = concat(var.bus == "kinesis" ? [
     {
       sid       = "ReadTelemetryStream"
       actions   = ["kinesis:DescribeStream", "kinesis:DescribeStreamSummary", "kinesis:GetRecords", "kinesis:GetShardIterator", "kinesis:ListShards"]
-      resources = [aws_kinesis_stream.telemetry.arn]
+      resources = [aws_kinesis_stream.telemetry[0].arn]
     },
     {
       sid       = "ListStreams"
       actions   = ["kinesis:ListStreams"]
       resources = ["*"]
     },
+    ] : local.kafka_secret_statements, [
     {
       sid       = "ReportStreamFailures"
       actions   = ["sqs:SendMessage"]
       resources = [aws_sqs_queue.stream_failures.arn]
     },
-  ]
+  ])
+
+  # The bus the deployment chose (variable bus), for every function that reads it.
+  kafka_environment = {
+    BUS                     = var.bus
+    KAFKA_BOOTSTRAP_SERVERS = var.bus == "kafka" ? var.kafka_bootstrap_servers : ""
+    KAFKA_SECRET_ARN        = var.bus == "kafka" ? var.kafka_secret_arn : ""
+  }
 
   dead_letter_statement = {
     sid       = "SendDeadLetters"
@@ -86,16 +106,17 @@ module "ingest" {
   description        = "POST /v1/telemetry: validates readings and publishes them to the telemetry stream"
   zip_path           = local.artifact["ingest"]
   log_retention_days = var.log_retention_days
-  environment = {
-    TELEMETRY_STREAM = aws_kinesis_stream.telemetry.name
-  }
-  policy_statements = [
+  environment = merge(local.kafka_environment, {
+    TELEMETRY_STREAM = var.bus == "kinesis" ? aws_kinesis_stream.telemetry[0].name : ""
+    TELEMETRY_TOPIC  = var.bus == "kafka" ? var.kafka_telemetry_topic : ""
+  })
+  policy_statements = var.bus == "kinesis" ? [
     {
       sid       = "PublishTelemetry"
       actions   = ["kinesis:PutRecords"]
-      resources = [aws_kinesis_stream.telemetry.arn]
+      resources = [aws_kinesis_stream.telemetry[0].arn]
     },
-  ]
+  ] : local.kafka_secret_statements
 }
 
 module "geo_update" {
@@ -105,6 +126,7 @@ module "geo_update" {
   zip_path           = local.artifact["geo-update"]
   log_retention_days = var.log_retention_days
   environment = {
+    BUS                   = var.bus
     POSITIONS_TABLE       = aws_dynamodb_table.positions.name
     DEAD_LETTER_QUEUE_URL = aws_sqs_queue.dead_letters.url
   }
@@ -126,6 +148,7 @@ module "archiver" {
   log_retention_days = var.log_retention_days
   timeout_seconds    = 60
   environment = merge(local.archive_environment, {
+    BUS                   = var.bus
     DEAD_LETTER_QUEUE_URL = aws_sqs_queue.dead_letters.url
   })
   policy_statements = concat(local.stream_reader_statements, local.archive_write_statements, [local.dead_letter_statement])
@@ -137,12 +160,13 @@ module "anomaly_inspector" {
   description        = "Evaluates the rules per vehicle, keeps alert state, publishes raise and clear"
   zip_path           = local.artifact["anomaly-inspector"]
   log_retention_days = var.log_retention_days
-  environment = {
+  environment = merge(local.kafka_environment, {
     ALERT_STATE_TABLE     = aws_dynamodb_table.alert_state.name
     ALERTS_TABLE          = aws_dynamodb_table.alerts.name
-    ALERTS_STREAM         = aws_kinesis_stream.alerts.name
+    ALERTS_STREAM         = var.bus == "kinesis" ? aws_kinesis_stream.alerts[0].name : ""
+    ALERTS_TOPIC          = var.bus == "kafka" ? var.kafka_alerts_topic : ""
     DEAD_LETTER_QUEUE_URL = aws_sqs_queue.dead_letters.url
-  }
+  })
   policy_statements = concat(local.stream_reader_statements, [
     {
       # The state and the alerts it touched are written in one TransactWriteItems call, which
@@ -156,13 +180,14 @@ module "anomaly_inspector" {
       actions   = ["dynamodb:UpdateItem"]
       resources = [aws_dynamodb_table.alerts.arn]
     },
+    local.dead_letter_statement,
+    ], var.bus == "kinesis" ? [
     {
       sid       = "PublishAlerts"
       actions   = ["kinesis:PutRecords"]
-      resources = [aws_kinesis_stream.alerts.arn]
+      resources = [aws_kinesis_stream.alerts[0].arn]
     },
-    local.dead_letter_statement,
-  ])
+  ] : local.kafka_secret_statements)
 }
 
 module "query_api" {
@@ -209,10 +234,10 @@ locals {
 }
 
 resource "aws_lambda_event_source_mapping" "telemetry" {
-  for_each = local.stream_functions
+  for_each = var.bus == "kinesis" ? local.stream_functions : {}
 
   function_name                      = each.value
-  event_source_arn                   = aws_kinesis_stream.telemetry.arn
+  event_source_arn                   = aws_kinesis_stream.telemetry[0].arn
   starting_position                  = "TRIM_HORIZON"
   batch_size                         = var.stream_batch_size
   maximum_batching_window_in_seconds = var.stream_batching_window_seconds
@@ -220,6 +245,52 @@ resource "aws_lambda_event_source_mapping" "telemetry" {
   maximum_retry_attempts             = var.stream_max_retries
   maximum_record_age_in_seconds      = var.stream_max_record_age_seconds
   function_response_types            = ["ReportBatchItemFailures"]
+
+  destination_config {
+    on_failure {
+      destination_arn = aws_sqs_queue.stream_failures.arn
+    }
+  }
+}
+
+# With bus = kafka: Lambda polls the cluster as consumer group PREFIX-FUNCTION per stream
+# function, in provisioned mode (which the retry, bisect and partial-batch settings need), and
+# authenticates with the SASL/SCRAM secret.
+resource "aws_lambda_event_source_mapping" "kafka_telemetry" {
+  for_each = var.bus == "kafka" ? local.stream_functions : {}
+
+  function_name                      = each.value
+  topics                             = [var.kafka_telemetry_topic]
+  starting_position                  = "TRIM_HORIZON"
+  batch_size                         = var.stream_batch_size
+  maximum_batching_window_in_seconds = var.stream_batching_window_seconds
+  bisect_batch_on_function_error     = true
+  maximum_retry_attempts             = var.stream_max_retries
+  maximum_record_age_in_seconds      = var.stream_max_record_age_seconds
+  function_response_types            = ["ReportBatchItemFailures"]
+
+  self_managed_event_source {
+    endpoints = {
+      KAFKA_BOOTSTRAP_SERVERS = var.kafka_bootstrap_servers
+    }
+  }
+
+  self_managed_kafka_event_source_config {
+    consumer_group_id = "${var.name_prefix}-${each.key}"
+  }
+
+  dynamic "source_access_configuration" {
+    for_each = var.kafka_secret_arn == "" ? [] : [var.kafka_secret_arn]
+    content {
+      type = "SASL_SCRAM_512_AUTH"
+      uri  = source_access_configuration.value
+    }
+  }
+
+  provisioned_poller_config {
+    minimum_pollers = 1
+    maximum_pollers = var.kafka_max_pollers
+  }
 
   destination_config {
     on_failure {

@@ -12,18 +12,20 @@ locals {
   }
 }
 
+# On Kinesis, how old the records are when read (ms); on Kafka, how many records the consumer
+# group is behind (OffsetLag).
 resource "aws_cloudwatch_metric_alarm" "iterator_age" {
   for_each = local.stream_functions
 
-  alarm_name          = "${var.name_prefix}-${each.key}-iterator-age"
-  alarm_description   = "${each.key} is more than ${var.iterator_age_alarm_ms} ms behind the telemetry stream"
+  alarm_name          = "${var.name_prefix}-${each.key}-${var.bus == "kafka" ? "offset-lag" : "iterator-age"}"
+  alarm_description   = var.bus == "kafka" ? "${each.key} is more than ${var.offset_lag_alarm_records} records behind the telemetry topic" : "${each.key} is more than ${var.iterator_age_alarm_ms} ms behind the telemetry stream"
   namespace           = "AWS/Lambda"
-  metric_name         = "IteratorAge"
+  metric_name         = var.bus == "kafka" ? "OffsetLag" : "IteratorAge"
   dimensions          = { FunctionName = local.all_functions[each.key] }
   statistic           = "Maximum"
   period              = 60
   evaluation_periods  = 5
-  threshold           = var.iterator_age_alarm_ms
+  threshold           = var.bus == "kafka" ? var.offset_lag_alarm_records : var.iterator_age_alarm_ms
   comparison_operator = "GreaterThanThreshold"
   treat_missing_data  = "notBreaching"
   alarm_actions       = local.alarm_actions

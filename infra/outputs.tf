@@ -4,13 +4,13 @@ output "api_url" {
 }
 
 output "telemetry_stream" {
-  description = "Kinesis stream of telemetry records."
-  value       = aws_kinesis_stream.telemetry.name
+  description = "Where telemetry records go: the Kinesis stream, or the Kafka topic with bus = kafka."
+  value       = var.bus == "kinesis" ? aws_kinesis_stream.telemetry[0].name : var.kafka_telemetry_topic
 }
 
 output "alerts_stream" {
-  description = "Kinesis stream of alert raise and clear transitions."
-  value       = aws_kinesis_stream.alerts.name
+  description = "Where alert raise and clear transitions go: the Kinesis stream, or the Kafka topic with bus = kafka."
+  value       = var.bus == "kinesis" ? aws_kinesis_stream.alerts[0].name : var.kafka_alerts_topic
 }
 
 output "tables" {

@@ -21,6 +21,68 @@ variable "lambda_artifacts_dir" {
   default     = "../target/lambda"
 }
 
+variable "bus" {
+  description = "The streaming bus: kinesis (the two streams are created here) or kafka (an existing Kafka, Redpanda or MSK cluster reachable from Lambda, with its topics created beforehand)."
+  type        = string
+  default     = "kinesis"
+
+  validation {
+    condition     = contains(["kinesis", "kafka"], var.bus)
+    error_message = "bus must be kinesis or kafka."
+  }
+}
+
+variable "kafka_bootstrap_servers" {
+  description = "With bus = kafka: the brokers, host:port[,host:port...]."
+  type        = string
+  default     = ""
+
+  validation {
+    condition     = var.bus != "kafka" || length(trimspace(var.kafka_bootstrap_servers)) > 0
+    error_message = "kafka_bootstrap_servers is required when bus = kafka."
+  }
+}
+
+variable "kafka_secret_arn" {
+  description = "With bus = kafka: ARN of the Secrets Manager secret ({\"username\", \"password\"}) for SASL/SCRAM-SHA-512 over TLS, used by the event source mappings and the producing functions. Empty for brokers without authentication."
+  type        = string
+  default     = ""
+
+  validation {
+    condition     = var.kafka_secret_arn == "" || can(regex("^arn:aws[a-z-]*:secretsmanager:", var.kafka_secret_arn))
+    error_message = "kafka_secret_arn must be a Secrets Manager secret ARN, or empty."
+  }
+}
+
+variable "kafka_telemetry_topic" {
+  description = "With bus = kafka: the telemetry topic (keyed by device)."
+  type        = string
+  default     = "geostream-telemetry"
+}
+
+variable "kafka_alerts_topic" {
+  description = "With bus = kafka: the topic alert raise and clear transitions are published to."
+  type        = string
+  default     = "geostream-alerts"
+}
+
+variable "kafka_max_pollers" {
+  description = "With bus = kafka: the most event pollers per stream function (provisioned mode, which the retry and partial-batch settings need)."
+  type        = number
+  default     = 2
+
+  validation {
+    condition     = var.kafka_max_pollers >= 1 && var.kafka_max_pollers <= 2000
+    error_message = "kafka_max_pollers must be between 1 and 2000."
+  }
+}
+
+variable "offset_lag_alarm_records" {
+  description = "With bus = kafka: alarm when a stream function's consumer group is more than this many records behind."
+  type        = number
+  default     = 100000
+}
+
 variable "stream_mode" {
   description = "Kinesis capacity mode: ON_DEMAND (scales by itself) or PROVISIONED (fixed shards, cheaper at steady load)."
   type        = string

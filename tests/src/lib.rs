@@ -395,8 +395,9 @@ pub fn check(
 }
 
 /// The environment variables a Lambda `main` reads: every `lambda::env("NAME"` call, the
-/// dead-letter queue behind `lambda::dead_letters(`, and the archive settings behind
-/// `lambda::archive(`. A `main` must not read the environment any
+/// dead-letter queue behind `lambda::dead_letters(`, the archive settings behind
+/// `lambda::archive(`, the bus settings behind `lambda::telemetry_bus(` and
+/// `lambda::alerts_bus(`, and `BUS` behind `lambda::run_stream_function(`. A `main` must not read the environment any
 /// other way, so that this scan is complete.
 pub fn env_read_by_main(source: &str) -> Result<BTreeSet<String>, String> {
     if source.contains("std::env::var") || source.contains("env::var(") {
@@ -414,6 +415,30 @@ pub fn env_read_by_main(source: &str) -> Result<BTreeSet<String>, String> {
         .collect();
     if compact.contains("lambda::dead_letters(") {
         read.insert("DEAD_LETTER_QUEUE_URL".to_string());
+    }
+    if compact.contains("lambda::run_stream_function(") {
+        read.insert("BUS".to_string());
+    }
+    for (call, stream, topic) in [
+        (
+            "lambda::telemetry_bus(",
+            "TELEMETRY_STREAM",
+            "TELEMETRY_TOPIC",
+        ),
+        ("lambda::alerts_bus(", "ALERTS_STREAM", "ALERTS_TOPIC"),
+    ] {
+        if compact.contains(call) {
+            read.extend(
+                [
+                    "BUS",
+                    stream,
+                    topic,
+                    "KAFKA_BOOTSTRAP_SERVERS",
+                    "KAFKA_SECRET_ARN",
+                ]
+                .map(String::from),
+            );
+        }
     }
     if compact.contains("lambda::archive(") {
         read.extend(
@@ -489,8 +514,8 @@ mod tests {
     fn a_wrong_environment_variable_is_caught() {
         let problems = problems_with(
             "functions.tf",
-            "TELEMETRY_STREAM = aws_kinesis_stream",
-            "TELEMETRY_STREAMS = aws_kinesis_stream",
+            "TELEMETRY_STREAM = var.bus",
+            "TELEMETRY_STREAMS = var.bus",
         );
         assert!(
             problems.contains(
@@ -503,6 +528,20 @@ mod tests {
             problems
                 .iter()
                 .any(|p| p.contains("sets TELEMETRY_STREAMS")),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn a_producer_without_the_kafka_secret_is_caught() {
+        // The ingest function's Kafka branch: no statement for the brokers' secret.
+        let problems = problems_with(
+            "functions.tf",
+            "  ] : local.kafka_secret_statements\n",
+            "  ] : []\n",
+        );
+        assert!(
+            problems.contains(&"function ingest: its role does not allow secretsmanager:GetSecretValue on var.kafka_secret_arn".to_string()),
             "{problems:?}"
         );
     }

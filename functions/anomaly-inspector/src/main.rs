@@ -1,14 +1,12 @@
-//! The anomaly-inspector Lambda: Kinesis -> rules -> DynamoDB alerts + alerts stream.
+//! The anomaly-inspector Lambda: the telemetry bus (Kinesis or Kafka) -> rules -> DynamoDB
+//! alerts + the alerts bus.
 
 use std::sync::Arc;
 
-use aws_lambda_events::event::kinesis::KinesisEvent;
 use geostream_anomaly_inspector::AnomalyInspector;
 use geostream_aws::dynamodb::DynamoAlerts;
-use geostream_aws::kinesis::KinesisBus;
 use geostream_aws::lambda;
-use geostream_shared::stream::StreamFunction;
-use lambda_runtime::{run, service_fn, Error, LambdaEvent};
+use lambda_runtime::Error;
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
@@ -18,10 +16,6 @@ async fn main() -> Result<(), Error> {
         "the DynamoDB table of per-device rule state",
     )?;
     let alerts_table = lambda::env("ALERTS_TABLE", "the DynamoDB table of alerts")?;
-    let alerts_stream = lambda::env(
-        "ALERTS_STREAM",
-        "the Kinesis stream alert transitions are published to",
-    )?;
     let rules = lambda::rules()?;
     let clients = lambda::clients().await;
     let dead_letters = lambda::dead_letters(&clients)?;
@@ -32,15 +26,9 @@ async fn main() -> Result<(), Error> {
             state_table,
             alerts_table,
         )),
-        Arc::new(KinesisBus::new(clients.kinesis, alerts_stream)),
+        lambda::alerts_bus(&clients).await?,
         dead_letters,
     );
-    let handler = &handler;
-    let metrics = &lambda::metrics(geostream_anomaly_inspector::FUNCTION_NAME);
-    run(service_fn(
-        move |event: LambdaEvent<KinesisEvent>| async move {
-            Ok::<_, Error>(handler.handle(event.payload, metrics).await)
-        },
-    ))
-    .await
+    let metrics = lambda::metrics(geostream_anomaly_inspector::FUNCTION_NAME);
+    lambda::run_stream_function(&handler, &metrics).await
 }

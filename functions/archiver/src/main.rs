@@ -1,10 +1,8 @@
-//! The archiver Lambda: Kinesis -> Timestream or S3.
+//! The archiver Lambda: the telemetry bus (Kinesis or Kafka) -> Timestream or S3.
 
-use aws_lambda_events::event::kinesis::KinesisEvent;
 use geostream_archiver::Archiver;
 use geostream_aws::lambda;
-use geostream_shared::stream::StreamFunction;
-use lambda_runtime::{run, service_fn, Error, LambdaEvent};
+use lambda_runtime::Error;
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
@@ -13,12 +11,6 @@ async fn main() -> Result<(), Error> {
     let archive = lambda::archive(&clients)?;
     let dead_letters = lambda::dead_letters(&clients)?;
     let handler = Archiver::new(archive, dead_letters);
-    let handler = &handler;
-    let metrics = &lambda::metrics(geostream_archiver::FUNCTION_NAME);
-    run(service_fn(
-        move |event: LambdaEvent<KinesisEvent>| async move {
-            Ok::<_, Error>(handler.handle(event.payload, metrics).await)
-        },
-    ))
-    .await
+    let metrics = lambda::metrics(geostream_archiver::FUNCTION_NAME);
+    lambda::run_stream_function(&handler, &metrics).await
 }

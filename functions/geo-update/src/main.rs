@@ -1,13 +1,11 @@
-//! The geo-update Lambda: Kinesis -> DynamoDB positions.
+//! The geo-update Lambda: the telemetry bus (Kinesis or Kafka) -> DynamoDB positions.
 
 use std::sync::Arc;
 
-use aws_lambda_events::event::kinesis::KinesisEvent;
 use geostream_aws::dynamodb::DynamoPositions;
 use geostream_aws::lambda;
 use geostream_geo_update::GeoUpdate;
-use geostream_shared::stream::StreamFunction;
-use lambda_runtime::{run, service_fn, Error, LambdaEvent};
+use lambda_runtime::Error;
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
@@ -19,12 +17,6 @@ async fn main() -> Result<(), Error> {
         Arc::new(DynamoPositions::new(clients.dynamodb, table)),
         dead_letters,
     );
-    let handler = &handler;
-    let metrics = &lambda::metrics(geostream_geo_update::FUNCTION_NAME);
-    run(service_fn(
-        move |event: LambdaEvent<KinesisEvent>| async move {
-            Ok::<_, Error>(handler.handle(event.payload, metrics).await)
-        },
-    ))
-    .await
+    let metrics = lambda::metrics(geostream_geo_update::FUNCTION_NAME);
+    lambda::run_stream_function(&handler, &metrics).await
 }

@@ -52,6 +52,7 @@ pub struct Clients {
     pub timestream_query: aws_sdk_timestreamquery::Client,
     pub sqs: aws_sdk_sqs::Client,
     pub s3: aws_sdk_s3::Client,
+    pub secrets: aws_sdk_secretsmanager::Client,
     /// Timestream on AWS needs endpoint discovery; against an emulator (`endpoint_url` set) it
     /// would send the client to the real AWS hosts, so it is off there.
     pub timestream_discovery: bool,
@@ -94,6 +95,11 @@ impl Clients {
                 .interceptor(calls.clone())
                 .build(),
         );
+        let secrets = aws_sdk_secretsmanager::Client::from_conf(
+            aws_sdk_secretsmanager::config::Builder::from(sdk)
+                .interceptor(calls.clone())
+                .build(),
+        );
         Clients {
             kinesis,
             dynamodb,
@@ -101,6 +107,7 @@ impl Clients {
             timestream_query,
             sqs,
             s3,
+            secrets,
             timestream_discovery: sdk.endpoint_url().is_none(),
             calls,
         }

@@ -35,14 +35,24 @@ pub struct FunctionManifest {
 pub const FUNCTIONS: &[FunctionManifest] = &[
     FunctionManifest {
         name: "ingest",
-        env: &["TELEMETRY_STREAM"],
-        operations: &["PutRecords"],
-        permissions: &[allow("kinesis:PutRecords", "aws_kinesis_stream.telemetry")],
+        env: &[
+            "BUS",
+            "TELEMETRY_STREAM",
+            "TELEMETRY_TOPIC",
+            "KAFKA_BOOTSTRAP_SERVERS",
+            "KAFKA_SECRET_ARN",
+        ],
+        operations: &["PutRecords", "GetSecretValue"],
+        // Kinesis or Kafka, whichever the deployment's `bus` variable chose.
+        permissions: &[
+            allow("kinesis:PutRecords", "aws_kinesis_stream.telemetry"),
+            allow("secretsmanager:GetSecretValue", "var.kafka_secret_arn"),
+        ],
         reads_telemetry: false,
     },
     FunctionManifest {
         name: "geo-update",
-        env: &["POSITIONS_TABLE", "DEAD_LETTER_QUEUE_URL"],
+        env: &["BUS", "POSITIONS_TABLE", "DEAD_LETTER_QUEUE_URL"],
         operations: &["PutItem", "SendMessageBatch"],
         permissions: &[
             allow("dynamodb:PutItem", "aws_dynamodb_table.positions"),
@@ -53,6 +63,7 @@ pub const FUNCTIONS: &[FunctionManifest] = &[
     FunctionManifest {
         name: "archiver",
         env: &[
+            "BUS",
             "ARCHIVE",
             "ARCHIVE_BUCKET",
             "TIMESTREAM_DATABASE",
@@ -80,9 +91,13 @@ pub const FUNCTIONS: &[FunctionManifest] = &[
     FunctionManifest {
         name: "anomaly-inspector",
         env: &[
+            "BUS",
             "ALERT_STATE_TABLE",
             "ALERTS_TABLE",
             "ALERTS_STREAM",
+            "ALERTS_TOPIC",
+            "KAFKA_BOOTSTRAP_SERVERS",
+            "KAFKA_SECRET_ARN",
             "DEAD_LETTER_QUEUE_URL",
         ],
         operations: &[
@@ -90,6 +105,7 @@ pub const FUNCTIONS: &[FunctionManifest] = &[
             "TransactWriteItems",
             "UpdateItem",
             "PutRecords",
+            "GetSecretValue",
             "SendMessageBatch",
         ],
         permissions: &[
@@ -98,6 +114,7 @@ pub const FUNCTIONS: &[FunctionManifest] = &[
             allow("dynamodb:PutItem", "aws_dynamodb_table.alert_state"),
             allow("dynamodb:UpdateItem", "aws_dynamodb_table.alerts"),
             allow("kinesis:PutRecords", "aws_kinesis_stream.alerts"),
+            allow("secretsmanager:GetSecretValue", "var.kafka_secret_arn"),
             allow("sqs:SendMessage", "aws_sqs_queue.dead_letters"),
         ],
         reads_telemetry: true,
@@ -143,8 +160,10 @@ pub const FUNCTIONS: &[FunctionManifest] = &[
     },
 ];
 
-/// What an event source mapping needs from the role of a function it invokes.
+/// What an event source mapping needs from the role of a function it invokes: to read the
+/// Kinesis stream, or the Kafka brokers' SASL secret, and to report failed batches.
 pub const TELEMETRY_READER_PERMISSIONS: &[Permission] = &[
+    allow("secretsmanager:GetSecretValue", "var.kafka_secret_arn"),
     allow("kinesis:GetRecords", "aws_kinesis_stream.telemetry"),
     allow("kinesis:GetShardIterator", "aws_kinesis_stream.telemetry"),
     allow("kinesis:DescribeStream", "aws_kinesis_stream.telemetry"),

@@ -40,6 +40,22 @@ impl KafkaSettings {
         }
     }
 
+    /// Brokers with SASL/SCRAM-SHA-512 over TLS when credentials are given (what Lambda's Kafka
+    /// event source mappings use with a Secrets Manager secret), plaintext otherwise.
+    pub fn with_credentials(
+        bootstrap_servers: impl Into<String>,
+        credentials: Option<(String, String)>,
+    ) -> Self {
+        KafkaSettings {
+            bootstrap_servers: bootstrap_servers.into(),
+            sasl: credentials.map(|(username, password)| SaslScram {
+                mechanism: "SCRAM-SHA-512".into(),
+                username,
+                password,
+            }),
+        }
+    }
+
     /// The librdkafka configuration every GeoStream client starts from.
     pub fn client_config(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
