@@ -188,4 +188,24 @@ mod tests {
             ["49590338271490256608559692538361571095921575989136588898"]
         );
     }
+
+    #[tokio::test]
+    async fn a_failed_write_on_kafka_answers_the_offset_to_resume_from_per_partition() {
+        let event: aws_lambda_events::event::kafka::KafkaEvent = serde_json::from_str(
+            include_str!("../../../shared/tests/fixtures/kafka-event.json"),
+        )
+        .unwrap();
+        let handler = Archiver::new(
+            Arc::new(FailingArchive),
+            Arc::new(MemoryDeadLetters::new(1)),
+        );
+        let response = handler.handle_kafka(event, &RecordedMetrics::new()).await;
+        assert_eq!(
+            serde_json::to_value(response).unwrap(),
+            serde_json::json!({"batchItemFailures": [
+                {"itemIdentifier": {"partition": "telemetry-0", "offset": 15}},
+                {"itemIdentifier": {"partition": "telemetry-1", "offset": 7}},
+            ]})
+        );
+    }
 }

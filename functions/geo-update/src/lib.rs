@@ -185,4 +185,20 @@ mod tests {
             letters[0].reason
         );
     }
+
+    #[tokio::test]
+    async fn stores_the_position_from_a_real_kafka_event() {
+        let event: aws_lambda_events::event::kafka::KafkaEvent = serde_json::from_str(
+            include_str!("../../../shared/tests/fixtures/kafka-event.json"),
+        )
+        .unwrap();
+        let positions = Arc::new(MemoryPositionStore::new());
+        let handler = GeoUpdate::new(positions.clone(), Arc::new(MemoryDeadLetters::new(10)));
+        let metrics = RecordedMetrics::new();
+        let response = handler.handle_kafka(event, &metrics).await;
+        assert!(response.batch_item_failures.is_empty());
+        let stored = positions.get("truck-7").await.unwrap().unwrap();
+        assert_eq!((stored.lat, stored.lon), (52.52, 13.405));
+        assert_eq!(metrics.total(FUNCTION_NAME, MetricName::RecordsIn), 3.0);
+    }
 }
