@@ -79,6 +79,12 @@ pub struct MappingSnapshot {
 }
 
 impl MappingStats {
+    /// Counts one invocation of the function with `records` records.
+    pub fn invoked(&self, records: usize) {
+        self.invocations.fetch_add(1, Ordering::Relaxed);
+        self.records.fetch_add(records as u64, Ordering::Relaxed);
+    }
+
     fn new(shards: usize) -> Self {
         MappingStats {
             checkpoints: Mutex::new(vec![None; shards]),
@@ -207,10 +213,7 @@ impl ShardLoop {
         let mut backoff = self.config.retry_backoff;
         loop {
             attempt += 1;
-            self.stats.invocations.fetch_add(1, Ordering::Relaxed);
-            self.stats
-                .records
-                .fetch_add(records.len() as u64, Ordering::Relaxed);
+            self.stats.invoked(records.len());
             let event = self.kinesis_event(&records);
             let every_record = || {
                 records

@@ -135,10 +135,7 @@ impl KafkaMapping {
         let mut backoff = self.config.retry_backoff;
         loop {
             attempt += 1;
-            self.stats.invocations.fetch_add(1, Ordering::Relaxed);
-            self.stats
-                .records
-                .fetch_add(messages.len() as u64, Ordering::Relaxed);
+            self.stats.invoked(messages.len());
             let event = self.kafka_event(&messages);
             let response = self
                 .function

@@ -24,6 +24,10 @@ fn broker() -> Option<String> {
     }
 }
 
+async fn get_json(http: &reqwest::Client, url: String) -> Value {
+    http.get(url).send().await.unwrap().json().await.unwrap()
+}
+
 /// Reads `topic` from the beginning until `wanted` holds for a message, at most `timeout`.
 async fn find_on_topic(
     brokers: &str,
@@ -120,14 +124,11 @@ async fn telemetry_flows_through_kafka_to_the_stores_and_alerts_to_the_alerts_to
     loop {
         let stats = running.stack.stats();
         let done = stats.positions == Some(21) && stats.archived_readings == Some(105);
-        let alerts: Value = http
-            .get(format!("{base}/v1/alerts?state=active&device_id=kafka-hot"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let alerts = get_json(
+            &http,
+            format!("{base}/v1/alerts?state=active&device_id=kafka-hot"),
+        )
+        .await;
         if done && alerts["count"] == 1 {
             assert_eq!(alerts["alerts"][0]["rule"], "engine_overheat");
             assert_eq!(alerts["alerts"][0]["count"], 3);
@@ -140,14 +141,7 @@ async fn telemetry_flows_through_kafka_to_the_stores_and_alerts_to_the_alerts_to
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let position: Value = http
-        .get(format!("{base}/v1/vehicles/kafka-7"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let position = get_json(&http, format!("{base}/v1/vehicles/kafka-7")).await;
     assert_eq!(position["ts"], t0 + 4000, "{position}");
     assert_eq!(position["lon"], 13.4 + 4.0 * 1e-4);
     for mapping in &running.stack.stats().mappings {
