@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use geostream_aws::provision::ResourceNames;
 use geostream_local::esm::MappingConfig;
-use geostream_local::{start, Backend, Bus, KafkaBusConfig, LocalConfig};
+use geostream_local::{start, Backend, Bus, KafkaBusConfig, LocalConfig, KAFKA_QUIET};
 use geostream_shared::rules::RuleSet;
 use geostream_sim::SimOptions;
 
@@ -186,7 +186,13 @@ async fn main() -> ExitCode {
             match simulation.await {
                 Ok(Ok(report)) => {
                     let drained = running.wait_drained(Duration::from_secs(120)).await;
-                    let elapsed = started.elapsed().as_secs_f64();
+                    // On Kafka, the quiet period that marks "caught up" is not processing time.
+                    let quiet = if running.stack.telemetry_source.is_none() {
+                        KAFKA_QUIET
+                    } else {
+                        Duration::ZERO
+                    };
+                    let elapsed = started.elapsed().saturating_sub(quiet).as_secs_f64();
                     println!("{report}");
                     let stats = running.stack.stats();
                     println!(
