@@ -65,18 +65,16 @@ async fn dead_letters(State(stack): State<Arc<Stack>>) -> impl IntoResponse {
 }
 
 /// Every vehicle's position as `[device_id, lat, lon]`, compact for the status page's map
-/// (embedded backend only).
+/// (on the AWS backend: the vehicles this runner has written).
 async fn positions(State(stack): State<Arc<Stack>>) -> impl IntoResponse {
     let all: Vec<(String, f64, f64)> = match &stack.memory {
-        Some(memory) => memory
-            .positions
-            .all()
-            .into_iter()
-            .map(|p| (p.device_id, p.lat, p.lon))
-            .collect(),
-        // A table scan of DynamoDB on every refresh would cost more than the page is worth.
-        None => Vec::new(),
-    };
+        Some(memory) => memory.positions.all(),
+        // What this runner wrote: a table scan of DynamoDB would cost more than it is worth.
+        None => stack.positions.latest().unwrap_or_default(),
+    }
+    .into_iter()
+    .map(|p| (p.device_id, p.lat, p.lon))
+    .collect();
     Json(all)
 }
 

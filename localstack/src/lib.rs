@@ -17,7 +17,7 @@ pub mod live;
 pub mod metrics;
 pub mod source;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -136,16 +136,32 @@ impl Default for LocalConfig {
 pub struct MeasuredPositions {
     inner: Arc<dyn PositionStore>,
     latency_ms: Mutex<Histogram<u64>>,
+    latest: Option<Mutex<HashMap<String, Position>>>,
 }
 
 impl MeasuredPositions {
-    fn new(inner: Arc<dyn PositionStore>) -> Self {
+    /// `keep_latest`: also keep each vehicle's latest applied position, for the live page where
+    /// the store itself cannot list them cheaply (DynamoDB).
+    fn new(inner: Arc<dyn PositionStore>, keep_latest: bool) -> Self {
         MeasuredPositions {
             inner,
             latency_ms: Mutex::new(
                 Histogram::new_with_bounds(1, 3_600_000, 3).expect("valid histogram bounds"),
             ),
+            latest: keep_latest.then(|| Mutex::new(HashMap::new())),
         }
+    }
+
+    /// The latest position of every vehicle this runner has written, when kept.
+    pub fn latest(&self) -> Option<Vec<Position>> {
+        self.latest.as_ref().map(|latest| {
+            latest
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .cloned()
+                .collect()
+        })
     }
 
     pub fn latency(&self) -> LatencySnapshot {
@@ -173,8 +189,15 @@ pub struct LatencySnapshot {
 impl PositionStore for MeasuredPositions {
     async fn upsert_if_newer(&self, position: Position) -> Result<UpsertOutcome, StoreError> {
         let received_at = position.received_at;
+        let kept = self.latest.as_ref().map(|_| position.clone());
         let outcome = self.inner.upsert_if_newer(position).await?;
         if outcome == UpsertOutcome::Applied {
+            if let (Some(latest), Some(position)) = (&self.latest, kept) {
+                latest
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(position.device_id.clone(), position);
+            }
             let elapsed = (now_millis() - received_at).max(1) as u64;
             let _ = self
                 .latency_ms
@@ -474,7 +497,10 @@ pub async fn start(config: LocalConfig) -> Result<RunningStack, String> {
         ports.alert_bus = Arc::new(KafkaBus::new(&kafka.settings, &kafka.alerts_topic)?);
         ports.telemetry_source = None;
     }
-    let positions = Arc::new(MeasuredPositions::new(ports.positions.clone()));
+    let positions = Arc::new(MeasuredPositions::new(
+        ports.positions.clone(),
+        ports.memory.is_none(),
+    ));
     let (shutdown, shutdown_rx) = watch::channel(false);
     let metrics = Arc::new(LocalMetrics::new());
 

@@ -39,28 +39,32 @@ struct PageState {
 impl PageState {
     async fn news(&mut self, stack: &Stack) -> Vec<Event> {
         let mut events = Vec::new();
-        if let Some(memory) = &stack.memory {
-            let moved: Vec<_> = memory
-                .positions
-                .all()
-                .into_iter()
-                .filter(|p| self.sent_positions.get(&p.device_id) != Some(&p.ts))
+        // The embedded store lists its positions; on the AWS backend the runner keeps the ones
+        // its geo-update wrote (a DynamoDB scan every second would cost more than the page).
+        let (all, note) = match &stack.memory {
+            Some(memory) => (memory.positions.all(), None),
+            None => (
+                stack.positions.latest().unwrap_or_default(),
+                Some("AWS backend: the map shows the vehicles this runner's geo-update has written since it started"),
+            ),
+        };
+        let moved: Vec<_> = all
+            .into_iter()
+            .filter(|p| self.sent_positions.get(&p.device_id) != Some(&p.ts))
+            .collect();
+        if !moved.is_empty() || self.first {
+            let rows: Vec<_> = moved
+                .iter()
+                .map(|p| json!([p.device_id, p.lat, p.lon, p.speed_kmh, p.heading_deg, p.ts]))
                 .collect();
-            if !moved.is_empty() || self.first {
-                let rows: Vec<_> = moved
-                    .iter()
-                    .map(|p| json!([p.device_id, p.lat, p.lon, p.speed_kmh, p.heading_deg, p.ts]))
-                    .collect();
-                for p in moved {
-                    self.sent_positions.insert(p.device_id, p.ts);
-                }
-                events.push(json_event("positions", json!({ "vehicles": rows })));
+            for p in moved {
+                self.sent_positions.insert(p.device_id, p.ts);
             }
-        } else if self.first {
-            events.push(json_event(
-                "positions",
-                json!({"vehicles": [], "note": "on the AWS backend the map would need a scan of the positions table every second; use the query API"}),
-            ));
+            let mut message = json!({ "vehicles": rows });
+            if let (Some(note), true) = (note, self.first) {
+                message["note"] = json!(note);
+            }
+            events.push(json_event("positions", message));
         }
         let filter = AlertFilter {
             state: Some(AlertState::Active),
