@@ -45,10 +45,6 @@ impl Dashboard {
         serde_json::from_str(text).map_err(|e| format!("infra/dashboard.json: {e}"))
     }
 
-    pub fn built_in() -> Result<Dashboard, String> {
-        Self::parse(DEFINITION)
-    }
-
     /// Every (function, metric) of the GeoStream namespace the widgets draw.
     pub fn geostream_metrics(&self) -> Result<Vec<(String, MetricName)>, String> {
         let mut metrics = Vec::new();
@@ -70,7 +66,7 @@ mod tests {
 
     #[test]
     fn the_definition_names_real_metrics_of_real_functions() {
-        let dashboard = Dashboard::built_in().unwrap();
+        let dashboard = Dashboard::parse(DEFINITION).unwrap();
         let functions = [
             "ingest",
             "geo-update",

@@ -290,6 +290,12 @@ impl Stack {
         }
     }
 
+    /// Whether the runner sees the end of the stream it reads (not on the Kafka bus, where the
+    /// broker's own tools report consumer lag).
+    pub fn measures_lag(&self) -> bool {
+        self.telemetry_source.is_some()
+    }
+
     /// True when every stream function has processed every record on the stream.
     pub fn drained(&self) -> bool {
         self.mappings.iter().all(|(name, stats)| {
@@ -326,7 +332,7 @@ impl RunningStack {
         };
         let (mut last_count, mut last_change) = (processed(), Instant::now());
         while Instant::now() < deadline {
-            if self.stack.telemetry_source.is_some() {
+            if self.stack.measures_lag() {
                 if self.stack.drained() {
                     return true;
                 }

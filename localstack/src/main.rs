@@ -187,10 +187,10 @@ async fn main() -> ExitCode {
                 Ok(Ok(report)) => {
                     let drained = running.wait_drained(Duration::from_secs(120)).await;
                     // On Kafka, the quiet period that marks "caught up" is not processing time.
-                    let quiet = if running.stack.telemetry_source.is_none() {
-                        KAFKA_QUIET
-                    } else {
+                    let quiet = if running.stack.measures_lag() {
                         Duration::ZERO
+                    } else {
+                        KAFKA_QUIET
                     };
                     let elapsed = started.elapsed().saturating_sub(quiet).as_secs_f64();
                     println!("{report}");

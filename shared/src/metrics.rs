@@ -217,13 +217,6 @@ impl RecordedMetrics {
             .filter_map(|(_, m)| m.get(name))
             .sum()
     }
-
-    pub fn publications(&self) -> Vec<(String, Measurements)> {
-        self.published
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
-    }
 }
 
 impl MetricsSink for RecordedMetrics {

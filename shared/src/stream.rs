@@ -1,7 +1,7 @@
 //! The neutral batch type that stream handlers take (DESIGN.md section 2): built from a
 //! `KinesisEvent` (and, in Redpanda mode, a Kafka event), answered with partial batch failures.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use aws_lambda_events::event::kafka::KafkaEvent;
 use aws_lambda_events::event::kinesis::KinesisEvent;
@@ -244,6 +244,35 @@ pub struct DecodedBatch {
     pub retry: Vec<String>,
     /// Undecodable records the dead-letter sink took.
     pub dead_lettered: usize,
+}
+
+/// One device's part of a batch: the records that carried it and their envelopes, in order.
+#[derive(Debug)]
+pub struct DeviceRecords {
+    pub device_id: String,
+    pub record_ids: Vec<String>,
+    pub envelopes: Vec<Envelope>,
+}
+
+/// Groups decoded records by device, devices in the order they first appear. Devices are
+/// independent, so stream functions work on these groups concurrently; within a group the
+/// records keep their order.
+pub fn group_by_device(records: Vec<DecodedRecord>) -> Vec<DeviceRecords> {
+    let mut groups: Vec<DeviceRecords> = Vec::new();
+    let mut index: HashMap<String, usize> = HashMap::new();
+    for (record_id, envelope) in records {
+        let position = *index.entry(envelope.device_id.clone()).or_insert_with(|| {
+            groups.push(DeviceRecords {
+                device_id: envelope.device_id.clone(),
+                record_ids: Vec::new(),
+                envelopes: Vec::new(),
+            });
+            groups.len() - 1
+        });
+        groups[position].record_ids.push(record_id);
+        groups[position].envelopes.push(envelope);
+    }
+    groups
 }
 
 /// Decodes every record of a batch. Records that cannot be decoded will never decode, so they

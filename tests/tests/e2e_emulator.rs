@@ -263,31 +263,17 @@ impl Pipeline {
 
     /// Hands every telemetry record to the three stream functions; none may fail.
     async fn process(&self, events: &[KinesisEvent]) {
+        let functions: [&dyn StreamFunction; 3] =
+            [&self.geo_update, &self.archiver, &self.inspector];
         for event in events {
-            assert!(
-                self.geo_update
-                    .handle(event.clone(), &self.metrics)
-                    .await
-                    .batch_item_failures
-                    .is_empty(),
-                "geo-update failed"
-            );
-            assert!(
-                self.archiver
-                    .handle(event.clone(), &self.metrics)
-                    .await
-                    .batch_item_failures
-                    .is_empty(),
-                "archiver failed"
-            );
-            assert!(
-                self.inspector
-                    .handle(event.clone(), &self.metrics)
-                    .await
-                    .batch_item_failures
-                    .is_empty(),
-                "anomaly-inspector failed"
-            );
+            for function in functions {
+                let response = function.handle(event.clone(), &self.metrics).await;
+                assert!(
+                    response.batch_item_failures.is_empty(),
+                    "{} failed",
+                    function.name()
+                );
+            }
         }
     }
 

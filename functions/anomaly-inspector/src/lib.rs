@@ -7,7 +7,6 @@
 //! the two redeliver (at least once, deduplicated by `transition_id`) rather than lose a
 //! transition; the watermark in the committed state makes a replayed batch a no-op.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -19,7 +18,7 @@ use geostream_shared::ports::{
 };
 use geostream_shared::rules::RuleSet;
 use geostream_shared::stream::{
-    decode_batch, BatchOutcome, StreamBatch, StreamFunction, DEVICE_CONCURRENCY,
+    decode_batch, group_by_device, BatchOutcome, StreamBatch, StreamFunction, DEVICE_CONCURRENCY,
 };
 
 pub const FUNCTION_NAME: &str = "anomaly-inspector";
@@ -130,19 +129,13 @@ impl StreamFunction for AnomalyInspector {
     async fn process(&self, batch: StreamBatch) -> BatchOutcome {
         let decoded = decode_batch(FUNCTION_NAME, batch, self.dead_letters.as_ref()).await;
         let mut failed = decoded.retry;
-        let mut devices: Vec<String> = Vec::new();
-        let mut work: HashMap<String, (Vec<String>, Vec<Reading>)> = HashMap::new();
-        for (record_id, envelope) in decoded.records {
-            let entry = work.entry(envelope.device_id.clone()).or_insert_with(|| {
-                devices.push(envelope.device_id.clone());
-                (Vec::new(), Vec::new())
-            });
-            entry.0.push(record_id);
-            entry.1.extend(envelope.readings);
-        }
-        let jobs = devices.into_iter().filter_map(|device| {
-            work.remove(&device)
-                .map(|(record_ids, readings)| (device, record_ids, readings))
+        let jobs = group_by_device(decoded.records).into_iter().map(|group| {
+            let readings: Vec<Reading> = group
+                .envelopes
+                .into_iter()
+                .flat_map(|envelope| envelope.readings)
+                .collect();
+            (group.device_id, group.record_ids, readings)
         });
         let mut results = stream::iter(jobs.map(|(device, record_ids, readings)| async move {
             let result = self.inspect_device(&device, &readings).await;

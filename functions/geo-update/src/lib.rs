@@ -4,17 +4,17 @@
 //! one conditional write per device per batch), and the store refuses anything older than what
 //! it holds, so replays and out-of-order batches never move a vehicle back in time.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::stream::{self, StreamExt};
+use geostream_shared::envelope::Envelope;
 use geostream_shared::geo::geohash_of;
 use geostream_shared::metrics::{Measurements, MetricName};
 use geostream_shared::model::{Position, Reading};
 use geostream_shared::ports::{DeadLetterSink, PositionStore, UpsertOutcome};
 use geostream_shared::stream::{
-    decode_batch, BatchOutcome, StreamBatch, StreamFunction, DEVICE_CONCURRENCY,
+    decode_batch, group_by_device, BatchOutcome, StreamBatch, StreamFunction, DEVICE_CONCURRENCY,
 };
 
 pub const FUNCTION_NAME: &str = "geo-update";
@@ -22,12 +22,6 @@ pub const FUNCTION_NAME: &str = "geo-update";
 pub struct GeoUpdate {
     positions: Arc<dyn PositionStore>,
     dead_letters: Arc<dyn DeadLetterSink>,
-}
-
-/// Per device: the records that carried it and its newest positioned reading.
-struct DeviceWork {
-    record_ids: Vec<String>,
-    newest: Option<(Reading, i64)>,
 }
 
 impl GeoUpdate {
@@ -48,36 +42,17 @@ impl StreamFunction for GeoUpdate {
     async fn process(&self, batch: StreamBatch) -> BatchOutcome {
         let decoded = decode_batch(FUNCTION_NAME, batch, self.dead_letters.as_ref()).await;
         let mut failed = decoded.retry;
-        let mut devices: Vec<String> = Vec::new();
-        let mut work: HashMap<String, DeviceWork> = HashMap::new();
-        for (record_id, envelope) in decoded.records {
-            let entry = work.entry(envelope.device_id.clone()).or_insert_with(|| {
-                devices.push(envelope.device_id.clone());
-                DeviceWork {
-                    record_ids: Vec::new(),
-                    newest: None,
-                }
-            });
-            entry.record_ids.push(record_id);
-            for reading in envelope.readings {
-                if reading.position().is_none() {
-                    continue;
-                }
-                let newer = entry
-                    .newest
-                    .as_ref()
-                    .is_none_or(|(current, _)| reading.order_key() > current.order_key());
-                if newer {
-                    entry.newest = Some((reading, envelope.received_at));
-                }
-            }
-        }
         let (mut applied, mut stale) = (0usize, 0usize);
-        let upserts = devices.into_iter().filter_map(|device| {
-            let DeviceWork { record_ids, newest } = work.remove(&device)?;
-            let (reading, received_at) = newest?;
-            Some((device, record_ids, to_position(reading, received_at)?))
-        });
+        let upserts = group_by_device(decoded.records)
+            .into_iter()
+            .filter_map(|group| {
+                let (reading, received_at) = newest_positioned(group.envelopes)?;
+                Some((
+                    group.device_id,
+                    group.record_ids,
+                    to_position(reading, received_at)?,
+                ))
+            });
         let mut outcomes = stream::iter(upserts.map(|(device, record_ids, position)| async move {
             let outcome = self.positions.upsert_if_newer(position).await;
             (device, record_ids, outcome)
@@ -102,6 +77,26 @@ impl StreamFunction for GeoUpdate {
             measurements,
         }
     }
+}
+
+/// A device's newest reading with a position, and when the gateway received it (the first of
+/// equals wins).
+fn newest_positioned(envelopes: Vec<Envelope>) -> Option<(Reading, i64)> {
+    let mut newest: Option<(Reading, i64)> = None;
+    for envelope in envelopes {
+        for reading in envelope.readings {
+            if reading.position().is_none() {
+                continue;
+            }
+            let newer = newest
+                .as_ref()
+                .is_none_or(|(current, _)| reading.order_key() > current.order_key());
+            if newer {
+                newest = Some((reading, envelope.received_at));
+            }
+        }
+    }
+    newest
 }
 
 fn to_position(reading: Reading, received_at: i64) -> Option<Position> {
