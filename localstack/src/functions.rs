@@ -5,6 +5,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use aws_lambda_events::event::kinesis::KinesisEvent;
 use aws_lambda_events::event::streams::KinesisEventResponse;
+use geostream_lambda::stream::handle_kinesis;
 use geostream_shared::metrics::MetricsSink;
 use geostream_shared::stream::StreamFunction;
 
@@ -25,6 +26,6 @@ impl KinesisFunction for Invoked {
     }
 
     async fn invoke(&self, event: KinesisEvent) -> Result<KinesisEventResponse, String> {
-        Ok(self.function.handle(event, self.metrics.as_ref()).await)
+        Ok(handle_kinesis(self.function.as_ref(), event, self.metrics.as_ref()).await)
     }
 }

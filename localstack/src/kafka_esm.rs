@@ -22,10 +22,11 @@ use geostream_kafka::rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use geostream_kafka::rdkafka::message::{Message, OwnedMessage};
 use geostream_kafka::rdkafka::{Offset, TopicPartitionList};
 use geostream_kafka::KafkaSettings;
+use geostream_lambda::stream::{handle_kafka, KafkaBatchResponse};
 use geostream_shared::metrics::MetricsSink;
 use geostream_shared::now_millis;
 use geostream_shared::ports::{DeadLetter, DeadLetterSink};
-use geostream_shared::stream::{KafkaBatchResponse, StreamFunction};
+use geostream_shared::stream::StreamFunction;
 use tokio::sync::watch;
 
 use crate::esm::{MappingConfig, MappingStats};
@@ -137,10 +138,7 @@ impl KafkaMapping {
             attempt += 1;
             self.stats.invoked(messages.len());
             let event = self.kafka_event(&messages);
-            let response = self
-                .function
-                .handle_kafka(event, self.metrics.as_ref())
-                .await;
+            let response = handle_kafka(self.function.as_ref(), event, self.metrics.as_ref()).await;
             let resume = resume_offsets(&response, &messages);
             // Commit everything before the resume points (all of it when nothing failed).
             self.commit(&messages, &resume);

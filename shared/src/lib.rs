@@ -2,12 +2,13 @@
 //!
 //! Pure code only: the telemetry model and its validation, the versioned bus envelope, the geo
 //! index math, the rules engine, the ports the handlers talk to, the neutral stream batch, and
-//! the in-memory adapters used by the embedded runner and the tests. No AWS SDK in here: the
-//! SDK adapters live beside this crate so that most tests compile fast.
+//! the in-memory adapters used by the embedded runner and the tests. No AWS SDK and no Lambda
+//! event types in here: Lambda's events are turned into these types by `geostream-lambda`, and
+//! the SDK adapters live in `geostream-aws`, so that most tests compile fast. The map of the
+//! crates is `docs/architecture.md`.
 
 pub mod envelope;
 pub mod geo;
-pub mod http;
 pub mod memory;
 pub mod metrics;
 pub mod model;

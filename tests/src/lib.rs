@@ -229,16 +229,17 @@ pub fn check(
         };
         let environment = attribute(module.body(), "environment").map(|e| resolve(e, &locals));
         let set = object_keys(environment.as_ref());
-        for variable in function.env {
-            if !set.contains(*variable) {
+        let settings = function.settings();
+        for setting in settings.iter().filter(|s| !s.optional) {
+            if !set.contains(setting.name) {
                 problems.push(format!(
-                    "function {}: reads {variable}, which Terraform does not set",
-                    function.name
+                    "function {}: reads {}, which Terraform does not set",
+                    function.name, setting.name
                 ));
             }
         }
         for variable in &set {
-            if !function.env.contains(&variable.as_str()) {
+            if !settings.iter().any(|s| s.name == variable) {
                 problems.push(format!(
                     "function {}: Terraform sets {variable}, which the function does not read",
                     function.name
@@ -394,92 +395,13 @@ pub fn check(
     problems
 }
 
-/// The environment variables a Lambda `main` reads: every `lambda::env("NAME"` call, the
-/// dead-letter queue behind `lambda::dead_letters(`, the archive settings behind
-/// `lambda::archive(`, the bus settings behind `lambda::telemetry_bus(` and
-/// `lambda::alerts_bus(`, and `BUS` behind `lambda::run_stream_function(`. A `main` must not read the environment any
-/// other way, so that this scan is complete.
-pub fn env_read_by_main(source: &str) -> Result<BTreeSet<String>, String> {
-    if source.contains("std::env::var") || source.contains("env::var(") {
-        return Err(
-            "reads the environment directly; use lambda::env so the read is declared".into(),
-        );
-    }
-    // rustfmt may break a call across lines: scan the text without white space.
-    let compact: String = source.chars().filter(|c| !c.is_whitespace()).collect();
-    let mut read: BTreeSet<String> = compact
-        .split("lambda::env(\"")
-        .skip(1)
-        .filter_map(|rest| rest.split('"').next())
-        .map(str::to_string)
-        .collect();
-    if compact.contains("lambda::dead_letters(") {
-        read.insert("DEAD_LETTER_QUEUE_URL".to_string());
-    }
-    if compact.contains("lambda::run_stream_function(") {
-        read.insert("BUS".to_string());
-    }
-    for (call, stream, topic) in [
-        (
-            "lambda::telemetry_bus(",
-            "TELEMETRY_STREAM",
-            "TELEMETRY_TOPIC",
-        ),
-        ("lambda::alerts_bus(", "ALERTS_STREAM", "ALERTS_TOPIC"),
-    ] {
-        if compact.contains(call) {
-            read.extend(
-                [
-                    "BUS",
-                    stream,
-                    topic,
-                    "KAFKA_BOOTSTRAP_SERVERS",
-                    "KAFKA_SECRET_ARN",
-                ]
-                .map(String::from),
-            );
-        }
-    }
-    if compact.contains("lambda::archive(") {
-        read.extend(
-            [
-                "ARCHIVE",
-                "ARCHIVE_BUCKET",
-                "TIMESTREAM_DATABASE",
-                "TIMESTREAM_TABLE",
-            ]
-            .map(String::from),
-        );
-    }
-    Ok(read)
-}
-
-/// Checks the real `infra/` against the real manifest and mains; `root` is the repository.
+/// Checks the real `infra/` against the real manifest; `root` is the repository. (That a
+/// `main` reads only the settings its manifest declares is enforced where they are read:
+/// `geostream_aws::compose::Composition` refuses an undeclared one, and the Lambda-binaries
+/// test runs every `main`.)
 pub fn check_repository(root: &Path) -> Result<Vec<String>, String> {
     let bodies = parse_dir(&root.join("infra"))?;
-    let mut problems = check(&bodies, FUNCTIONS, TABLES);
-    for function in FUNCTIONS {
-        let path = root
-            .join("functions")
-            .join(function.name)
-            .join("src/main.rs");
-        let source =
-            std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        match env_read_by_main(&source) {
-            Err(problem) => problems.push(format!("function {}: {problem}", function.name)),
-            Ok(read) => {
-                let declared: BTreeSet<String> =
-                    function.env.iter().map(|v| v.to_string()).collect();
-                if read != declared {
-                    problems.push(format!(
-                        "function {}: main.rs reads {read:?} but the manifest declares {declared:?}",
-                        function.name
-                    ));
-                }
-            }
-        }
-    }
-    Ok(problems)
+    Ok(check(&bodies, FUNCTIONS, TABLES))
 }
 
 #[cfg(test)]
@@ -602,18 +524,5 @@ mod tests {
                 .any(|p| p.contains("hash key is Some(\"id\")")),
             "{problems:?}"
         );
-    }
-
-    #[test]
-    fn env_reads_are_found_in_a_main() {
-        let source = r#"let a = lambda::env("A", "x")?; let q = lambda::dead_letters(&c)?;"#;
-        assert_eq!(
-            env_read_by_main(source).unwrap(),
-            ["A", "DEAD_LETTER_QUEUE_URL"]
-                .into_iter()
-                .map(String::from)
-                .collect()
-        );
-        assert!(env_read_by_main("std::env::var(\"B\")").is_err());
     }
 }

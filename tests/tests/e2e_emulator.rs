@@ -18,6 +18,7 @@ use geostream_aws::sqs::SqsDeadLetters;
 use geostream_aws::timestream::TimestreamArchive;
 use geostream_geo_update::GeoUpdate;
 use geostream_ingest::Ingest;
+use geostream_lambda::stream::handle_kinesis;
 use geostream_query_api::QueryApi;
 use geostream_shared::metrics::{MetricName, RecordedMetrics};
 use geostream_shared::rules::RuleSet;
@@ -267,7 +268,7 @@ impl Pipeline {
             [&self.geo_update, &self.archiver, &self.inspector];
         for event in events {
             for function in functions {
-                let response = function.handle(event.clone(), &self.metrics).await;
+                let response = handle_kinesis(function, event.clone(), &self.metrics).await;
                 assert!(
                     response.batch_item_failures.is_empty(),
                     "{} failed",
@@ -414,9 +415,7 @@ async fn pipeline_through_the_sdk_adapters_and_replay_changes_nothing() {
     let mut poison = events[0].clone();
     poison.records.truncate(1);
     poison.records[0].kinesis.data.0 = b"not an envelope".to_vec();
-    assert!(p
-        .geo_update
-        .handle(poison, &p.metrics)
+    assert!(handle_kinesis(&p.geo_update, poison, &p.metrics)
         .await
         .batch_item_failures
         .is_empty());

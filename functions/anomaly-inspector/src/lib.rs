@@ -173,7 +173,7 @@ mod tests {
     use geostream_shared::memory::{MemoryAlertStore, MemoryDeadLetters, MemoryStream};
     use geostream_shared::model::{AlertState, AlertTransition, TransitionKind};
     use geostream_shared::ports::AlertFilter;
-    use geostream_shared::stream::StreamRecord;
+    use geostream_shared::stream::{RecordId, StreamRecord};
 
     fn batch(readings: Vec<(i64, f64)>, first_id: u64) -> StreamBatch {
         let readings = readings
@@ -192,7 +192,7 @@ mod tests {
                 .into_iter()
                 .enumerate()
                 .map(|(n, e)| StreamRecord {
-                    id: format!("{}", first_id + n as u64),
+                    id: RecordId::kinesis((first_id + n as u64).to_string()),
                     partition_key: e.device_id.clone(),
                     data: e.encode(),
                     arrived_at: None,

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use geostream_shared::metrics::{Measurements, MetricName};
 use geostream_shared::now_millis;
 use geostream_shared::ports::{Archive, DeadLetter, DeadLetterSink};
-use geostream_shared::stream::{decode_batch, BatchOutcome, StreamBatch, StreamFunction};
+use geostream_shared::stream::{decode_batch, BatchOutcome, RecordId, StreamBatch, StreamFunction};
 
 pub const FUNCTION_NAME: &str = "archiver";
 
@@ -66,27 +66,29 @@ impl StreamFunction for Archiver {
                     readings.len().saturating_sub(rejected.len()),
                 );
                 measurements.count(MetricName::ArchiveRejects, rejected.len());
-                let letters: Vec<DeadLetter> = rejected
+                // The records the refused readings came from, beside their dead letters.
+                let (affected, letters): (Vec<RecordId>, Vec<DeadLetter>) = rejected
                     .into_iter()
                     .filter_map(|r| {
                         let reading = readings.get(r.index)?;
-                        Some(DeadLetter {
+                        let record_id = record_ids[source[r.index]].clone();
+                        let letter = DeadLetter {
                             function: FUNCTION_NAME.to_string(),
-                            record_id: record_ids[source[r.index]].clone(),
+                            record_id: record_id.to_string(),
                             partition_key: reading.device_id.clone(),
                             data: serde_json::to_string(reading).unwrap_or_default(),
                             reason: format!("archive refused the reading: {}", r.reason),
                             attempts: 1,
                             failed_at: now_millis(),
-                        })
+                        };
+                        Some((record_id, letter))
                     })
-                    .collect();
+                    .unzip();
                 tracing::warn!(
                     function = FUNCTION_NAME,
                     refused = letters.len(),
                     "archive refused readings; sent to dead letters"
                 );
-                let affected: Vec<String> = letters.iter().map(|l| l.record_id.clone()).collect();
                 let letter_count = letters.len();
                 match self.dead_letters.send(letters).await {
                     Ok(()) => measurements.count(MetricName::DeadLetters, letter_count),
@@ -115,6 +117,7 @@ mod tests {
     use super::*;
     use async_trait::async_trait;
     use aws_lambda_events::event::kinesis::KinesisEvent;
+    use geostream_lambda::stream::{handle_kafka, handle_kinesis};
     use geostream_shared::memory::{MemoryArchive, MemoryDeadLetters};
     use geostream_shared::metrics::RecordedMetrics;
     use geostream_shared::model::Reading;
@@ -122,7 +125,7 @@ mod tests {
 
     fn event() -> KinesisEvent {
         serde_json::from_str(include_str!(
-            "../../../shared/tests/fixtures/kinesis-event.json"
+            "../../../shared/lambda/tests/fixtures/kinesis-event.json"
         ))
         .unwrap()
     }
@@ -131,13 +134,18 @@ mod tests {
     async fn archives_every_reading_once_even_when_replayed() {
         let archive = Arc::new(MemoryArchive::new(100));
         let handler = Archiver::new(archive.clone(), Arc::new(MemoryDeadLetters::new(1)));
+        let metrics = RecordedMetrics::new();
         for _ in 0..2 {
-            assert!(handler
-                .handle(event(), &RecordedMetrics::new())
+            assert!(handle_kinesis(&handler, event(), &metrics)
                 .await
                 .batch_item_failures
                 .is_empty());
         }
+        assert_eq!(
+            metrics.total(FUNCTION_NAME, MetricName::ReadingsArchived),
+            2.0,
+            "one reading, archived twice (a replay), counted once each time"
+        );
         let track = archive.track("truck-7", 0, i64::MAX, 10).await.unwrap();
         assert_eq!(track.len(), 1);
         assert_eq!(track[0].engine_temp_c, Some(104.5));
@@ -173,7 +181,7 @@ mod tests {
             Arc::new(MemoryDeadLetters::new(1)),
         );
         let metrics = RecordedMetrics::new();
-        let response = handler.handle(event(), &metrics).await;
+        let response = handle_kinesis(&handler, event(), &metrics).await;
         assert_eq!(
             metrics.total(FUNCTION_NAME, MetricName::RecordsRetried),
             1.0
@@ -192,14 +200,14 @@ mod tests {
     #[tokio::test]
     async fn a_failed_write_on_kafka_answers_the_offset_to_resume_from_per_partition() {
         let event: aws_lambda_events::event::kafka::KafkaEvent = serde_json::from_str(
-            include_str!("../../../shared/tests/fixtures/kafka-event.json"),
+            include_str!("../../../shared/lambda/tests/fixtures/kafka-event.json"),
         )
         .unwrap();
         let handler = Archiver::new(
             Arc::new(FailingArchive),
             Arc::new(MemoryDeadLetters::new(1)),
         );
-        let response = handler.handle_kafka(event, &RecordedMetrics::new()).await;
+        let response = handle_kafka(&handler, event, &RecordedMetrics::new()).await;
         assert_eq!(
             serde_json::to_value(response).unwrap(),
             serde_json::json!({"batchItemFailures": [

@@ -118,12 +118,13 @@ fn to_position(reading: Reading, received_at: i64) -> Option<Position> {
 mod tests {
     use super::*;
     use aws_lambda_events::event::kinesis::KinesisEvent;
+    use geostream_lambda::stream::{handle_kafka, handle_kinesis};
     use geostream_shared::memory::{MemoryDeadLetters, MemoryPositionStore};
     use geostream_shared::metrics::RecordedMetrics;
 
     fn event() -> KinesisEvent {
         serde_json::from_str(include_str!(
-            "../../../shared/tests/fixtures/kinesis-event.json"
+            "../../../shared/lambda/tests/fixtures/kinesis-event.json"
         ))
         .unwrap()
     }
@@ -133,7 +134,7 @@ mod tests {
         let positions = Arc::new(MemoryPositionStore::new());
         let dead = Arc::new(MemoryDeadLetters::new(10));
         let handler = GeoUpdate::new(positions.clone(), dead.clone());
-        let response = handler.handle(event(), &RecordedMetrics::new()).await;
+        let response = handle_kinesis(&handler, event(), &RecordedMetrics::new()).await;
         assert!(response.batch_item_failures.is_empty());
         let stored = positions.get("truck-7").await.unwrap().unwrap();
         assert_eq!(
@@ -145,7 +146,7 @@ mod tests {
             geostream_shared::geo::POSITION_GEOHASH_LEN
         );
         let metrics = RecordedMetrics::new();
-        let response = handler.handle(event(), &metrics).await;
+        let response = handle_kinesis(&handler, event(), &metrics).await;
         assert!(response.batch_item_failures.is_empty());
         assert_eq!(positions.get("truck-7").await.unwrap().unwrap(), stored);
         assert_eq!(
@@ -169,7 +170,7 @@ mod tests {
         let handler = GeoUpdate::new(positions, dead.clone());
         let mut event = event();
         event.records[0].kinesis.data.0 = b"{\"v\":1,\"oops\":true}".to_vec();
-        let response = handler.handle(event, &RecordedMetrics::new()).await;
+        let response = handle_kinesis(&handler, event, &RecordedMetrics::new()).await;
         assert!(response.batch_item_failures.is_empty());
         let (letters, total) = dead.snapshot();
         assert_eq!(total, 1);
@@ -184,13 +185,13 @@ mod tests {
     #[tokio::test]
     async fn stores_the_position_from_a_real_kafka_event() {
         let event: aws_lambda_events::event::kafka::KafkaEvent = serde_json::from_str(
-            include_str!("../../../shared/tests/fixtures/kafka-event.json"),
+            include_str!("../../../shared/lambda/tests/fixtures/kafka-event.json"),
         )
         .unwrap();
         let positions = Arc::new(MemoryPositionStore::new());
         let handler = GeoUpdate::new(positions.clone(), Arc::new(MemoryDeadLetters::new(10)));
         let metrics = RecordedMetrics::new();
-        let response = handler.handle_kafka(event, &metrics).await;
+        let response = handle_kafka(&handler, event, &metrics).await;
         assert!(response.batch_item_failures.is_empty());
         let stored = positions.get("truck-7").await.unwrap().unwrap();
         assert_eq!((stored.lat, stored.lon), (52.52, 13.405));

@@ -10,10 +10,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use aws_lambda_events::event::apigw::{ApiGatewayV2httpRequest, ApiGatewayV2httpResponse};
-use geostream_shared::envelope::envelopes_by_device;
-use geostream_shared::http::{
+use geostream_lambda::http::{
     error_response, json_response, measure_response, method_and_path, request_body,
 };
+use geostream_shared::envelope::envelopes_by_device;
 use geostream_shared::metrics::{Measurements, MetricName, MetricsSink};
 use geostream_shared::ports::EventBus;
 use geostream_shared::validation::{validate_body, FieldError, ValidationPolicy};

@@ -1,22 +1,14 @@
 //! The ingest Lambda: API Gateway HTTP API (payload v2) -> the telemetry bus (Kinesis, or Kafka
-//! with `BUS=kafka`).
+//! with `BUS=kafka` in a build with `--features kafka`).
 
-use aws_lambda_events::event::apigw::ApiGatewayV2httpRequest;
-use geostream_aws::lambda;
-use geostream_ingest::Ingest;
-use lambda_runtime::{run, service_fn, Error, LambdaEvent};
+use geostream_aws::compose::Composition;
+use geostream_ingest::{Ingest, FUNCTION_NAME};
 
 #[tokio::main]
-async fn main() -> Result<(), Error> {
-    lambda::init_tracing();
-    let clients = lambda::clients().await;
-    let ingest = Ingest::new(lambda::telemetry_bus(&clients).await?);
-    let ingest = &ingest;
-    let metrics = &lambda::metrics(geostream_ingest::FUNCTION_NAME);
-    run(service_fn(
-        move |event: LambdaEvent<ApiGatewayV2httpRequest>| async move {
-            Ok::<_, Error>(ingest.handle(event.payload, metrics).await)
-        },
-    ))
-    .await
+async fn main() -> Result<(), geostream_lambda::Error> {
+    geostream_lambda::init_tracing();
+    let ports = Composition::for_lambda(FUNCTION_NAME).await?;
+    let ingest = Ingest::new(ports.telemetry_bus().await?);
+    let metrics = ports.metrics();
+    geostream_lambda::run_http_function(|request| ingest.handle(request, &metrics)).await
 }

@@ -13,10 +13,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use aws_lambda_events::event::apigw::{ApiGatewayV2httpRequest, ApiGatewayV2httpResponse};
-use geostream_shared::geo::MAX_QUERY_RADIUS_M;
-use geostream_shared::http::{
+use geostream_lambda::http::{
     error_response, json_response, measure_response, method_and_path, request_body,
 };
+use geostream_shared::geo::MAX_QUERY_RADIUS_M;
 use geostream_shared::metrics::{Measurements, MetricsSink};
 use geostream_shared::model::{AlertState, GeoPoint};
 use geostream_shared::ports::{

@@ -1,35 +1,12 @@
 //! Configuration from environment variables, and SDK clients built from it.
 //!
-//! The standard AWS variables apply (region, credentials, `AWS_ENDPOINT_URL` for an emulator).
-//! GeoStream's own names the resources; a missing one is an error that says which.
+//! The standard AWS variables apply (region, credentials, `AWS_ENDPOINT_URL` for an emulator);
+//! GeoStream's own settings are read in [`crate::compose`].
 
 use aws_config::retry::RetryConfig;
 use aws_config::SdkConfig;
 
 use crate::counting::CallCounter;
-
-#[derive(Clone, PartialEq, thiserror::Error)]
-#[error("environment variable {name} is not set: {purpose}")]
-pub struct MissingEnv {
-    pub name: &'static str,
-    pub purpose: &'static str,
-}
-
-/// The sentence, not the struct: a Lambda `main` that returns this error prints it with
-/// `Debug`, and the init error in CloudWatch should read as the sentence.
-impl std::fmt::Debug for MissingEnv {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        std::fmt::Display::fmt(self, f)
-    }
-}
-
-/// Reads a required environment variable.
-pub fn required_env(name: &'static str, purpose: &'static str) -> Result<String, MissingEnv> {
-    match std::env::var(name) {
-        Ok(value) if !value.trim().is_empty() => Ok(value),
-        _ => Err(MissingEnv { name, purpose }),
-    }
-}
 
 /// The SDK configuration every client starts from: the default provider chain, the adaptive
 /// retry mode (throttling and 5xx are retried with backoff and jitter, and the client slows
@@ -52,6 +29,8 @@ pub struct Clients {
     pub timestream_query: aws_sdk_timestreamquery::Client,
     pub sqs: aws_sdk_sqs::Client,
     pub s3: aws_sdk_s3::Client,
+    /// Kafka's SASL credentials (only builds with the Kafka bus read them).
+    #[cfg(feature = "kafka")]
     pub secrets: aws_sdk_secretsmanager::Client,
     /// Timestream on AWS needs endpoint discovery; against an emulator (`endpoint_url` set) it
     /// would send the client to the real AWS hosts, so it is off there.
@@ -95,6 +74,7 @@ impl Clients {
                 .interceptor(calls.clone())
                 .build(),
         );
+        #[cfg(feature = "kafka")]
         let secrets = aws_sdk_secretsmanager::Client::from_conf(
             aws_sdk_secretsmanager::config::Builder::from(sdk)
                 .interceptor(calls.clone())
@@ -107,6 +87,7 @@ impl Clients {
             timestream_query,
             sqs,
             s3,
+            #[cfg(feature = "kafka")]
             secrets,
             timestream_discovery: sdk.endpoint_url().is_none(),
             calls,

@@ -9,13 +9,14 @@
 //!   100, rejected records reported per reading) and track reads over Timestream queries.
 //! - [`sqs::SqsDeadLetters`]: `DeadLetterSink` over SendMessageBatch.
 //!
-//! Every client carries a [`counting::CallCounter`] so tests and benches can count API calls.
+//! [`compose::Composition`] builds them from settings, for the Lambda mains and the local
+//! runner alike. Every client carries a [`counting::CallCounter`] so tests and benches can count API calls.
 
+pub mod compose;
 pub mod config;
 pub mod counting;
 pub mod dynamodb;
 pub mod kinesis;
-pub mod lambda;
 pub mod manifest;
 pub mod provision;
 pub mod retry;

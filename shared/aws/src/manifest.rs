@@ -13,6 +13,8 @@ pub struct Permission {
     pub resource: &'static str,
 }
 
+use crate::compose::{settings_of, Port, Setting};
+
 const fn allow(action: &'static str, resource: &'static str) -> Permission {
     Permission { action, resource }
 }
@@ -21,8 +23,9 @@ const fn allow(action: &'static str, resource: &'static str) -> Permission {
 pub struct FunctionManifest {
     /// The function's name: `functions/<name>/`, Terraform `module "<name with _>"`.
     pub name: &'static str,
-    /// Environment variables its `main` requires.
-    pub env: &'static [&'static str],
+    /// The ports its `main` builds; they name the environment variables it reads
+    /// ([`FunctionManifest::settings`]).
+    pub ports: &'static [Port],
     /// AWS operations its adapters send (as counted by [`crate::counting::CallCounter`]).
     pub operations: &'static [&'static str],
     /// What its role must allow for those operations.
@@ -32,16 +35,22 @@ pub struct FunctionManifest {
     pub reads_telemetry: bool,
 }
 
+impl FunctionManifest {
+    /// The settings (environment variables) the function reads.
+    pub fn settings(&self) -> Vec<Setting> {
+        settings_of(self.ports)
+    }
+}
+
+/// The manifest of the function named `name`.
+pub fn function(name: &str) -> Option<&'static FunctionManifest> {
+    FUNCTIONS.iter().find(|f| f.name == name)
+}
+
 pub const FUNCTIONS: &[FunctionManifest] = &[
     FunctionManifest {
         name: "ingest",
-        env: &[
-            "BUS",
-            "TELEMETRY_STREAM",
-            "TELEMETRY_TOPIC",
-            "KAFKA_BOOTSTRAP_SERVERS",
-            "KAFKA_SECRET_ARN",
-        ],
+        ports: &[Port::TelemetryBus],
         operations: &["PutRecords", "GetSecretValue"],
         // Kinesis or Kafka, whichever the deployment's `bus` variable chose.
         permissions: &[
@@ -52,7 +61,7 @@ pub const FUNCTIONS: &[FunctionManifest] = &[
     },
     FunctionManifest {
         name: "geo-update",
-        env: &["BUS", "POSITIONS_TABLE", "DEAD_LETTER_QUEUE_URL"],
+        ports: &[Port::TelemetryEvents, Port::Positions, Port::DeadLetters],
         operations: &["PutItem", "SendMessageBatch"],
         permissions: &[
             allow("dynamodb:PutItem", "aws_dynamodb_table.positions"),
@@ -62,14 +71,7 @@ pub const FUNCTIONS: &[FunctionManifest] = &[
     },
     FunctionManifest {
         name: "archiver",
-        env: &[
-            "BUS",
-            "ARCHIVE",
-            "ARCHIVE_BUCKET",
-            "TIMESTREAM_DATABASE",
-            "TIMESTREAM_TABLE",
-            "DEAD_LETTER_QUEUE_URL",
-        ],
+        ports: &[Port::TelemetryEvents, Port::Archive, Port::DeadLetters],
         operations: &[
             "WriteRecords",
             "DescribeEndpoints",
@@ -90,15 +92,12 @@ pub const FUNCTIONS: &[FunctionManifest] = &[
     },
     FunctionManifest {
         name: "anomaly-inspector",
-        env: &[
-            "BUS",
-            "ALERT_STATE_TABLE",
-            "ALERTS_TABLE",
-            "ALERTS_STREAM",
-            "ALERTS_TOPIC",
-            "KAFKA_BOOTSTRAP_SERVERS",
-            "KAFKA_SECRET_ARN",
-            "DEAD_LETTER_QUEUE_URL",
+        ports: &[
+            Port::TelemetryEvents,
+            Port::Rules,
+            Port::Alerts,
+            Port::AlertsBus,
+            Port::DeadLetters,
         ],
         operations: &[
             "GetItem",
@@ -121,15 +120,7 @@ pub const FUNCTIONS: &[FunctionManifest] = &[
     },
     FunctionManifest {
         name: "query-api",
-        env: &[
-            "POSITIONS_TABLE",
-            "ALERT_STATE_TABLE",
-            "ALERTS_TABLE",
-            "ARCHIVE",
-            "ARCHIVE_BUCKET",
-            "TIMESTREAM_DATABASE",
-            "TIMESTREAM_TABLE",
-        ],
+        ports: &[Port::Positions, Port::Alerts, Port::Archive],
         operations: &[
             "GetItem",
             "Query",

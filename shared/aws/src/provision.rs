@@ -20,6 +20,7 @@ pub struct ResourceNames {
     pub alerts_table: String,
     pub timestream_database: String,
     pub timestream_table: String,
+    pub archive_bucket: String,
     pub dead_letter_queue: String,
 }
 
@@ -34,6 +35,7 @@ impl ResourceNames {
             alerts_table: format!("{prefix}-alerts"),
             timestream_database: format!("{prefix}-archive"),
             timestream_table: "readings".to_string(),
+            archive_bucket: format!("{prefix}-archive"),
             dead_letter_queue: format!("{prefix}-dead-letters"),
         }
     }
@@ -101,8 +103,8 @@ fn index(name: &str, hash: &str, range: &str) -> Result<GlobalSecondaryIndex, St
         .map_err(|e| e.to_string())
 }
 
-/// Creates the streams, tables, Timestream database and table, and the queue; returns the
-/// queue URL. For emulators and tests.
+/// Creates the streams, tables, Timestream database and table, the archive bucket and the
+/// queue; returns the queue URL. For emulators and tests.
 pub async fn create_resources(
     clients: &Clients,
     names: &ResourceNames,
@@ -183,6 +185,18 @@ pub async fn create_resources(
                 &aws_sdk_timestreamwrite::error::DisplayErrorContext(&e),
             )
         })?;
+    clients
+        .s3
+        .create_bucket()
+        .bucket(&names.archive_bucket)
+        .send()
+        .await
+        .map_err(|e| {
+            context(
+                &names.archive_bucket,
+                &aws_sdk_s3::error::DisplayErrorContext(&e),
+            )
+        })?;
     let queue = clients
         .sqs
         .create_queue()
@@ -201,16 +215,22 @@ pub async fn create_resources(
         .ok_or_else(|| "CreateQueue answered without a queue URL".to_string())
 }
 
-#[cfg(test)]
-mod tests {
-    use crate::config::required_env;
-
-    #[test]
-    fn a_missing_variable_is_named() {
-        let error = required_env("GEOSTREAM_SURELY_UNSET_VARIABLE", "the thing").unwrap_err();
-        assert_eq!(
-            error.to_string(),
-            "environment variable GEOSTREAM_SURELY_UNSET_VARIABLE is not set: the thing"
-        );
-    }
+/// The URL of an existing queue, by name.
+pub async fn queue_url(clients: &Clients, queue: &str) -> Result<String, String> {
+    let output = clients
+        .sqs
+        .get_queue_url()
+        .queue_name(queue)
+        .send()
+        .await
+        .map_err(|e| {
+            format!(
+                "GetQueueUrl {queue}: {}",
+                aws_sdk_sqs::error::DisplayErrorContext(&e)
+            )
+        })?;
+    output
+        .queue_url()
+        .map(str::to_string)
+        .ok_or_else(|| format!("GetQueueUrl {queue} answered without a URL"))
 }

@@ -5,7 +5,7 @@ use aws_lambda_events::event::apigw::{ApiGatewayV2httpRequest, ApiGatewayV2httpR
 use base64::Engine;
 use serde::Serialize;
 
-use crate::metrics::{Measurements, MetricName};
+use geostream_shared::metrics::{Measurements, MetricName};
 
 /// The request body as bytes, decoding it when API Gateway marked it base64.
 pub fn request_body(request: &ApiGatewayV2httpRequest) -> Result<Vec<u8>, String> {

@@ -1,0 +1,565 @@
+//! The composition root: settings in, ports out. Every Lambda `main` and `geostream-local`'s
+//! AWS backend build their adapters here, so the two cannot disagree on how a port is made.
+//!
+//! A function declares the [`Port`]s it uses (in [`crate::manifest::FUNCTIONS`]); each port
+//! names the [`Setting`]s it reads. That declaration is the one list of environment variables:
+//! the infrastructure consistency check compares it with Terraform, and a [`Composition`]
+//! refuses to read a setting its function did not declare, so the list cannot go stale.
+//! On Lambda the settings come from the process environment ([`ProcessEnv`]); the local runner
+//! gives the same names from its flags ([`SettingMap`]).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use geostream_shared::metrics::EmfLog;
+use geostream_shared::ports::{AlertStore, Archive, DeadLetterSink, EventBus, PositionStore};
+use geostream_shared::rules::RuleSet;
+
+use crate::config::Clients;
+use crate::dynamodb::{DynamoAlerts, DynamoPositions};
+use crate::kinesis::KinesisBus;
+use crate::s3archive::S3Archive;
+use crate::sqs::SqsDeadLetters;
+use crate::timestream::TimestreamArchive;
+
+/// One named setting (an environment variable on Lambda).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Setting {
+    pub name: &'static str,
+    pub purpose: &'static str,
+    /// An optional setting has a default; a deployment need not set it.
+    pub optional: bool,
+}
+
+const fn setting(name: &'static str, purpose: &'static str) -> Setting {
+    Setting {
+        name,
+        purpose,
+        optional: false,
+    }
+}
+
+/// Every setting GeoStream's functions read.
+pub mod settings {
+    use super::{setting, Setting};
+
+    pub const BUS: Setting = setting("BUS", "the bus: kinesis or kafka");
+    pub const TELEMETRY_STREAM: Setting = setting(
+        "TELEMETRY_STREAM",
+        "the Kinesis stream telemetry is published to (BUS=kinesis)",
+    );
+    pub const TELEMETRY_TOPIC: Setting = setting(
+        "TELEMETRY_TOPIC",
+        "the Kafka topic telemetry is published to (BUS=kafka)",
+    );
+    pub const ALERTS_STREAM: Setting = setting(
+        "ALERTS_STREAM",
+        "the Kinesis stream alert transitions are published to (BUS=kinesis)",
+    );
+    pub const ALERTS_TOPIC: Setting = setting(
+        "ALERTS_TOPIC",
+        "the Kafka topic alert transitions are published to (BUS=kafka)",
+    );
+    pub const KAFKA_BOOTSTRAP_SERVERS: Setting = setting(
+        "KAFKA_BOOTSTRAP_SERVERS",
+        "the Kafka brokers, host:port[,host:port...] (BUS=kafka)",
+    );
+    pub const KAFKA_SECRET_ARN: Setting = setting(
+        "KAFKA_SECRET_ARN",
+        "the Secrets Manager secret with the brokers' SASL/SCRAM credentials; empty for none",
+    );
+    pub const POSITIONS_TABLE: Setting =
+        setting("POSITIONS_TABLE", "the DynamoDB table of latest positions");
+    pub const ALERT_STATE_TABLE: Setting = setting(
+        "ALERT_STATE_TABLE",
+        "the DynamoDB table of per-device rule state",
+    );
+    pub const ALERTS_TABLE: Setting = setting("ALERTS_TABLE", "the DynamoDB table of alerts");
+    pub const ARCHIVE: Setting = setting("ARCHIVE", "which archive to use: timestream or s3");
+    pub const ARCHIVE_BUCKET: Setting = setting(
+        "ARCHIVE_BUCKET",
+        "the S3 bucket of the archive (ARCHIVE=s3)",
+    );
+    pub const TIMESTREAM_DATABASE: Setting = setting(
+        "TIMESTREAM_DATABASE",
+        "the Timestream database of the archive (ARCHIVE=timestream)",
+    );
+    pub const TIMESTREAM_TABLE: Setting = setting(
+        "TIMESTREAM_TABLE",
+        "the Timestream table of the archive (ARCHIVE=timestream)",
+    );
+    pub const DEAD_LETTER_QUEUE_URL: Setting = setting(
+        "DEAD_LETTER_QUEUE_URL",
+        "the SQS queue URL for records a function gives up on",
+    );
+    pub const RULES_FILE: Setting = Setting {
+        name: "RULES_FILE",
+        purpose: "a rules file (TOML) in place of the bundled default rules",
+        optional: true,
+    };
+}
+
+/// What a function is built from. Each port names the settings it reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Port {
+    /// Publishes telemetry (Kinesis or Kafka).
+    TelemetryBus,
+    /// Publishes alert transitions (Kinesis or Kafka).
+    AlertsBus,
+    /// Is invoked with the telemetry bus's events (a stream function).
+    TelemetryEvents,
+    Positions,
+    Alerts,
+    Archive,
+    DeadLetters,
+    Rules,
+}
+
+impl Port {
+    pub const fn settings(self) -> &'static [Setting] {
+        use settings::*;
+        match self {
+            Port::TelemetryBus => &[
+                BUS,
+                TELEMETRY_STREAM,
+                TELEMETRY_TOPIC,
+                KAFKA_BOOTSTRAP_SERVERS,
+                KAFKA_SECRET_ARN,
+            ],
+            Port::AlertsBus => &[
+                BUS,
+                ALERTS_STREAM,
+                ALERTS_TOPIC,
+                KAFKA_BOOTSTRAP_SERVERS,
+                KAFKA_SECRET_ARN,
+            ],
+            Port::TelemetryEvents => &[BUS],
+            Port::Positions => &[POSITIONS_TABLE],
+            Port::Alerts => &[ALERT_STATE_TABLE, ALERTS_TABLE],
+            Port::Archive => &[
+                ARCHIVE,
+                ARCHIVE_BUCKET,
+                TIMESTREAM_DATABASE,
+                TIMESTREAM_TABLE,
+            ],
+            Port::DeadLetters => &[DEAD_LETTER_QUEUE_URL],
+            Port::Rules => &[RULES_FILE],
+        }
+    }
+}
+
+/// The settings a set of ports reads, each once, by name.
+pub fn settings_of(ports: &[Port]) -> Vec<Setting> {
+    let mut all: Vec<Setting> = ports.iter().flat_map(|p| p.settings()).copied().collect();
+    all.sort_by_key(|s| s.name);
+    all.dedup_by_key(|s| s.name);
+    all
+}
+
+/// Why a port could not be built. `Debug` prints the sentence: a Lambda `main` returns this
+/// as its init error, and CloudWatch should show what is wrong.
+#[derive(Clone, PartialEq, thiserror::Error)]
+pub enum ComposeError {
+    #[error("environment variable {name} is not set: {purpose}")]
+    Missing {
+        name: &'static str,
+        purpose: &'static str,
+    },
+    #[error("{function} reads {name}, which none of its declared ports names (geostream-aws manifest.rs)")]
+    Undeclared {
+        function: &'static str,
+        name: &'static str,
+    },
+    #[error("{name}={value:?}: expected {expected}")]
+    Invalid {
+        name: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("no function named {0:?} in the manifest")]
+    UnknownFunction(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl std::fmt::Debug for ComposeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+/// Where settings are read from.
+pub trait SettingSource: Send + Sync {
+    fn value(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment (Lambda).
+pub struct ProcessEnv;
+
+impl SettingSource for ProcessEnv {
+    fn value(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+/// Settings given by name (the local runner's flags, tests).
+#[derive(Debug, Clone, Default)]
+pub struct SettingMap(BTreeMap<&'static str, String>);
+
+impl SettingMap {
+    pub fn new() -> Self {
+        SettingMap::default()
+    }
+
+    pub fn set(mut self, setting: Setting, value: impl Into<String>) -> Self {
+        self.0.insert(setting.name, value.into());
+        self
+    }
+}
+
+impl SettingSource for SettingMap {
+    fn value(&self, name: &str) -> Option<String> {
+        self.0.get(name).cloned()
+    }
+}
+
+/// The bus a deployment runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BusKind {
+    Kinesis,
+    Kafka,
+}
+
+/// Builds the ports of one function (or of the whole local stack) from its settings.
+pub struct Composition {
+    function: &'static str,
+    declared: Vec<Setting>,
+    source: Box<dyn SettingSource>,
+    clients: Clients,
+}
+
+impl Composition {
+    /// For a Lambda function: its ports from the manifest, settings from the environment, SDK
+    /// clients from the default provider chain (`AWS_ENDPOINT_URL` points them at an emulator).
+    /// No network call is made here: cold starts stay short.
+    pub async fn for_lambda(function: &'static str) -> Result<Composition, ComposeError> {
+        let manifest = crate::manifest::function(function)
+            .ok_or_else(|| ComposeError::UnknownFunction(function.to_string()))?;
+        let clients = Clients::new(&crate::config::sdk_config(None).await);
+        Ok(Composition::new(
+            manifest.name,
+            manifest.ports,
+            Box::new(ProcessEnv),
+            clients,
+        ))
+    }
+
+    pub fn new(
+        function: &'static str,
+        ports: &[Port],
+        source: Box<dyn SettingSource>,
+        clients: Clients,
+    ) -> Composition {
+        Composition {
+            function,
+            declared: settings_of(ports),
+            source,
+            clients,
+        }
+    }
+
+    pub fn clients(&self) -> &Clients {
+        &self.clients
+    }
+
+    /// A declared setting's value; empty counts as unset.
+    fn optional(&self, setting: Setting) -> Result<Option<String>, ComposeError> {
+        if !self.declared.iter().any(|d| d.name == setting.name) {
+            return Err(ComposeError::Undeclared {
+                function: self.function,
+                name: setting.name,
+            });
+        }
+        Ok(self
+            .source
+            .value(setting.name)
+            .filter(|v| !v.trim().is_empty()))
+    }
+
+    fn required(&self, setting: Setting) -> Result<String, ComposeError> {
+        self.optional(setting)?.ok_or(ComposeError::Missing {
+            name: setting.name,
+            purpose: setting.purpose,
+        })
+    }
+
+    /// `BUS`: `kinesis` (the default) or `kafka`.
+    pub fn bus_kind(&self) -> Result<BusKind, ComposeError> {
+        match self.optional(settings::BUS)?.as_deref() {
+            None | Some("kinesis") => Ok(BusKind::Kinesis),
+            Some("kafka") => Ok(BusKind::Kafka),
+            Some(other) => Err(ComposeError::Invalid {
+                name: settings::BUS.name,
+                value: other.to_string(),
+                expected: "kinesis or kafka",
+            }),
+        }
+    }
+
+    /// The event a stream function is invoked with, from `BUS`.
+    pub fn telemetry_events(&self) -> Result<geostream_lambda::StreamEvents, ComposeError> {
+        Ok(match self.bus_kind()? {
+            BusKind::Kinesis => geostream_lambda::StreamEvents::Kinesis,
+            BusKind::Kafka => geostream_lambda::StreamEvents::Kafka,
+        })
+    }
+
+    /// The telemetry bus: the Kinesis stream `TELEMETRY_STREAM`, or with `BUS=kafka` the topic
+    /// `TELEMETRY_TOPIC` on `KAFKA_BOOTSTRAP_SERVERS`.
+    pub async fn telemetry_bus(&self) -> Result<Arc<dyn EventBus>, ComposeError> {
+        self.bus(settings::TELEMETRY_STREAM, settings::TELEMETRY_TOPIC)
+            .await
+    }
+
+    /// The alerts bus: the Kinesis stream `ALERTS_STREAM`, or with `BUS=kafka` the topic
+    /// `ALERTS_TOPIC`.
+    pub async fn alerts_bus(&self) -> Result<Arc<dyn EventBus>, ComposeError> {
+        self.bus(settings::ALERTS_STREAM, settings::ALERTS_TOPIC)
+            .await
+    }
+
+    async fn bus(
+        &self,
+        stream: Setting,
+        topic: Setting,
+    ) -> Result<Arc<dyn EventBus>, ComposeError> {
+        match self.bus_kind()? {
+            BusKind::Kinesis => Ok(Arc::new(KinesisBus::new(
+                self.clients.kinesis.clone(),
+                self.required(stream)?,
+            ))),
+            BusKind::Kafka => self.kafka_bus(topic).await,
+        }
+    }
+
+    #[cfg(feature = "kafka")]
+    async fn kafka_bus(&self, topic: Setting) -> Result<Arc<dyn EventBus>, ComposeError> {
+        let settings = self.kafka_settings().await?;
+        let bus = geostream_kafka::KafkaBus::new(&settings, self.required(topic)?)
+            .map_err(ComposeError::Unavailable)?;
+        Ok(Arc::new(bus))
+    }
+
+    #[cfg(not(feature = "kafka"))]
+    async fn kafka_bus(&self, _topic: Setting) -> Result<Arc<dyn EventBus>, ComposeError> {
+        Err(ComposeError::Unavailable(format!(
+            "BUS=kafka, but {} was built without the Kafka client: build it with --features kafka",
+            self.function
+        )))
+    }
+
+    /// How to reach the Kafka brokers: `KAFKA_BOOTSTRAP_SERVERS`, with SASL/SCRAM credentials
+    /// from the secret in `KAFKA_SECRET_ARN` when it is set.
+    #[cfg(feature = "kafka")]
+    pub async fn kafka_settings(&self) -> Result<geostream_kafka::KafkaSettings, ComposeError> {
+        let brokers = self.required(settings::KAFKA_BOOTSTRAP_SERVERS)?;
+        let credentials = match self.optional(settings::KAFKA_SECRET_ARN)? {
+            Some(arn) => Some(self.kafka_credentials(&arn).await?),
+            None => None,
+        };
+        Ok(geostream_kafka::KafkaSettings::with_credentials(
+            brokers,
+            credentials,
+        ))
+    }
+
+    /// `{"username": ..., "password": ...}` from Secrets Manager: the same secret Lambda's
+    /// Kafka event source mappings authenticate with.
+    #[cfg(feature = "kafka")]
+    async fn kafka_credentials(&self, arn: &str) -> Result<(String, String), ComposeError> {
+        let failed =
+            |why: String| ComposeError::Unavailable(format!("KAFKA_SECRET_ARN {arn}: {why}"));
+        let secret = self
+            .clients
+            .secrets
+            .get_secret_value()
+            .secret_id(arn)
+            .send()
+            .await
+            .map_err(|e| {
+                failed(aws_sdk_secretsmanager::error::DisplayErrorContext(&e).to_string())
+            })?;
+        let text = secret
+            .secret_string()
+            .ok_or_else(|| failed("the secret has no string value".into()))?;
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| failed(format!("not JSON: {e}")))?;
+        let field = |name: &str| {
+            value[name]
+                .as_str()
+                .map(str::to_string)
+                .ok_or_else(|| failed(format!("no string field {name:?}")))
+        };
+        Ok((field("username")?, field("password")?))
+    }
+
+    pub fn positions(&self) -> Result<Arc<dyn PositionStore>, ComposeError> {
+        Ok(Arc::new(DynamoPositions::new(
+            self.clients.dynamodb.clone(),
+            self.required(settings::POSITIONS_TABLE)?,
+        )))
+    }
+
+    pub fn alerts(&self) -> Result<Arc<dyn AlertStore>, ComposeError> {
+        Ok(Arc::new(DynamoAlerts::new(
+            self.clients.dynamodb.clone(),
+            self.required(settings::ALERT_STATE_TABLE)?,
+            self.required(settings::ALERTS_TABLE)?,
+        )))
+    }
+
+    /// The archive named by `ARCHIVE`: `timestream` (`TIMESTREAM_DATABASE`, `TIMESTREAM_TABLE`)
+    /// or `s3` (`ARCHIVE_BUCKET`).
+    pub fn archive(&self) -> Result<Arc<dyn Archive>, ComposeError> {
+        match self.required(settings::ARCHIVE)?.as_str() {
+            "timestream" => Ok(Arc::new(TimestreamArchive::new(
+                self.clients.timestream_write.clone(),
+                self.clients.timestream_query.clone(),
+                self.clients.timestream_discovery,
+                self.required(settings::TIMESTREAM_DATABASE)?,
+                self.required(settings::TIMESTREAM_TABLE)?,
+            ))),
+            "s3" => Ok(Arc::new(S3Archive::new(
+                self.clients.s3.clone(),
+                self.required(settings::ARCHIVE_BUCKET)?,
+            ))),
+            other => Err(ComposeError::Invalid {
+                name: settings::ARCHIVE.name,
+                value: other.to_string(),
+                expected: "timestream or s3",
+            }),
+        }
+    }
+
+    /// The SQS dead-letter sink named by `DEAD_LETTER_QUEUE_URL`.
+    pub fn dead_letters(&self) -> Result<Arc<dyn DeadLetterSink>, ComposeError> {
+        Ok(Arc::new(SqsDeadLetters::new(
+            self.clients.sqs.clone(),
+            self.required(settings::DEAD_LETTER_QUEUE_URL)?,
+        )))
+    }
+
+    /// The rules: the file named by `RULES_FILE`, else the bundled defaults.
+    pub fn rules(&self) -> Result<Arc<RuleSet>, ComposeError> {
+        let Some(path) = self.optional(settings::RULES_FILE)? else {
+            return Ok(Arc::new(RuleSet::default_rules()));
+        };
+        let failed = |why: String| ComposeError::Unavailable(format!("RULES_FILE {path}: {why}"));
+        let text = std::fs::read_to_string(&path).map_err(|e| failed(e.to_string()))?;
+        RuleSet::from_toml(&text)
+            .map(Arc::new)
+            .map_err(|e| failed(e.to_string()))
+    }
+
+    /// Metrics as CloudWatch Embedded Metric Format lines on stdout, dimensioned by the
+    /// deployed function name Lambda sets (this function's own name where it is not set).
+    pub fn metrics(&self) -> EmfLog {
+        EmfLog::stdout(
+            std::env::var("AWS_LAMBDA_FUNCTION_NAME").unwrap_or_else(|_| self.function.into()),
+        )
+    }
+
+    /// Runs a stream function on the Lambda runtime, taking the event its bus's event source
+    /// mapping sends.
+    pub async fn run_stream_function(
+        &self,
+        function: &dyn geostream_shared::stream::StreamFunction,
+    ) -> Result<(), geostream_lambda::Error> {
+        let events = self.telemetry_events()?;
+        let metrics = self.metrics();
+        geostream_lambda::run_stream_function(function, events, &metrics).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn composition(ports: &[Port], settings: SettingMap) -> Composition {
+        let sdk = aws_config::SdkConfig::builder()
+            .behavior_version(aws_config::BehaviorVersion::latest())
+            .build();
+        Composition::new("test", ports, Box::new(settings), Clients::new(&sdk))
+    }
+
+    #[test]
+    fn a_missing_setting_is_named_with_its_purpose() {
+        let error = composition(&[Port::Positions], SettingMap::new())
+            .positions()
+            .err()
+            .unwrap();
+        assert_eq!(
+            error.to_string(),
+            "environment variable POSITIONS_TABLE is not set: the DynamoDB table of latest positions"
+        );
+    }
+
+    #[test]
+    fn a_setting_the_function_did_not_declare_is_refused() {
+        let settings = SettingMap::new().set(settings::POSITIONS_TABLE, "p");
+        let error = composition(&[Port::DeadLetters], settings)
+            .positions()
+            .err()
+            .unwrap();
+        assert_eq!(
+            error,
+            ComposeError::Undeclared {
+                function: "test",
+                name: "POSITIONS_TABLE"
+            }
+        );
+    }
+
+    #[test]
+    fn the_archive_and_bus_are_chosen_by_their_settings() {
+        let settings = SettingMap::new()
+            .set(settings::ARCHIVE, "parquet")
+            .set(settings::BUS, "kafka");
+        let c = composition(&[Port::Archive, Port::TelemetryEvents], settings);
+        assert_eq!(
+            c.archive().err().unwrap().to_string(),
+            "ARCHIVE=\"parquet\": expected timestream or s3"
+        );
+        assert_eq!(
+            c.telemetry_events().unwrap(),
+            geostream_lambda::StreamEvents::Kafka
+        );
+        let s3 = composition(
+            &[Port::Archive],
+            SettingMap::new()
+                .set(settings::ARCHIVE, "s3")
+                .set(settings::ARCHIVE_BUCKET, "b"),
+        );
+        assert!(s3.archive().is_ok());
+    }
+
+    #[test]
+    fn settings_are_listed_once_by_name() {
+        let names: Vec<&str> = settings_of(&[Port::TelemetryBus, Port::AlertsBus])
+            .iter()
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "ALERTS_STREAM",
+                "ALERTS_TOPIC",
+                "BUS",
+                "KAFKA_BOOTSTRAP_SERVERS",
+                "KAFKA_SECRET_ARN",
+                "TELEMETRY_STREAM",
+                "TELEMETRY_TOPIC"
+            ]
+        );
+    }
+}

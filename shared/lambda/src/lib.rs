@@ -1,0 +1,83 @@
+//! GeoStream's entry points on Lambda. The domain core (`geostream-shared`) knows readings,
+//! envelopes, stream batches and ports; this crate knows Lambda: API Gateway v2 requests and
+//! responses ([`http`]), Kinesis and Kafka events and their partial batch responses
+//! ([`stream`]), and the runtime loop a function's `main` ends in ([`run_http_function`],
+//! [`run_stream_function`]).
+
+pub mod http;
+pub mod stream;
+
+use std::future::Future;
+
+use aws_lambda_events::event::apigw::{ApiGatewayV2httpRequest, ApiGatewayV2httpResponse};
+use aws_lambda_events::event::kafka::KafkaEvent;
+use aws_lambda_events::event::kinesis::KinesisEvent;
+use geostream_shared::metrics::MetricsSink;
+use geostream_shared::stream::StreamFunction;
+use lambda_runtime::{run, service_fn, LambdaEvent};
+
+pub use lambda_runtime::Error;
+
+/// Structured JSON logs on stdout (CloudWatch Logs), level from `RUST_LOG` (default info).
+pub fn init_tracing() {
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_current_span(false)
+        .with_target(false)
+        .without_time()
+        .init();
+}
+
+/// Which event a stream function's event source mapping sends it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamEvents {
+    /// `KinesisEvent`, answered with the failed records' sequence numbers.
+    Kinesis,
+    /// `KafkaEvent` (self-managed Kafka or MSK), answered with the offset to resume from per
+    /// partition.
+    Kafka,
+}
+
+/// Runs a stream function on the Lambda runtime until the runtime stops it.
+pub async fn run_stream_function(
+    function: &dyn StreamFunction,
+    events: StreamEvents,
+    metrics: &dyn MetricsSink,
+) -> Result<(), Error> {
+    match events {
+        StreamEvents::Kinesis => {
+            run(service_fn(
+                move |event: LambdaEvent<KinesisEvent>| async move {
+                    Ok::<_, Error>(stream::handle_kinesis(function, event.payload, metrics).await)
+                },
+            ))
+            .await
+        }
+        StreamEvents::Kafka => {
+            run(service_fn(
+                move |event: LambdaEvent<KafkaEvent>| async move {
+                    Ok::<_, Error>(stream::handle_kafka(function, event.payload, metrics).await)
+                },
+            ))
+            .await
+        }
+    }
+}
+
+/// Runs an HTTP function (API Gateway HTTP API, payload v2) on the Lambda runtime.
+pub async fn run_http_function<F, Fut>(handler: F) -> Result<(), Error>
+where
+    F: Fn(ApiGatewayV2httpRequest) -> Fut,
+    Fut: Future<Output = ApiGatewayV2httpResponse>,
+{
+    let handler = &handler;
+    run(service_fn(
+        move |event: LambdaEvent<ApiGatewayV2httpRequest>| async move {
+            Ok::<_, Error>(handler(event.payload).await)
+        },
+    ))
+    .await
+}

@@ -1,0 +1,231 @@
+//! Stream events as Lambda's event source mappings send them, turned into the core's
+//! [`StreamBatch`], and the partial batch responses Lambda reads back.
+
+use std::collections::BTreeMap;
+
+use aws_lambda_events::event::kafka::KafkaEvent;
+use aws_lambda_events::event::kinesis::KinesisEvent;
+use aws_lambda_events::event::streams::{KinesisBatchItemFailure, KinesisEventResponse};
+use base64::Engine;
+use geostream_shared::metrics::MetricsSink;
+use geostream_shared::stream::{
+    process_measured, RecordId, StreamBatch, StreamFunction, StreamRecord,
+};
+use serde::{Deserialize, Serialize};
+
+/// The records of a Kinesis event, in the event's order (one shard, sequence order).
+pub fn batch_from_kinesis(event: KinesisEvent) -> StreamBatch {
+    StreamBatch {
+        records: event
+            .records
+            .into_iter()
+            .map(|record| StreamRecord {
+                id: RecordId::kinesis(record.kinesis.sequence_number),
+                partition_key: record.kinesis.partition_key,
+                data: record.kinesis.data.0,
+                // An event without the timestamp deserializes to the epoch: unknown.
+                arrived_at: Some(
+                    record
+                        .kinesis
+                        .approximate_arrival_timestamp
+                        .0
+                        .timestamp_millis(),
+                )
+                .filter(|millis| *millis > 0),
+            })
+            .collect(),
+    }
+}
+
+/// Lambda's Kafka event groups records by "topic-partition", with base64 keys and values.
+/// Records keep their order within a partition (partitions in name order).
+pub fn batch_from_kafka(event: KafkaEvent) -> StreamBatch {
+    let decode =
+        |text: Option<String>| text.map(|t| base64::engine::general_purpose::STANDARD.decode(t));
+    let mut partitions: Vec<_> = event.records.into_iter().collect();
+    partitions.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut records = Vec::new();
+    for (topic_partition, mut messages) in partitions {
+        messages.sort_by_key(|m| m.offset);
+        for message in messages {
+            let partition = i32::try_from(message.partition).unwrap_or(i32::MAX);
+            // Lambda names the topic in every record; the group key is the fallback.
+            let topic = message.topic.clone().unwrap_or_else(|| {
+                topic_partition
+                    .strip_suffix(&format!("-{partition}"))
+                    .unwrap_or(&topic_partition)
+                    .to_string()
+            });
+            let timestamp = message.timestamp.0.timestamp_millis();
+            // An undecodable value is kept as its text, for the dead-letter sink to show.
+            let data = match decode(message.value.clone()) {
+                Some(Ok(bytes)) => bytes,
+                Some(Err(_)) | None => message.value.unwrap_or_default().into_bytes(),
+            };
+            let partition_key = match decode(message.key) {
+                Some(Ok(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
+                _ => String::new(),
+            };
+            records.push(StreamRecord {
+                id: RecordId::kafka(topic, partition, message.offset),
+                partition_key,
+                data,
+                arrived_at: Some(timestamp).filter(|millis| *millis > 0),
+            });
+        }
+    }
+    StreamBatch { records }
+}
+
+/// Lambda's partial batch response for Kinesis: the sequence number of every failed record
+/// (Lambda resumes from the lowest). A failed record of another bus cannot be named in it, so
+/// it is answered as a failure of the whole batch (an identifier Lambda cannot match).
+pub fn kinesis_response(failed: Vec<RecordId>) -> KinesisEventResponse {
+    let mut response = KinesisEventResponse::default();
+    response.batch_item_failures = failed
+        .into_iter()
+        .map(|id| {
+            let mut failure = KinesisBatchItemFailure::default();
+            failure.item_identifier = Some(match id {
+                RecordId::Kinesis(sequence) => sequence.as_str().to_string(),
+                other => other.to_string(),
+            });
+            failure
+        })
+        .collect();
+    response
+}
+
+/// Lambda's partial batch response for Kafka event source mappings: per failed
+/// topic-partition, the offset to resume from. (aws_lambda_events has no type for it.)
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaBatchResponse {
+    pub batch_item_failures: Vec<KafkaBatchItemFailure>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaBatchItemFailure {
+    pub item_identifier: KafkaItemIdentifier,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KafkaItemIdentifier {
+    /// `topic-partition`, as the event's record groups are keyed.
+    pub partition: String,
+    pub offset: i64,
+}
+
+/// The lowest failed offset of each partition, from which Lambda redelivers it. A failed
+/// record that is not a Kafka record cannot be placed, so it fails the whole batch: offset 0
+/// of its own name, which matches no record of the event.
+pub fn kafka_response(failed: Vec<RecordId>) -> KafkaBatchResponse {
+    let mut resume: BTreeMap<String, i64> = BTreeMap::new();
+    for id in failed {
+        let (partition, offset) = match id {
+            RecordId::Kafka {
+                topic,
+                partition,
+                offset,
+            } => (format!("{topic}-{partition}"), offset),
+            other => (other.to_string(), 0),
+        };
+        resume
+            .entry(partition)
+            .and_modify(|lowest| *lowest = (*lowest).min(offset))
+            .or_insert(offset);
+    }
+    KafkaBatchResponse {
+        batch_item_failures: resume
+            .into_iter()
+            .map(|(partition, offset)| KafkaBatchItemFailure {
+                item_identifier: KafkaItemIdentifier { partition, offset },
+            })
+            .collect(),
+    }
+}
+
+/// A stream function as Lambda invokes it from a Kinesis event source mapping.
+pub async fn handle_kinesis(
+    function: &dyn StreamFunction,
+    event: KinesisEvent,
+    metrics: &dyn MetricsSink,
+) -> KinesisEventResponse {
+    let failed = process_measured(function, batch_from_kinesis(event), metrics).await;
+    kinesis_response(failed)
+}
+
+/// A stream function as Lambda invokes it from a (self-managed or MSK) Kafka event source
+/// mapping.
+pub async fn handle_kafka(
+    function: &dyn StreamFunction,
+    event: KafkaEvent,
+    metrics: &dyn MetricsSink,
+) -> KafkaBatchResponse {
+    let failed = process_measured(function, batch_from_kafka(event), metrics).await;
+    kafka_response(failed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use geostream_shared::envelope::Envelope;
+
+    #[test]
+    fn builds_from_a_real_kafka_event_fixture_and_answers_per_partition() {
+        let event: KafkaEvent =
+            serde_json::from_str(include_str!("../tests/fixtures/kafka-event.json")).unwrap();
+        let batch = batch_from_kafka(event);
+        let ids: Vec<String> = batch.records.iter().map(|r| r.id.to_string()).collect();
+        assert_eq!(
+            ids,
+            ["telemetry-0@15", "telemetry-0@16", "telemetry-1@7"],
+            "ordered by partition, then offset"
+        );
+        assert_eq!(batch.records[0].id, RecordId::kafka("telemetry", 0, 15));
+        assert_eq!(batch.records[0].partition_key, "truck-7");
+        assert_eq!(batch.records[0].arrived_at, Some(1_763_900_000_125));
+        let envelope = Envelope::decode(&batch.records[0].data).unwrap();
+        assert_eq!(envelope.readings[0].engine_temp_c, Some(104.5));
+
+        let failed: Vec<RecordId> = batch.records.iter().rev().map(|r| r.id.clone()).collect();
+        assert_eq!(
+            serde_json::to_value(kafka_response(failed)).unwrap(),
+            serde_json::json!({"batchItemFailures": [
+                {"itemIdentifier": {"partition": "telemetry-0", "offset": 15}},
+                {"itemIdentifier": {"partition": "telemetry-1", "offset": 7}},
+            ]})
+        );
+    }
+
+    #[test]
+    fn a_topic_with_dashes_is_answered_under_its_own_partition_key() {
+        let response = kafka_response(vec![RecordId::kafka("geostream-telemetry", 12, 4)]);
+        assert_eq!(
+            response.batch_item_failures[0].item_identifier,
+            KafkaItemIdentifier {
+                partition: "geostream-telemetry-12".into(),
+                offset: 4
+            }
+        );
+    }
+
+    #[test]
+    fn builds_from_a_real_kinesis_event_fixture() {
+        let event: KinesisEvent =
+            serde_json::from_str(include_str!("../tests/fixtures/kinesis-event.json")).unwrap();
+        let batch = batch_from_kinesis(event);
+        assert_eq!(batch.records.len(), 1);
+        assert_eq!(batch.records[0].partition_key, "truck-7");
+        let envelope = Envelope::decode(&batch.records[0].data).unwrap();
+        assert_eq!(envelope.readings[0].engine_temp_c, Some(104.5));
+        assert_eq!(batch.records[0].arrived_at, Some(1_763_900_000_123));
+        let response = kinesis_response(vec![batch.records[0].id.clone()]);
+        let json = serde_json::to_value(response).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"batchItemFailures": [{"itemIdentifier": "49590338271490256608559692538361571095921575989136588898"}]})
+        );
+    }
+}
