@@ -25,16 +25,13 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use geostream_anomaly_inspector::AnomalyInspector;
 use geostream_archiver::Archiver;
+use geostream_aws::compose::{self, Composition, Port, SettingMap};
 use geostream_aws::config::{sdk_config, Clients};
 use geostream_aws::counting::CallCounter;
-use geostream_aws::dynamodb::{DynamoAlerts, DynamoPositions};
-use geostream_aws::kinesis::KinesisBus;
-use geostream_aws::provision::{create_resources, ResourceNames};
-use geostream_aws::sqs::SqsDeadLetters;
-use geostream_aws::timestream::TimestreamArchive;
+use geostream_aws::provision::{create_resources, queue_url, ResourceNames};
 use geostream_geo_update::GeoUpdate;
 use geostream_ingest::Ingest;
-use geostream_kafka::{KafkaBus, KafkaSettings};
+use geostream_kafka::KafkaSettings;
 use geostream_query_api::QueryApi;
 use geostream_shared::memory::{
     MemoryAlertStore, MemoryArchive, MemoryDeadLetters, MemoryPositionStore, MemoryStream,
@@ -61,13 +58,36 @@ use source::{KinesisSource, MemorySource, ShardSource};
 pub enum Backend {
     /// In this process: nothing else needed.
     Embedded,
-    /// Through the AWS SDK: real AWS, or an emulator at `endpoint_url`.
-    Aws {
-        endpoint_url: Option<String>,
-        names: ResourceNames,
-        /// Create the streams, tables and queue first (for a fresh emulator).
-        create_resources: bool,
-    },
+    /// Through the AWS SDK: real AWS, or an emulator.
+    Aws(AwsBackend),
+}
+
+#[derive(Debug, Clone)]
+pub struct AwsBackend {
+    /// An emulator's endpoint; none for real AWS.
+    pub endpoint_url: Option<String>,
+    pub names: ResourceNames,
+    /// Create the streams, tables, bucket and queue first (for a fresh emulator).
+    pub create_resources: bool,
+    pub archive: ArchiveKind,
+}
+
+/// Which archive the archiver writes and the query API reads, as `ARCHIVE` names it on Lambda.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ArchiveKind {
+    #[default]
+    Timestream,
+    /// Hour-partitioned JSON Lines in S3 (the default on AWS, queried with Athena).
+    S3,
+}
+
+impl ArchiveKind {
+    fn setting(self) -> &'static str {
+        match self {
+            ArchiveKind::Timestream => "timestream",
+            ArchiveKind::S3 => "s3",
+        }
+    }
 }
 
 /// Which bus the pipeline runs on.
@@ -401,94 +421,112 @@ fn embedded_ports(config: &LocalConfig) -> Ports {
     }
 }
 
-async fn aws_ports(
-    endpoint_url: Option<&str>,
-    names: &ResourceNames,
-    create: bool,
-    shards: usize,
-    read_stream: bool,
-) -> Result<Ports, String> {
-    let sdk = sdk_config(endpoint_url).await;
+/// Every port the local stack builds through the composition root: all functions' together.
+const STACK_PORTS: &[Port] = &[
+    Port::TelemetryBus,
+    Port::AlertsBus,
+    Port::TelemetryEvents,
+    Port::Positions,
+    Port::Alerts,
+    Port::Archive,
+    Port::DeadLetters,
+];
+
+/// The settings a Lambda function would find in its environment, from the runner's flags.
+fn bus_settings(settings: SettingMap, bus: &Bus, names: Option<&ResourceNames>) -> SettingMap {
+    match bus {
+        Bus::Kafka(kafka) => settings
+            .set(compose::settings::BUS, "kafka")
+            .set(
+                compose::settings::KAFKA_BOOTSTRAP_SERVERS,
+                &kafka.settings.bootstrap_servers,
+            )
+            .set(compose::settings::TELEMETRY_TOPIC, &kafka.telemetry_topic)
+            .set(compose::settings::ALERTS_TOPIC, &kafka.alerts_topic),
+        Bus::Backend => match names {
+            Some(names) => settings
+                .set(compose::settings::BUS, "kinesis")
+                .set(compose::settings::TELEMETRY_STREAM, &names.telemetry_stream)
+                .set(compose::settings::ALERTS_STREAM, &names.alerts_stream),
+            None => settings,
+        },
+    }
+}
+
+/// The AWS backend: every adapter built by the composition root the Lambda mains use, from
+/// the settings Terraform would give them.
+async fn aws_ports(aws: &AwsBackend, bus: &Bus, shards: usize) -> Result<Ports, String> {
+    let sdk = sdk_config(aws.endpoint_url.as_deref()).await;
     let clients = Clients::new(&sdk);
-    let queue_url = if create {
+    let names = &aws.names;
+    let queue_url = if aws.create_resources {
         create_resources(&clients, names, shards.clamp(1, 64) as i32).await?
     } else {
-        let output = clients
-            .sqs
-            .get_queue_url()
-            .queue_name(&names.dead_letter_queue)
-            .send()
-            .await
-            .map_err(|e| {
-                format!(
-                    "GetQueueUrl {}: {}",
-                    names.dead_letter_queue,
-                    aws_sdk_sqs::error::DisplayErrorContext(&e)
-                )
-            })?;
-        output
-            .queue_url()
-            .map(str::to_string)
-            .ok_or("GetQueueUrl answered without a URL")?
+        queue_url(&clients, &names.dead_letter_queue).await?
     };
-    Ok(Ports {
-        bus: Arc::new(KinesisBus::new(
-            clients.kinesis.clone(),
-            &names.telemetry_stream,
-        )),
-        alert_bus: Arc::new(KinesisBus::new(
-            clients.kinesis.clone(),
-            &names.alerts_stream,
-        )),
-        positions: Arc::new(DynamoPositions::new(
-            clients.dynamodb.clone(),
-            &names.positions_table,
-        )),
-        archive: Arc::new(TimestreamArchive::new(
-            clients.timestream_write.clone(),
-            clients.timestream_query.clone(),
-            clients.timestream_discovery,
-            &names.timestream_database,
-            &names.timestream_table,
-        )),
-        alerts: Arc::new(DynamoAlerts::new(
-            clients.dynamodb.clone(),
+    let settings = SettingMap::new()
+        .set(compose::settings::POSITIONS_TABLE, &names.positions_table)
+        .set(
+            compose::settings::ALERT_STATE_TABLE,
             &names.alert_state_table,
-            &names.alerts_table,
-        )),
-        dead_letters: Arc::new(SqsDeadLetters::new(clients.sqs.clone(), queue_url)),
-        telemetry_source: if read_stream {
-            Some(Arc::new(
+        )
+        .set(compose::settings::ALERTS_TABLE, &names.alerts_table)
+        .set(compose::settings::ARCHIVE, aws.archive.setting())
+        .set(compose::settings::ARCHIVE_BUCKET, &names.archive_bucket)
+        .set(
+            compose::settings::TIMESTREAM_DATABASE,
+            &names.timestream_database,
+        )
+        .set(compose::settings::TIMESTREAM_TABLE, &names.timestream_table)
+        .set(compose::settings::DEAD_LETTER_QUEUE_URL, queue_url);
+    let settings = bus_settings(settings, bus, Some(names));
+    let ports = Composition::new(
+        "geostream-local",
+        STACK_PORTS,
+        Box::new(settings),
+        clients.clone(),
+    );
+    let error = |e: compose::ComposeError| e.to_string();
+    Ok(Ports {
+        bus: ports.telemetry_bus().await.map_err(error)?,
+        alert_bus: ports.alerts_bus().await.map_err(error)?,
+        positions: ports.positions().map_err(error)?,
+        archive: ports.archive().map_err(error)?,
+        alerts: ports.alerts().map_err(error)?,
+        dead_letters: ports.dead_letters().map_err(error)?,
+        telemetry_source: match bus {
+            Bus::Backend => Some(Arc::new(
                 KinesisSource::new(clients.kinesis.clone(), &names.telemetry_stream).await?,
-            ))
-        } else {
-            None
+            )),
+            Bus::Kafka(_) => None,
         },
         memory: None,
         aws_calls: Some(clients.calls.clone()),
     })
 }
 
+/// The embedded backend's stores with a Kafka bus: the buses from the composition root (no
+/// AWS service is called).
+async fn kafka_buses(ports: &mut Ports, bus: &Bus) -> Result<(), String> {
+    let sdk = aws_config::SdkConfig::builder()
+        .behavior_version(aws_config::BehaviorVersion::latest())
+        .build();
+    let composition = Composition::new(
+        "geostream-local",
+        STACK_PORTS,
+        Box::new(bus_settings(SettingMap::new(), bus, None)),
+        Clients::new(&sdk),
+    );
+    let error = |e: compose::ComposeError| e.to_string();
+    ports.bus = composition.telemetry_bus().await.map_err(error)?;
+    ports.alert_bus = composition.alerts_bus().await.map_err(error)?;
+    ports.telemetry_source = None;
+    Ok(())
+}
+
 /// Builds the stack on its backend and starts serving on `config.listen` (port 0 picks a free
 /// port).
 pub async fn start(config: LocalConfig) -> Result<RunningStack, String> {
-    let mut ports = match &config.backend {
-        Backend::Embedded => embedded_ports(&config),
-        Backend::Aws {
-            endpoint_url,
-            names,
-            create_resources,
-        } => {
-            aws_ports(
-                endpoint_url.as_deref(),
-                names,
-                *create_resources,
-                config.shards,
-                matches!(config.bus, Bus::Backend),
-            )
-            .await?
-        }
-    };
     if let Bus::Kafka(kafka) = &config.bus {
         let partitions = i32::try_from(config.shards.clamp(1, 1024)).unwrap_or(4);
         geostream_kafka::ensure_topics(
@@ -499,10 +537,17 @@ pub async fn start(config: LocalConfig) -> Result<RunningStack, String> {
             ],
         )
         .await?;
-        ports.bus = Arc::new(KafkaBus::new(&kafka.settings, &kafka.telemetry_topic)?);
-        ports.alert_bus = Arc::new(KafkaBus::new(&kafka.settings, &kafka.alerts_topic)?);
-        ports.telemetry_source = None;
     }
+    let ports = match &config.backend {
+        Backend::Embedded => {
+            let mut ports = embedded_ports(&config);
+            if matches!(config.bus, Bus::Kafka(_)) {
+                kafka_buses(&mut ports, &config.bus).await?;
+            }
+            ports
+        }
+        Backend::Aws(aws) => aws_ports(aws, &config.bus, config.shards).await?,
+    };
     let positions = Arc::new(MeasuredPositions::new(
         ports.positions.clone(),
         ports.memory.is_none(),

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use geostream_aws::provision::ResourceNames;
 use geostream_local::esm::MappingConfig;
-use geostream_local::{start, Backend, Bus, KafkaBusConfig, LocalConfig, KAFKA_QUIET};
+use geostream_local::{
+    start, ArchiveKind, AwsBackend, Backend, Bus, KafkaBusConfig, LocalConfig, KAFKA_QUIET,
+};
 use geostream_shared::rules::RuleSet;
 use geostream_sim::SimOptions;
 
@@ -43,9 +45,15 @@ struct Cli {
     /// --backend aws, topics and consumer groups with --bus kafka.
     #[arg(long, default_value = "geostream")]
     resource_prefix: String,
-    /// With --backend aws: create the streams, tables, Timestream database and queue first.
+    /// With --backend aws: create the streams, tables, Timestream database, archive bucket
+    /// and queue first.
     #[arg(long)]
     create_resources: bool,
+    /// With --backend aws: the archive the archiver writes and the query API reads, as
+    /// `ARCHIVE` chooses it on Lambda: Timestream, or hour-partitioned JSON Lines in the S3
+    /// bucket `PREFIX-archive`.
+    #[arg(long, value_enum, default_value_t = ArchiveChoice::Timestream)]
+    archive: ArchiveChoice,
     /// Shards of the telemetry stream (partitions of new topics with --bus kafka).
     #[arg(long, default_value_t = 4)]
     shards: usize,
@@ -81,6 +89,12 @@ struct Cli {
 enum BusKind {
     Native,
     Kafka,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ArchiveChoice {
+    Timestream,
+    S3,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -121,11 +135,15 @@ async fn main() -> ExitCode {
     };
     let backend = match cli.backend {
         BackendKind::Embedded => Backend::Embedded,
-        BackendKind::Aws => Backend::Aws {
+        BackendKind::Aws => Backend::Aws(AwsBackend {
             endpoint_url: cli.endpoint_url.clone(),
             names: ResourceNames::with_prefix(&cli.resource_prefix),
             create_resources: cli.create_resources,
-        },
+            archive: match cli.archive {
+                ArchiveChoice::Timestream => ArchiveKind::Timestream,
+                ArchiveChoice::S3 => ArchiveKind::S3,
+            },
+        }),
     };
     let bus = match (cli.bus, &cli.brokers) {
         (BusKind::Native, _) => Bus::Backend,

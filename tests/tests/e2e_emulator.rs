@@ -19,6 +19,7 @@ use geostream_aws::timestream::TimestreamArchive;
 use geostream_geo_update::GeoUpdate;
 use geostream_ingest::Ingest;
 use geostream_lambda::stream::handle_kinesis;
+use geostream_local::{ArchiveKind, AwsBackend};
 use geostream_query_api::QueryApi;
 use geostream_shared::metrics::{MetricName, RecordedMetrics};
 use geostream_shared::rules::RuleSet;
@@ -497,13 +498,27 @@ async fn aws_calls_per_thousand_events() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_local_runner_on_the_aws_backend_serves_the_pipeline_over_http() {
     let Some(endpoint) = emulator() else { return };
+    runner_on_the_aws_backend(&endpoint, ArchiveKind::Timestream).await;
+}
+
+/// `geostream-local --backend aws --archive s3`: the archive Terraform deploys by default,
+/// built by the same composition root as the Lambda mains, read back through the query API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_runner_on_the_aws_backend_with_the_s3_archive() {
+    let Some(endpoint) = emulator() else { return };
+    runner_on_the_aws_backend(&endpoint, ArchiveKind::S3).await;
+}
+
+async fn runner_on_the_aws_backend(endpoint: &str, archive: ArchiveKind) {
+    let prefix = format!("gs-runner-{archive:?}-{}", std::process::id()).to_lowercase();
     let config = geostream_local::LocalConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
-        backend: geostream_local::Backend::Aws {
-            endpoint_url: Some(endpoint.clone()),
-            names: ResourceNames::with_prefix(&format!("gs-runner-{}", std::process::id())),
+        backend: geostream_local::Backend::Aws(AwsBackend {
+            endpoint_url: Some(endpoint.to_string()),
+            names: ResourceNames::with_prefix(&prefix),
             create_resources: true,
-        },
+            archive,
+        }),
         shards: 2,
         ..Default::default()
     };
@@ -567,6 +582,31 @@ async fn the_local_runner_on_the_aws_backend_serves_the_pipeline_over_http() {
     // One for the telemetry request, one for the alert raised.
     assert_eq!(calls.get("PutRecords"), Some(&2), "{calls:?}");
     assert!(calls.get("GetRecords").is_some_and(|n| *n > 0));
+    match archive {
+        ArchiveKind::Timestream => {
+            assert!(calls.contains_key("WriteRecords"), "{calls:?}");
+            assert!(!calls.contains_key("PutObject"), "{calls:?}");
+        }
+        ArchiveKind::S3 => {
+            assert!(calls.contains_key("PutObject"), "{calls:?}");
+            assert!(!calls.contains_key("WriteRecords"), "{calls:?}");
+            // moto's Timestream cannot answer queries; the S3 archive reads back what it wrote.
+            let track: Value = http
+                .get(format!("{base}/v1/vehicles/runner-1/track"))
+                .query(&[("from", t0 - 1000), ("to", t0 + 2000)])
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let temperatures: Vec<&Value> = track["readings"]
+                .as_array()
+                .map(|readings| readings.iter().map(|r| &r["engine_temp_c"]).collect())
+                .unwrap_or_default();
+            assert_eq!(temperatures, [&json!(101.5), &json!(103.0)], "{track}");
+        }
+    }
     running.shutdown().await;
 }
 
