@@ -432,25 +432,16 @@ const STACK_PORTS: &[Port] = &[
     Port::DeadLetters,
 ];
 
-/// The settings a Lambda function would find in its environment, from the runner's flags.
-fn bus_settings(settings: SettingMap, bus: &Bus, names: Option<&ResourceNames>) -> SettingMap {
-    match bus {
-        Bus::Kafka(kafka) => settings
-            .set(compose::settings::BUS, "kafka")
-            .set(
-                compose::settings::KAFKA_BOOTSTRAP_SERVERS,
-                &kafka.settings.bootstrap_servers,
-            )
-            .set(compose::settings::TELEMETRY_TOPIC, &kafka.telemetry_topic)
-            .set(compose::settings::ALERTS_TOPIC, &kafka.alerts_topic),
-        Bus::Backend => match names {
-            Some(names) => settings
-                .set(compose::settings::BUS, "kinesis")
-                .set(compose::settings::TELEMETRY_STREAM, &names.telemetry_stream)
-                .set(compose::settings::ALERTS_STREAM, &names.alerts_stream),
-            None => settings,
-        },
-    }
+/// With `--bus kafka`: the bus settings a Lambda function on Kafka finds in its environment.
+fn kafka_settings(settings: SettingMap, kafka: &KafkaBusConfig) -> SettingMap {
+    settings
+        .set(compose::settings::BUS, "kafka")
+        .set(
+            compose::settings::KAFKA_BOOTSTRAP_SERVERS,
+            &kafka.settings.bootstrap_servers,
+        )
+        .set(compose::settings::TELEMETRY_TOPIC, &kafka.telemetry_topic)
+        .set(compose::settings::ALERTS_TOPIC, &kafka.alerts_topic)
 }
 
 /// The AWS backend: every adapter built by the composition root the Lambda mains use, from
@@ -464,22 +455,11 @@ async fn aws_ports(aws: &AwsBackend, bus: &Bus, shards: usize) -> Result<Ports, 
     } else {
         queue_url(&clients, &names.dead_letter_queue).await?
     };
-    let settings = SettingMap::new()
-        .set(compose::settings::POSITIONS_TABLE, &names.positions_table)
-        .set(
-            compose::settings::ALERT_STATE_TABLE,
-            &names.alert_state_table,
-        )
-        .set(compose::settings::ALERTS_TABLE, &names.alerts_table)
-        .set(compose::settings::ARCHIVE, aws.archive.setting())
-        .set(compose::settings::ARCHIVE_BUCKET, &names.archive_bucket)
-        .set(
-            compose::settings::TIMESTREAM_DATABASE,
-            &names.timestream_database,
-        )
-        .set(compose::settings::TIMESTREAM_TABLE, &names.timestream_table)
-        .set(compose::settings::DEAD_LETTER_QUEUE_URL, queue_url);
-    let settings = bus_settings(settings, bus, Some(names));
+    let settings = names.settings(aws.archive.setting(), &queue_url);
+    let settings = match bus {
+        Bus::Kafka(kafka) => kafka_settings(settings, kafka),
+        Bus::Backend => settings,
+    };
     let ports = Composition::new(
         "geostream-local",
         STACK_PORTS,
@@ -507,14 +487,14 @@ async fn aws_ports(aws: &AwsBackend, bus: &Bus, shards: usize) -> Result<Ports, 
 
 /// The embedded backend's stores with a Kafka bus: the buses from the composition root (no
 /// AWS service is called).
-async fn kafka_buses(ports: &mut Ports, bus: &Bus) -> Result<(), String> {
+async fn kafka_buses(ports: &mut Ports, kafka: &KafkaBusConfig) -> Result<(), String> {
     let sdk = aws_config::SdkConfig::builder()
         .behavior_version(aws_config::BehaviorVersion::latest())
         .build();
     let composition = Composition::new(
         "geostream-local",
         STACK_PORTS,
-        Box::new(bus_settings(SettingMap::new(), bus, None)),
+        Box::new(kafka_settings(SettingMap::new(), kafka)),
         Clients::new(&sdk),
     );
     let error = |e: compose::ComposeError| e.to_string();
@@ -541,8 +521,8 @@ pub async fn start(config: LocalConfig) -> Result<RunningStack, String> {
     let ports = match &config.backend {
         Backend::Embedded => {
             let mut ports = embedded_ports(&config);
-            if matches!(config.bus, Bus::Kafka(_)) {
-                kafka_buses(&mut ports, &config.bus).await?;
+            if let Bus::Kafka(kafka) = &config.bus {
+                kafka_buses(&mut ports, kafka).await?;
             }
             ports
         }

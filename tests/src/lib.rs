@@ -7,6 +7,9 @@
 //! policies (`concat(...)`, `local.x`, literal lists and objects) are resolved here; resource
 //! references are compared as text (`aws_dynamodb_table.positions/index/geo-index`).
 
+pub mod harness;
+pub mod runtime_api;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
@@ -202,6 +205,35 @@ fn granted(module: &Block, locals: &HashMap<String, Expression>) -> BTreeSet<(St
     granted
 }
 
+/// The modules that deploy a function, by function name (`geo_update` -> `geo-update`); other
+/// modules (the dashboard) deploy none.
+fn function_modules(bodies: &[(String, Body)]) -> BTreeMap<String, &Block> {
+    blocks(bodies, "module")
+        .filter(|b| {
+            matches!(attribute(b.body(), "source"), Some(Expression::String(source)) if source == "./modules/function")
+        })
+        .map(|b| (label(b, 0).replace('_', "-"), b))
+        .collect()
+}
+
+/// The names of the environment variables a function module sets.
+fn environment_keys(module: &Block, locals: &HashMap<String, Expression>) -> BTreeSet<String> {
+    let environment = attribute(module.body(), "environment").map(|e| resolve(e, locals));
+    object_keys(environment.as_ref())
+}
+
+/// The environment variables Terraform gives `function` (names only: the values are the
+/// deployment's resources).
+pub fn terraform_environment(root: &Path, function: &str) -> Result<BTreeSet<String>, String> {
+    let bodies = parse_dir(&root.join("infra"))?;
+    let locals = locals(&bodies);
+    let modules = function_modules(&bodies);
+    let module = modules
+        .get(function)
+        .ok_or_else(|| format!("no module for function {function} in infra/"))?;
+    Ok(environment_keys(module, &locals))
+}
+
 /// Every disagreement between the code's manifest and the Terraform in `bodies`.
 pub fn check(
     bodies: &[(String, Body)],
@@ -210,13 +242,7 @@ pub fn check(
 ) -> Vec<String> {
     let mut problems = Vec::new();
     let locals = locals(bodies);
-    // Function modules only: other modules (the dashboard) deploy no function.
-    let modules: BTreeMap<String, &Block> = blocks(bodies, "module")
-        .filter(|b| {
-            matches!(attribute(b.body(), "source"), Some(Expression::String(source)) if source == "./modules/function")
-        })
-        .map(|b| (label(b, 0).replace('_', "-"), b))
-        .collect();
+    let modules = function_modules(bodies);
 
     for function in functions {
         let Some(module) = modules.get(function.name) else {
@@ -227,8 +253,7 @@ pub fn check(
             ));
             continue;
         };
-        let environment = attribute(module.body(), "environment").map(|e| resolve(e, &locals));
-        let set = object_keys(environment.as_ref());
+        let set = environment_keys(module, &locals);
         let settings = function.settings();
         for setting in settings.iter().filter(|s| !s.optional) {
             if !set.contains(setting.name) {

@@ -6,8 +6,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use aws_lambda_events::event::apigw::{ApiGatewayV2httpRequest, ApiGatewayV2httpResponse};
-use aws_lambda_events::event::kinesis::{KinesisEvent, KinesisEventRecord};
+use aws_lambda_events::event::kinesis::KinesisEvent;
 use geostream_anomaly_inspector::AnomalyInspector;
 use geostream_archiver::Archiver;
 use geostream_aws::config::{sdk_config, Clients};
@@ -16,6 +15,7 @@ use geostream_aws::kinesis::KinesisBus;
 use geostream_aws::provision::{create_resources, ResourceNames};
 use geostream_aws::sqs::SqsDeadLetters;
 use geostream_aws::timestream::TimestreamArchive;
+use geostream_e2e::harness::{emulator, json_of, read_stream, request};
 use geostream_geo_update::GeoUpdate;
 use geostream_ingest::Ingest;
 use geostream_lambda::stream::handle_kinesis;
@@ -25,32 +25,6 @@ use geostream_shared::metrics::{MetricName, RecordedMetrics};
 use geostream_shared::rules::RuleSet;
 use geostream_shared::stream::StreamFunction;
 use serde_json::{json, Value};
-
-/// The emulator's URL, or `None` (with a loud note) when it is not running; under
-/// `scripts/test` (GEOSTREAM_REQUIRE_EMULATOR=1) a missing emulator is a failure.
-fn emulator() -> Option<String> {
-    match std::env::var("GEOSTREAM_AWS_ENDPOINT") {
-        Ok(url) if !url.is_empty() => {
-            for (name, value) in [
-                ("AWS_ACCESS_KEY_ID", "testing"),
-                ("AWS_SECRET_ACCESS_KEY", "testing"),
-                ("AWS_REGION", "us-east-1"),
-            ] {
-                if std::env::var_os(name).is_none() {
-                    std::env::set_var(name, value);
-                }
-            }
-            Some(url)
-        }
-        _ if std::env::var_os("GEOSTREAM_REQUIRE_EMULATOR").is_some() => {
-            panic!("GEOSTREAM_AWS_ENDPOINT is not set but GEOSTREAM_REQUIRE_EMULATOR is: start moto with scripts/moto start")
-        }
-        _ => {
-            eprintln!("SKIPPED: emulator test needs GEOSTREAM_AWS_ENDPOINT (scripts/test starts moto server and sets it)");
-            None
-        }
-    }
-}
 
 struct Pipeline {
     names: ResourceNames,
@@ -147,84 +121,6 @@ async fn pipeline(endpoint: &str, test: &str) -> Pipeline {
         query_clients,
         queue_url,
     }
-}
-
-fn request(
-    method: &str,
-    path: &str,
-    query: &[(&str, String)],
-    body: Option<Value>,
-) -> ApiGatewayV2httpRequest {
-    let mut request = ApiGatewayV2httpRequest::default();
-    request.version = Some("2.0".into());
-    request.raw_path = Some(path.into());
-    request.request_context.http.method = method.parse().unwrap();
-    request.request_context.http.path = Some(path.into());
-    let map: std::collections::HashMap<String, String> = query
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.clone()))
-        .collect();
-    request.query_string_parameters = map.into();
-    request.body = body.map(|b| b.to_string());
-    request
-}
-
-fn json_of(response: &ApiGatewayV2httpResponse) -> Value {
-    match &response.body {
-        Some(aws_lambda_events::encodings::Body::Text(text)) => serde_json::from_str(text).unwrap(),
-        other => panic!("unexpected body {other:?}"),
-    }
-}
-
-/// Every record of a stream, as one `KinesisEvent` per shard (what Lambda would send).
-async fn read_stream(kinesis: &aws_sdk_kinesis::Client, stream: &str) -> Vec<KinesisEvent> {
-    let shards = kinesis
-        .list_shards()
-        .stream_name(stream)
-        .send()
-        .await
-        .unwrap();
-    let mut events = Vec::new();
-    for shard in shards.shards() {
-        let iterator = kinesis
-            .get_shard_iterator()
-            .stream_name(stream)
-            .shard_id(shard.shard_id())
-            .shard_iterator_type(aws_sdk_kinesis::types::ShardIteratorType::TrimHorizon)
-            .send()
-            .await
-            .unwrap();
-        let mut iterator = iterator.shard_iterator().map(str::to_string);
-        let mut event = KinesisEvent::default();
-        while let Some(current) = iterator.take() {
-            let output = kinesis
-                .get_records()
-                .shard_iterator(current)
-                .limit(1000)
-                .send()
-                .await
-                .unwrap();
-            for record in output.records() {
-                let mut event_record = KinesisEventRecord::default();
-                event_record.event_source = Some("aws:kinesis".into());
-                event_record.event_id =
-                    Some(format!("{}:{}", shard.shard_id(), record.sequence_number()));
-                event_record.kinesis.partition_key =
-                    record.partition_key().unwrap_or_default().to_string();
-                event_record.kinesis.sequence_number = record.sequence_number().to_string();
-                event_record.kinesis.data.0 = record.data().as_ref().to_vec();
-                event.records.push(event_record);
-            }
-            if output.records().is_empty() {
-                break;
-            }
-            iterator = output.next_shard_iterator().map(str::to_string);
-        }
-        if !event.records.is_empty() {
-            events.push(event);
-        }
-    }
-    events
 }
 
 impl Pipeline {

@@ -215,6 +215,10 @@ impl SettingMap {
         self.0.insert(setting.name, value.into());
         self
     }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        self.0.iter().map(|(name, value)| (*name, value.as_str()))
+    }
 }
 
 impl SettingSource for SettingMap {

@@ -7,6 +7,7 @@ use aws_sdk_dynamodb::types::{
 };
 use aws_sdk_kinesis::types::{StreamMode, StreamModeDetails};
 
+use crate::compose::{settings, SettingMap};
 use crate::config::Clients;
 use crate::manifest::{self, TABLES};
 
@@ -38,6 +39,45 @@ impl ResourceNames {
             archive_bucket: format!("{prefix}-archive"),
             dead_letter_queue: format!("{prefix}-dead-letters"),
         }
+    }
+}
+
+impl ResourceNames {
+    /// The settings Terraform gives the functions for these resources, on the Kinesis bus
+    /// with the archive `archive` (`timestream` or `s3`): the unused ones empty, as there.
+    pub fn settings(&self, archive: &str, dead_letter_queue_url: &str) -> SettingMap {
+        let if_archive = |kind: &str, value: &str| {
+            if archive == kind {
+                value.to_string()
+            } else {
+                String::new()
+            }
+        };
+        SettingMap::new()
+            .set(settings::BUS, "kinesis")
+            .set(settings::TELEMETRY_STREAM, &self.telemetry_stream)
+            .set(settings::TELEMETRY_TOPIC, "")
+            .set(settings::ALERTS_STREAM, &self.alerts_stream)
+            .set(settings::ALERTS_TOPIC, "")
+            .set(settings::KAFKA_BOOTSTRAP_SERVERS, "")
+            .set(settings::KAFKA_SECRET_ARN, "")
+            .set(settings::POSITIONS_TABLE, &self.positions_table)
+            .set(settings::ALERT_STATE_TABLE, &self.alert_state_table)
+            .set(settings::ALERTS_TABLE, &self.alerts_table)
+            .set(settings::ARCHIVE, archive)
+            .set(
+                settings::ARCHIVE_BUCKET,
+                if_archive("s3", &self.archive_bucket),
+            )
+            .set(
+                settings::TIMESTREAM_DATABASE,
+                if_archive("timestream", &self.timestream_database),
+            )
+            .set(
+                settings::TIMESTREAM_TABLE,
+                if_archive("timestream", &self.timestream_table),
+            )
+            .set(settings::DEAD_LETTER_QUEUE_URL, dead_letter_queue_url)
     }
 }
 

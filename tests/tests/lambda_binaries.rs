@@ -1,0 +1,226 @@
+//! The real Lambda binaries, not only their handler libraries: each function's `main` is built
+//! for the host, started as Lambda starts a `bootstrap` (with the environment variables
+//! Terraform gives that function, read from `infra/`, and a Runtime API server of this test's
+//! own, `geostream_e2e::runtime_api`), against the AWS-API emulator (moto, started by
+//! `scripts/test`). Real API Gateway v2 and Kinesis events are driven through them: ingest to
+//! Kinesis, the three stream functions to DynamoDB, S3 and the alerts stream, query-api back.
+//! A `main` that reads a variable Terraform does not set fails at init, and so fails here.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use geostream_aws::config::{sdk_config, Clients};
+use geostream_aws::manifest::FUNCTIONS;
+use geostream_aws::provision::{create_resources, ResourceNames};
+use geostream_e2e::harness::{emulator, read_stream, request};
+use geostream_e2e::runtime_api::{build_function_binaries, FunctionProcess};
+use geostream_e2e::terraform_environment;
+use serde_json::{json, Value};
+
+const INVOCATION_TIMEOUT: Duration = Duration::from_secs(60);
+const INIT_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn repository() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+/// Every function's binary, by function name (`geostream-<name>`).
+fn binaries() -> BTreeMap<String, std::path::PathBuf> {
+    let packages: Vec<String> = FUNCTIONS
+        .iter()
+        .map(|f| format!("geostream-{}", f.name))
+        .collect();
+    let packages: Vec<&str> = packages.iter().map(String::as_str).collect();
+    let built = build_function_binaries(&packages).expect("the function binaries build");
+    FUNCTIONS
+        .iter()
+        .map(|f| {
+            let binary = built
+                .get(&format!("geostream-{}", f.name))
+                .unwrap_or_else(|| panic!("no binary built for {}: {built:?}", f.name));
+            (f.name.to_string(), binary.clone())
+        })
+        .collect()
+}
+
+/// What the Lambda service and Terraform put in a function's environment: the AWS variables
+/// (here pointing at the emulator), and each variable Terraform sets for it, valued as
+/// Terraform would for these resources. A variable Terraform sets that the test cannot value
+/// fails the test, so the list is the one in `infra/`.
+fn lambda_environment(
+    function: &str,
+    endpoint: &str,
+    deployment: &geostream_aws::compose::SettingMap,
+) -> BTreeMap<String, String> {
+    let mut environment: BTreeMap<String, String> = [
+        ("AWS_ENDPOINT_URL", endpoint),
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_REGION", "us-east-1"),
+        ("RUST_LOG", "info"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    for name in terraform_environment(repository(), function).expect("infra/ parses") {
+        let value = deployment
+            .iter()
+            .find(|(setting, _)| *setting == name)
+            .map(|(_, value)| value.to_string())
+            .unwrap_or_else(|| {
+                panic!("Terraform sets {name} for {function}; the test has no value for it")
+            });
+        environment.insert(name, value);
+    }
+    environment
+}
+
+async fn invoke(function: &FunctionProcess, event: Value) -> Value {
+    function
+        .api
+        .invoke(event, INVOCATION_TIMEOUT)
+        .await
+        .unwrap_or_else(|error| panic!("{} failed: {error}\n{}", function.name, function.output()))
+}
+
+async fn get(query_api: &FunctionProcess, path: &str, query: &[(&str, String)]) -> Value {
+    let answer = invoke(
+        query_api,
+        serde_json::to_value(request("GET", path, query, None)).unwrap(),
+    )
+    .await;
+    assert_eq!(answer["statusCode"], 200, "GET {path}: {answer}");
+    serde_json::from_str(answer["body"].as_str().unwrap_or("null")).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lambda_binaries_run_the_pipeline_under_the_runtime_api() {
+    let Some(endpoint) = emulator() else { return };
+    let binaries = binaries();
+    let names = ResourceNames::with_prefix(&format!("gs-bin-{}", std::process::id()));
+    let harness = Clients::new(&sdk_config(Some(&endpoint)).await);
+    let queue_url = create_resources(&harness, &names, 1)
+        .await
+        .expect("resources are created on the emulator");
+    // Terraform's defaults: the Kinesis bus and the S3 archive.
+    let deployment = names.settings("s3", &queue_url);
+
+    let mut functions: BTreeMap<&str, FunctionProcess> = BTreeMap::new();
+    for function in FUNCTIONS {
+        let environment = lambda_environment(function.name, &endpoint, &deployment);
+        let mut process = FunctionProcess::spawn(
+            &format!("geostream-{}", function.name),
+            &binaries[function.name],
+            &environment,
+        )
+        .await
+        .unwrap();
+        let init = process
+            .wait_initialised(INIT_TIMEOUT)
+            .await
+            .unwrap_or_else(|error| panic!("{error}"));
+        eprintln!(
+            "init duration {:<18} {:>6.1} ms (debug build, x86_64)",
+            function.name,
+            init.as_secs_f64() * 1000.0
+        );
+        functions.insert(function.name, process);
+    }
+
+    // ingest: an API Gateway v2 POST, published to Kinesis.
+    let t0 = geostream_shared::now_millis() - 60_000;
+    let body = json!([
+        {"device_id": "bin-hot-1", "ts": t0, "event_id": "h0", "lat": 52.52, "lon": 13.405, "engine_temp_c": 104.0},
+        {"device_id": "bin-hot-1", "ts": t0 + 1000, "event_id": "h1", "lat": 52.521, "lon": 13.405, "engine_temp_c": 108.0},
+        {"device_id": "bin-cool-2", "ts": t0, "event_id": "c0", "lat": 52.53, "lon": 13.41, "engine_temp_c": 85.0},
+    ]);
+    let answer = invoke(
+        &functions["ingest"],
+        serde_json::to_value(request("POST", "/v1/telemetry", &[], Some(body))).unwrap(),
+    )
+    .await;
+    assert_eq!(answer["statusCode"], 202, "{answer}");
+
+    // The stream functions: every record of the stream as the KinesisEvent Lambda would send.
+    let events = read_stream(&harness.kinesis, &names.telemetry_stream).await;
+    let records: usize = events.iter().map(|e| e.records.len()).sum();
+    assert_eq!(records, 2, "one record per device per request");
+    for event in &events {
+        for function in ["geo-update", "archiver", "anomaly-inspector"] {
+            let answer = invoke(&functions[function], serde_json::to_value(event).unwrap()).await;
+            assert_eq!(
+                answer,
+                json!({"batchItemFailures": []}),
+                "{function} answered {answer}"
+            );
+        }
+    }
+    let transitions = read_stream(&harness.kinesis, &names.alerts_stream).await;
+    assert_eq!(
+        transitions.iter().map(|e| e.records.len()).sum::<usize>(),
+        1,
+        "one raise published to the alerts stream"
+    );
+
+    // query-api reads back what the stream functions wrote.
+    let position = get(&functions["query-api"], "/v1/vehicles/bin-hot-1", &[]).await;
+    assert_eq!(position["lat"], 52.521, "{position}");
+    let alerts = get(
+        &functions["query-api"],
+        "/v1/alerts",
+        &[("state", "active".into())],
+    )
+    .await;
+    assert_eq!(alerts["count"], 1, "{alerts}");
+    assert_eq!(alerts["alerts"][0]["device_id"], "bin-hot-1");
+    let track = get(
+        &functions["query-api"],
+        "/v1/vehicles/bin-hot-1/track",
+        &[
+            ("from", (t0 - 1000).to_string()),
+            ("to", (t0 + 2000).to_string()),
+        ],
+    )
+    .await;
+    let ids: Vec<&Value> = track["readings"]
+        .as_array()
+        .map(|readings| readings.iter().map(|r| &r["event_id"]).collect())
+        .unwrap_or_default();
+    assert_eq!(ids, [&json!("h0"), &json!("h1")], "{track}");
+
+    // Metrics leave as Embedded Metric Format lines on stdout, named by the deployed function.
+    let geo_output = functions["geo-update"].output();
+    assert!(
+        geo_output.contains("\"PositionsUpdated\"")
+            && geo_output.contains("\"FunctionName\":\"geostream-geo-update\""),
+        "no EMF line from geo-update:\n{geo_output}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_without_a_variable_it_reads_fails_at_init() {
+    let Some(endpoint) = emulator() else { return };
+    let binaries = binaries();
+    let names = ResourceNames::with_prefix("gs-bin-missing");
+    let deployment = names.settings("s3", "http://127.0.0.1:1/queue/unused");
+    let mut environment = lambda_environment("geo-update", &endpoint, &deployment);
+    environment.remove("POSITIONS_TABLE");
+    let mut process = FunctionProcess::spawn(
+        "geostream-geo-update",
+        &binaries["geo-update"],
+        &environment,
+    )
+    .await
+    .unwrap();
+    let error = process
+        .wait_initialised(INIT_TIMEOUT)
+        .await
+        .expect_err("geo-update must not start without POSITIONS_TABLE");
+    assert!(
+        error.contains(
+            "environment variable POSITIONS_TABLE is not set: the DynamoDB table of latest positions"
+        ),
+        "{error}"
+    );
+}
