@@ -1,4 +1,4 @@
-//! The versioned bus record (DESIGN.md section 3): one record per device per request, keyed by
+//! The versioned bus record (docs/architecture.md, "Contracts"): one record per device per request, keyed by
 //! device id, carrying that device's readings in the order the device sent them.
 
 use serde::{Deserialize, Serialize};

@@ -164,7 +164,7 @@ fn cell_outside_circle(
 pub const INDEX_PARTITION_GEOHASH_LEN: usize = 5;
 /// Write shards per index cell.
 ///
-/// The hot-spot arithmetic (DESIGN.md section 4): a DynamoDB partition takes 1,000 writes/s.
+/// The hot-spot arithmetic (docs/architecture.md, "Semantics"): a DynamoDB partition takes 1,000 writes/s.
 /// Ten thousand vehicles reporting once a second in one city is 10,000 position writes/s; in
 /// the worst case (a depot, a stadium) all of them sit in one 4.9 km cell. Spreading each cell
 /// over 16 shards by a hash of the device id caps any one key at 10,000 / 16 = 625 writes/s

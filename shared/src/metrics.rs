@@ -1,4 +1,4 @@
-//! What the functions measure (DESIGN.md section 6): counters and timings per invocation,
+//! What the functions measure (docs/architecture.md, "Observability"): counters and timings per invocation,
 //! published by a [`MetricsSink`]. On Lambda the sink writes CloudWatch Embedded Metric Format
 //! log lines ([`EmfLog`]: CloudWatch Logs turns them into metrics, no PutMetricData on the hot
 //! path); the local runner keeps short time series of the same values.

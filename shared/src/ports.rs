@@ -1,4 +1,4 @@
-//! The ports (DESIGN.md section 2): the small traits the handlers talk to. Each has an
+//! The ports (docs/architecture.md, "Ports and adapters"): the small traits the handlers talk to. Each has an
 //! in-memory adapter in [`crate::memory`]; the AWS and Kafka adapters implement the same traits.
 
 use async_trait::async_trait;

@@ -1,4 +1,4 @@
-//! Validation of device payloads (`POST /v1/telemetry`, DESIGN.md section 3).
+//! Validation of device payloads (`POST /v1/telemetry`, docs/architecture.md, "Contracts").
 //!
 //! The body is parsed once into JSON values so that every item can be checked on its own: a
 //! bad item is reported by index and field, and its valid neighbours are kept.

@@ -1,4 +1,4 @@
-//! The Kafka bus (DESIGN.md sections 2 and 5): Kafka, Redpanda or MSK in place of Kinesis, with
+//! The Kafka bus (docs/architecture.md, "Ports and adapters"): Kafka, Redpanda or MSK in place of Kinesis, with
 //! the same handlers. Records are keyed by device, so a device's envelopes stay in one
 //! partition and in order, as they stay in one Kinesis shard.
 
