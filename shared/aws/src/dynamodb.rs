@@ -14,14 +14,17 @@
 use std::collections::{BTreeMap, HashMap};
 
 use async_trait::async_trait;
-use aws_sdk_dynamodb::error::{DisplayErrorContext, SdkError};
+use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{AttributeValue, Put, ReturnValue, TransactWriteItem, Update};
 use geostream_shared::geo::{index_partition_key, INDEX_PARTITION_GEOHASH_LEN, INDEX_SHARDS};
 use geostream_shared::model::{Alert, AlertState, Position, Severity};
 use geostream_shared::ports::{AlertFilter, AlertStore, PositionStore, StoreError, UpsertOutcome};
 use geostream_shared::rules::DeviceRuleStates;
 use geostream_shared::EpochMillis;
+
+use crate::errors::store_error;
 
 pub const GEO_INDEX: &str = "geo-index";
 pub const ALERTS_BY_STATE_INDEX: &str = "by-state";
@@ -61,31 +64,6 @@ fn get_opt_n<T: std::str::FromStr>(item: &Item, name: &str) -> Result<Option<T>,
     match item.get(name) {
         None | Some(AttributeValue::Null(_)) => Ok(None),
         Some(_) => get_n(item, name).map(Some),
-    }
-}
-
-/// Maps an SDK error to a [`StoreError`]: throttling, 5xx and transport problems are transient
-/// (the SDK has already retried them), the rest permanent.
-fn store_error<E, R>(operation: &'static str, error: SdkError<E, R>) -> StoreError
-where
-    E: std::error::Error + aws_sdk_dynamodb::error::ProvideErrorMetadata + 'static,
-    R: std::fmt::Debug,
-{
-    let transient = match &error {
-        SdkError::ServiceError(service) => {
-            let code = service.err().code().unwrap_or_default();
-            code.contains("Throttl")
-                || code.contains("ProvisionedThroughput")
-                || code.contains("RequestLimitExceeded")
-                || code.contains("InternalServerError")
-        }
-        _ => true,
-    };
-    let message = DisplayErrorContext(&error).to_string();
-    if transient {
-        StoreError::transient(operation, message)
-    } else {
-        StoreError::permanent(operation, message)
     }
 }
 
@@ -526,12 +504,7 @@ impl AlertStore for DynamoAlerts {
             .await;
         match result {
             Ok(_) => Ok(()),
-            Err(SdkError::ServiceError(service))
-                if service.err().is_transaction_canceled_exception()
-                    && DisplayErrorContext(&service.err())
-                        .to_string()
-                        .contains("ConditionalCheckFailed") =>
-            {
+            Err(SdkError::ServiceError(service)) if failed_a_condition(service.err()) => {
                 Err(StoreError::conflict(
                     "TransactWriteItems",
                     format!(
@@ -645,6 +618,18 @@ impl AlertStore for DynamoAlerts {
             }
             Err(error) => Err(store_error("UpdateItem alerts", error)),
         }
+    }
+}
+
+/// Whether a transaction was cancelled because one of its conditions failed (DynamoDB names
+/// the reason per item), as opposed to a conflict with another transaction or throttling.
+fn failed_a_condition(error: &TransactWriteItemsError) -> bool {
+    match error {
+        TransactWriteItemsError::TransactionCanceledException(cancelled) => cancelled
+            .cancellation_reasons()
+            .iter()
+            .any(|reason| reason.code() == Some("ConditionalCheckFailed")),
+        _ => false,
     }
 }
 

@@ -5,6 +5,7 @@ use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use geostream_shared::ports::{BusRecord, EventBus, Published, StoreError};
 
+use crate::errors::store_error_about;
 use crate::retry::{backoff, PARTIAL_FAILURE_ATTEMPTS};
 
 /// PutRecords limits: 500 records and 5 MiB per call, 1 MiB per record (data + key).
@@ -90,14 +91,10 @@ impl KinesisBus {
                 Ok(output) => output,
                 Err(error) => {
                     // The SDK already retried throttling and 5xx for the call as a whole.
-                    let message = format!(
-                        "stream {}: {}",
-                        self.stream_name,
-                        aws_sdk_kinesis::error::DisplayErrorContext(&error)
-                    );
+                    let about = format!("stream {}", self.stream_name);
+                    let error = store_error_about("PutRecords", &about, error);
                     for &i in &pending {
-                        results[i] =
-                            Some(Err(StoreError::transient("PutRecords", message.clone())));
+                        results[i] = Some(Err(error.clone()));
                     }
                     return;
                 }

@@ -16,6 +16,7 @@ pub mod compose;
 pub mod config;
 pub mod counting;
 pub mod dynamodb;
+pub mod errors;
 pub mod kinesis;
 pub mod manifest;
 pub mod provision;

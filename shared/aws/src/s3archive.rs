@@ -20,6 +20,8 @@ use geostream_shared::model::Reading;
 use geostream_shared::ports::{Archive, RejectedReading, StoreError};
 use geostream_shared::EpochMillis;
 
+use crate::errors::store_error;
+
 /// The longest range a track read lists partitions for.
 pub const MAX_TRACK_HOURS: i64 = 48;
 
@@ -39,16 +41,6 @@ pub fn partition_prefix(hour: DateTime<Utc>) -> String {
         "readings/date={}/hour={:02}/",
         hour.format("%Y-%m-%d"),
         hour.hour()
-    )
-}
-
-fn s3_error<E: std::error::Error + 'static, R: std::fmt::Debug>(
-    operation: &'static str,
-    error: aws_sdk_s3::error::SdkError<E, R>,
-) -> StoreError {
-    StoreError::transient(
-        operation,
-        aws_sdk_s3::error::DisplayErrorContext(&error).to_string(),
     )
 }
 
@@ -72,7 +64,7 @@ impl S3Archive {
                 .set_continuation_token(token.take())
                 .send()
                 .await
-                .map_err(|e| s3_error("ListObjectsV2", e))?;
+                .map_err(|e| store_error("ListObjectsV2", e))?;
             keys.extend(
                 output
                     .contents()
@@ -124,7 +116,7 @@ impl Archive for S3Archive {
                 .body(ByteStream::from(body))
                 .send()
                 .await
-                .map_err(|e| s3_error("PutObject", e))?;
+                .map_err(|e| store_error("PutObject", e))?;
         }
         Ok(rejected)
     }
@@ -160,7 +152,7 @@ impl Archive for S3Archive {
                     .key(&key)
                     .send()
                     .await
-                    .map_err(|e| s3_error("GetObject", e))?;
+                    .map_err(|e| store_error("GetObject", e))?;
                 let bytes = object
                     .body
                     .collect()

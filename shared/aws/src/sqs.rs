@@ -4,6 +4,7 @@ use async_trait::async_trait;
 use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
 use geostream_shared::ports::{DeadLetter, DeadLetterSink, StoreError};
 
+use crate::errors::store_error;
 use crate::retry::{backoff, PARTIAL_FAILURE_ATTEMPTS};
 
 /// SendMessageBatch takes 10 messages; a message is at most 256 KiB, so a letter's data is
@@ -68,12 +69,7 @@ impl DeadLetterSink for SqsDeadLetters {
                     .set_entries(Some(entries))
                     .send()
                     .await
-                    .map_err(|e| {
-                        StoreError::transient(
-                            "SendMessageBatch",
-                            aws_sdk_sqs::error::DisplayErrorContext(&e).to_string(),
-                        )
-                    })?;
+                    .map_err(|e| store_error("SendMessageBatch", e))?;
                 let failed = output.failed();
                 if failed.is_empty() {
                     break;
