@@ -60,13 +60,6 @@ fn get_n<T: std::str::FromStr>(item: &Item, name: &str) -> Result<T, String> {
     }
 }
 
-fn get_opt_n<T: std::str::FromStr>(item: &Item, name: &str) -> Result<Option<T>, String> {
-    match item.get(name) {
-        None | Some(AttributeValue::Null(_)) => Ok(None),
-        Some(_) => get_n(item, name).map(Some),
-    }
-}
-
 /// Latest positions with the sharded geohash index.
 #[derive(Clone)]
 pub struct DynamoPositions {
@@ -82,41 +75,19 @@ impl DynamoPositions {
         }
     }
 
-    fn to_item(position: &Position) -> Item {
-        let mut item: Item = HashMap::from([
-            ("device_id".to_string(), s(&position.device_id)),
-            ("ts".to_string(), n(position.ts)),
-            ("event_id".to_string(), s(&position.event_id)),
-            ("lat".to_string(), n(position.lat)),
-            ("lon".to_string(), n(position.lon)),
-            ("geohash".to_string(), s(&position.geohash)),
-            (
-                "geo_pk".to_string(),
-                s(index_partition_key(&position.geohash, &position.device_id)),
-            ),
-            ("received_at".to_string(), n(position.received_at)),
-        ]);
-        if let Some(speed) = position.speed_kmh {
-            item.insert("speed_kmh".into(), n(speed));
-        }
-        if let Some(heading) = position.heading_deg {
-            item.insert("heading_deg".into(), n(heading));
-        }
-        item
+    /// The position's attributes as `Position` serializes them, plus the index's partition key.
+    fn to_item(position: &Position) -> Result<Item, StoreError> {
+        let mut item: Item = serde_dynamo::to_item(position)
+            .map_err(|e| StoreError::permanent("PutItem positions", e.to_string()))?;
+        item.insert(
+            "geo_pk".to_string(),
+            s(index_partition_key(&position.geohash, &position.device_id)),
+        );
+        Ok(item)
     }
 
     fn from_item(item: &Item) -> Result<Position, String> {
-        Ok(Position {
-            device_id: get_s(item, "device_id")?,
-            ts: get_n(item, "ts")?,
-            event_id: get_s(item, "event_id")?,
-            lat: get_n(item, "lat")?,
-            lon: get_n(item, "lon")?,
-            geohash: get_s(item, "geohash")?,
-            speed_kmh: get_opt_n(item, "speed_kmh")?,
-            heading_deg: get_opt_n(item, "heading_deg")?,
-            received_at: get_n(item, "received_at")?,
-        })
+        serde_dynamo::from_item(item.clone()).map_err(|e| format!("position item: {e}"))
     }
 
     /// The index reads for a covering: per 5-character cell, the lowest and highest geohash to
@@ -172,7 +143,7 @@ impl PositionStore for DynamoPositions {
             .client
             .put_item()
             .table_name(&self.table)
-            .set_item(Some(Self::to_item(&position)))
+            .set_item(Some(Self::to_item(&position)?))
             .condition_expression(
                 "attribute_not_exists(device_id) OR #ts < :ts OR (#ts = :ts AND #eid < :eid)",
             )
@@ -406,32 +377,7 @@ fn state_name(state: AlertState) -> &'static str {
 }
 
 fn alert_from_item(item: &Item) -> Result<Alert, String> {
-    let severity = match get_s(item, "severity")?.as_str() {
-        "info" => Severity::Info,
-        "warning" => Severity::Warning,
-        "major" => Severity::Major,
-        "critical" => Severity::Critical,
-        other => return Err(format!("unknown severity {other}")),
-    };
-    let acknowledged = matches!(item.get("acknowledged"), Some(AttributeValue::Bool(true)));
-    Ok(Alert {
-        alert_id: get_s(item, "alert_id")?,
-        device_id: get_s(item, "device_id")?,
-        rule: get_s(item, "rule")?,
-        severity,
-        state: get_s(item, "state")?.parse()?,
-        acknowledged,
-        acknowledged_by: item
-            .get("acknowledged_by")
-            .and_then(|v| v.as_s().ok())
-            .cloned(),
-        acknowledged_at: get_opt_n(item, "acknowledged_at")?,
-        started_at: get_n(item, "started_at")?,
-        cleared_at: get_opt_n(item, "cleared_at")?,
-        peak_value: get_n(item, "peak_value")?,
-        last_value: get_n(item, "last_value")?,
-        count: get_n(item, "count")?,
-    })
+    serde_dynamo::from_item(item.clone()).map_err(|e| format!("alert item: {e}"))
 }
 
 #[async_trait]
