@@ -4,16 +4,14 @@
 //! Timestream / alerts stream, read back through query-api.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use aws_lambda_events::event::kinesis::KinesisEvent;
 use geostream_anomaly_inspector::AnomalyInspector;
 use geostream_archiver::Archiver;
+use geostream_aws::compose::Composition;
 use geostream_aws::config::{sdk_config, Clients};
-use geostream_aws::dynamodb::{DynamoAlerts, DynamoPositions};
-use geostream_aws::kinesis::KinesisBus;
+use geostream_aws::manifest::FUNCTIONS;
 use geostream_aws::provision::{create_resources, ResourceNames};
-use geostream_aws::sqs::SqsDeadLetters;
 use geostream_aws::timestream::TimestreamArchive;
 use geostream_e2e::harness::{emulator, json_of, read_stream, request};
 use geostream_geo_update::GeoUpdate;
@@ -22,7 +20,6 @@ use geostream_lambda::stream::handle_kinesis;
 use geostream_local::{ArchiveKind, AwsBackend};
 use geostream_query_api::QueryApi;
 use geostream_shared::metrics::{MetricName, RecordedMetrics};
-use geostream_shared::rules::RuleSet;
 use geostream_shared::stream::StreamFunction;
 use serde_json::{json, Value};
 
@@ -30,18 +27,16 @@ struct Pipeline {
     names: ResourceNames,
     /// The test's own clients (reading streams and queues), not counted against a function.
     harness: Clients,
-    /// One client set per function, so API calls are counted per function.
-    ingest_clients: Clients,
-    geo_clients: Clients,
-    archiver_clients: Clients,
-    inspector_clients: Clients,
-    query_clients: Clients,
+    /// Each function's ports, built by the composition root its Lambda `main` uses, from the
+    /// settings Terraform gives it; one client set per function, so calls count per function.
+    ports: BTreeMap<&'static str, Composition>,
     ingest: Ingest,
     geo_update: GeoUpdate,
     archiver: Archiver,
     inspector: AnomalyInspector,
     query_api: QueryApi,
-    archive: Arc<TimestreamArchive>,
+    /// For the Timestream SQL the query API sends (moto cannot run it).
+    archive: TimestreamArchive,
     queue_url: String,
     metrics: RecordedMetrics,
 }
@@ -54,71 +49,57 @@ async fn pipeline(endpoint: &str, test: &str) -> Pipeline {
     let queue_url = create_resources(&setup, &names, 2)
         .await
         .expect("resources are created on the emulator");
-    let (ingest_clients, geo_clients, archiver_clients, inspector_clients, query_clients) = (
-        Clients::new(&sdk),
-        Clients::new(&sdk),
-        Clients::new(&sdk),
-        Clients::new(&sdk),
-        Clients::new(&sdk),
-    );
-    let dead_letters = |c: &Clients| Arc::new(SqsDeadLetters::new(c.sqs.clone(), &queue_url));
-    let archive = |c: &Clients| {
-        Arc::new(TimestreamArchive::new(
-            c.timestream_write.clone(),
-            c.timestream_query.clone(),
-            c.timestream_discovery,
-            &names.timestream_database,
-            &names.timestream_table,
-        ))
-    };
-    let query_archive = archive(&query_clients);
+    let ports: BTreeMap<&'static str, Composition> = FUNCTIONS
+        .iter()
+        .map(|function| {
+            let settings = names.settings("timestream", &queue_url);
+            let composition = Composition::new(
+                function.name,
+                function.ports,
+                Box::new(settings),
+                Clients::new(&sdk),
+            );
+            (function.name, composition)
+        })
+        .collect();
+    let built = "the composition root builds the function's ports";
+    let ingest = &ports["ingest"];
+    let geo = &ports["geo-update"];
+    let archiver = &ports["archiver"];
+    let inspector = &ports["anomaly-inspector"];
+    let query = &ports["query-api"];
     Pipeline {
-        ingest: Ingest::new(Arc::new(KinesisBus::new(
-            ingest_clients.kinesis.clone(),
-            &names.telemetry_stream,
-        ))),
+        ingest: Ingest::new(ingest.telemetry_bus().await.expect(built)),
         geo_update: GeoUpdate::new(
-            Arc::new(DynamoPositions::new(
-                geo_clients.dynamodb.clone(),
-                &names.positions_table,
-            )),
-            dead_letters(&geo_clients),
+            geo.positions().expect(built),
+            geo.dead_letters().expect(built),
         ),
-        archiver: Archiver::new(archive(&archiver_clients), dead_letters(&archiver_clients)),
+        archiver: Archiver::new(
+            archiver.archive().expect(built),
+            archiver.dead_letters().expect(built),
+        ),
         inspector: AnomalyInspector::new(
-            Arc::new(RuleSet::default_rules()),
-            Arc::new(DynamoAlerts::new(
-                inspector_clients.dynamodb.clone(),
-                &names.alert_state_table,
-                &names.alerts_table,
-            )),
-            Arc::new(KinesisBus::new(
-                inspector_clients.kinesis.clone(),
-                &names.alerts_stream,
-            )),
-            dead_letters(&inspector_clients),
+            inspector.rules().expect(built),
+            inspector.alerts().expect(built),
+            inspector.alerts_bus().await.expect(built),
+            inspector.dead_letters().expect(built),
         ),
         query_api: QueryApi::new(
-            Arc::new(DynamoPositions::new(
-                query_clients.dynamodb.clone(),
-                &names.positions_table,
-            )),
-            query_archive.clone(),
-            Arc::new(DynamoAlerts::new(
-                query_clients.dynamodb.clone(),
-                &names.alert_state_table,
-                &names.alerts_table,
-            )),
+            query.positions().expect(built),
+            query.archive().expect(built),
+            query.alerts().expect(built),
         ),
-        archive: query_archive,
+        archive: TimestreamArchive::new(
+            setup.timestream_write.clone(),
+            setup.timestream_query.clone(),
+            setup.timestream_discovery,
+            &names.timestream_database,
+            &names.timestream_table,
+        ),
         metrics: RecordedMetrics::new(),
         names,
         harness: setup,
-        ingest_clients,
-        geo_clients,
-        archiver_clients,
-        inspector_clients,
-        query_clients,
+        ports,
         queue_url,
     }
 }
@@ -127,21 +108,13 @@ impl Pipeline {
     /// Every AWS operation each function was seen to call is declared in the manifest that
     /// infra/ is checked against (tests/src/lib.rs), so Terraform grants what the code uses.
     fn assert_calls_are_declared(&self) {
-        for (function, clients) in [
-            ("ingest", &self.ingest_clients),
-            ("geo-update", &self.geo_clients),
-            ("archiver", &self.archiver_clients),
-            ("anomaly-inspector", &self.inspector_clients),
-            ("query-api", &self.query_clients),
-        ] {
-            let manifest = geostream_aws::manifest::FUNCTIONS
-                .iter()
-                .find(|f| f.name == function)
-                .unwrap();
-            for operation in clients.calls.snapshot().keys() {
+        for function in FUNCTIONS {
+            let calls = &self.ports[function.name].clients().calls;
+            for operation in calls.snapshot().keys() {
                 assert!(
-                    manifest.operations.contains(&operation.as_str()),
-                    "{function} called {operation}, which its manifest (and so its IAM policy) does not list"
+                    function.operations.contains(&operation.as_str()),
+                    "{} called {operation}, which its manifest (and so its IAM policy) does not list",
+                    function.name
                 );
             }
         }
@@ -364,15 +337,14 @@ async fn aws_calls_per_thousand_events() {
     }
     let events = read_stream(&p.harness.kinesis, &p.names.telemetry_stream).await;
     p.process(&events).await;
-    let per_function: BTreeMap<&str, (u64, BTreeMap<String, u64>)> = [
-        ("ingest", &p.ingest_clients),
-        ("geo-update", &p.geo_clients),
-        ("archiver", &p.archiver_clients),
-        ("anomaly-inspector", &p.inspector_clients),
-    ]
-    .into_iter()
-    .map(|(name, clients)| (name, (clients.calls.total(), clients.calls.snapshot())))
-    .collect();
+    let per_function: BTreeMap<&str, (u64, BTreeMap<String, u64>)> =
+        ["ingest", "geo-update", "archiver", "anomaly-inspector"]
+            .into_iter()
+            .map(|name| {
+                let calls = &p.ports[name].clients().calls;
+                (name, (calls.total(), calls.snapshot()))
+            })
+            .collect();
     eprintln!(
         "AWS API calls for 1,000 events (100 vehicles, 2 requests, {} stream batches):",
         events.len()
