@@ -124,10 +124,7 @@ mod tests {
     use geostream_shared::ports::{RejectedReading, StoreError};
 
     fn event() -> KinesisEvent {
-        serde_json::from_str(include_str!(
-            "../../../shared/lambda/tests/fixtures/kinesis-event.json"
-        ))
-        .unwrap()
+        serde_json::from_str(geostream_lambda::fixtures::KINESIS_EVENT).unwrap()
     }
 
     #[tokio::test]
@@ -199,10 +196,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_write_on_kafka_answers_the_offset_to_resume_from_per_partition() {
-        let event: aws_lambda_events::event::kafka::KafkaEvent = serde_json::from_str(
-            include_str!("../../../shared/lambda/tests/fixtures/kafka-event.json"),
-        )
-        .unwrap();
+        let event: aws_lambda_events::event::kafka::KafkaEvent =
+            serde_json::from_str(geostream_lambda::fixtures::KAFKA_EVENT).unwrap();
         let handler = Archiver::new(
             Arc::new(FailingArchive),
             Arc::new(MemoryDeadLetters::new(1)),

@@ -123,10 +123,7 @@ mod tests {
     use geostream_shared::metrics::RecordedMetrics;
 
     fn event() -> KinesisEvent {
-        serde_json::from_str(include_str!(
-            "../../../shared/lambda/tests/fixtures/kinesis-event.json"
-        ))
-        .unwrap()
+        serde_json::from_str(geostream_lambda::fixtures::KINESIS_EVENT).unwrap()
     }
 
     #[tokio::test]
@@ -184,10 +181,8 @@ mod tests {
 
     #[tokio::test]
     async fn stores_the_position_from_a_real_kafka_event() {
-        let event: aws_lambda_events::event::kafka::KafkaEvent = serde_json::from_str(
-            include_str!("../../../shared/lambda/tests/fixtures/kafka-event.json"),
-        )
-        .unwrap();
+        let event: aws_lambda_events::event::kafka::KafkaEvent =
+            serde_json::from_str(geostream_lambda::fixtures::KAFKA_EVENT).unwrap();
         let positions = Arc::new(MemoryPositionStore::new());
         let handler = GeoUpdate::new(positions.clone(), Arc::new(MemoryDeadLetters::new(10)));
         let metrics = RecordedMetrics::new();

@@ -7,6 +7,15 @@
 pub mod http;
 pub mod stream;
 
+/// Real Lambda events, recorded as Lambda sends them, for the handlers' tests.
+#[cfg(feature = "fixtures")]
+pub mod fixtures {
+    /// A Kinesis event source mapping's event: one telemetry envelope.
+    pub const KINESIS_EVENT: &str = include_str!("../tests/fixtures/kinesis-event.json");
+    /// A self-managed Kafka event source mapping's event: three envelopes on two partitions.
+    pub const KAFKA_EVENT: &str = include_str!("../tests/fixtures/kafka-event.json");
+}
+
 use std::future::Future;
 
 use aws_lambda_events::event::apigw::{ApiGatewayV2httpRequest, ApiGatewayV2httpResponse};
