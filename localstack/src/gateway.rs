@@ -67,14 +67,12 @@ async fn dead_letters(State(stack): State<Arc<Stack>>) -> impl IntoResponse {
 /// Every vehicle's position as `[device_id, lat, lon]`, compact for the status page's map
 /// (on the AWS backend: the vehicles this runner has written).
 async fn positions(State(stack): State<Arc<Stack>>) -> impl IntoResponse {
-    let all: Vec<(String, f64, f64)> = match &stack.memory {
-        Some(memory) => memory.positions.all(),
-        // What this runner wrote: a table scan of DynamoDB would cost more than it is worth.
-        None => stack.positions.latest().unwrap_or_default(),
-    }
-    .into_iter()
-    .map(|p| (p.device_id, p.lat, p.lon))
-    .collect();
+    // On the AWS backend, what this runner wrote: a DynamoDB scan would cost more than it is worth.
+    let all: Vec<(String, f64, f64)> = stack
+        .vehicles()
+        .into_iter()
+        .map(|p| (p.device_id, p.lat, p.lon))
+        .collect();
     Json(all)
 }
 

@@ -41,13 +41,10 @@ impl PageState {
         let mut events = Vec::new();
         // The embedded store lists its positions; on the AWS backend the runner keeps the ones
         // its geo-update wrote (a DynamoDB scan every second would cost more than the page).
-        let (all, note) = match &stack.memory {
-            Some(memory) => (memory.positions.all(), None),
-            None => (
-                stack.positions.latest().unwrap_or_default(),
-                Some("AWS backend: the map shows the vehicles this runner's geo-update has written since it started"),
-            ),
-        };
+        let all = stack.vehicles();
+        let note = stack.memory.is_none().then_some(
+            "AWS backend: the map shows the vehicles this runner's geo-update has written since it started",
+        );
         let moved: Vec<_> = all
             .into_iter()
             .filter(|p| self.sent_positions.get(&p.device_id) != Some(&p.ts))

@@ -205,7 +205,7 @@ async fn main() -> ExitCode {
                 Ok(Ok(report)) => {
                     let drained = running.wait_drained(Duration::from_secs(120)).await;
                     // On Kafka, the quiet period that marks "caught up" is not processing time.
-                    let quiet = if running.stack.measures_lag() {
+                    let quiet = if geostream_local::drain::measures_lag(&running.stack) {
                         Duration::ZERO
                     } else {
                         KAFKA_QUIET

@@ -1,0 +1,111 @@
+//! What the local stack can be tuned with: where the bus and stores live, which bus, which
+//! archive, and the event source mappings' settings.
+
+use std::net::SocketAddr;
+
+use geostream_aws::provision::ResourceNames;
+use geostream_kafka::KafkaSettings;
+use geostream_shared::rules::RuleSet;
+
+use crate::esm::MappingConfig;
+
+/// Where the bus and the stores live.
+// Built once at start-up: the size difference of the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// In this process: nothing else needed.
+    Embedded,
+    /// Through the AWS SDK: real AWS, or an emulator.
+    Aws(AwsBackend),
+}
+
+#[derive(Debug, Clone)]
+pub struct AwsBackend {
+    /// An emulator's endpoint; none for real AWS.
+    pub endpoint_url: Option<String>,
+    pub names: ResourceNames,
+    /// Create the streams, tables, bucket and queue first (for a fresh emulator).
+    pub create_resources: bool,
+    pub archive: ArchiveKind,
+}
+
+/// Which archive the archiver writes and the query API reads, as `ARCHIVE` names it on Lambda.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ArchiveKind {
+    #[default]
+    Timestream,
+    /// Hour-partitioned JSON Lines in S3 (the default on AWS, queried with Athena).
+    S3,
+}
+
+impl ArchiveKind {
+    /// As `ARCHIVE` names it.
+    pub fn setting(self) -> &'static str {
+        match self {
+            ArchiveKind::Timestream => "timestream",
+            ArchiveKind::S3 => "s3",
+        }
+    }
+}
+
+/// Which bus the pipeline runs on.
+#[derive(Debug, Clone, Default)]
+pub enum Bus {
+    /// The backend's own stream: in memory (embedded) or Kinesis (AWS).
+    #[default]
+    Backend,
+    /// A Kafka-compatible broker (Kafka, Redpanda, MSK), with the backend's stores.
+    Kafka(KafkaBusConfig),
+}
+
+#[derive(Debug, Clone)]
+pub struct KafkaBusConfig {
+    pub settings: KafkaSettings,
+    pub telemetry_topic: String,
+    pub alerts_topic: String,
+    /// Each stream function consumes as group `PREFIX-FUNCTION`.
+    pub group_prefix: String,
+}
+
+impl KafkaBusConfig {
+    pub fn local(bootstrap_servers: impl Into<String>) -> Self {
+        KafkaBusConfig {
+            settings: KafkaSettings::plaintext(bootstrap_servers),
+            telemetry_topic: "geostream-telemetry".into(),
+            alerts_topic: "geostream-alerts".into(),
+            group_prefix: "geostream".into(),
+        }
+    }
+}
+
+/// Everything the local stack can be tuned with.
+#[derive(Debug, Clone)]
+pub struct LocalConfig {
+    pub listen: SocketAddr,
+    pub backend: Backend,
+    pub bus: Bus,
+    /// Shards of the telemetry stream, or partitions of the Kafka topics.
+    pub shards: usize,
+    pub retention_per_shard: usize,
+    pub archive_per_device: usize,
+    pub dead_letter_capacity: usize,
+    pub mapping: MappingConfig,
+    pub rules: RuleSet,
+}
+
+impl Default for LocalConfig {
+    fn default() -> Self {
+        LocalConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            backend: Backend::Embedded,
+            bus: Bus::Backend,
+            shards: 4,
+            retention_per_shard: 250_000,
+            archive_per_device: 2_000,
+            dead_letter_capacity: 10_000,
+            mapping: MappingConfig::default(),
+            rules: RuleSet::default_rules(),
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! The function side of an event source mapping: records turned into the event Lambda's
+//! trigger sends (`KinesisEvent` from a Kinesis or in-memory shard, `KafkaEvent` from Kafka
+//! partitions), and the function's partial batch response read back as the records to retry.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use aws_lambda_events::event::kafka::{KafkaEvent, KafkaRecord};
+use aws_lambda_events::event::kinesis::{KinesisEvent, KinesisEventRecord, KinesisRecord};
+use aws_lambda_events::event::streams::KinesisEventResponse;
+use base64::Engine;
+use chrono::TimeZone;
+use geostream_lambda::stream::{handle_kafka, handle_kinesis, KafkaBatchResponse};
+use geostream_shared::metrics::MetricsSink;
+use geostream_shared::stream::{RecordId, StreamFunction};
+
+use super::SourceRecord;
+
+/// Which trigger a source stands for, with what its events carry.
+#[derive(Debug, Clone)]
+pub enum EventSource {
+    Kinesis {
+        stream_arn: String,
+        shard_id: String,
+    },
+    Kafka {
+        bootstrap_servers: String,
+    },
+}
+
+/// One invocation's event.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Kinesis(KinesisEvent),
+    Kafka(KafkaEvent),
+}
+
+/// One invocation's answer: Lambda's partial batch response for the event's kind.
+#[derive(Debug, Clone)]
+pub enum Response {
+    Kinesis(KinesisEventResponse),
+    Kafka(KafkaBatchResponse),
+}
+
+/// A stream function as Lambda sees it: an event in, partial batch failures out, or an error
+/// for the whole invocation.
+#[async_trait]
+pub trait Invoke: Send + Sync {
+    fn name(&self) -> &str;
+    async fn invoke(&self, event: Event) -> Result<Response, String>;
+}
+
+/// The real handlers, invoked in this process, publishing their metrics where the runner keeps
+/// them. They answer every batch with partial failures, so an invocation never fails whole.
+pub struct InProcess {
+    pub function: Arc<dyn StreamFunction>,
+    pub metrics: Arc<dyn MetricsSink>,
+}
+
+#[async_trait]
+impl Invoke for InProcess {
+    fn name(&self) -> &str {
+        self.function.name()
+    }
+
+    async fn invoke(&self, event: Event) -> Result<Response, String> {
+        let function = self.function.as_ref();
+        let metrics = self.metrics.as_ref();
+        Ok(match event {
+            Event::Kinesis(event) => {
+                Response::Kinesis(handle_kinesis(function, event, metrics).await)
+            }
+            Event::Kafka(event) => Response::Kafka(handle_kafka(function, event, metrics).await),
+        })
+    }
+}
+
+impl EventSource {
+    /// The event this trigger sends `function` for `records`.
+    pub fn event(&self, function: &str, records: &[SourceRecord]) -> Event {
+        match self {
+            EventSource::Kinesis {
+                stream_arn,
+                shard_id,
+            } => Event::Kinesis(kinesis_event(stream_arn, shard_id, function, records)),
+            EventSource::Kafka { bootstrap_servers } => {
+                Event::Kafka(kafka_event(bootstrap_servers, records))
+            }
+        }
+    }
+}
+
+fn kinesis_event(
+    stream_arn: &str,
+    shard_id: &str,
+    function: &str,
+    records: &[SourceRecord],
+) -> KinesisEvent {
+    let mut event = KinesisEvent::default();
+    event.records = records
+        .iter()
+        .map(|source| {
+            let mut kinesis = KinesisRecord::default();
+            kinesis.approximate_arrival_timestamp.0 = chrono::Utc
+                .timestamp_millis_opt(source.arrival)
+                .single()
+                .unwrap_or_default();
+            kinesis.data.0 = source.data.clone();
+            kinesis.partition_key = source.partition_key.clone();
+            kinesis.sequence_number = source.id.to_string();
+            kinesis.kinesis_schema_version = Some("1.0".into());
+            let mut record = KinesisEventRecord::default();
+            record.aws_region = Some("local".into());
+            record.event_id = Some(format!("{shard_id}:{}", source.id));
+            record.event_name = Some("aws:kinesis:record".into());
+            record.event_source = Some("aws:kinesis".into());
+            record.event_source_arn = Some(stream_arn.to_string());
+            record.event_version = Some("1.0".into());
+            record.invoke_identity_arn = Some(format!(
+                "arn:aws:iam::000000000000:role/geostream-{function}"
+            ));
+            record.kinesis = kinesis;
+            record
+        })
+        .collect();
+    event
+}
+
+/// Lambda's Kafka event: records grouped by `topic-partition`, base64 keys and values.
+fn kafka_event(bootstrap_servers: &str, records: &[SourceRecord]) -> KafkaEvent {
+    let base64 = &base64::engine::general_purpose::STANDARD;
+    let mut event = KafkaEvent::default();
+    event.event_source = Some("SelfManagedKafka".into());
+    event.bootstrap_servers = Some(bootstrap_servers.to_string());
+    for source in records {
+        let RecordId::Kafka {
+            topic,
+            partition,
+            offset,
+        } = &source.id
+        else {
+            continue;
+        };
+        let mut record = KafkaRecord::default();
+        record.topic = Some(topic.clone());
+        record.partition = i64::from(*partition);
+        record.offset = *offset;
+        if let Some(time) = chrono::Utc.timestamp_millis_opt(source.arrival).single() {
+            record.timestamp.0 = time;
+        }
+        record.timestamp_type = Some("CREATE_TIME".into());
+        record.key = Some(base64.encode(&source.partition_key));
+        record.value = Some(base64.encode(&source.data));
+        event
+            .records
+            .entry(source.partition.clone())
+            .or_default()
+            .push(record);
+    }
+    event
+}
+
+/// The records of the batch the response asks to retry, or `None` when it names something
+/// that is not in the batch (Lambda then treats the whole batch as failed).
+pub fn failed_records(response: &Response, records: &[SourceRecord]) -> Option<Vec<RecordId>> {
+    match response {
+        Response::Kinesis(response) => response
+            .batch_item_failures
+            .iter()
+            .map(|failure| {
+                let id = failure.item_identifier.as_deref()?;
+                records
+                    .iter()
+                    .find(|r| matches!(&r.id, RecordId::Kinesis(s) if s.as_str() == id))
+                    .map(|r| r.id.clone())
+            })
+            .collect(),
+        Response::Kafka(response) => {
+            let mut failed = Vec::new();
+            for failure in &response.batch_item_failures {
+                let resume = &failure.item_identifier;
+                let in_partition = records.iter().filter(|r| r.partition == resume.partition);
+                let from = in_partition.clone().find(
+                    |r| matches!(r.id, RecordId::Kafka { offset, .. } if offset == resume.offset),
+                )?;
+                failed.extend(
+                    in_partition
+                        .filter(|r| r.id >= from.id)
+                        .map(|r| r.id.clone()),
+                );
+            }
+            Some(failed)
+        }
+    }
+}

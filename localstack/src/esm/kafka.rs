@@ -1,0 +1,143 @@
+//! A Kafka topic read as Lambda's self-managed Kafka trigger reads it: one consumer group per
+//! stream function (`PREFIX-FUNCTION`), offsets committed by hand only for what is done, so a
+//! runner killed mid-batch has its uncommitted records delivered again to idempotent handlers.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use geostream_kafka::rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use geostream_kafka::rdkafka::message::Message;
+use geostream_kafka::rdkafka::{Offset, TopicPartitionList};
+use geostream_kafka::KafkaSettings;
+use geostream_shared::stream::RecordId;
+
+use super::event::EventSource;
+use super::{Source, SourceRead, SourceRecord};
+
+/// Group membership settings: the broker notices a dead runner after `session.timeout.ms`,
+/// and a join takes about half of it on Tansu, so it is kept short.
+const SESSION_TIMEOUT_MS: &str = "6000";
+const HEARTBEAT_INTERVAL_MS: &str = "500";
+
+/// After the first record of a read, how long to gather what else is there: a burst becomes
+/// one batch rather than many.
+const GATHER: Duration = Duration::from_millis(5);
+
+/// A consumer group's view of a topic: every partition the group gives this consumer.
+pub struct KafkaTopic {
+    consumer: StreamConsumer,
+    describe: String,
+    event_source: EventSource,
+}
+
+impl KafkaTopic {
+    /// Joins `group` on `topic`.
+    pub fn subscribe(settings: &KafkaSettings, topic: &str, group: &str) -> Result<Self, String> {
+        let consumer: StreamConsumer = settings
+            .client_config()
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", SESSION_TIMEOUT_MS)
+            .set("heartbeat.interval.ms", HEARTBEAT_INTERVAL_MS)
+            .set("enable.partition.eof", "false")
+            .create()
+            .map_err(|e| format!("cannot create the Kafka consumer of {group}: {e}"))?;
+        consumer
+            .subscribe(&[topic])
+            .map_err(|e| format!("{group} cannot subscribe to {topic}: {e}"))?;
+        Ok(KafkaTopic {
+            consumer,
+            describe: format!("{topic} (group {group})"),
+            event_source: EventSource::Kafka {
+                bootstrap_servers: settings.bootstrap_servers.clone(),
+            },
+        })
+    }
+
+    async fn receive(&self) -> Result<SourceRecord, String> {
+        let message = self.consumer.recv().await.map_err(|e| e.to_string())?;
+        let topic = message.topic().to_string();
+        let partition = message.partition();
+        Ok(SourceRecord {
+            partition: format!("{topic}-{partition}"),
+            id: RecordId::kafka(topic, partition, message.offset()),
+            partition_key: String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
+            data: message.payload().unwrap_or_default().to_vec(),
+            arrival: message.timestamp().to_millis().unwrap_or(0),
+        })
+    }
+}
+
+#[async_trait]
+impl Source for KafkaTopic {
+    fn describe(&self) -> &str {
+        &self.describe
+    }
+
+    fn event_source(&self) -> &EventSource {
+        &self.event_source
+    }
+
+    async fn read(&self, max: usize, wait: Duration) -> Result<SourceRead, String> {
+        let first = if wait.is_zero() {
+            tokio::time::timeout(GATHER, self.receive()).await
+        } else {
+            tokio::time::timeout(wait, self.receive()).await
+        };
+        let mut records = match first {
+            Ok(record) => vec![record?],
+            Err(_) => return Ok(SourceRead::default()),
+        };
+        let deadline = tokio::time::Instant::now() + GATHER;
+        while records.len() < max {
+            match tokio::time::timeout_at(deadline, self.receive()).await {
+                Ok(Ok(record)) => records.push(record),
+                Ok(Err(error)) => {
+                    tracing::warn!(source = %self.describe, %error, "reading the topic failed");
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        Ok(SourceRead {
+            records,
+            expired: 0,
+        })
+    }
+
+    /// Commits, per partition, the offset after the last record done with.
+    async fn checkpoint(&self, through: &[RecordId]) -> Result<(), String> {
+        let mut offsets = TopicPartitionList::new();
+        for id in through {
+            let RecordId::Kafka {
+                topic,
+                partition,
+                offset,
+            } = id
+            else {
+                return Err(format!("{id} is not a record of {}", self.describe));
+            };
+            offsets
+                .add_partition_offset(topic, *partition, Offset::Offset(offset + 1))
+                .map_err(|e| format!("{id}: {e}"))?;
+        }
+        // A failed commit (a rebalance moved the partition away) means the records are
+        // delivered again.
+        self.consumer
+            .commit(&offsets, CommitMode::Sync)
+            .map_err(|e| format!("committing {}: {e}", self.describe))
+    }
+
+    fn backlog(&self) -> Option<u64> {
+        None
+    }
+
+    fn sees_stream_end(&self) -> bool {
+        false
+    }
+
+    fn close(&self) {
+        self.consumer.unsubscribe();
+    }
+}

@@ -1,0 +1,114 @@
+//! What the runner observes of the position store: the POST-to-position latency of every
+//! applied position, and (on the AWS backend, where the store cannot list vehicles cheaply)
+//! the latest position of each vehicle for the live page. Two jobs, two types; one decorator
+//! feeds both.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use geostream_shared::model::Position;
+use geostream_shared::now_millis;
+use geostream_shared::ports::{PositionStore, StoreError, UpsertOutcome};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// How long after the gateway received a reading its position was applied.
+pub struct PostToPosition {
+    millis: Mutex<Histogram<u64>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LatencySnapshot {
+    pub samples: u64,
+    pub p50_ms: u64,
+    pub p90_ms: u64,
+    pub p99_ms: u64,
+    pub max_ms: u64,
+}
+
+impl Default for PostToPosition {
+    fn default() -> Self {
+        PostToPosition {
+            millis: Mutex::new(
+                Histogram::new_with_bounds(1, 3_600_000, 3).expect("valid histogram bounds"),
+            ),
+        }
+    }
+}
+
+impl PostToPosition {
+    fn record(&self, received_at: geostream_shared::EpochMillis) {
+        let elapsed = (now_millis() - received_at).max(1) as u64;
+        // Beyond the histogram's hour the value is clamped by `saturating_record`.
+        self.millis
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .saturating_record(elapsed);
+    }
+
+    pub fn snapshot(&self) -> LatencySnapshot {
+        let histogram = self.millis.lock().unwrap_or_else(|p| p.into_inner());
+        LatencySnapshot {
+            samples: histogram.len(),
+            p50_ms: histogram.value_at_quantile(0.5),
+            p90_ms: histogram.value_at_quantile(0.9),
+            p99_ms: histogram.value_at_quantile(0.99),
+            max_ms: histogram.max(),
+        }
+    }
+}
+
+/// The latest position of every vehicle this runner has written.
+#[derive(Default)]
+pub struct LatestPositions {
+    by_device: Mutex<HashMap<String, Position>>,
+}
+
+impl LatestPositions {
+    fn keep(&self, position: Position) {
+        self.by_device
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(position.device_id.clone(), position);
+    }
+
+    pub fn all(&self) -> Vec<Position> {
+        self.by_device
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+}
+
+/// The position store, with every applied position reported to the latency histogram and,
+/// when kept, to the latest-positions cache.
+pub struct ObservedPositions {
+    pub inner: Arc<dyn PositionStore>,
+    pub latency: Arc<PostToPosition>,
+    pub latest: Option<Arc<LatestPositions>>,
+}
+
+#[async_trait]
+impl PositionStore for ObservedPositions {
+    async fn upsert_if_newer(&self, position: Position) -> Result<UpsertOutcome, StoreError> {
+        let received_at = position.received_at;
+        let kept = self.latest.as_ref().map(|_| position.clone());
+        let outcome = self.inner.upsert_if_newer(position).await?;
+        if outcome == UpsertOutcome::Applied {
+            if let (Some(latest), Some(position)) = (&self.latest, kept) {
+                latest.keep(position);
+            }
+            self.latency.record(received_at);
+        }
+        Ok(outcome)
+    }
+    async fn get(&self, device_id: &str) -> Result<Option<Position>, StoreError> {
+        self.inner.get(device_id).await
+    }
+    async fn query_prefixes(&self, prefixes: &[String]) -> Result<Vec<Position>, StoreError> {
+        self.inner.query_prefixes(prefixes).await
+    }
+}

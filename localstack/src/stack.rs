@@ -1,0 +1,117 @@
+//! A running local stack: its handlers, what they run on, and the counters `/local/stats` and
+//! the live page show.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use geostream_aws::counting::CallCounter;
+use geostream_ingest::Ingest;
+use geostream_query_api::QueryApi;
+use geostream_shared::model::Position;
+use geostream_shared::ports::AlertStore;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::esm::{Mapping, MappingSnapshot};
+use crate::metrics::LocalMetrics;
+use crate::positions::{LatencySnapshot, LatestPositions, PostToPosition};
+use crate::wiring::MemoryParts;
+
+/// The handlers of one local stack and what they run on.
+pub struct Stack {
+    pub ingest: Ingest,
+    pub query_api: QueryApi,
+    pub post_to_position: Arc<PostToPosition>,
+    /// Kept where the position store cannot list vehicles cheaply (DynamoDB).
+    pub latest_positions: Option<Arc<LatestPositions>>,
+    /// One event source mapping per stream function.
+    pub mappings: Vec<Mapping>,
+    /// Set on the embedded backend.
+    pub memory: Option<MemoryParts>,
+    /// Set on the AWS backend: API calls made so far, per operation.
+    pub aws_calls: Option<CallCounter>,
+    /// Which bus the stack runs on: memory, kinesis or kafka.
+    pub bus: &'static str,
+    /// What the functions measured, as short series.
+    pub metrics: Arc<LocalMetrics>,
+    /// The alert store, for the live page's alerts feed.
+    pub alerts: Arc<dyn AlertStore>,
+    /// Turns true when the stack stops (the live page's streams end then).
+    pub shutdown: watch::Receiver<bool>,
+    pub started: Instant,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StackStats {
+    pub uptime_s: f64,
+    pub backend: &'static str,
+    pub bus: &'static str,
+    pub telemetry_records: Option<u64>,
+    pub alert_transitions: Option<u64>,
+    pub positions: Option<usize>,
+    pub archived_readings: Option<usize>,
+    pub dead_letters: Option<u64>,
+    pub mappings: Vec<MappingSnapshot>,
+    pub post_to_position: LatencySnapshot,
+    pub aws_calls: Option<BTreeMap<String, u64>>,
+}
+
+impl Stack {
+    pub fn stats(&self) -> StackStats {
+        let memory = self.memory.as_ref();
+        StackStats {
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            backend: if memory.is_some() { "embedded" } else { "aws" },
+            bus: self.bus,
+            // Counted on the in-memory streams only.
+            telemetry_records: memory
+                .filter(|_| self.bus == "memory")
+                .map(|m| m.telemetry.tips().iter().sum()),
+            alert_transitions: memory
+                .filter(|_| self.bus == "memory")
+                .map(|m| m.alert_stream.tips().iter().sum()),
+            positions: memory.map(|m| m.positions.len()),
+            archived_readings: memory.map(|m| m.archive.len()),
+            dead_letters: memory.map(|m| m.dead_letters.snapshot().1),
+            mappings: self.mappings.iter().map(Mapping::snapshot).collect(),
+            post_to_position: self.post_to_position.snapshot(),
+            aws_calls: self.aws_calls.as_ref().map(CallCounter::snapshot),
+        }
+    }
+
+    /// Every vehicle's latest position: the in-memory store's, or (on the AWS backend) the
+    /// ones this runner has written.
+    pub fn vehicles(&self) -> Vec<Position> {
+        match (&self.memory, &self.latest_positions) {
+            (Some(memory), _) => memory.positions.all(),
+            (None, Some(latest)) => latest.all(),
+            (None, None) => Vec::new(),
+        }
+    }
+}
+
+/// A started stack: its address, its parts, and the handle to stop it.
+pub struct RunningStack {
+    pub addr: SocketAddr,
+    pub stack: Arc<Stack>,
+    pub(crate) shutdown: watch::Sender<bool>,
+    pub(crate) tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningStack {
+    /// Waits until every stream function has caught up, at most `timeout`; false on time-out
+    /// (see [`crate::drain`]).
+    pub async fn wait_drained(&self, timeout: Duration) -> bool {
+        crate::drain::wait_drained(&self.stack, timeout).await
+    }
+
+    /// Stops the gateway and the mapping loops (each finishes its batch in flight).
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}

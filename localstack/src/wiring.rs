@@ -1,0 +1,223 @@
+//! The ports a local stack runs on: the in-memory adapters (embedded backend), or the AWS
+//! adapters built by the same composition root as the Lambda mains (AWS backend), with the
+//! Kafka bus in place of the backend's stream when asked; and what each stream function's
+//! event source mapping reads.
+
+use std::sync::Arc;
+
+use geostream_aws::compose::{self, ComposeError, Composition, Port, SettingMap};
+use geostream_aws::config::{sdk_config, Clients};
+use geostream_aws::counting::CallCounter;
+use geostream_aws::provision::{create_resources, queue_url};
+use geostream_shared::memory::{
+    MemoryAlertStore, MemoryArchive, MemoryDeadLetters, MemoryPositionStore, MemoryStream,
+};
+use geostream_shared::ports::{AlertStore, Archive, DeadLetterSink, EventBus, PositionStore};
+
+use crate::config::{AwsBackend, Backend, Bus, KafkaBusConfig, LocalConfig};
+use crate::esm::kafka::KafkaTopic;
+use crate::esm::memory::MemoryShard;
+use crate::esm::{kinesis, Source};
+
+/// The in-memory parts of the embedded backend, for counters and the status page.
+pub struct MemoryParts {
+    pub telemetry: Arc<MemoryStream>,
+    pub alert_stream: Arc<MemoryStream>,
+    pub positions: Arc<MemoryPositionStore>,
+    pub archive: Arc<MemoryArchive>,
+    pub alerts: Arc<MemoryAlertStore>,
+    pub dead_letters: Arc<MemoryDeadLetters>,
+}
+
+/// Where the stream functions' event source mappings read telemetry from.
+pub enum TelemetrySource {
+    Memory(Arc<MemoryStream>),
+    Kinesis {
+        client: aws_sdk_kinesis::Client,
+        stream: String,
+    },
+    Kafka(KafkaBusConfig),
+}
+
+impl TelemetrySource {
+    /// The sources of one function's mapping: its own readers (each mapping keeps its own
+    /// checkpoints, as each Lambda event source mapping does).
+    pub async fn for_function(&self, function: &str) -> Result<Vec<Arc<dyn Source>>, String> {
+        match self {
+            TelemetrySource::Memory(stream) => Ok(MemoryShard::all(stream)),
+            TelemetrySource::Kinesis { client, stream } => kinesis::shards(client, stream).await,
+            TelemetrySource::Kafka(kafka) => {
+                let group = format!("{}-{function}", kafka.group_prefix);
+                let topic = KafkaTopic::subscribe(&kafka.settings, &kafka.telemetry_topic, &group)?;
+                Ok(vec![Arc::new(topic)])
+            }
+        }
+    }
+
+    /// Which bus the stack runs on, as the stats name it.
+    pub fn bus_name(&self) -> &'static str {
+        match self {
+            TelemetrySource::Memory(_) => "memory",
+            TelemetrySource::Kinesis { .. } => "kinesis",
+            TelemetrySource::Kafka(_) => "kafka",
+        }
+    }
+}
+
+/// The ports a stack runs on.
+pub struct Ports {
+    pub bus: Arc<dyn EventBus>,
+    pub alert_bus: Arc<dyn EventBus>,
+    pub positions: Arc<dyn PositionStore>,
+    pub archive: Arc<dyn Archive>,
+    pub alerts: Arc<dyn AlertStore>,
+    pub dead_letters: Arc<dyn DeadLetterSink>,
+    pub telemetry: TelemetrySource,
+    /// Set on the embedded backend.
+    pub memory: Option<MemoryParts>,
+    /// Set on the AWS backend: API calls made so far, per operation.
+    pub aws_calls: Option<CallCounter>,
+}
+
+/// The ports of `config`'s backend and bus.
+pub async fn ports(config: &LocalConfig) -> Result<Ports, String> {
+    if let Bus::Kafka(kafka) = &config.bus {
+        let partitions = i32::try_from(config.shards.clamp(1, 1024)).unwrap_or(4);
+        geostream_kafka::ensure_topics(
+            &kafka.settings,
+            &[
+                (kafka.telemetry_topic.as_str(), partitions),
+                (kafka.alerts_topic.as_str(), partitions),
+            ],
+        )
+        .await?;
+    }
+    match &config.backend {
+        Backend::Embedded => {
+            let mut ports = embedded_ports(config);
+            if let Bus::Kafka(kafka) = &config.bus {
+                use_kafka_buses(&mut ports, kafka).await?;
+            }
+            Ok(ports)
+        }
+        Backend::Aws(aws) => aws_ports(aws, &config.bus, config.shards).await,
+    }
+}
+
+fn embedded_ports(config: &LocalConfig) -> Ports {
+    let memory = MemoryParts {
+        telemetry: Arc::new(MemoryStream::new(
+            "geostream-telemetry",
+            config.shards,
+            config.retention_per_shard,
+        )),
+        alert_stream: Arc::new(MemoryStream::new(
+            "geostream-alerts",
+            config.shards,
+            config.retention_per_shard,
+        )),
+        positions: Arc::new(MemoryPositionStore::new()),
+        archive: Arc::new(MemoryArchive::new(config.archive_per_device)),
+        alerts: Arc::new(MemoryAlertStore::new()),
+        dead_letters: Arc::new(MemoryDeadLetters::new(config.dead_letter_capacity)),
+    };
+    Ports {
+        bus: memory.telemetry.clone(),
+        alert_bus: memory.alert_stream.clone(),
+        positions: memory.positions.clone(),
+        archive: memory.archive.clone(),
+        alerts: memory.alerts.clone(),
+        dead_letters: memory.dead_letters.clone(),
+        telemetry: TelemetrySource::Memory(memory.telemetry.clone()),
+        memory: Some(memory),
+        aws_calls: None,
+    }
+}
+
+/// Every port the local stack builds through the composition root: all functions' together.
+const STACK_PORTS: &[Port] = &[
+    Port::TelemetryBus,
+    Port::AlertsBus,
+    Port::TelemetryEvents,
+    Port::Positions,
+    Port::Alerts,
+    Port::Archive,
+    Port::DeadLetters,
+];
+
+/// With `--bus kafka`: the bus settings a Lambda function on Kafka finds in its environment.
+fn kafka_settings(settings: SettingMap, kafka: &KafkaBusConfig) -> SettingMap {
+    settings
+        .set(compose::settings::BUS, "kafka")
+        .set(
+            compose::settings::KAFKA_BOOTSTRAP_SERVERS,
+            &kafka.settings.bootstrap_servers,
+        )
+        .set(compose::settings::TELEMETRY_TOPIC, &kafka.telemetry_topic)
+        .set(compose::settings::ALERTS_TOPIC, &kafka.alerts_topic)
+}
+
+fn composed(error: ComposeError) -> String {
+    error.to_string()
+}
+
+/// The AWS backend: every adapter built by the composition root the Lambda mains use, from
+/// the settings Terraform would give them.
+async fn aws_ports(aws: &AwsBackend, bus: &Bus, shards: usize) -> Result<Ports, String> {
+    let clients = Clients::new(&sdk_config(aws.endpoint_url.as_deref()).await);
+    let names = &aws.names;
+    let queue_url = if aws.create_resources {
+        create_resources(&clients, names, shards.clamp(1, 64) as i32).await?
+    } else {
+        queue_url(&clients, &names.dead_letter_queue).await?
+    };
+    let settings = names.settings(aws.archive.setting(), &queue_url);
+    let (settings, telemetry) = match bus {
+        Bus::Kafka(kafka) => (
+            kafka_settings(settings, kafka),
+            TelemetrySource::Kafka(kafka.clone()),
+        ),
+        Bus::Backend => (
+            settings,
+            TelemetrySource::Kinesis {
+                client: clients.kinesis.clone(),
+                stream: names.telemetry_stream.clone(),
+            },
+        ),
+    };
+    let ports = Composition::new(
+        "geostream-local",
+        STACK_PORTS,
+        Box::new(settings),
+        clients.clone(),
+    );
+    Ok(Ports {
+        bus: ports.telemetry_bus().await.map_err(composed)?,
+        alert_bus: ports.alerts_bus().await.map_err(composed)?,
+        positions: ports.positions().map_err(composed)?,
+        archive: ports.archive().map_err(composed)?,
+        alerts: ports.alerts().map_err(composed)?,
+        dead_letters: ports.dead_letters().map_err(composed)?,
+        telemetry,
+        memory: None,
+        aws_calls: Some(clients.calls.clone()),
+    })
+}
+
+/// The embedded backend's stores with a Kafka bus: the buses from the composition root (no
+/// AWS service is called).
+async fn use_kafka_buses(ports: &mut Ports, kafka: &KafkaBusConfig) -> Result<(), String> {
+    let sdk = aws_config::SdkConfig::builder()
+        .behavior_version(aws_config::BehaviorVersion::latest())
+        .build();
+    let composition = Composition::new(
+        "geostream-local",
+        STACK_PORTS,
+        Box::new(kafka_settings(SettingMap::new(), kafka)),
+        Clients::new(&sdk),
+    );
+    ports.bus = composition.telemetry_bus().await.map_err(composed)?;
+    ports.alert_bus = composition.alerts_bus().await.map_err(composed)?;
+    ports.telemetry = TelemetrySource::Kafka(kafka.clone());
+    Ok(())
+}
