@@ -316,7 +316,11 @@ async fn retries_are_bounded_then_the_record_is_dead_lettered_whole_and_passed()
         );
         let (letters, total) = run.sink.taken.snapshot();
         let data: Vec<&str> = letters.iter().map(|l| l.data.as_str()).collect();
-        assert_eq!(data, ["\u{2}", "\u{3}", "\u{4}"], "{flavour:?}: from the failed record on");
+        assert_eq!(
+            data,
+            ["\u{2}", "\u{3}", "\u{4}"],
+            "{flavour:?}: from the failed record on"
+        );
         assert_eq!(total, 3);
         assert_eq!(letters[0].partition_key, "device-0");
         assert_eq!(letters[0].attempts, 3);
