@@ -22,7 +22,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser)]
 #[command(name = "geostream-local", version)]
 struct Cli {
-    /// Address to serve the API and status page on.
+    /// Address to serve the API and status page on. Port 0 picks a free port; once serving,
+    /// the first line on stdout is `listening on http://ADDR` with the address actually bound,
+    /// for the scripts and tests that start the runner as a child process.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
     /// Where the bus and stores live: in this process, or AWS services through the AWS SDK.
@@ -182,6 +184,9 @@ async fn main() -> ExitCode {
         }
     };
     let base = format!("http://{}", running.addr);
+    // Machine-readable, and printed before anything else on stdout (see --listen): a parent
+    // that passed port 0 learns the port from it, with no race over a port chosen beforehand.
+    println!("listening on {base}");
     eprintln!("geostream-local: API and status page at {base}/  (Ctrl-C stops)");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
