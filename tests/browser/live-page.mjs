@@ -9,6 +9,7 @@
 // It stops the stack it started by its PID, whatever happens.
 
 import { spawn } from 'node:child_process';
+import { createInterface } from 'node:readline';
 import { parseArgs } from 'node:util';
 import { chromium } from 'playwright-core';
 
@@ -16,7 +17,8 @@ const { values: options } = parseArgs({
   options: {
     binary: { type: 'string', default: '../../target/debug/geostream-local' },
     chromium: { type: 'string', default: '/usr/bin/chromium' },
-    port: { type: 'string', default: '18080' },
+    // 0: a free port, which geostream-local picks and reports.
+    port: { type: 'string', default: '0' },
     vehicles: { type: 'string', default: '500' },
     'anomaly-rate': { type: 'string', default: '0.02' },
     screenshot: { type: 'string', default: '../../target/live-page.png' },
@@ -24,12 +26,11 @@ const { values: options } = parseArgs({
   },
 });
 
-const base = `http://127.0.0.1:${options.port}`;
 const stack = spawn(options.binary, [
   '--listen', `127.0.0.1:${options.port}`,
   '--simulate', '--vehicles', options.vehicles, '--interval-ms', '1000',
   '--anomaly-rate', options['anomaly-rate'], '--quiet',
-], { stdio: ['ignore', 'inherit', 'inherit'] });
+], { stdio: ['ignore', 'pipe', 'inherit'] });
 let stackExited = false;
 stack.on('exit', () => { stackExited = true; });
 
@@ -40,16 +41,28 @@ function stopStack() {
 }
 process.on('exit', stopStack);
 
-async function waitForStack(timeoutMs) {
-  const deadline = Date.now() + timeoutMs;
-  while (Date.now() < deadline) {
-    if (stackExited) throw new Error(`geostream-local exited with ${stack.exitCode} before serving`);
-    try {
-      if ((await fetch(`${base}/local/stats`)).ok) return;
-    } catch { /* not listening yet */ }
-    await new Promise(resolve => setTimeout(resolve, 200));
-  }
-  throw new Error(`geostream-local did not serve ${base} within ${timeoutMs} ms`);
+// geostream-local's first line on stdout, once it serves, is `listening on http://ADDR`: the
+// address it actually bound (with --port 0, a port it picked). The rest of its stdout is passed
+// on.
+function waitForStack(timeoutMs) {
+  const lines = createInterface({ input: stack.stdout });
+  return new Promise((resolve, reject) => {
+    let first = true;
+    const timer = setTimeout(
+      () => reject(new Error(`geostream-local did not serve within ${timeoutMs} ms`)), timeoutMs);
+    lines.on('line', line => {
+      if (!first) { console.log(line); return; }
+      first = false;
+      clearTimeout(timer);
+      const match = /^listening on (http:\/\/\S+)$/.exec(line);
+      if (match) resolve(match[1]);
+      else reject(new Error(`geostream-local's first line is not its address: ${line}`));
+    });
+    lines.on('close', () => {
+      clearTimeout(timer);
+      if (first) reject(new Error('geostream-local exited before serving (its log is above)'));
+    });
+  });
 }
 
 function check(condition, message) {
@@ -58,8 +71,9 @@ function check(condition, message) {
 }
 
 let browser;
+let base;
 try {
-  await waitForStack(60_000);
+  base = await waitForStack(60_000);
   browser = await chromium.launch({
     executablePath: options.chromium,
     args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking'],
