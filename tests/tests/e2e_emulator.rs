@@ -409,9 +409,11 @@ async fn runner_on_the_aws_backend(endpoint: &str, archive: ArchiveKind) {
         .unwrap();
     assert_eq!(response.status().as_u16(), 202);
 
-    // The event-source-mapping loops poll Kinesis with GetRecords; wait for the results.
-    let mut alerts = Value::Null;
-    for _ in 0..100 {
+    // The event-source-mapping loops poll Kinesis with GetRecords; poll for the results (the
+    // deadline only bounds a failure).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut alerts: Value;
+    loop {
         alerts = http
             .get(format!("{base}/v1/alerts?state=active"))
             .send()
@@ -427,6 +429,9 @@ async fn runner_on_the_aws_backend(endpoint: &str, archive: ArchiveKind) {
             .unwrap();
         if alerts["count"] == 1 && position.status().as_u16() == 200 {
             break;
+        }
+        if std::time::Instant::now() >= deadline {
+            panic!("no alert and position from the runner in 60 s: alerts {alerts}, runner-2 {position:?}");
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
