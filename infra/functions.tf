@@ -169,8 +169,8 @@ module "anomaly_inspector" {
   })
   policy_statements = concat(local.stream_reader_statements, [
     {
-      # The state and the alerts it touched are written in one TransactWriteItems call, which
-      # DynamoDB authorises as the PutItem and UpdateItem inside it.
+      # A state change alone is a conditional PutItem; with the alerts it touched, one
+      # TransactWriteItems call, which DynamoDB authorises as the PutItem and UpdateItem inside it.
       sid       = "RuleState"
       actions   = ["dynamodb:GetItem", "dynamodb:PutItem"]
       resources = [aws_dynamodb_table.alert_state.arn]

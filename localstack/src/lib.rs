@@ -16,6 +16,7 @@
 //! - [`gateway`], [`live`], [`dashboard`], [`metrics`]: HTTP, the live page and its series.
 
 pub mod config;
+pub mod cost;
 pub mod dashboard;
 pub mod drain;
 pub mod esm;
@@ -100,13 +101,17 @@ pub async fn start(config: LocalConfig) -> Result<RunningStack, String> {
 
     let stack = Arc::new(Stack {
         ingest: Ingest::new(ports.bus.clone()),
-        query_api: QueryApi::new(positions, ports.archive.clone(), ports.alerts.clone()),
+        query_api: QueryApi::new(
+            ports.query.positions.clone(),
+            ports.query.archive.clone(),
+            ports.query.alerts.clone(),
+        ),
         post_to_position,
         latest_positions,
         mappings,
         bus: ports.telemetry.bus_name(),
         memory: ports.memory,
-        aws_calls: ports.aws_calls,
+        aws_usage: ports.aws_usage,
         metrics,
         alerts: ports.alerts.clone(),
         shutdown: shutdown_rx.clone(),

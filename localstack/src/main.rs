@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use geostream_aws::provision::ResourceNames;
+use geostream_local::cost::{self, Deployment, KinesisMode, Measured, PriceTable};
 use geostream_local::esm::MappingConfig;
 use geostream_local::{
     start, ArchiveKind, AwsBackend, Backend, Bus, KafkaBusConfig, LocalConfig, KAFKA_QUIET,
@@ -65,15 +66,29 @@ struct Cli {
     /// Readings kept per vehicle in the in-memory archive.
     #[arg(long, default_value_t = 2_000)]
     archive_per_device: usize,
-    /// Event source mapping: records per invocation.
-    #[arg(long, default_value_t = 100)]
-    esm_batch_size: usize,
-    /// Event source mapping: how long to wait to fill a batch, milliseconds.
-    #[arg(long, default_value_t = 0)]
-    esm_batching_window_ms: u64,
-    /// Event source mapping: retries of a failed batch before its records are dead-lettered.
-    #[arg(long, default_value_t = 3)]
-    esm_max_retries: u32,
+    /// Event source mapping: records per invocation [default: 100].
+    #[arg(long)]
+    esm_batch_size: Option<usize>,
+    /// Event source mapping: how long to wait to fill a batch, milliseconds [default: 0
+    /// embedded; with --backend aws, Terraform's stream_batching_window_seconds, 1 s].
+    #[arg(long)]
+    esm_batching_window_ms: Option<u64>,
+    /// Event source mapping: retries of a failed batch before its records are dead-lettered
+    /// [default: 3 embedded; with --backend aws, Terraform's stream_max_retries, 5].
+    #[arg(long)]
+    esm_max_retries: Option<u32>,
+    /// With --backend aws and a bounded --simulate run: print what the run consumed per
+    /// function and AWS operation, and what it costs per million readings and per vehicle
+    /// for the reference fleets (docs/cost.md).
+    #[arg(long)]
+    cost_report: bool,
+    /// The price table for --cost-report (TOML, as localstack/aws-prices.toml); default: the
+    /// bundled one.
+    #[arg(long)]
+    prices: Option<PathBuf>,
+    /// The Kinesis capacity mode --cost-report prices.
+    #[arg(long, value_enum, default_value_t = KinesisModeChoice::OnDemand)]
+    kinesis_mode: KinesisModeChoice,
     /// Rules file (TOML); default: the bundled rules (shared/rules/default.toml).
     #[arg(long)]
     rules: Option<PathBuf>,
@@ -91,6 +106,12 @@ struct Cli {
 enum BusKind {
     Native,
     Kafka,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum KinesisModeChoice {
+    OnDemand,
+    Provisioned,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -160,6 +181,37 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let defaults = match cli.backend {
+        BackendKind::Embedded => MappingConfig::default(),
+        BackendKind::Aws => MappingConfig::as_deployed(),
+    };
+    let mapping = MappingConfig {
+        batch_size: cli
+            .esm_batch_size
+            .unwrap_or(defaults.batch_size)
+            .clamp(1, 10_000),
+        batching_window: cli
+            .esm_batching_window_ms
+            .map_or(defaults.batching_window, Duration::from_millis),
+        max_retries: cli.esm_max_retries.unwrap_or(defaults.max_retries),
+        ..defaults
+    };
+    let prices = match (&cli.prices, cli.cost_report) {
+        (_, false) => None,
+        (None, true) => Some(PriceTable::parse(cost::BUNDLED_PRICES)),
+        (Some(path), true) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| e.to_string())
+                .and_then(|text| PriceTable::parse(&text)),
+        ),
+    };
+    let prices = match prices.transpose() {
+        Ok(prices) => prices,
+        Err(error) => {
+            eprintln!("geostream-local: price table: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
     let config = LocalConfig {
         listen: cli.listen,
         backend,
@@ -167,12 +219,7 @@ async fn main() -> ExitCode {
         shards: cli.shards,
         retention_per_shard: cli.retention_per_shard,
         archive_per_device: cli.archive_per_device,
-        mapping: MappingConfig {
-            batch_size: cli.esm_batch_size.clamp(1, 10_000),
-            batching_window: Duration::from_millis(cli.esm_batching_window_ms),
-            max_retries: cli.esm_max_retries,
-            ..MappingConfig::default()
-        },
+        mapping: mapping.clone(),
         rules,
         ..LocalConfig::default()
     };
@@ -240,6 +287,28 @@ async fn main() -> ExitCode {
                             "function   {:<18} {} invocations, {} records, {} retried, {} dead-lettered",
                             mapping.function, mapping.invocations, mapping.records, mapping.retried_records, mapping.dead_lettered
                         );
+                    }
+                    if let (Some(prices), Some(usage)) = (&prices, &running.stack.aws_usage) {
+                        let deployment = Deployment {
+                            batch_size: mapping.batch_size,
+                            batching_window_s: mapping.batching_window.as_secs_f64(),
+                            kinesis: match cli.kinesis_mode {
+                                KinesisModeChoice::OnDemand => KinesisMode::OnDemand,
+                                KinesisModeChoice::Provisioned => KinesisMode::Provisioned,
+                            },
+                            platform_log_bytes: 0.0,
+                            archive_months: 12.0,
+                        };
+                        let measured = Measured {
+                            usage: usage.clone(),
+                            invocations: running.stack.metrics.invocations(),
+                        };
+                        match cost::report(&measured, &deployment, prices) {
+                            Some(report) => {
+                                println!("\n{}", cost::render(&report, &deployment, prices))
+                            }
+                            None => eprintln!("geostream-local: no readings, no cost report"),
+                        }
                     }
                     if !drained {
                         code = ExitCode::FAILURE;

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 
-use geostream_shared::metrics::{Measurements, MetricName, MetricsSink, Unit};
+use geostream_shared::metrics::{emf_document, Measurements, MetricName, MetricsSink, Unit};
 use geostream_shared::{now_millis, EpochMillis};
 use serde::Serialize;
 
@@ -33,6 +33,17 @@ pub struct Series {
 #[derive(Default)]
 pub struct LocalMetrics {
     series: Mutex<BTreeMap<(String, MetricName), VecDeque<Bucket>>>,
+    invocations: Mutex<BTreeMap<String, Invocations>>,
+}
+
+/// What a function's invocations added up to since the stack started (the cost report's input).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Invocations {
+    pub count: u64,
+    /// The bytes of the EMF lines the function would have written to its log group.
+    pub emf_bytes: u64,
+    /// Each metric's sum over all invocations.
+    pub sums: BTreeMap<MetricName, f64>,
 }
 
 impl LocalMetrics {
@@ -88,9 +99,36 @@ impl LocalMetrics {
     }
 }
 
+impl LocalMetrics {
+    /// Every function's invocations so far.
+    pub fn invocations(&self) -> BTreeMap<String, Invocations> {
+        self.invocations
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    fn tally(&self, function: &str, measurements: &Measurements, now: EpochMillis) {
+        // The line the Lambda function writes, under its deployed name.
+        let line = emf_document(&format!("geostream-{function}"), measurements, now).to_string();
+        let mut invocations = self
+            .invocations
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let tally = invocations.entry(function.to_string()).or_default();
+        tally.count += 1;
+        tally.emf_bytes += line.len() as u64 + 1;
+        for &(name, value) in measurements.values() {
+            *tally.sums.entry(name).or_default() += value;
+        }
+    }
+}
+
 impl MetricsSink for LocalMetrics {
     fn publish(&self, function: &str, measurements: &Measurements) {
-        self.record_at(function, measurements, now_millis());
+        let now = now_millis();
+        self.record_at(function, measurements, now);
+        self.tally(function, measurements, now);
     }
 }
 

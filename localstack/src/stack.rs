@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use geostream_aws::counting::CallCounter;
 use geostream_ingest::Ingest;
 use geostream_query_api::QueryApi;
 use geostream_shared::model::Position;
@@ -17,7 +16,7 @@ use tokio::sync::watch;
 use crate::esm::{Mapping, MappingSnapshot};
 use crate::metrics::LocalMetrics;
 use crate::positions::{LatencySnapshot, LatestPositions, PostToPosition};
-use crate::wiring::MemoryParts;
+use crate::wiring::{AwsUsage, MemoryParts};
 
 /// The handlers of one local stack and what they run on.
 pub struct Stack {
@@ -30,8 +29,8 @@ pub struct Stack {
     pub mappings: Vec<Mapping>,
     /// Set on the embedded backend.
     pub memory: Option<MemoryParts>,
-    /// Set on the AWS backend: API calls made so far, per operation.
-    pub aws_calls: Option<CallCounter>,
+    /// Set on the AWS backend: each function's API calls and capacity units so far.
+    pub aws_usage: Option<AwsUsage>,
     /// Which bus the stack runs on: memory, kinesis or kafka.
     pub bus: &'static str,
     /// What the functions measured, as short series.
@@ -77,7 +76,7 @@ impl Stack {
             dead_letters: memory.map(|m| m.dead_letters.snapshot().1),
             mappings: self.mappings.iter().map(Mapping::snapshot).collect(),
             post_to_position: self.post_to_position.snapshot(),
-            aws_calls: self.aws_calls.as_ref().map(CallCounter::snapshot),
+            aws_calls: self.aws_usage.as_ref().map(AwsUsage::calls),
         }
     }
 

@@ -3,11 +3,14 @@
 //! Kafka bus in place of the backend's stream when asked; and what each stream function's
 //! event source mapping reads.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use geostream_aws::capacity::CapacityMeter;
 use geostream_aws::compose::{self, ComposeError, Composition, Port, SettingMap};
 use geostream_aws::config::{sdk_config, Clients};
 use geostream_aws::counting::CallCounter;
+use geostream_aws::manifest;
 use geostream_aws::provision::{create_resources, queue_url};
 use geostream_shared::memory::{
     MemoryAlertStore, MemoryArchive, MemoryDeadLetters, MemoryPositionStore, MemoryStream,
@@ -72,11 +75,59 @@ pub struct Ports {
     pub archive: Arc<dyn Archive>,
     pub alerts: Arc<dyn AlertStore>,
     pub dead_letters: Arc<dyn DeadLetterSink>,
+    /// The query API's stores: on the AWS backend built on its own clients (as its Lambda has),
+    /// so that what it costs is counted apart; the same stores otherwise.
+    pub query: QueryPorts,
     pub telemetry: TelemetrySource,
     /// Set on the embedded backend.
     pub memory: Option<MemoryParts>,
-    /// Set on the AWS backend: API calls made so far, per operation.
-    pub aws_calls: Option<CallCounter>,
+    /// Set on the AWS backend: what each function's clients have called and consumed.
+    pub aws_usage: Option<AwsUsage>,
+}
+
+pub struct QueryPorts {
+    pub positions: Arc<dyn PositionStore>,
+    pub archive: Arc<dyn Archive>,
+    pub alerts: Arc<dyn AlertStore>,
+}
+
+/// What one function's AWS clients did: requests per operation and capacity units.
+#[derive(Clone)]
+pub struct FunctionUsage {
+    pub function: &'static str,
+    pub calls: CallCounter,
+    pub capacity: CapacityMeter,
+}
+
+/// The name the event source mappings' reads are counted under.
+pub const EVENT_SOURCE_MAPPINGS: &str = "event-source-mappings";
+
+/// Per function (as each Lambda has its own clients), plus the dead-letter sink the event
+/// source mappings and functions share, and the mappings' own reads of the stream.
+#[derive(Clone, Default)]
+pub struct AwsUsage {
+    pub functions: Vec<FunctionUsage>,
+}
+
+impl AwsUsage {
+    fn track(&mut self, function: &'static str, clients: &Clients) {
+        self.functions.push(FunctionUsage {
+            function,
+            calls: clients.calls.clone(),
+            capacity: clients.capacity.clone(),
+        });
+    }
+
+    /// Requests per operation, all functions together.
+    pub fn calls(&self) -> BTreeMap<String, u64> {
+        let mut total = BTreeMap::new();
+        for usage in &self.functions {
+            for (operation, count) in usage.calls.snapshot() {
+                *total.entry(operation).or_default() += count;
+            }
+        }
+        total
+    }
 }
 
 /// The ports of `config`'s backend and bus.
@@ -128,9 +179,14 @@ fn embedded_ports(config: &LocalConfig) -> Ports {
         archive: memory.archive.clone(),
         alerts: memory.alerts.clone(),
         dead_letters: memory.dead_letters.clone(),
+        query: QueryPorts {
+            positions: memory.positions.clone(),
+            archive: memory.archive.clone(),
+            alerts: memory.alerts.clone(),
+        },
         telemetry: TelemetrySource::Memory(memory.telemetry.clone()),
         memory: Some(memory),
-        aws_calls: None,
+        aws_usage: None,
     }
 }
 
@@ -161,17 +217,23 @@ fn composed(error: ComposeError) -> String {
     error.to_string()
 }
 
-/// The AWS backend: every adapter built by the composition root the Lambda mains use, from
-/// the settings Terraform would give them.
+/// The AWS backend: every function's adapters built by the composition root the Lambda mains
+/// use, from the settings Terraform would give them, each function on its own clients (as each
+/// Lambda has), so that what each costs is counted apart.
 async fn aws_ports(aws: &AwsBackend, bus: &Bus, shards: usize) -> Result<Ports, String> {
-    let clients = Clients::new(&sdk_config(aws.endpoint_url.as_deref()).await);
+    let sdk = sdk_config(aws.endpoint_url.as_deref()).await;
+    let setup = Clients::new(&sdk);
     let names = &aws.names;
     let queue_url = if aws.create_resources {
-        create_resources(&clients, names, shards.clamp(1, 64) as i32).await?
+        create_resources(&setup, names, shards.clamp(1, 64) as i32).await?
     } else {
-        queue_url(&clients, &names.dead_letter_queue).await?
+        queue_url(&setup, &names.dead_letter_queue).await?
     };
     let settings = names.settings(aws.archive.setting(), &queue_url);
+    let mut usage = AwsUsage::default();
+    // Lambda's pollers read the stream, not the functions: their reads are counted apart.
+    let pollers = Clients::new(&sdk);
+    usage.track(EVENT_SOURCE_MAPPINGS, &pollers);
     let (settings, telemetry) = match bus {
         Bus::Kafka(kafka) => (
             kafka_settings(settings, kafka),
@@ -180,27 +242,39 @@ async fn aws_ports(aws: &AwsBackend, bus: &Bus, shards: usize) -> Result<Ports, 
         Bus::Backend => (
             settings,
             TelemetrySource::Kinesis {
-                client: clients.kinesis.clone(),
+                client: pollers.kinesis.clone(),
                 stream: names.telemetry_stream.clone(),
             },
         ),
     };
-    let ports = Composition::new(
-        "geostream-local",
-        STACK_PORTS,
-        Box::new(settings),
-        clients.clone(),
-    );
+    let mut compose = |function: &'static str| {
+        let ports = manifest::function(function).map_or(STACK_PORTS, |f| f.ports);
+        let clients = Clients::new(&sdk);
+        usage.track(function, &clients);
+        Composition::new(function, ports, Box::new(settings.clone()), clients)
+    };
+    let ingest = compose(geostream_ingest::FUNCTION_NAME);
+    let geo_update = compose(geostream_geo_update::FUNCTION_NAME);
+    let archiver = compose(geostream_archiver::FUNCTION_NAME);
+    let inspector = compose(geostream_anomaly_inspector::FUNCTION_NAME);
+    let query_api = compose(geostream_query_api::FUNCTION_NAME);
+    // The dead-letter queue is shared by the functions and their mappings' on-failure sends.
+    let dead_letters = compose("dead-letters");
     Ok(Ports {
-        bus: ports.telemetry_bus().await.map_err(composed)?,
-        alert_bus: ports.alerts_bus().await.map_err(composed)?,
-        positions: ports.positions().map_err(composed)?,
-        archive: ports.archive().map_err(composed)?,
-        alerts: ports.alerts().map_err(composed)?,
-        dead_letters: ports.dead_letters().map_err(composed)?,
+        bus: ingest.telemetry_bus().await.map_err(composed)?,
+        alert_bus: inspector.alerts_bus().await.map_err(composed)?,
+        positions: geo_update.positions().map_err(composed)?,
+        archive: archiver.archive().map_err(composed)?,
+        alerts: inspector.alerts().map_err(composed)?,
+        dead_letters: dead_letters.dead_letters().map_err(composed)?,
+        query: QueryPorts {
+            positions: query_api.positions().map_err(composed)?,
+            archive: query_api.archive().map_err(composed)?,
+            alerts: query_api.alerts().map_err(composed)?,
+        },
         telemetry,
         memory: None,
-        aws_calls: Some(clients.calls.clone()),
+        aws_usage: Some(usage),
     })
 }
 

@@ -14,8 +14,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
 use geostream_aws::manifest::{
-    FunctionManifest, KeyType, Permission, TableSchema, FUNCTIONS, TABLES,
-    TELEMETRY_READER_PERMISSIONS,
+    FunctionManifest, KeyType, MappingDefaults, Permission, TableSchema, FUNCTIONS,
+    MAPPING_DEFAULTS, TABLES, TELEMETRY_READER_PERMISSIONS,
 };
 use geostream_aws::provision::ResourceNames;
 use hcl::{Block, Body, Expression, ObjectKey, TemplateExpr, TraversalOperator};
@@ -417,6 +417,35 @@ pub fn check(
             }
         }
     }
+    problems.extend(check_mapping_defaults(bodies, MAPPING_DEFAULTS));
+    problems
+}
+
+/// The event source mapping variables' defaults against what the runner's AWS backend uses.
+fn check_mapping_defaults(bodies: &[(String, Body)], defaults: MappingDefaults) -> Vec<String> {
+    let expected = [
+        ("stream_batch_size", defaults.batch_size as u64),
+        (
+            "stream_batching_window_seconds",
+            defaults.batching_window_seconds,
+        ),
+        ("stream_max_retries", u64::from(defaults.max_retries)),
+    ];
+    let mut problems = Vec::new();
+    for (name, value) in expected {
+        let default = blocks(bodies, "variable")
+            .find(|b| label(b, 0) == name)
+            .and_then(|b| attribute(b.body(), "default"))
+            .and_then(|e| match e {
+                Expression::Number(n) => n.as_u64(),
+                _ => None,
+            });
+        if default != Some(value) {
+            problems.push(format!(
+                "variable {name}: Terraform's default is {default:?}, the runner's AWS backend uses {value} (geostream_aws::manifest::MAPPING_DEFAULTS)"
+            ));
+        }
+    }
     problems
 }
 
@@ -489,6 +518,17 @@ mod tests {
         );
         assert!(
             problems.contains(&"function ingest: its role does not allow secretsmanager:GetSecretValue on var.kafka_secret_arn".to_string()),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn a_mapping_default_that_drifts_from_the_runner_is_caught() {
+        let problems = problems_with("variables.tf", "default     = 100\n", "default     = 500\n");
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("variable stream_batch_size:")),
             "{problems:?}"
         );
     }

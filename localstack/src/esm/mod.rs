@@ -68,6 +68,17 @@ impl Default for MappingConfig {
 }
 
 impl MappingConfig {
+    /// What Terraform deploys (Lambda's mappings), for the runner's AWS backend.
+    pub fn as_deployed() -> Self {
+        let deployed = geostream_aws::manifest::MAPPING_DEFAULTS;
+        MappingConfig {
+            batch_size: deployed.batch_size,
+            batching_window: Duration::from_secs(deployed.batching_window_seconds),
+            max_retries: deployed.max_retries,
+            ..MappingConfig::default()
+        }
+    }
+
     /// The delay before retry `attempt` (1-based): capped exponential with equal jitter, so
     /// retries of many shards do not fall in step and a delay never collapses to nothing.
     pub fn retry_delay(&self, attempt: u32) -> Duration {

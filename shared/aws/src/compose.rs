@@ -338,10 +338,10 @@ impl Composition {
         topic: Setting,
     ) -> Result<Arc<dyn EventBus>, ComposeError> {
         match self.bus_kind()? {
-            BusKind::Kinesis => Ok(Arc::new(KinesisBus::new(
-                self.clients.kinesis.clone(),
-                self.required(stream)?,
-            ))),
+            BusKind::Kinesis => Ok(Arc::new(
+                KinesisBus::new(self.clients.kinesis.clone(), self.required(stream)?)
+                    .metered(self.clients.capacity.clone()),
+            )),
             BusKind::Kafka => self.kafka_bus(topic).await,
         }
     }
@@ -408,35 +408,47 @@ impl Composition {
     }
 
     pub fn positions(&self) -> Result<Arc<dyn PositionStore>, ComposeError> {
-        Ok(Arc::new(DynamoPositions::new(
-            self.clients.dynamodb.clone(),
-            self.required(settings::POSITIONS_TABLE)?,
-        )))
+        Ok(Arc::new(
+            DynamoPositions::new(
+                self.clients.dynamodb.clone(),
+                self.required(settings::POSITIONS_TABLE)?,
+            )
+            .metered(self.clients.capacity.clone()),
+        ))
     }
 
     pub fn alerts(&self) -> Result<Arc<dyn AlertStore>, ComposeError> {
-        Ok(Arc::new(DynamoAlerts::new(
-            self.clients.dynamodb.clone(),
-            self.required(settings::ALERT_STATE_TABLE)?,
-            self.required(settings::ALERTS_TABLE)?,
-        )))
+        Ok(Arc::new(
+            DynamoAlerts::new(
+                self.clients.dynamodb.clone(),
+                self.required(settings::ALERT_STATE_TABLE)?,
+                self.required(settings::ALERTS_TABLE)?,
+            )
+            .metered(self.clients.capacity.clone()),
+        ))
     }
 
     /// The archive named by `ARCHIVE`: `timestream` (`TIMESTREAM_DATABASE`, `TIMESTREAM_TABLE`)
     /// or `s3` (`ARCHIVE_BUCKET`).
     pub fn archive(&self) -> Result<Arc<dyn Archive>, ComposeError> {
         match self.required(settings::ARCHIVE)?.as_str() {
-            "timestream" => Ok(Arc::new(TimestreamArchive::new(
-                self.clients.timestream_write.clone(),
-                self.clients.timestream_query.clone(),
-                self.clients.timestream_discovery,
-                self.required(settings::TIMESTREAM_DATABASE)?,
-                self.required(settings::TIMESTREAM_TABLE)?,
-            ))),
-            "s3" => Ok(Arc::new(S3Archive::new(
-                self.clients.s3.clone(),
-                self.required(settings::ARCHIVE_BUCKET)?,
-            ))),
+            "timestream" => Ok(Arc::new(
+                TimestreamArchive::new(
+                    self.clients.timestream_write.clone(),
+                    self.clients.timestream_query.clone(),
+                    self.clients.timestream_discovery,
+                    self.required(settings::TIMESTREAM_DATABASE)?,
+                    self.required(settings::TIMESTREAM_TABLE)?,
+                )
+                .metered(self.clients.capacity.clone()),
+            )),
+            "s3" => Ok(Arc::new(
+                S3Archive::new(
+                    self.clients.s3.clone(),
+                    self.required(settings::ARCHIVE_BUCKET)?,
+                )
+                .metered(self.clients.capacity.clone()),
+            )),
             other => Err(ComposeError::Invalid {
                 name: settings::ARCHIVE.name,
                 value: other.to_string(),

@@ -6,6 +6,7 @@
 use aws_config::retry::RetryConfig;
 use aws_config::SdkConfig;
 
+use crate::capacity::CapacityMeter;
 use crate::counting::CallCounter;
 
 /// The SDK configuration every client starts from: the default provider chain, the adaptive
@@ -36,6 +37,8 @@ pub struct Clients {
     /// would send the client to the real AWS hosts, so it is off there.
     pub timestream_discovery: bool,
     pub calls: CallCounter,
+    /// The capacity units the adapters built on these clients consume.
+    pub capacity: CapacityMeter,
 }
 
 impl Clients {
@@ -91,6 +94,7 @@ impl Clients {
             secrets,
             timestream_discovery: sdk.endpoint_url().is_none(),
             calls,
+            capacity: CapacityMeter::new(),
         }
     }
 }

@@ -24,6 +24,7 @@ use geostream_shared::ports::{AlertFilter, AlertStore, PositionStore, StoreError
 use geostream_shared::rules::DeviceRuleStates;
 use geostream_shared::EpochMillis;
 
+use crate::capacity::{self, CapacityMeter, Unit};
 use crate::errors::store_error;
 
 pub const GEO_INDEX: &str = "geo-index";
@@ -65,6 +66,7 @@ fn get_n<T: std::str::FromStr>(item: &Item, name: &str) -> Result<T, String> {
 pub struct DynamoPositions {
     client: aws_sdk_dynamodb::Client,
     table: String,
+    meter: CapacityMeter,
 }
 
 impl DynamoPositions {
@@ -72,7 +74,34 @@ impl DynamoPositions {
         DynamoPositions {
             client,
             table: table.into(),
+            meter: CapacityMeter::default(),
         }
+    }
+
+    /// Counts the capacity units this store consumes on `meter`.
+    pub fn metered(mut self, meter: CapacityMeter) -> Self {
+        self.meter = meter;
+        self
+    }
+
+    /// The write units of an upsert: the table item (the larger of old and new), and the geo
+    /// index (projection ALL): a changed index key is a delete and a put, any other change of
+    /// the item one put, an unchanged item none.
+    fn upsert_write_units(new: &Item, old: Option<&Item>) -> f64 {
+        let new_size = capacity::item_size(new);
+        let old_size = old.map_or(0, capacity::item_size);
+        let table = capacity::write_units(new_size.max(old_size));
+        let index_key = |item: &Item| (item.get("geo_pk").cloned(), item.get("geohash").cloned());
+        let index = match old {
+            None => capacity::write_units(capacity::index_entry_size(new_size)),
+            Some(old) if index_key(old) != index_key(new) => {
+                capacity::write_units(capacity::index_entry_size(old_size))
+                    + capacity::write_units(capacity::index_entry_size(new_size))
+            }
+            Some(old) if old == new => 0.0,
+            Some(_) => capacity::write_units(capacity::index_entry_size(new_size)),
+        };
+        table + index
     }
 
     /// The position's attributes as `Position` serializes them, plus the index's partition key.
@@ -139,11 +168,14 @@ impl PositionStore for DynamoPositions {
                     StoreError::permanent("PutItem", format!("position out of range: {position:?}"))
                 })?;
         }
+        let item = Self::to_item(&position)?;
         let result = self
             .client
             .put_item()
             .table_name(&self.table)
-            .set_item(Some(Self::to_item(&position)?))
+            .set_item(Some(item.clone()))
+            // The old item costs nothing more and tells which index writes the put made.
+            .return_values(ReturnValue::AllOld)
             .condition_expression(
                 "attribute_not_exists(device_id) OR #ts < :ts OR (#ts = :ts AND #eid < :eid)",
             )
@@ -154,13 +186,24 @@ impl PositionStore for DynamoPositions {
             .send()
             .await;
         match result {
-            Ok(_) => Ok(UpsertOutcome::Applied),
+            Ok(output) => {
+                self.meter.add(
+                    Unit::DynamoWriteUnits,
+                    Self::upsert_write_units(&item, output.attributes()),
+                );
+                Ok(UpsertOutcome::Applied)
+            }
             Err(SdkError::ServiceError(service))
                 if matches!(
                     service.err(),
                     PutItemError::ConditionalCheckFailedException(_)
                 ) =>
             {
+                // A failed condition still consumes the write.
+                self.meter.add(
+                    Unit::DynamoWriteUnits,
+                    capacity::write_units(capacity::item_size(&item)),
+                );
                 Ok(UpsertOutcome::Stale)
             }
             Err(error) => Err(store_error("PutItem positions", error)),
@@ -176,6 +219,10 @@ impl PositionStore for DynamoPositions {
             .send()
             .await
             .map_err(|e| store_error("GetItem positions", e))?;
+        self.meter.add(
+            Unit::DynamoReadUnits,
+            capacity::read_units(output.item().map_or(0, capacity::item_size), false),
+        );
         output
             .item()
             .map(Self::from_item)
@@ -188,7 +235,8 @@ impl PositionStore for DynamoPositions {
         let mut queries = tokio::task::JoinSet::new();
         for (cell, (low, high)) in cells {
             for shard in 0..INDEX_SHARDS {
-                let (client, table) = (self.client.clone(), self.table.clone());
+                let (client, table, meter) =
+                    (self.client.clone(), self.table.clone(), self.meter.clone());
                 let (partition, low, high) =
                     (format!("{cell}#{shard:02}"), low.clone(), high.clone());
                 queries.spawn(async move {
@@ -209,6 +257,9 @@ impl PositionStore for DynamoPositions {
                             .send()
                             .await
                             .map_err(|e| store_error("Query geo-index", e))?;
+                        // A query reads the sum of its items' sizes, eventually consistent.
+                        let bytes = output.items().iter().map(capacity::item_size).sum();
+                        meter.add(Unit::DynamoReadUnits, capacity::read_units(bytes, false));
                         for item in output.items() {
                             found.push(
                                 Self::from_item(item)
@@ -239,6 +290,7 @@ pub struct DynamoAlerts {
     client: aws_sdk_dynamodb::Client,
     state_table: String,
     alerts_table: String,
+    meter: CapacityMeter,
 }
 
 /// Largest transaction DynamoDB takes.
@@ -254,7 +306,24 @@ impl DynamoAlerts {
             client,
             state_table: state_table.into(),
             alerts_table: alerts_table.into(),
+            meter: CapacityMeter::default(),
         }
+    }
+
+    /// Counts the capacity units this store consumes on `meter`.
+    pub fn metered(mut self, meter: CapacityMeter) -> Self {
+        self.meter = meter;
+        self
+    }
+
+    /// The write units of an alert record's update: the item, and one put on each of the
+    /// alerts table's two indexes (projection ALL).
+    fn alert_write_units(alert: &Alert, transactional: bool) -> f64 {
+        let size = serde_dynamo::to_item::<_, Item>(alert)
+            .map(|item| capacity::item_size(&item))
+            .unwrap_or(0);
+        let table = capacity::write_units(size) * if transactional { 2.0 } else { 1.0 };
+        table + 2.0 * capacity::write_units(capacity::index_entry_size(size))
     }
 
     /// The update of an alert record: every field the inspector owns; acknowledgement fields are
@@ -392,6 +461,10 @@ impl AlertStore for DynamoAlerts {
             .send()
             .await
             .map_err(|e| store_error("GetItem alert state", e))?;
+        self.meter.add(
+            Unit::DynamoReadUnits,
+            capacity::read_units(output.item().map_or(0, capacity::item_size), true),
+        );
         let Some(item) = output.item() else {
             return Ok(DeviceRuleStates::default());
         };
@@ -412,14 +485,51 @@ impl AlertStore for DynamoAlerts {
         states: &DeviceRuleStates,
         alerts: &[Alert],
     ) -> Result<(), StoreError> {
+        let state = self.state_put(device_id, expected_version, states)?;
+        let state_size = capacity::item_size(state.item());
+        let conflict = |operation: &'static str| {
+            StoreError::conflict(
+                operation,
+                format!(
+                    "device {device_id}: rule state is no longer at version {expected_version}"
+                ),
+            )
+        };
+        if alerts.is_empty() {
+            // Nothing else to write: a plain conditional put, half a transaction's units.
+            let result = self
+                .client
+                .put_item()
+                .table_name(state.table_name())
+                .set_item(Some(state.item().clone()))
+                .set_condition_expression(state.condition_expression().map(str::to_string))
+                .set_expression_attribute_values(state.expression_attribute_values().cloned())
+                .send()
+                .await;
+            // A failed condition still consumes the write.
+            self.meter
+                .add(Unit::DynamoWriteUnits, capacity::write_units(state_size));
+            return match result {
+                Ok(_) => Ok(()),
+                Err(SdkError::ServiceError(service))
+                    if matches!(
+                        service.err(),
+                        PutItemError::ConditionalCheckFailedException(_)
+                    ) =>
+                {
+                    Err(conflict("PutItem alert state"))
+                }
+                Err(error) => Err(store_error("PutItem alert state", error)),
+            };
+        }
         let mut updates = alerts
             .iter()
-            .map(|a| self.alert_update(a))
+            .map(|a| self.alert_update(a).map(|update| (a, update)))
             .collect::<Result<Vec<_>, _>>()?;
         // More alerts than a transaction takes: write the surplus first (idempotent upserts
         // keyed by alert id), then the rest with the state in one transaction.
         while updates.len() >= MAX_TRANSACTION_ITEMS {
-            let update = updates.remove(0);
+            let (alert, update) = updates.remove(0);
             let mut call = self
                 .client
                 .update_item()
@@ -433,14 +543,22 @@ impl AlertStore for DynamoAlerts {
             call.send()
                 .await
                 .map_err(|e| store_error("UpdateItem alerts", e))?;
+            self.meter.add(
+                Unit::DynamoWriteUnits,
+                Self::alert_write_units(alert, false),
+            );
         }
-        let mut items = vec![TransactWriteItem::builder()
-            .put(self.state_put(device_id, expected_version, states)?)
-            .build()];
+        // Transactional writes cost twice a standard write.
+        let units = 2.0 * capacity::write_units(state_size)
+            + updates
+                .iter()
+                .map(|(alert, _)| Self::alert_write_units(alert, true))
+                .sum::<f64>();
+        let mut items = vec![TransactWriteItem::builder().put(state).build()];
         items.extend(
             updates
                 .into_iter()
-                .map(|u| TransactWriteItem::builder().update(u).build()),
+                .map(|(_, u)| TransactWriteItem::builder().update(u).build()),
         );
         let result = self
             .client
@@ -448,15 +566,11 @@ impl AlertStore for DynamoAlerts {
             .set_transact_items(Some(items))
             .send()
             .await;
+        self.meter.add(Unit::DynamoWriteUnits, units);
         match result {
             Ok(_) => Ok(()),
             Err(SdkError::ServiceError(service)) if failed_a_condition(service.err()) => {
-                Err(StoreError::conflict(
-                    "TransactWriteItems",
-                    format!(
-                        "device {device_id}: rule state is no longer at version {expected_version}"
-                    ),
-                ))
+                Err(conflict("TransactWriteItems"))
             }
             Err(error) => Err(store_error("TransactWriteItems", error)),
         }

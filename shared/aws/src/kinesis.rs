@@ -5,6 +5,7 @@ use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use geostream_shared::ports::{BusRecord, EventBus, Published, StoreError};
 
+use crate::capacity::{self, CapacityMeter, Unit};
 use crate::errors::store_error_about;
 use crate::retry::{backoff, PARTIAL_FAILURE_ATTEMPTS};
 
@@ -18,6 +19,7 @@ const MAX_BYTES_PER_RECORD: usize = 1024 * 1024;
 pub struct KinesisBus {
     client: aws_sdk_kinesis::Client,
     stream_name: String,
+    meter: CapacityMeter,
 }
 
 impl KinesisBus {
@@ -25,7 +27,14 @@ impl KinesisBus {
         KinesisBus {
             client,
             stream_name: stream_name.into(),
+            meter: CapacityMeter::default(),
         }
+    }
+
+    /// Counts the PUT payload units (and on-demand KiB) this bus consumes on `meter`.
+    pub fn metered(mut self, meter: CapacityMeter) -> Self {
+        self.meter = meter;
+        self
     }
 
     /// Splits record indices into PutRecords calls within the count and size limits.
@@ -107,6 +116,16 @@ impl KinesisBus {
                     entry.sequence_number(),
                 ) {
                     (None, Some(shard_id), Some(sequence_number)) => {
+                        // Only records put are billed: the key and the data.
+                        let bytes = records[i].data.len() + records[i].partition_key.len();
+                        self.meter.add(
+                            Unit::KinesisPutPayloadUnits,
+                            capacity::kinesis_payload_units(bytes),
+                        );
+                        self.meter.add(
+                            Unit::KinesisIngressKib,
+                            capacity::kinesis_ingress_kib(bytes),
+                        );
                         results[i] = Some(Ok(Published {
                             shard_id: shard_id.to_string(),
                             sequence_number: sequence_number.to_string(),

@@ -10,8 +10,10 @@
 //! - [`sqs::SqsDeadLetters`]: `DeadLetterSink` over SendMessageBatch.
 //!
 //! [`compose::Composition`] builds them from settings, for the Lambda mains and the local
-//! runner alike. Every client carries a [`counting::CallCounter`] so tests and benches can count API calls.
+//! runner alike. Every client carries a [`counting::CallCounter`] so tests and benches can count API
+//! calls, and every adapter a [`capacity::CapacityMeter`] for the units AWS bills.
 
+pub mod capacity;
 pub mod compose;
 pub mod config;
 pub mod counting;

@@ -42,6 +42,22 @@ impl FunctionManifest {
     }
 }
 
+/// The event source mapping settings Terraform deploys by default (`infra/variables.tf`:
+/// `stream_batch_size`, `stream_batching_window_seconds`, `stream_max_retries`); the local
+/// runner's AWS backend uses the same, and the consistency check fails when they drift.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MappingDefaults {
+    pub batch_size: usize,
+    pub batching_window_seconds: u64,
+    pub max_retries: u32,
+}
+
+pub const MAPPING_DEFAULTS: MappingDefaults = MappingDefaults {
+    batch_size: 100,
+    batching_window_seconds: 1,
+    max_retries: 5,
+};
+
 /// The manifest of the function named `name`.
 pub fn function(name: &str) -> Option<&'static FunctionManifest> {
     FUNCTIONS.iter().find(|f| f.name == name)
@@ -101,6 +117,7 @@ pub const FUNCTIONS: &[FunctionManifest] = &[
         ],
         operations: &[
             "GetItem",
+            "PutItem",
             "TransactWriteItems",
             "UpdateItem",
             "PutRecords",
@@ -109,7 +126,8 @@ pub const FUNCTIONS: &[FunctionManifest] = &[
         ],
         permissions: &[
             allow("dynamodb:GetItem", "aws_dynamodb_table.alert_state"),
-            // TransactWriteItems is authorised as the PutItem and UpdateItem inside it.
+            // A state change alone is a conditional PutItem; with alerts, a TransactWriteItems,
+            // authorised as the PutItem and UpdateItem inside it.
             allow("dynamodb:PutItem", "aws_dynamodb_table.alert_state"),
             allow("dynamodb:UpdateItem", "aws_dynamodb_table.alerts"),
             allow("kinesis:PutRecords", "aws_kinesis_stream.alerts"),

@@ -20,6 +20,7 @@ use geostream_shared::model::Reading;
 use geostream_shared::ports::{Archive, RejectedReading, StoreError};
 use geostream_shared::EpochMillis;
 
+use crate::capacity::{CapacityMeter, Unit};
 use crate::errors::store_error;
 
 /// The longest range a track read lists partitions for.
@@ -28,6 +29,7 @@ pub const MAX_TRACK_HOURS: i64 = 48;
 pub struct S3Archive {
     client: aws_sdk_s3::Client,
     bucket: String,
+    meter: CapacityMeter,
 }
 
 fn hour_of(ts: EpochMillis) -> Option<DateTime<Utc>> {
@@ -49,7 +51,14 @@ impl S3Archive {
         S3Archive {
             client,
             bucket: bucket.into(),
+            meter: CapacityMeter::default(),
         }
+    }
+
+    /// Counts the bytes this archive writes on `meter`.
+    pub fn metered(mut self, meter: CapacityMeter) -> Self {
+        self.meter = meter;
+        self
     }
 
     async fn keys_under(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
@@ -108,6 +117,7 @@ impl Archive for S3Archive {
                 body.push(b'\n');
             }
             let key = format!("{}{:x}.jsonl", partition_prefix(hour), digest.finalize());
+            let bytes = body.len();
             self.client
                 .put_object()
                 .bucket(&self.bucket)
@@ -117,6 +127,7 @@ impl Archive for S3Archive {
                 .send()
                 .await
                 .map_err(|e| store_error("PutObject", e))?;
+            self.meter.add(Unit::S3BytesWritten, bytes as f64);
         }
         Ok(rejected)
     }

@@ -5,6 +5,7 @@
 //! as `metrics.<name>` and the `event_id` (VARCHAR). The record version is the write time, so a
 //! rewrite of the same reading is an upsert, and a retried batch leaves the table as it was.
 
+use crate::capacity::{CapacityMeter, Unit};
 use async_trait::async_trait;
 use aws_sdk_timestreamwrite::error::{DisplayErrorContext, SdkError};
 use aws_sdk_timestreamwrite::operation::write_records::WriteRecordsError;
@@ -30,6 +31,29 @@ pub struct TimestreamArchive {
     )>,
     database: String,
     table: String,
+    meter: CapacityMeter,
+}
+
+/// Timestream's size of a record, as it bills writes (1 KB units): the dimension and measure
+/// names and values (8 bytes per double) and the 8-byte time.
+fn record_size(record: &Record) -> usize {
+    let dimensions: usize = record
+        .dimensions()
+        .iter()
+        .map(|d| d.name().len() + d.value().len())
+        .sum();
+    let measures: usize = record
+        .measure_values()
+        .iter()
+        .map(|m| {
+            m.name().len()
+                + match m.r#type() {
+                    MeasureValueType::Double => 8,
+                    _ => m.value().len(),
+                }
+        })
+        .sum();
+    dimensions + record.measure_name().map_or(0, str::len) + measures + 8
 }
 
 impl TimestreamArchive {
@@ -49,7 +73,14 @@ impl TimestreamArchive {
             discovered: OnceCell::new(),
             database: database.into(),
             table: table.into(),
+            meter: CapacityMeter::default(),
         }
+    }
+
+    /// Counts the write units this archive consumes on `meter`.
+    pub fn metered(mut self, meter: CapacityMeter) -> Self {
+        self.meter = meter;
+        self
     }
 
     async fn clients(
@@ -215,6 +246,10 @@ impl Archive for TimestreamArchive {
             if records.is_empty() {
                 continue;
             }
+            let units: f64 = records
+                .iter()
+                .map(|r| record_size(r).div_ceil(1024).max(1) as f64)
+                .sum();
             let result = write
                 .write_records()
                 .database_name(&self.database)
@@ -223,7 +258,7 @@ impl Archive for TimestreamArchive {
                 .send()
                 .await;
             match result {
-                Ok(_) => {}
+                Ok(_) => self.meter.add(Unit::TimestreamWriteUnits, units),
                 Err(SdkError::ServiceError(service))
                     if matches!(
                         service.err(),
