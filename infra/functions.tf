@@ -125,19 +125,18 @@ module "geo_update" {
   description        = "Keeps the latest position of every vehicle and its geo index"
   zip_path           = local.artifact["geo-update"]
   log_retention_days = var.log_retention_days
-  environment = {
+  vpc                = local.valkey_vpc
+  environment = merge(local.position_environment, {
     BUS                   = var.bus
-    POSITIONS_TABLE       = aws_dynamodb_table.positions.name
     DEAD_LETTER_QUEUE_URL = aws_sqs_queue.dead_letters.url
-  }
-  policy_statements = concat(local.stream_reader_statements, [
+  })
+  policy_statements = concat(local.stream_reader_statements, var.position_store == "dynamodb" ? [
     {
       sid       = "WritePositions"
       actions   = ["dynamodb:PutItem"]
       resources = [aws_dynamodb_table.positions.arn]
     },
-    local.dead_letter_statement,
-  ])
+  ] : [], [local.dead_letter_statement])
 }
 
 module "archiver" {
@@ -196,12 +195,12 @@ module "query_api" {
   description        = "Vehicles by id and near a point, tracks, alerts and acknowledgements"
   zip_path           = local.artifact["query-api"]
   log_retention_days = var.log_retention_days
-  environment = merge(local.archive_environment, {
-    POSITIONS_TABLE   = aws_dynamodb_table.positions.name
+  vpc                = local.valkey_vpc
+  environment = merge(local.archive_environment, local.position_environment, {
     ALERT_STATE_TABLE = aws_dynamodb_table.alert_state.name
     ALERTS_TABLE      = aws_dynamodb_table.alerts.name
   })
-  policy_statements = concat([
+  policy_statements = concat(var.position_store == "dynamodb" ? [
     {
       sid       = "ReadPositions"
       actions   = ["dynamodb:GetItem"]
@@ -212,6 +211,7 @@ module "query_api" {
       actions   = ["dynamodb:Query"]
       resources = ["${aws_dynamodb_table.positions.arn}/index/geo-index"]
     },
+    ] : [], [
     {
       sid       = "ReadAndAcknowledgeAlerts"
       actions   = ["dynamodb:GetItem", "dynamodb:UpdateItem"]

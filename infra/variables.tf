@@ -258,3 +258,48 @@ variable "archive_expiration_days" {
     error_message = "archive_expiration_days must be at least 1."
   }
 }
+
+variable "position_store" {
+  description = "Where latest positions live: dynamodb (a table with a geohash index; no VPC) or valkey (ElastiCache Serverless for Valkey: the cheapest fresh configuration at fleet scale, docs/cost.md; needs vpc_subnet_ids and vpc_route_table_ids, and the s3 archive)."
+  type        = string
+  default     = "dynamodb"
+
+  validation {
+    condition     = contains(["dynamodb", "valkey"], var.position_store)
+    error_message = "position_store must be dynamodb or valkey."
+  }
+}
+
+variable "vpc_subnet_ids" {
+  description = "With position_store = valkey: private subnets in two or more availability zones, for the cache and for the functions that reach it (geo-update, query-api)."
+  type        = list(string)
+  default     = []
+}
+
+variable "vpc_route_table_ids" {
+  description = "With position_store = valkey: the route tables of vpc_subnet_ids, for the (free) DynamoDB and S3 gateway endpoints."
+  type        = list(string)
+  default     = []
+}
+
+variable "valkey_max_storage_gb" {
+  description = "With position_store = valkey: the cache's storage limit (a latest position takes about 0.5 KB: 100,000 vehicles fit in 0.1 GB, the minimum billed)."
+  type        = number
+  default     = 1
+
+  validation {
+    condition     = var.valkey_max_storage_gb >= 1
+    error_message = "valkey_max_storage_gb must be at least 1."
+  }
+}
+
+variable "valkey_max_ecpu_per_second" {
+  description = "With position_store = valkey: the cache's ECPU-per-second limit, a ceiling on its cost (a position write takes about 4 ECPUs: fleet A's 5,000 readings/s need about 20,000)."
+  type        = number
+  default     = 100000
+
+  validation {
+    condition     = var.valkey_max_ecpu_per_second >= 1000
+    error_message = "valkey_max_ecpu_per_second must be at least 1000."
+  }
+}

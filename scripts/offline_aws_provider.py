@@ -45,6 +45,7 @@ ENTRY = re.compile(
     r"(\w+): \{\n\s*value: ([^\n]*),\n\s*isBlock: (true|false),\n\s*type: \"(\w+)\",\n\s*storageClassType: \"(\w+)\",\n\s*\}"
 )
 NESTED_FUNCTION = re.compile(r"(?<![.\w])([a-z]\w*)ToHclTerraform\b")
+COMPUTED_LIST = re.compile(r'this\._\w+ = new (\w+)List\(this, "(\w+)", (?:false|true)\);')
 GETTER = re.compile(r"get (\w+)\(\) \{\s*return this\.(get\w+Attribute)\('(\w+)'\)")
 REQUIRED_DOC = re.compile(r"#(\w+) [\w.]+#\w+\}\s*\*/\s*readonly \w+(\??):")
 INTERFACE = re.compile(r"^export interface (\w+)(?: extends [\w.]+)? \{\n(.*?)^\}", re.S | re.M)
@@ -145,6 +146,21 @@ def schema_of(package: Path, type_name: str) -> dict:
     for _, getter, name in GETTER.findall(main):
         if name not in schema["attributes"] and name not in schema["blocks"] and getter in GETTER_TYPES:
             schema["attributes"][name] = {"type": GETTER_TYPES[getter], "computed_only": True}
+    # Computed lists of objects (as an ElastiCache endpoint's address and port): a generated
+    # `...List` class whose `...OutputReference` elements have one getter per field.
+    for element, name in COMPUTED_LIST.findall(main):
+        if name in schema["attributes"] or name in schema["blocks"]:
+            continue
+        reference = re.search(rf"^class {element}OutputReference extends .*?^\}}", js, re.S | re.M)
+        if reference is None:
+            continue
+        fields = {
+            field: GETTER_TYPES[getter]
+            for _, getter, field in GETTER.findall(reference.group(0))
+            if GETTER_TYPES.get(getter) in ("string", "number", "bool")
+        }
+        if fields:
+            schema["attributes"][name] = {"type": ["list", ["object", fields]], "computed_only": True}
     if not schema["attributes"] and not schema["blocks"]:
         raise SystemExit(f"{type_name}: no arguments found in {directory}: the generated code changed shape")
     return schema
@@ -169,6 +185,26 @@ def serve(schema_file: str):
 
     schemas = json.loads(Path(schema_file).read_text())
 
+    class ObjectType(t.TfType):
+        """An object of named, typed fields (the framework has no object type)."""
+
+        def __init__(self, fields):
+            self.fields = fields
+
+        def encode(self, value):
+            if value in (None, t.Unknown):
+                return value
+            return {k: self.fields[k].encode(v) for k, v in value.items()}
+
+        def decode(self, value):
+            if value in (None, t.Unknown):
+                return value
+            return {k: self.fields[k].decode(v) for k, v in value.items()}
+
+        def tf_type(self):
+            fields = ",".join(f'"{k}":{v.tf_type().decode()}' for k, v in sorted(self.fields.items()))
+            return f'["object",{{{fields}}}]'.encode()
+
     def tf_type(spec):
         if spec == "string":
             return t.String()
@@ -179,6 +215,8 @@ def serve(schema_file: str):
         if spec == "dynamic":
             return t.NormalizedJson()
         outer, inner = spec
+        if outer == "object":
+            return ObjectType({field: tf_type(kind) for field, kind in inner.items()})
         return {"list": t.List, "set": t.Set, "map": t.Map}[outer](tf_type(inner))
 
     def attributes(block):

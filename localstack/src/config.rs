@@ -28,6 +28,17 @@ pub struct AwsBackend {
     /// Create the streams, tables, bucket and queue first (for a fresh emulator).
     pub create_resources: bool,
     pub archive: ArchiveKind,
+    /// Where latest positions live, as `POSITION_STORE` names it on Lambda.
+    pub position_store: PositionStoreKind,
+}
+
+/// Which position store geo-update writes and the query API reads.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum PositionStoreKind {
+    #[default]
+    DynamoDb,
+    /// Valkey (ElastiCache Serverless) or Redis at this URL.
+    Valkey { url: String },
 }
 
 /// Which archive the archiver writes and the query API reads, as `ARCHIVE` names it on Lambda.

@@ -39,7 +39,9 @@ use geostream_query_api::QueryApi;
 use geostream_shared::stream::StreamFunction;
 use tokio::sync::watch;
 
-pub use config::{ArchiveKind, AwsBackend, Backend, Bus, KafkaBusConfig, LocalConfig};
+pub use config::{
+    ArchiveKind, AwsBackend, Backend, Bus, KafkaBusConfig, LocalConfig, PositionStoreKind,
+};
 pub use drain::KAFKA_QUIET;
 pub use stack::{RunningStack, Stack, StackStats};
 

@@ -8,7 +8,8 @@ use geostream_aws::provision::ResourceNames;
 use geostream_local::cost::{self, Deployment, KinesisMode, Measured, PriceTable};
 use geostream_local::esm::MappingConfig;
 use geostream_local::{
-    start, ArchiveKind, AwsBackend, Backend, Bus, KafkaBusConfig, LocalConfig, KAFKA_QUIET,
+    start, ArchiveKind, AwsBackend, Backend, Bus, KafkaBusConfig, LocalConfig, PositionStoreKind,
+    KAFKA_QUIET,
 };
 use geostream_shared::rules::RuleSet;
 use geostream_sim::SimOptions;
@@ -57,6 +58,13 @@ struct Cli {
     /// bucket `PREFIX-archive`.
     #[arg(long, value_enum, default_value_t = ArchiveChoice::Timestream)]
     archive: ArchiveChoice,
+    /// With --backend aws: where latest positions live, as `POSITION_STORE` chooses it on
+    /// Lambda: the DynamoDB table `PREFIX-positions`, or Valkey/Redis at --valkey-url.
+    #[arg(long, value_enum, default_value_t = PositionStoreChoice::Dynamodb)]
+    position_store: PositionStoreChoice,
+    /// With --position-store valkey: the server, `redis://HOST:PORT` (`rediss://` with TLS).
+    #[arg(long, env = "VALKEY_URL", required_if_eq("position_store", "valkey"))]
+    valkey_url: Option<String>,
     /// Shards of the telemetry stream (partitions of new topics with --bus kafka).
     #[arg(long, default_value_t = 4)]
     shards: usize,
@@ -106,6 +114,12 @@ struct Cli {
 enum BusKind {
     Native,
     Kafka,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PositionStoreChoice {
+    Dynamodb,
+    Valkey,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -165,6 +179,12 @@ async fn main() -> ExitCode {
             archive: match cli.archive {
                 ArchiveChoice::Timestream => ArchiveKind::Timestream,
                 ArchiveChoice::S3 => ArchiveKind::S3,
+            },
+            position_store: match (cli.position_store, &cli.valkey_url) {
+                (PositionStoreChoice::Valkey, Some(url)) => {
+                    PositionStoreKind::Valkey { url: url.clone() }
+                }
+                _ => PositionStoreKind::DynamoDb,
             },
         }),
     };

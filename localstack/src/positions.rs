@@ -7,9 +7,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use geostream_shared::model::Position;
+use geostream_shared::model::{GeoPoint, Position};
 use geostream_shared::now_millis;
-use geostream_shared::ports::{PositionStore, StoreError, UpsertOutcome};
+use geostream_shared::ports::{NearbyVehicle, PositionStore, StoreError, UpsertOutcome};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
@@ -108,7 +108,12 @@ impl PositionStore for ObservedPositions {
     async fn get(&self, device_id: &str) -> Result<Option<Position>, StoreError> {
         self.inner.get(device_id).await
     }
-    async fn query_prefixes(&self, prefixes: &[String]) -> Result<Vec<Position>, StoreError> {
-        self.inner.query_prefixes(prefixes).await
+    async fn near(
+        &self,
+        center: GeoPoint,
+        radius_m: f64,
+        limit: usize,
+    ) -> Result<Vec<NearbyVehicle>, StoreError> {
+        self.inner.near(center, radius_m, limit).await
     }
 }

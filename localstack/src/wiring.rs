@@ -17,7 +17,7 @@ use geostream_shared::memory::{
 };
 use geostream_shared::ports::{AlertStore, Archive, DeadLetterSink, EventBus, PositionStore};
 
-use crate::config::{AwsBackend, Backend, Bus, KafkaBusConfig, LocalConfig};
+use crate::config::{AwsBackend, Backend, Bus, KafkaBusConfig, LocalConfig, PositionStoreKind};
 use crate::esm::kafka::KafkaTopic;
 use crate::esm::memory::MemoryShard;
 use crate::esm::{kinesis, Source};
@@ -230,6 +230,12 @@ async fn aws_ports(aws: &AwsBackend, bus: &Bus, shards: usize) -> Result<Ports, 
         queue_url(&setup, &names.dead_letter_queue).await?
     };
     let settings = names.settings(aws.archive.setting(), &queue_url);
+    let settings = match &aws.position_store {
+        PositionStoreKind::DynamoDb => settings,
+        PositionStoreKind::Valkey { url } => settings
+            .set(compose::settings::POSITION_STORE, "valkey")
+            .set(compose::settings::VALKEY_URL, url),
+    };
     let mut usage = AwsUsage::default();
     // Lambda's pollers read the stream, not the functions: their reads are counted apart.
     let pollers = Clients::new(&sdk);
@@ -263,12 +269,12 @@ async fn aws_ports(aws: &AwsBackend, bus: &Bus, shards: usize) -> Result<Ports, 
     Ok(Ports {
         bus: ingest.telemetry_bus().await.map_err(composed)?,
         alert_bus: inspector.alerts_bus().await.map_err(composed)?,
-        positions: geo_update.positions().map_err(composed)?,
+        positions: geo_update.positions().await.map_err(composed)?,
         archive: archiver.archive().map_err(composed)?,
         alerts: inspector.alerts().map_err(composed)?,
         dead_letters: dead_letters.dead_letters().map_err(composed)?,
         query: QueryPorts {
-            positions: query_api.positions().map_err(composed)?,
+            positions: query_api.positions().await.map_err(composed)?,
             archive: query_api.archive().map_err(composed)?,
             alerts: query_api.alerts().map_err(composed)?,
         },

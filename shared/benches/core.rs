@@ -10,7 +10,7 @@ use geostream_shared::envelope::{envelopes_by_device, Envelope};
 use geostream_shared::geo::cover_circle;
 use geostream_shared::memory::MemoryPositionStore;
 use geostream_shared::model::{GeoPoint, Position, Reading};
-use geostream_shared::ports::{vehicles_near, PositionStore};
+use geostream_shared::ports::PositionStore;
 use geostream_shared::rules::{DeviceRuleStates, RuleSet};
 use geostream_shared::validation::{validate_body, ValidationPolicy};
 use rand::rngs::SmallRng;
@@ -109,7 +109,7 @@ fn radius_queries(c: &mut Criterion) {
         group.bench_function(format!("radius {radius} m, limit 100"), |b| {
             b.iter(|| {
                 runtime
-                    .block_on(vehicles_near(&store, black_box(center), radius, 100))
+                    .block_on(store.near(black_box(center), radius, 100))
                     .unwrap()
                     .len()
             })

@@ -9,8 +9,8 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 
 use crate::geo::geohash_of;
-use crate::model::{Alert, Position, Reading};
-use crate::ports::RejectedReading;
+use crate::model::{Alert, GeoPoint, Position, Reading};
+use crate::ports::{nearest, NearbyVehicle, RejectedReading};
 use crate::ports::{
     AlertFilter, AlertStore, Archive, BusRecord, DeadLetter, DeadLetterSink, EventBus,
     PositionStore, Published, StoreError, UpsertOutcome,
@@ -235,7 +235,25 @@ impl PositionStore for MemoryPositionStore {
             .cloned())
     }
 
-    async fn query_prefixes(&self, prefixes: &[String]) -> Result<Vec<Position>, StoreError> {
+    async fn near(
+        &self,
+        center: GeoPoint,
+        radius_m: f64,
+        limit: usize,
+    ) -> Result<Vec<NearbyVehicle>, StoreError> {
+        let cells = crate::geo::cover_circle(center, radius_m);
+        Ok(nearest(
+            center,
+            radius_m,
+            limit,
+            self.query_prefixes(&cells),
+        ))
+    }
+}
+
+impl MemoryPositionStore {
+    /// Every position whose geohash starts with one of `prefixes`.
+    pub fn query_prefixes(&self, prefixes: &[String]) -> Vec<Position> {
         let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
         let mut found = Vec::new();
         for prefix in prefixes {
@@ -249,7 +267,7 @@ impl PositionStore for MemoryPositionStore {
                 }
             }
         }
-        Ok(found)
+        found
     }
 }
 
@@ -463,7 +481,6 @@ mod tests {
     use super::*;
     use crate::geo::haversine_m;
     use crate::model::GeoPoint;
-    use crate::ports::vehicles_near;
     use proptest::prelude::*;
 
     fn position(device: &str, ts: EpochMillis, lat: f64, lon: f64) -> Position {
@@ -502,7 +519,7 @@ mod tests {
         );
         // The old cell no longer lists the vehicle.
         let old_cell = geohash_of(GeoPoint { lat: 1.0, lon: 1.0 }).unwrap();
-        assert!(store.query_prefixes(&[old_cell]).await.unwrap().is_empty());
+        assert!(store.query_prefixes(&[old_cell]).is_empty());
         assert_eq!(store.len(), 1);
     }
 
@@ -615,7 +632,7 @@ mod tests {
                     store.upsert_if_newer(position(&format!("v{n}"), 1, *lat, *lon)).await.unwrap();
                 }
             });
-            let found = runtime.block_on(vehicles_near(&store, center, radius, usize::MAX)).unwrap();
+            let found = runtime.block_on(store.near(center, radius, usize::MAX)).unwrap();
             let mut expected: Vec<(String, f64)> = store
                 .all()
                 .into_iter()

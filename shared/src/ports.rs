@@ -86,9 +86,14 @@ pub trait PositionStore: Send + Sync {
     /// Stores the position unless the store holds one with a later or equal `(ts, event_id)`.
     async fn upsert_if_newer(&self, position: Position) -> Result<UpsertOutcome, StoreError>;
     async fn get(&self, device_id: &str) -> Result<Option<Position>, StoreError>;
-    /// Every position whose geohash starts with one of `prefixes` (a covering from
-    /// [`crate::geo::cover_circle`]); the caller filters by exact distance.
-    async fn query_prefixes(&self, prefixes: &[String]) -> Result<Vec<Position>, StoreError>;
+    /// The vehicles within `radius_m` of `center`, nearest first (ties by device id), at most
+    /// `limit`: exactly what a brute-force scan with [`crate::geo::haversine_m`] would answer.
+    async fn near(
+        &self,
+        center: crate::model::GeoPoint,
+        radius_m: f64,
+        limit: usize,
+    ) -> Result<Vec<NearbyVehicle>, StoreError>;
 }
 
 /// A reading the archive refused for good (retrying cannot help), with its reason.
@@ -178,17 +183,15 @@ pub struct NearbyVehicle {
     pub distance_m: f64,
 }
 
-/// The vehicles within `radius_m` of `center`, nearest first (ties by device id), at most
-/// `limit`: the store is asked for the geohash cells covering the circle, and the candidates
-/// are filtered by exact haversine distance, so the answer equals a brute-force scan.
-pub async fn vehicles_near(
-    store: &dyn PositionStore,
+/// Of `candidates` (a superset of the answer, in any order, possibly with repeats), the ones
+/// within `radius_m` of `center` by exact haversine distance, nearest first (ties by device
+/// id), at most `limit`: what every store's [`PositionStore::near`] answers.
+pub fn nearest(
     center: crate::model::GeoPoint,
     radius_m: f64,
     limit: usize,
-) -> Result<Vec<NearbyVehicle>, StoreError> {
-    let cells = crate::geo::cover_circle(center, radius_m);
-    let candidates = store.query_prefixes(&cells).await?;
+    candidates: Vec<Position>,
+) -> Vec<NearbyVehicle> {
     let mut found: Vec<NearbyVehicle> = candidates
         .into_iter()
         .filter_map(|position| {
@@ -206,5 +209,5 @@ pub async fn vehicles_near(
     });
     found.dedup_by(|a, b| a.position.device_id == b.position.device_id);
     found.truncate(limit);
-    Ok(found)
+    found
 }

@@ -31,6 +31,21 @@ pub fn emulator() -> Option<String> {
     }
 }
 
+/// The Redis/Valkey server's URL, or `None` (with a loud note) when it is not running; under
+/// `scripts/test` (GEOSTREAM_REQUIRE_VALKEY=1) a missing server is a failure.
+pub fn valkey() -> Option<String> {
+    match std::env::var("GEOSTREAM_VALKEY_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var_os("GEOSTREAM_REQUIRE_VALKEY").is_some() => {
+            panic!("GEOSTREAM_VALKEY_URL is not set but GEOSTREAM_REQUIRE_VALKEY is: start it with scripts/redis start")
+        }
+        _ => {
+            eprintln!("SKIPPED: Valkey test needs GEOSTREAM_VALKEY_URL (scripts/test starts a Redis server and sets it)");
+            None
+        }
+    }
+}
+
 /// An API Gateway HTTP API (payload v2) request.
 pub fn request(
     method: &str,

@@ -17,7 +17,7 @@ use geostream_e2e::harness::{emulator, json_of, read_stream, request};
 use geostream_geo_update::GeoUpdate;
 use geostream_ingest::Ingest;
 use geostream_lambda::stream::handle_kinesis;
-use geostream_local::{ArchiveKind, AwsBackend};
+use geostream_local::{ArchiveKind, AwsBackend, PositionStoreKind};
 use geostream_query_api::QueryApi;
 use geostream_shared::metrics::{MetricName, RecordedMetrics};
 use geostream_shared::stream::StreamFunction;
@@ -71,7 +71,7 @@ async fn pipeline(endpoint: &str, test: &str) -> Pipeline {
     Pipeline {
         ingest: Ingest::new(ingest.telemetry_bus().await.expect(built)),
         geo_update: GeoUpdate::new(
-            geo.positions().expect(built),
+            geo.positions().await.expect(built),
             geo.dead_letters().expect(built),
         ),
         archiver: Archiver::new(
@@ -85,7 +85,7 @@ async fn pipeline(endpoint: &str, test: &str) -> Pipeline {
             inspector.dead_letters().expect(built),
         ),
         query_api: QueryApi::new(
-            query.positions().expect(built),
+            query.positions().await.expect(built),
             query.archive().expect(built),
             query.alerts().expect(built),
         ),
@@ -366,7 +366,12 @@ async fn aws_calls_per_thousand_events() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_local_runner_on_the_aws_backend_serves_the_pipeline_over_http() {
     let Some(endpoint) = emulator() else { return };
-    runner_on_the_aws_backend(&endpoint, ArchiveKind::Timestream).await;
+    runner_on_the_aws_backend(
+        &endpoint,
+        ArchiveKind::Timestream,
+        PositionStoreKind::DynamoDb,
+    )
+    .await;
 }
 
 /// `geostream-local --backend aws --archive s3`: the archive Terraform deploys by default,
@@ -374,11 +379,37 @@ async fn the_local_runner_on_the_aws_backend_serves_the_pipeline_over_http() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_local_runner_on_the_aws_backend_with_the_s3_archive() {
     let Some(endpoint) = emulator() else { return };
-    runner_on_the_aws_backend(&endpoint, ArchiveKind::S3).await;
+    runner_on_the_aws_backend(&endpoint, ArchiveKind::S3, PositionStoreKind::DynamoDb).await;
 }
 
-async fn runner_on_the_aws_backend(endpoint: &str, archive: ArchiveKind) {
-    let prefix = format!("gs-runner-{archive:?}-{}", std::process::id()).to_lowercase();
+/// The runner with positions in Valkey (a real Redis server), the rest on the emulator: the
+/// configuration docs/cost.md recommends for fleets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_runner_on_the_aws_backend_with_positions_in_valkey() {
+    let Some(endpoint) = emulator() else { return };
+    let Some(url) = geostream_e2e::harness::valkey() else {
+        return;
+    };
+    runner_on_the_aws_backend(
+        &endpoint,
+        ArchiveKind::S3,
+        PositionStoreKind::Valkey { url },
+    )
+    .await;
+}
+
+async fn runner_on_the_aws_backend(
+    endpoint: &str,
+    archive: ArchiveKind,
+    position_store: PositionStoreKind,
+) {
+    let valkey = matches!(position_store, PositionStoreKind::Valkey { .. });
+    let prefix = format!(
+        "gs-runner-{archive:?}-{}-{}",
+        if valkey { "valkey" } else { "ddb" },
+        std::process::id()
+    )
+    .to_lowercase();
     let config = geostream_local::LocalConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         backend: geostream_local::Backend::Aws(AwsBackend {
@@ -386,6 +417,7 @@ async fn runner_on_the_aws_backend(endpoint: &str, archive: ArchiveKind) {
             names: ResourceNames::with_prefix(&prefix),
             create_resources: true,
             archive,
+            position_store,
         }),
         shards: 2,
         ..Default::default()
@@ -455,6 +487,23 @@ async fn runner_on_the_aws_backend(endpoint: &str, archive: ArchiveKind) {
     // One for the telemetry request, one for the alert raised.
     assert_eq!(calls.get("PutRecords"), Some(&2), "{calls:?}");
     assert!(calls.get("GetRecords").is_some_and(|n| *n > 0));
+    // Each function on its own clients: with positions in Valkey, geo-update calls no AWS API.
+    let usage = running.stack.aws_usage.as_ref().unwrap();
+    let geo_update_calls = usage
+        .functions
+        .iter()
+        .find(|f| f.function == "geo-update")
+        .map(|f| f.calls.snapshot())
+        .unwrap();
+    if valkey {
+        assert!(geo_update_calls.is_empty(), "{geo_update_calls:?}");
+    } else {
+        assert_eq!(
+            geo_update_calls.get("PutItem"),
+            Some(&2),
+            "{geo_update_calls:?}"
+        );
+    }
     match archive {
         ArchiveKind::Timestream => {
             assert!(calls.contains_key("WriteRecords"), "{calls:?}");

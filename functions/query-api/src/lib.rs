@@ -19,9 +19,7 @@ use geostream_lambda::http::{
 use geostream_shared::geo::MAX_QUERY_RADIUS_M;
 use geostream_shared::metrics::{Measurements, MetricsSink};
 use geostream_shared::model::{AlertState, GeoPoint};
-use geostream_shared::ports::{
-    vehicles_near, AlertFilter, AlertStore, Archive, PositionStore, StoreError,
-};
+use geostream_shared::ports::{AlertFilter, AlertStore, Archive, PositionStore, StoreError};
 use geostream_shared::validation::{is_valid_device_id, parse_timestamp};
 use geostream_shared::{now_millis, EpochMillis};
 use http::Method;
@@ -131,13 +129,10 @@ impl QueryApi {
             )));
         }
         let limit = limit(query, 100, MAX_NEAR_LIMIT)?;
-        let vehicles = vehicles_near(
-            self.positions.as_ref(),
-            GeoPoint { lat, lon },
-            radius_m,
-            limit,
-        )
-        .await?;
+        let vehicles = self
+            .positions
+            .near(GeoPoint { lat, lon }, radius_m, limit)
+            .await?;
         Ok(json!({ "count": vehicles.len(), "vehicles": vehicles }))
     }
 

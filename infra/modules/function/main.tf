@@ -41,6 +41,15 @@ variable "timeout_seconds" {
   default     = 30
 }
 
+variable "vpc" {
+  description = "Subnets and security groups when the function must reach something inside a VPC (the Valkey position store); null for none."
+  type = object({
+    subnet_ids         = list(string)
+    security_group_ids = list(string)
+  })
+  default = null
+}
+
 variable "log_retention_days" {
   description = "Retention of the function's log group."
   type        = number
@@ -83,6 +92,13 @@ data "aws_iam_policy_document" "this" {
   }
 }
 
+# A function in a VPC creates its network interfaces with the managed policy's EC2 actions.
+resource "aws_iam_role_policy_attachment" "vpc_access" {
+  count      = var.vpc == null ? 0 : 1
+  role       = aws_iam_role.this.name
+  policy_arn = "arn:aws:iam::aws:policy/service-role/AWSLambdaVPCAccessExecutionRole"
+}
+
 resource "aws_iam_role_policy" "this" {
   name   = "${var.name}-policy"
   role   = aws_iam_role.this.id
@@ -114,7 +130,15 @@ resource "aws_lambda_function" "this" {
     mode = "PassThrough"
   }
 
-  depends_on = [aws_iam_role_policy.this]
+  dynamic "vpc_config" {
+    for_each = var.vpc == null ? [] : [var.vpc]
+    content {
+      subnet_ids         = vpc_config.value.subnet_ids
+      security_group_ids = vpc_config.value.security_group_ids
+    }
+  }
+
+  depends_on = [aws_iam_role_policy.this, aws_iam_role_policy_attachment.vpc_access]
 }
 
 output "function_name" {

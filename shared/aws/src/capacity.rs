@@ -28,18 +28,12 @@ pub enum Unit {
     TimestreamWriteUnits,
     /// Bytes of S3 objects written.
     S3BytesWritten,
+    /// ElastiCache Serverless ECPUs (an estimate: about one per KB a simple command transfers,
+    /// more for commands that work more).
+    ValkeyEcpus,
 }
 
 impl Unit {
-    pub const ALL: [Unit; 6] = [
-        Unit::DynamoWriteUnits,
-        Unit::DynamoReadUnits,
-        Unit::KinesisPutPayloadUnits,
-        Unit::KinesisIngressKib,
-        Unit::TimestreamWriteUnits,
-        Unit::S3BytesWritten,
-    ];
-
     pub fn as_str(self) -> &'static str {
         match self {
             Unit::DynamoWriteUnits => "dynamodb_write_units",
@@ -48,6 +42,7 @@ impl Unit {
             Unit::KinesisIngressKib => "kinesis_ingress_kib",
             Unit::TimestreamWriteUnits => "timestream_write_units",
             Unit::S3BytesWritten => "s3_bytes_written",
+            Unit::ValkeyEcpus => "valkey_ecpus",
         }
     }
 }

@@ -68,8 +68,18 @@ pub mod settings {
         "KAFKA_SECRET_ARN",
         "the Secrets Manager secret with the brokers' SASL/SCRAM credentials; empty for none",
     );
-    pub const POSITIONS_TABLE: Setting =
-        setting("POSITIONS_TABLE", "the DynamoDB table of latest positions");
+    pub const POSITION_STORE: Setting = setting(
+        "POSITION_STORE",
+        "where latest positions live: dynamodb or valkey",
+    );
+    pub const POSITIONS_TABLE: Setting = setting(
+        "POSITIONS_TABLE",
+        "the DynamoDB table of latest positions (POSITION_STORE=dynamodb); with valkey, the prefix of its keys",
+    );
+    pub const VALKEY_URL: Setting = setting(
+        "VALKEY_URL",
+        "the Valkey (ElastiCache) or Redis URL of the position store, rediss://HOST:PORT with TLS (POSITION_STORE=valkey)",
+    );
     pub const ALERT_STATE_TABLE: Setting = setting(
         "ALERT_STATE_TABLE",
         "the DynamoDB table of per-device rule state",
@@ -134,7 +144,7 @@ impl Port {
                 KAFKA_SECRET_ARN,
             ],
             Port::TelemetryEvents => &[BUS],
-            Port::Positions => &[POSITIONS_TABLE],
+            Port::Positions => &[POSITION_STORE, POSITIONS_TABLE, VALKEY_URL],
             Port::Alerts => &[ALERT_STATE_TABLE, ALERTS_TABLE],
             Port::Archive => &[
                 ARCHIVE,
@@ -407,14 +417,45 @@ impl Composition {
         Ok((field("username")?, field("password")?))
     }
 
-    pub fn positions(&self) -> Result<Arc<dyn PositionStore>, ComposeError> {
-        Ok(Arc::new(
-            DynamoPositions::new(
-                self.clients.dynamodb.clone(),
-                self.required(settings::POSITIONS_TABLE)?,
-            )
-            .metered(self.clients.capacity.clone()),
-        ))
+    /// The position store named by `POSITION_STORE`: `dynamodb` (the default;
+    /// `POSITIONS_TABLE`) or `valkey` (`VALKEY_URL`, keys prefixed with `POSITIONS_TABLE`).
+    pub async fn positions(&self) -> Result<Arc<dyn PositionStore>, ComposeError> {
+        let table = self.required(settings::POSITIONS_TABLE)?;
+        match self.optional(settings::POSITION_STORE)?.as_deref() {
+            None | Some("dynamodb") => Ok(Arc::new(
+                DynamoPositions::new(self.clients.dynamodb.clone(), table)
+                    .metered(self.clients.capacity.clone()),
+            )),
+            Some("valkey") => self.valkey_positions(table).await,
+            Some(other) => Err(ComposeError::Invalid {
+                name: settings::POSITION_STORE.name,
+                value: other.to_string(),
+                expected: "dynamodb or valkey",
+            }),
+        }
+    }
+
+    #[cfg(feature = "valkey")]
+    async fn valkey_positions(
+        &self,
+        prefix: String,
+    ) -> Result<Arc<dyn PositionStore>, ComposeError> {
+        let url = self.required(settings::VALKEY_URL)?;
+        let store = crate::valkey::ValkeyPositions::connect(&url, prefix)
+            .await
+            .map_err(|e| ComposeError::Unavailable(format!("VALKEY_URL: {e}")))?;
+        Ok(Arc::new(store.metered(self.clients.capacity.clone())))
+    }
+
+    #[cfg(not(feature = "valkey"))]
+    async fn valkey_positions(
+        &self,
+        _prefix: String,
+    ) -> Result<Arc<dyn PositionStore>, ComposeError> {
+        Err(ComposeError::Unavailable(format!(
+            "POSITION_STORE=valkey, but {} was built without the Valkey client: build it with --features valkey",
+            self.function
+        )))
     }
 
     pub fn alerts(&self) -> Result<Arc<dyn AlertStore>, ComposeError> {
@@ -508,23 +549,25 @@ mod tests {
         Composition::new("test", ports, Box::new(settings), Clients::new(&sdk))
     }
 
-    #[test]
-    fn a_missing_setting_is_named_with_its_purpose() {
+    #[tokio::test]
+    async fn a_missing_setting_is_named_with_its_purpose() {
         let error = composition(&[Port::Positions], SettingMap::new())
             .positions()
+            .await
             .err()
             .unwrap();
         assert_eq!(
             error.to_string(),
-            "environment variable POSITIONS_TABLE is not set: the DynamoDB table of latest positions"
+            "environment variable POSITIONS_TABLE is not set: the DynamoDB table of latest positions (POSITION_STORE=dynamodb); with valkey, the prefix of its keys"
         );
     }
 
-    #[test]
-    fn a_setting_the_function_did_not_declare_is_refused() {
+    #[tokio::test]
+    async fn a_setting_the_function_did_not_declare_is_refused() {
         let settings = SettingMap::new().set(settings::POSITIONS_TABLE, "p");
         let error = composition(&[Port::DeadLetters], settings)
             .positions()
+            .await
             .err()
             .unwrap();
         assert_eq!(

@@ -19,8 +19,10 @@ use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{AttributeValue, Put, ReturnValue, TransactWriteItem, Update};
 use geostream_shared::geo::{index_partition_key, INDEX_PARTITION_GEOHASH_LEN, INDEX_SHARDS};
-use geostream_shared::model::{Alert, AlertState, Position, Severity};
-use geostream_shared::ports::{AlertFilter, AlertStore, PositionStore, StoreError, UpsertOutcome};
+use geostream_shared::model::{Alert, AlertState, GeoPoint, Position, Severity};
+use geostream_shared::ports::{
+    nearest, AlertFilter, AlertStore, NearbyVehicle, PositionStore, StoreError, UpsertOutcome,
+};
 use geostream_shared::rules::DeviceRuleStates;
 use geostream_shared::EpochMillis;
 
@@ -230,6 +232,24 @@ impl PositionStore for DynamoPositions {
             .map_err(|e| StoreError::permanent("GetItem positions", e))
     }
 
+    async fn near(
+        &self,
+        center: GeoPoint,
+        radius_m: f64,
+        limit: usize,
+    ) -> Result<Vec<NearbyVehicle>, StoreError> {
+        let cells = geostream_shared::geo::cover_circle(center, radius_m);
+        Ok(nearest(
+            center,
+            radius_m,
+            limit,
+            self.query_prefixes(&cells).await?,
+        ))
+    }
+}
+
+impl DynamoPositions {
+    /// Every position whose geohash starts with one of `prefixes`, read from the geo index.
     async fn query_prefixes(&self, prefixes: &[String]) -> Result<Vec<Position>, StoreError> {
         let cells = Self::cell_ranges(prefixes)?;
         let mut queries = tokio::task::JoinSet::new();

@@ -26,3 +26,5 @@ pub mod retry;
 pub mod s3archive;
 pub mod sqs;
 pub mod timestream;
+#[cfg(feature = "valkey")]
+pub mod valkey;

@@ -1,0 +1,281 @@
+//! Latest positions in Valkey (Amazon ElastiCache Serverless for Valkey) or Redis 7: the
+//! position store that keeps positions fresh at a fraction of DynamoDB's cost per write
+//! (docs/cost.md), with radius queries answered by GEOSEARCH at every radius.
+//!
+//! Keys, all under one hash tag so that the upsert script's keys share a cluster slot:
+//! - `{PREFIX}:position:DEVICE`: a hash with `ts`, `event_id` and `position` (the JSON of
+//!   [`Position`]).
+//! - `{PREFIX}:geo`: the geo set of every indexed vehicle (member = device id).
+//! - `{PREFIX}:polar`: vehicles beyond the latitudes a geo set takes (±85.05112878°), found by
+//!   a scan of that (small) set instead.
+//!
+//! An upsert is one script ([`UPSERT_SCRIPT`]): it compares `(ts, event_id)` with the stored
+//! one and writes the hash and the geo set only if the new position is later, atomically, so a
+//! position never goes back in time and a replay changes nothing.
+//!
+//! A radius query asks GEOSEARCH for the nearest members within a slightly larger radius
+//! (Valkey measures on a sphere of 6,372,797.56 m and stores coordinates to about 0.6 m; GeoStream
+//! on 6,371,008.8 m), reads their positions, and keeps those within the radius by GeoStream's
+//! own haversine: equal to a brute-force scan. When GEOSEARCH's COUNT cut the candidates short of
+//! what could still be nearer, it asks again for more.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_trait::async_trait;
+use geostream_shared::geo::{haversine_m, EARTH_RADIUS_M};
+use geostream_shared::model::{GeoPoint, Position};
+use geostream_shared::ports::{nearest, NearbyVehicle, PositionStore, StoreError, UpsertOutcome};
+use redis::aio::ConnectionManager;
+use redis::{RedisError, RetryMethod, Script};
+
+use crate::capacity::{CapacityMeter, Unit};
+
+/// The latitudes a geo set can index.
+const GEO_MAX_LAT: f64 = 85.051_128_78;
+/// Valkey's Earth radius for geo distances.
+const VALKEY_EARTH_RADIUS_M: f64 = 6_372_797.560_856;
+/// Slack on top of the radii's ratio: coordinates are stored to about 0.6 m.
+const SEARCH_SLACK_M: f64 = 2.0;
+/// Candidates asked for beyond the limit on the first try.
+const EXTRA_CANDIDATES: usize = 16;
+
+/// Stores the position if it is later than the stored one, in `(ts, event_id)` order.
+/// KEYS: position hash, geo set, polar set. ARGV: ts, event_id, position JSON, lon, lat,
+/// device id, "1" when the latitude is beyond the geo set's range.
+pub const UPSERT_SCRIPT: &str = r#"
+local stored = redis.call('HMGET', KEYS[1], 'ts', 'event_id')
+if stored[1] then
+  local stored_ts = tonumber(stored[1])
+  local ts = tonumber(ARGV[1])
+  if stored_ts > ts or (stored_ts == ts and stored[2] >= ARGV[2]) then
+    return 0
+  end
+end
+redis.call('HSET', KEYS[1], 'ts', ARGV[1], 'event_id', ARGV[2], 'position', ARGV[3])
+if ARGV[7] == '1' then
+  redis.call('ZREM', KEYS[2], ARGV[6])
+  redis.call('SADD', KEYS[3], ARGV[6])
+else
+  redis.call('GEOADD', KEYS[2], ARGV[4], ARGV[5], ARGV[6])
+  redis.call('SREM', KEYS[3], ARGV[6])
+end
+return 1
+"#;
+
+/// Latest positions in Valkey or Redis.
+#[derive(Clone)]
+pub struct ValkeyPositions {
+    connection: ConnectionManager,
+    prefix: String,
+    upsert: Script,
+    meter: CapacityMeter,
+    round_trips: std::sync::Arc<AtomicU64>,
+}
+
+/// Transient or permanent as the client itself would retry it (`RedisError::retry_method`).
+fn store_error(operation: &'static str, error: RedisError) -> StoreError {
+    let message = error.to_string();
+    match error.retry_method() {
+        RetryMethod::NoRetry => StoreError::permanent(operation, message),
+        _ => StoreError::transient(operation, message),
+    }
+}
+
+impl ValkeyPositions {
+    /// Connects to `url` (`redis://HOST:PORT` or, for ElastiCache's encryption in transit,
+    /// `rediss://HOST:PORT`); keys start with `{prefix}`. The connection reconnects by itself.
+    pub async fn connect(url: &str, prefix: impl Into<String>) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url).map_err(|e| store_error("connect to Valkey", e))?;
+        let connection = ConnectionManager::new(client)
+            .await
+            .map_err(|e| store_error("connect to Valkey", e))?;
+        Ok(ValkeyPositions {
+            connection,
+            prefix: prefix.into(),
+            upsert: Script::new(UPSERT_SCRIPT),
+            meter: CapacityMeter::default(),
+            round_trips: Default::default(),
+        })
+    }
+
+    /// Counts the ECPUs this store consumes on `meter`.
+    pub fn metered(mut self, meter: CapacityMeter) -> Self {
+        self.meter = meter;
+        self
+    }
+
+    /// Round trips to the server so far (a pipeline of commands is one).
+    pub fn round_trips(&self) -> u64 {
+        self.round_trips.load(Ordering::Relaxed)
+    }
+
+    fn position_key(&self, device_id: &str) -> String {
+        format!("{{{}}}:position:{device_id}", self.prefix)
+    }
+
+    fn geo_key(&self) -> String {
+        format!("{{{}}}:geo", self.prefix)
+    }
+
+    fn polar_key(&self) -> String {
+        format!("{{{}}}:polar", self.prefix)
+    }
+
+    /// ElastiCache Serverless bills about one ECPU per KB a simple command transfers; a command
+    /// that works more (a script's several commands, a search) counts one per command or result.
+    /// One round trip carrying `commands` commands and `bytes` bytes of data.
+    fn charge(&self, commands: usize, bytes: usize) {
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
+        self.meter.add(
+            Unit::ValkeyEcpus,
+            commands.max(1) as f64 + bytes.div_ceil(1024) as f64,
+        );
+    }
+
+    async fn positions_of(&self, device_ids: &[String]) -> Result<Vec<Position>, StoreError> {
+        if device_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipeline = redis::pipe();
+        for device in device_ids {
+            pipeline.hget(self.position_key(device), "position");
+        }
+        let found: Vec<Option<String>> = pipeline
+            .query_async(&mut self.connection.clone())
+            .await
+            .map_err(|e| store_error("HGET positions", e))?;
+        let bytes = found.iter().flatten().map(String::len).sum();
+        self.charge(device_ids.len(), bytes);
+        found
+            .into_iter()
+            .flatten()
+            .map(|json| {
+                serde_json::from_str(&json).map_err(|e| {
+                    StoreError::permanent("HGET positions", format!("stored position: {e}"))
+                })
+            })
+            .collect()
+    }
+
+    /// Up to `count` members within `radius_m` (Valkey's measure) of `center`, nearest first.
+    async fn geosearch(
+        &self,
+        center: GeoPoint,
+        radius_m: f64,
+        count: usize,
+    ) -> Result<Vec<(String, f64)>, StoreError> {
+        let found: Vec<(String, f64)> = redis::cmd("GEOSEARCH")
+            .arg(self.geo_key())
+            .arg("FROMLONLAT")
+            .arg(center.lon)
+            .arg(center.lat)
+            .arg("BYRADIUS")
+            .arg(radius_m)
+            .arg("m")
+            .arg("ASC")
+            .arg("COUNT")
+            .arg(count)
+            .arg("WITHDIST")
+            .query_async(&mut self.connection.clone())
+            .await
+            .map_err(|e| store_error("GEOSEARCH", e))?;
+        self.charge(
+            1 + found.len() / 10,
+            found.iter().map(|f| f.0.len() + 8).sum(),
+        );
+        Ok(found)
+    }
+}
+
+#[async_trait]
+impl PositionStore for ValkeyPositions {
+    async fn upsert_if_newer(&self, mut position: Position) -> Result<UpsertOutcome, StoreError> {
+        if position.geohash.is_empty() {
+            position.geohash =
+                geostream_shared::geo::geohash_of(position.point()).ok_or_else(|| {
+                    StoreError::permanent("upsert", format!("position out of range: {position:?}"))
+                })?;
+        }
+        let json = serde_json::to_string(&position)
+            .map_err(|e| StoreError::permanent("upsert", e.to_string()))?;
+        let polar = position.lat.abs() > GEO_MAX_LAT;
+        let bytes = json.len() + position.event_id.len() + position.device_id.len();
+        let applied: i64 = self
+            .upsert
+            .key(self.position_key(&position.device_id))
+            .key(self.geo_key())
+            .key(self.polar_key())
+            .arg(position.ts)
+            .arg(&position.event_id)
+            .arg(json)
+            .arg(position.lon)
+            .arg(position.lat)
+            .arg(&position.device_id)
+            .arg(if polar { "1" } else { "0" })
+            .invoke_async(&mut self.connection.clone())
+            .await
+            .map_err(|e| store_error("upsert script", e))?;
+        // The script runs three commands when it writes, one when the stored one is newer.
+        self.charge(if applied == 1 { 3 } else { 1 }, bytes);
+        Ok(if applied == 1 {
+            UpsertOutcome::Applied
+        } else {
+            UpsertOutcome::Stale
+        })
+    }
+
+    async fn get(&self, device_id: &str) -> Result<Option<Position>, StoreError> {
+        Ok(self
+            .positions_of(&[device_id.to_string()])
+            .await?
+            .into_iter()
+            .next())
+    }
+
+    async fn near(
+        &self,
+        center: GeoPoint,
+        radius_m: f64,
+        limit: usize,
+    ) -> Result<Vec<NearbyVehicle>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        // A center beyond the geo set's latitudes searches from the nearest latitude it takes,
+        // that much further (every point within the radius of the center is within the radius
+        // plus that distance of the clamped point).
+        let searched_from = GeoPoint {
+            lat: center.lat.clamp(-GEO_MAX_LAT, GEO_MAX_LAT),
+            lon: center.lon,
+        };
+        let offset_m = haversine_m(center, searched_from);
+        let scale = VALKEY_EARTH_RADIUS_M / EARTH_RADIUS_M;
+        let search_radius = (radius_m + offset_m) * scale * 1.000_1 + SEARCH_SLACK_M;
+        // Vehicles beyond the geo set's latitudes are few: all of them are candidates.
+        let polar: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(self.polar_key())
+            .query_async(&mut self.connection.clone())
+            .await
+            .map_err(|e| store_error("SMEMBERS", e))?;
+        self.charge(1, polar.iter().map(String::len).sum());
+        let mut count = limit.saturating_add(EXTRA_CANDIDATES);
+        loop {
+            let found = self.geosearch(searched_from, search_radius, count).await?;
+            let complete = found.len() < count;
+            let farthest_searched = found.last().map_or(0.0, |f| f.1);
+            let mut devices: Vec<String> = found.into_iter().map(|f| f.0).collect();
+            devices.extend(polar.iter().cloned());
+            let answer = nearest(center, radius_m, limit, self.positions_of(&devices).await?);
+            // Members left out are at least as far as the last returned one by Valkey's measure,
+            // so at least this far by GeoStream's.
+            let left_out_at_least =
+                ((farthest_searched - SEARCH_SLACK_M) / (scale * 1.000_1) - offset_m).max(0.0);
+            let kth = answer.last().map(|v| v.distance_m);
+            let settled = answer.len() == limit && kth.is_some_and(|d| d < left_out_at_least);
+            if complete || settled || count >= usize::MAX / 4 {
+                return Ok(answer);
+            }
+            count = count.saturating_mul(4);
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! The Valkey position store against a real Redis 7 server (`scripts/redis`, started by
+//! `scripts/test`): never back in time, replays change nothing, and radius queries equal a
+//! brute-force scan at every radius the API accepts, with the round trips each query took.
+
+use futures::stream::{self, StreamExt};
+use geostream_aws::valkey::ValkeyPositions;
+use geostream_e2e::harness::valkey;
+use geostream_shared::geo::{geohash_of, haversine_m};
+use geostream_shared::model::{GeoPoint, Position};
+use geostream_shared::ports::{nearest, PositionStore, UpsertOutcome};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+/// A fresh key prefix per test run, so runs never see each other's keys.
+fn prefix(test: &str) -> String {
+    format!("{test}-{}", geostream_shared::now_millis())
+}
+
+fn position(device: &str, ts: i64, event_id: &str, lat: f64, lon: f64) -> Position {
+    let point = GeoPoint { lat, lon };
+    Position {
+        device_id: device.to_string(),
+        ts,
+        event_id: event_id.to_string(),
+        lat,
+        lon,
+        geohash: geohash_of(point).unwrap(),
+        speed_kmh: Some(42.0),
+        heading_deg: None,
+        received_at: ts + 5,
+    }
+}
+
+#[tokio::test]
+async fn positions_never_go_back_in_time_and_replays_change_nothing() {
+    let Some(url) = valkey() else { return };
+    let store = ValkeyPositions::connect(&url, prefix("order"))
+        .await
+        .unwrap();
+    let first = position("truck-1", 10_000, "e-b", 48.137, 11.575);
+    assert_eq!(
+        store.upsert_if_newer(first.clone()).await.unwrap(),
+        UpsertOutcome::Applied
+    );
+    // The same reading again (a replay), an earlier one, and the same time with a lower id.
+    for stale in [
+        first.clone(),
+        position("truck-1", 9_000, "e-z", 52.52, 13.40),
+        position("truck-1", 10_000, "e-a", 52.52, 13.40),
+    ] {
+        assert_eq!(
+            store.upsert_if_newer(stale).await.unwrap(),
+            UpsertOutcome::Stale
+        );
+    }
+    assert_eq!(store.get("truck-1").await.unwrap(), Some(first.clone()));
+    let munich = first.point();
+    assert_eq!(store.near(munich, 100.0, 10).await.unwrap().len(), 1);
+
+    // A later reading moves it, in the hash and in the geo set together.
+    let moved = position("truck-1", 10_000, "e-c", 52.52, 13.40);
+    assert_eq!(
+        store.upsert_if_newer(moved.clone()).await.unwrap(),
+        UpsertOutcome::Applied
+    );
+    assert_eq!(store.get("truck-1").await.unwrap(), Some(moved.clone()));
+    assert!(store.near(munich, 1_000.0, 10).await.unwrap().is_empty());
+    let near_berlin = store.near(moved.point(), 10.0, 10).await.unwrap();
+    assert_eq!(near_berlin.len(), 1);
+    assert_eq!(near_berlin[0].position, moved);
+    assert_eq!(store.get("nobody").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_vehicle_beyond_the_geo_sets_latitudes_is_kept_and_found() {
+    let Some(url) = valkey() else { return };
+    let store = ValkeyPositions::connect(&url, prefix("polar"))
+        .await
+        .unwrap();
+    let polar = position("icebreaker", 1_000, "e1", 89.5, 10.0);
+    let alert = position("alert-station", 1_000, "e1", 82.5, -62.3);
+    for p in [polar.clone(), alert.clone()] {
+        assert_eq!(
+            store.upsert_if_newer(p).await.unwrap(),
+            UpsertOutcome::Applied
+        );
+    }
+    let pole = GeoPoint {
+        lat: 90.0,
+        lon: 0.0,
+    };
+    let found = store.near(pole, 100_000.0, 10).await.unwrap();
+    assert_eq!(
+        found
+            .iter()
+            .map(|v| v.position.device_id.as_str())
+            .collect::<Vec<_>>(),
+        ["icebreaker"]
+    );
+    // Back below the limit, it is indexed again (and found from the pole only within range).
+    let south = position("icebreaker", 2_000, "e2", 84.0, 10.0);
+    store.upsert_if_newer(south.clone()).await.unwrap();
+    let found = store.near(pole, 700_000.0, 10).await.unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].position, south);
+    let found = store.near(pole, 1_000_000.0, 10).await.unwrap();
+    assert_eq!(found.len(), 2, "{found:?}");
+}
+
+/// Fleet A's density: 10,000 vehicles in a 60 km x 60 km metro area, plus 2,000 spread over a
+/// 600 km x 600 km region so that the 100 km queries reach past the metro area, and rings at
+/// the queried radii.
+fn fleet() -> Vec<Position> {
+    let mut rng = SmallRng::seed_from_u64(7);
+    let mut vehicles = Vec::new();
+    for i in 0..12_000 {
+        let (span_km, device) = if i < 10_000 {
+            (60.0, format!("metro-{i:05}"))
+        } else {
+            (600.0, format!("region-{i:05}"))
+        };
+        let lat = METRO.lat + (rng.random::<f64>() - 0.5) * span_km / 111.2;
+        let lon = METRO.lon
+            + (rng.random::<f64>() - 0.5) * span_km / (111.2 * METRO.lat.to_radians().cos());
+        vehicles.push(position(&device, 1_000 + i, "e", lat, lon));
+    }
+    // Two vehicles at the same spot: ties go by device id.
+    vehicles.push(position("twin-a", 5, "e", 48.2, 11.6));
+    vehicles.push(position("twin-b", 5, "e", 48.2, 11.6));
+    // Rings just inside and just outside each radius queried from the metro center, where a
+    // store measuring on another sphere, or on rounded coordinates, would answer otherwise.
+    for radius_m in RADII_M {
+        for k in 0..24 {
+            let bearing = f64::from(k) * 15.0;
+            for (side, offset_m) in [("in", -0.5), ("out", 0.5)] {
+                let point = destination(METRO, bearing, radius_m + offset_m);
+                let device = format!("ring-{radius_m}-{k}-{side}");
+                vehicles.push(position(&device, 7, "e", point.lat, point.lon));
+            }
+        }
+    }
+    vehicles
+}
+
+const METRO: GeoPoint = GeoPoint {
+    lat: 48.137,
+    lon: 11.575,
+};
+const RADII_M: [f64; 4] = [500.0, 2_000.0, 30_000.0, 100_000.0];
+
+/// The point `distance_m` from `from` on `bearing_deg`, on GeoStream's sphere.
+fn destination(from: GeoPoint, bearing_deg: f64, distance_m: f64) -> GeoPoint {
+    let angle = distance_m / geostream_shared::geo::EARTH_RADIUS_M;
+    let (lat1, lon1, bearing) = (
+        from.lat.to_radians(),
+        from.lon.to_radians(),
+        bearing_deg.to_radians(),
+    );
+    let lat2 = (lat1.sin() * angle.cos() + lat1.cos() * angle.sin() * bearing.cos()).asin();
+    let lon2 = lon1
+        + (bearing.sin() * angle.sin() * lat1.cos()).atan2(angle.cos() - lat1.sin() * lat2.sin());
+    GeoPoint {
+        lat: lat2.to_degrees(),
+        lon: lon2.to_degrees(),
+    }
+}
+
+#[tokio::test]
+async fn radius_queries_equal_a_brute_force_scan_at_every_radius() {
+    let Some(url) = valkey() else { return };
+    let store = ValkeyPositions::connect(&url, prefix("radius"))
+        .await
+        .unwrap();
+    let vehicles = fleet();
+    let applied: Vec<_> = stream::iter(vehicles.clone())
+        .map(|p| {
+            let store = store.clone();
+            async move { store.upsert_if_newer(p).await.unwrap() }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    assert!(applied.iter().all(|o| *o == UpsertOutcome::Applied));
+
+    let centers = [
+        METRO,
+        GeoPoint {
+            lat: 48.2,
+            lon: 11.6,
+        },
+        GeoPoint {
+            lat: 47.0,
+            lon: 9.5,
+        },
+    ];
+    for center in centers {
+        for radius_m in RADII_M {
+            // Limits that cut the answer, and one the radius cuts instead.
+            for limit in [1, 100, 1_000, 20_000] {
+                let before = store.round_trips();
+                let answer = store.near(center, radius_m, limit).await.unwrap();
+                let round_trips = store.round_trips() - before;
+                let expected = nearest(center, radius_m, limit, vehicles.clone());
+                assert_eq!(
+                    answer, expected,
+                    "center {center:?}, radius {radius_m} m, limit {limit}"
+                );
+                for v in &answer {
+                    assert!(haversine_m(center, v.position.point()) <= radius_m);
+                }
+                println!(
+                    "near {center:?} radius {radius_m} m limit {limit}: {} vehicles, {round_trips} round trips",
+                    answer.len()
+                );
+                // SMEMBERS, GEOSEARCH, one pipelined read of the candidates; a COUNT that cut
+                // the candidates short asks again.
+                if limit <= 100 {
+                    assert!(round_trips <= 10, "{round_trips} round trips");
+                }
+            }
+        }
+    }
+}
