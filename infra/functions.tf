@@ -125,7 +125,7 @@ module "geo_update" {
   description        = "Keeps the latest position of every vehicle and its geo index"
   zip_path           = local.artifact["geo-update"]
   log_retention_days = var.log_retention_days
-  vpc                = local.valkey_vpc
+  vpc                = local.positions_vpc
   environment = merge(local.position_environment, {
     BUS                   = var.bus
     DEAD_LETTER_QUEUE_URL = aws_sqs_queue.dead_letters.url
@@ -159,14 +159,14 @@ module "anomaly_inspector" {
   description        = "Evaluates the rules per vehicle, keeps alert state, publishes raise and clear"
   zip_path           = local.artifact["anomaly-inspector"]
   log_retention_days = var.log_retention_days
-  environment = merge(local.kafka_environment, {
-    ALERT_STATE_TABLE     = aws_dynamodb_table.alert_state.name
+  vpc                = local.rule_state_vpc
+  environment = merge(local.kafka_environment, local.rule_state_environment, {
     ALERTS_TABLE          = aws_dynamodb_table.alerts.name
     ALERTS_STREAM         = var.bus == "kinesis" ? aws_kinesis_stream.alerts[0].name : ""
     ALERTS_TOPIC          = var.bus == "kafka" ? var.kafka_alerts_topic : ""
     DEAD_LETTER_QUEUE_URL = aws_sqs_queue.dead_letters.url
   })
-  policy_statements = concat(local.stream_reader_statements, [
+  policy_statements = concat(local.stream_reader_statements, var.rule_state_store == "dynamodb" ? [
     {
       # A state change alone is a conditional PutItem; with the alerts it touched, one
       # TransactWriteItems call, which DynamoDB authorises as the PutItem and UpdateItem inside it.
@@ -174,6 +174,7 @@ module "anomaly_inspector" {
       actions   = ["dynamodb:GetItem", "dynamodb:PutItem"]
       resources = [aws_dynamodb_table.alert_state.arn]
     },
+    ] : [], [
     {
       sid       = "AlertRecords"
       actions   = ["dynamodb:UpdateItem"]
@@ -195,7 +196,7 @@ module "query_api" {
   description        = "Vehicles by id and near a point, tracks, alerts and acknowledgements"
   zip_path           = local.artifact["query-api"]
   log_retention_days = var.log_retention_days
-  vpc                = local.valkey_vpc
+  vpc                = local.positions_vpc
   environment = merge(local.archive_environment, local.position_environment, {
     ALERT_STATE_TABLE = aws_dynamodb_table.alert_state.name
     ALERTS_TABLE      = aws_dynamodb_table.alerts.name

@@ -1,25 +1,37 @@
-# With position_store = valkey: latest positions in ElastiCache Serverless for Valkey, reached
-# by geo-update and the query API from inside the VPC (docs/cost.md: the cheapest configuration
-# that keeps positions fresh at fleet scale). Every other function stays outside the VPC.
+# With position_store = valkey and/or rule_state_store = valkey: latest positions (geo-update,
+# the query API) and/or the anomaly-inspector's rule state in ElastiCache Serverless for Valkey,
+# reached from inside the VPC (docs/cost.md: the cheapest configuration that keeps positions
+# fresh at fleet scale). Every other function stays outside the VPC.
 #
-# What the two VPC functions reach, without a NAT gateway: Valkey (port 6379), DynamoDB and S3
-# through gateway endpoints (free), SQS through an interface endpoint (dead letters).
+# What the VPC functions reach, without a NAT gateway: Valkey (port 6379), DynamoDB and S3
+# through gateway endpoints (free), SQS (dead letters) and Kinesis (the alerts stream, for the
+# anomaly-inspector) through interface endpoints.
 
 locals {
-  valkey = var.position_store == "valkey"
+  valkey     = var.position_store == "valkey" || var.rule_state_store == "valkey"
+  valkey_url = local.valkey ? "rediss://${aws_elasticache_serverless_cache.hot_state[0].endpoint[0].address}:${aws_elasticache_serverless_cache.hot_state[0].endpoint[0].port}" : ""
 
   # The position store the deployment chose, for geo-update and the query API. With valkey the
   # table name still prefixes the keys, so two stacks can share a cache.
   position_environment = {
     POSITION_STORE  = var.position_store
     POSITIONS_TABLE = aws_dynamodb_table.positions.name
-    VALKEY_URL      = local.valkey ? "rediss://${aws_elasticache_serverless_cache.positions[0].endpoint[0].address}:${aws_elasticache_serverless_cache.positions[0].endpoint[0].port}" : ""
+    VALKEY_URL      = var.position_store == "valkey" ? local.valkey_url : ""
   }
 
-  valkey_vpc = local.valkey ? {
+  # Where the anomaly-inspector keeps rule state (alert records stay in DynamoDB).
+  rule_state_environment = {
+    RULE_STATE_STORE  = var.rule_state_store
+    ALERT_STATE_TABLE = aws_dynamodb_table.alert_state.name
+    VALKEY_URL        = var.rule_state_store == "valkey" ? local.valkey_url : ""
+  }
+
+  vpc_access = local.valkey ? {
     subnet_ids         = var.vpc_subnet_ids
     security_group_ids = [aws_security_group.vpc_functions[0].id]
   } : null
+  positions_vpc  = var.position_store == "valkey" ? local.vpc_access : null
+  rule_state_vpc = var.rule_state_store == "valkey" ? local.vpc_access : null
 }
 
 data "aws_subnet" "first" {
@@ -32,8 +44,12 @@ data "aws_subnet" "first" {
       error_message = "position_store = valkey needs vpc_subnet_ids in two or more availability zones and their vpc_route_table_ids."
     }
     postcondition {
-      condition     = var.archive == "s3"
+      condition     = var.position_store != "valkey" || var.archive == "s3"
       error_message = "position_store = valkey needs archive = s3: the query API reaches S3 through a gateway endpoint, Timestream would need interface endpoints this stack does not declare."
+    }
+    postcondition {
+      condition     = var.rule_state_store != "valkey" || var.bus == "kinesis"
+      error_message = "rule_state_store = valkey needs bus = kinesis: the anomaly-inspector reaches the alerts stream through an interface endpoint; Kafka brokers and their secret from inside the VPC are not declared here."
     }
   }
 }
@@ -44,24 +60,24 @@ data "aws_vpc" "functions" {
 }
 
 resource "aws_security_group" "vpc_functions" {
-  #checkov:skip=CKV2_AWS_5:attached to geo-update and the query API through module "function" (var.vpc), which checkov does not follow
+  #checkov:skip=CKV2_AWS_5:attached to the VPC functions through module "function" (var.vpc), which checkov does not follow
   count       = local.valkey ? 1 : 0
   name        = "${var.name_prefix}-vpc-functions"
-  description = "geo-update and the query API: out to Valkey and the AWS endpoints only"
+  description = "The functions in the VPC: out to Valkey and the AWS endpoints only"
   vpc_id      = data.aws_vpc.functions[0].id
 }
 
 resource "aws_security_group" "valkey" {
   count       = local.valkey ? 1 : 0
   name        = "${var.name_prefix}-valkey"
-  description = "The position store: in from geo-update and the query API only"
+  description = "The hot-state cache: in from the VPC functions only"
   vpc_id      = data.aws_vpc.functions[0].id
 }
 
 resource "aws_security_group" "endpoints" {
   count       = local.valkey ? 1 : 0
   name        = "${var.name_prefix}-endpoints"
-  description = "The SQS interface endpoint: in from geo-update and the query API only"
+  description = "The SQS and Kinesis interface endpoints: in from the VPC functions only"
   vpc_id      = data.aws_vpc.functions[0].id
 }
 
@@ -78,7 +94,7 @@ resource "aws_vpc_security_group_egress_rule" "functions_to_valkey" {
 resource "aws_vpc_security_group_egress_rule" "functions_to_interface_endpoints" {
   count                        = local.valkey ? 1 : 0
   security_group_id            = aws_security_group.vpc_functions[0].id
-  description                  = "HTTPS to the SQS interface endpoint"
+  description                  = "HTTPS to the interface endpoints"
   referenced_security_group_id = aws_security_group.endpoints[0].id
   ip_protocol                  = "tcp"
   from_port                    = 443
@@ -98,7 +114,7 @@ resource "aws_vpc_security_group_egress_rule" "functions_to_gateway_endpoints" {
 resource "aws_vpc_security_group_ingress_rule" "valkey_from_functions" {
   count                        = local.valkey ? 1 : 0
   security_group_id            = aws_security_group.valkey[0].id
-  description                  = "geo-update and the query API"
+  description                  = "The VPC functions"
   referenced_security_group_id = aws_security_group.vpc_functions[0].id
   ip_protocol                  = "tcp"
   from_port                    = 6379
@@ -108,7 +124,7 @@ resource "aws_vpc_security_group_ingress_rule" "valkey_from_functions" {
 resource "aws_vpc_security_group_ingress_rule" "endpoints_from_functions" {
   count                        = local.valkey ? 1 : 0
   security_group_id            = aws_security_group.endpoints[0].id
-  description                  = "geo-update and the query API"
+  description                  = "The VPC functions"
   referenced_security_group_id = aws_security_group.vpc_functions[0].id
   ip_protocol                  = "tcp"
   from_port                    = 443
@@ -131,6 +147,16 @@ resource "aws_vpc_endpoint" "s3" {
   route_table_ids   = var.vpc_route_table_ids
 }
 
+resource "aws_vpc_endpoint" "kinesis" {
+  count               = var.rule_state_store == "valkey" && var.bus == "kinesis" ? 1 : 0
+  vpc_id              = data.aws_vpc.functions[0].id
+  service_name        = "com.amazonaws.${var.region}.kinesis-streams"
+  vpc_endpoint_type   = "Interface"
+  subnet_ids          = var.vpc_subnet_ids
+  security_group_ids  = [aws_security_group.endpoints[0].id]
+  private_dns_enabled = true
+}
+
 resource "aws_vpc_endpoint" "sqs" {
   count               = local.valkey ? 1 : 0
   vpc_id              = data.aws_vpc.functions[0].id
@@ -141,10 +167,10 @@ resource "aws_vpc_endpoint" "sqs" {
   private_dns_enabled = true
 }
 
-resource "aws_elasticache_serverless_cache" "positions" {
+resource "aws_elasticache_serverless_cache" "hot_state" {
   count                    = local.valkey ? 1 : 0
-  name                     = "${var.name_prefix}-positions"
-  description              = "GeoStream latest positions and their geo index"
+  name                     = "${var.name_prefix}-hot-state"
+  description              = "GeoStream latest positions with their geo index, and/or rule state"
   engine                   = "valkey"
   major_engine_version     = "8"
   subnet_ids               = var.vpc_subnet_ids

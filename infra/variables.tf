@@ -271,19 +271,19 @@ variable "position_store" {
 }
 
 variable "vpc_subnet_ids" {
-  description = "With position_store = valkey: private subnets in two or more availability zones, for the cache and for the functions that reach it (geo-update, query-api)."
+  description = "With position_store or rule_state_store = valkey: private subnets in two or more availability zones, for the cache and for the functions that reach it."
   type        = list(string)
   default     = []
 }
 
 variable "vpc_route_table_ids" {
-  description = "With position_store = valkey: the route tables of vpc_subnet_ids, for the (free) DynamoDB and S3 gateway endpoints."
+  description = "With a valkey store: the route tables of vpc_subnet_ids, for the (free) DynamoDB and S3 gateway endpoints."
   type        = list(string)
   default     = []
 }
 
 variable "valkey_max_storage_gb" {
-  description = "With position_store = valkey: the cache's storage limit (a latest position takes about 0.5 KB: 100,000 vehicles fit in 0.1 GB, the minimum billed)."
+  description = "With a valkey store: the cache's storage limit (a latest position takes about 0.5 KB: 100,000 vehicles fit in 0.1 GB, the minimum billed)."
   type        = number
   default     = 1
 
@@ -294,12 +294,23 @@ variable "valkey_max_storage_gb" {
 }
 
 variable "valkey_max_ecpu_per_second" {
-  description = "With position_store = valkey: the cache's ECPU-per-second limit, a ceiling on its cost (a position write takes about 4 ECPUs: fleet A's 5,000 readings/s need about 20,000)."
+  description = "With a valkey store: the cache's ECPU-per-second limit, a ceiling on its cost (a position write takes about 4 ECPUs: fleet A's 5,000 readings/s need about 20,000)."
   type        = number
   default     = 100000
 
   validation {
     condition     = var.valkey_max_ecpu_per_second >= 1000
     error_message = "valkey_max_ecpu_per_second must be at least 1000."
+  }
+}
+
+variable "rule_state_store" {
+  description = "Where the anomaly-inspector keeps per-vehicle rule state: dynamodb (a conditional write per reading) or valkey (the same ElastiCache Serverless cache as position_store = valkey: a few ECPUs per reading, docs/cost.md; needs the VPC variables and bus = kinesis). Alert records stay in DynamoDB either way."
+  type        = string
+  default     = "dynamodb"
+
+  validation {
+    condition     = contains(["dynamodb", "valkey"], var.rule_state_store)
+    error_message = "rule_state_store must be dynamodb or valkey."
   }
 }

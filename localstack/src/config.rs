@@ -29,12 +29,14 @@ pub struct AwsBackend {
     pub create_resources: bool,
     pub archive: ArchiveKind,
     /// Where latest positions live, as `POSITION_STORE` names it on Lambda.
-    pub position_store: PositionStoreKind,
+    pub position_store: StoreKind,
+    /// Where the anomaly-inspector keeps rule state, as `RULE_STATE_STORE` names it.
+    pub rule_state_store: StoreKind,
 }
 
-/// Which position store geo-update writes and the query API reads.
+/// Where a hot store (positions, rule state) lives: DynamoDB or Valkey.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub enum PositionStoreKind {
+pub enum StoreKind {
     #[default]
     DynamoDb,
     /// Valkey (ElastiCache Serverless) or Redis at this URL.

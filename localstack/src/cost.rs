@@ -35,6 +35,8 @@ const SHARD_HEADROOM: f64 = 1.25;
 pub const LAMBDA_MEMORY_MB: f64 = 256.0;
 /// The stream functions, in pipeline order.
 const STREAM_FUNCTIONS: [&str; 3] = ["geo-update", "archiver", "anomaly-inspector"];
+/// What a vehicle keeps in Valkey: its position hash, its geo set member and its rule state.
+const VALKEY_BYTES_PER_VEHICLE: f64 = 1536.0;
 /// The function whose writes are per batch rather than per vehicle.
 const PER_BATCH_FUNCTION: &str = "archiver";
 
@@ -89,6 +91,9 @@ const REQUIRED_PRICES: &[&str] = &[
     "cloudwatch_logs_gb",
     "cloudwatch_metric_month",
     "sqs_request",
+    "elasticache_serverless_valkey_ecpu",
+    "elasticache_serverless_valkey_gb_hour",
+    "vpc_interface_endpoint_hour",
 ];
 
 /// A reference fleet: how many vehicles, how often each reports.
@@ -350,7 +355,9 @@ pub fn report(
         let units_cost = per_reading(function, Unit::DynamoWriteUnits)
             * price("dynamodb_write_request_unit")
             + per_reading(function, Unit::DynamoReadUnits) * price("dynamodb_read_request_unit")
-            + per_reading(function, Unit::TimestreamWriteUnits) * price("timestream_write_unit");
+            + per_reading(function, Unit::TimestreamWriteUnits) * price("timestream_write_unit")
+            + per_reading(function, Unit::ValkeyEcpus)
+                * price("elasticache_serverless_valkey_ecpu");
         line(
             &format!("{function}: AWS requests and capacity"),
             true,
@@ -375,6 +382,27 @@ pub fn report(
             &format!("archive: S3 storage for {months} months"),
             true,
             &|_| archive_bytes / GB * price("s3_gb_month") * months,
+        );
+    }
+    // A Valkey store: the cache's minimum storage, and the interface endpoints (SQS, Kinesis)
+    // in two availability zones that the functions in the VPC reach AWS through.
+    let valkey_ecpus: f64 = measured
+        .usage
+        .functions
+        .iter()
+        .filter_map(|u| u.capacity.snapshot().get(&Unit::ValkeyEcpus).copied())
+        .sum();
+    if valkey_ecpus > 0.0 {
+        line(
+            "valkey: cache storage (0.1 GB minimum) and VPC interface endpoints",
+            true,
+            &|fleet| {
+                let storage_gb = (fleet.vehicles * VALKEY_BYTES_PER_VEHICLE / GB).max(0.1);
+                let monthly =
+                    storage_gb * HOURS_PER_MONTH * price("elasticache_serverless_valkey_gb_hour")
+                        + 2.0 * 2.0 * HOURS_PER_MONTH * price("vpc_interface_endpoint_hour");
+                monthly / fleet.readings_per_month()
+            },
         );
     }
     let dead_letter_requests: f64 = measured.calls("dead-letters").values().sum::<u64>() as f64;

@@ -39,22 +39,25 @@ use geostream_query_api::QueryApi;
 use geostream_shared::stream::StreamFunction;
 use tokio::sync::watch;
 
-pub use config::{
-    ArchiveKind, AwsBackend, Backend, Bus, KafkaBusConfig, LocalConfig, PositionStoreKind,
-};
+pub use config::{ArchiveKind, AwsBackend, Backend, Bus, KafkaBusConfig, LocalConfig, StoreKind};
 pub use drain::KAFKA_QUIET;
 pub use stack::{RunningStack, Stack, StackStats};
 
 use esm::event::InProcess;
 use esm::start_mapping;
 use metrics::LocalMetrics;
-use positions::{LatestPositions, ObservedPositions, PostToPosition};
+use positions::{LatestPositions, ObservedAlerts, ObservedPositions, SinceReading};
 
 /// Builds the stack on its backend and starts serving on `config.listen` (port 0 picks a free
 /// port; [`RunningStack::addr`] tells which).
 pub async fn start(config: LocalConfig) -> Result<RunningStack, String> {
     let ports = wiring::ports(&config).await?;
-    let post_to_position = Arc::new(PostToPosition::default());
+    let post_to_position = Arc::new(SinceReading::default());
+    let post_to_alert = Arc::new(SinceReading::default());
+    let alert_bus = Arc::new(ObservedAlerts {
+        inner: ports.alert_bus.clone(),
+        latency: post_to_alert.clone(),
+    });
     let latest_positions = ports
         .memory
         .is_none()
@@ -79,7 +82,7 @@ pub async fn start(config: LocalConfig) -> Result<RunningStack, String> {
         Arc::new(AnomalyInspector::new(
             Arc::new(config.rules.clone()),
             ports.alerts.clone(),
-            ports.alert_bus.clone(),
+            alert_bus,
             ports.dead_letters.clone(),
         )),
     ];
@@ -109,6 +112,7 @@ pub async fn start(config: LocalConfig) -> Result<RunningStack, String> {
             ports.query.alerts.clone(),
         ),
         post_to_position,
+        post_to_alert,
         latest_positions,
         mappings,
         bus: ports.telemetry.bus_name(),

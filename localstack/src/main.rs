@@ -8,7 +8,7 @@ use geostream_aws::provision::ResourceNames;
 use geostream_local::cost::{self, Deployment, KinesisMode, Measured, PriceTable};
 use geostream_local::esm::MappingConfig;
 use geostream_local::{
-    start, ArchiveKind, AwsBackend, Backend, Bus, KafkaBusConfig, LocalConfig, PositionStoreKind,
+    start, ArchiveKind, AwsBackend, Backend, Bus, KafkaBusConfig, LocalConfig, StoreKind,
     KAFKA_QUIET,
 };
 use geostream_shared::rules::RuleSet;
@@ -60,10 +60,15 @@ struct Cli {
     archive: ArchiveChoice,
     /// With --backend aws: where latest positions live, as `POSITION_STORE` chooses it on
     /// Lambda: the DynamoDB table `PREFIX-positions`, or Valkey/Redis at --valkey-url.
-    #[arg(long, value_enum, default_value_t = PositionStoreChoice::Dynamodb)]
-    position_store: PositionStoreChoice,
-    /// With --position-store valkey: the server, `redis://HOST:PORT` (`rediss://` with TLS).
-    #[arg(long, env = "VALKEY_URL", required_if_eq("position_store", "valkey"))]
+    #[arg(long, value_enum, default_value_t = StoreChoice::Dynamodb)]
+    position_store: StoreChoice,
+    /// With --backend aws: where the anomaly-inspector keeps rule state, as `RULE_STATE_STORE`
+    /// chooses it on Lambda: the DynamoDB table `PREFIX-alert-state`, or Valkey/Redis at
+    /// --valkey-url (alert records stay in DynamoDB).
+    #[arg(long, value_enum, default_value_t = StoreChoice::Dynamodb)]
+    rule_state_store: StoreChoice,
+    /// With a store on valkey: the server, `redis://HOST:PORT` (`rediss://` with TLS).
+    #[arg(long, env = "VALKEY_URL", required_if_eq_any([("position_store", "valkey"), ("rule_state_store", "valkey")]))]
     valkey_url: Option<String>,
     /// Shards of the telemetry stream (partitions of new topics with --bus kafka).
     #[arg(long, default_value_t = 4)]
@@ -117,7 +122,7 @@ enum BusKind {
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
-enum PositionStoreChoice {
+enum StoreChoice {
     Dynamodb,
     Valkey,
 }
@@ -138,6 +143,13 @@ enum ArchiveChoice {
 enum BackendKind {
     Embedded,
     Aws,
+}
+
+fn store_kind(choice: StoreChoice, valkey_url: &Option<String>) -> StoreKind {
+    match (choice, valkey_url) {
+        (StoreChoice::Valkey, Some(url)) => StoreKind::Valkey { url: url.clone() },
+        _ => StoreKind::DynamoDb,
+    }
 }
 
 #[tokio::main]
@@ -180,12 +192,8 @@ async fn main() -> ExitCode {
                 ArchiveChoice::Timestream => ArchiveKind::Timestream,
                 ArchiveChoice::S3 => ArchiveKind::S3,
             },
-            position_store: match (cli.position_store, &cli.valkey_url) {
-                (PositionStoreChoice::Valkey, Some(url)) => {
-                    PositionStoreKind::Valkey { url: url.clone() }
-                }
-                _ => PositionStoreKind::DynamoDb,
-            },
+            position_store: store_kind(cli.position_store, &cli.valkey_url),
+            rule_state_store: store_kind(cli.rule_state_store, &cli.valkey_url),
         }),
     };
     let bus = match (cli.bus, &cli.brokers) {
@@ -301,6 +309,10 @@ async fn main() -> ExitCode {
                     println!(
                         "position   POST-to-position latency p50 {} ms   p90 {} ms   p99 {} ms   max {} ms ({} positions applied)",
                         stats.post_to_position.p50_ms, stats.post_to_position.p90_ms, stats.post_to_position.p99_ms, stats.post_to_position.max_ms, stats.post_to_position.samples
+                    );
+                    println!(
+                        "alert      POST-to-alert latency p50 {} ms   p90 {} ms   p99 {} ms   max {} ms ({} transitions published)",
+                        stats.post_to_alert.p50_ms, stats.post_to_alert.p90_ms, stats.post_to_alert.p99_ms, stats.post_to_alert.max_ms, stats.post_to_alert.samples
                     );
                     for mapping in &stats.mappings {
                         println!(

@@ -1,20 +1,23 @@
 //! What the runner observes of the position store: the POST-to-position latency of every
 //! applied position, and (on the AWS backend, where the store cannot list vehicles cheaply)
 //! the latest position of each vehicle for the live page. Two jobs, two types; one decorator
-//! feeds both.
+//! feeds both. And of the alerts bus: the POST-to-alert latency of every transition.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use geostream_shared::model::{GeoPoint, Position};
-use geostream_shared::now_millis;
-use geostream_shared::ports::{NearbyVehicle, PositionStore, StoreError, UpsertOutcome};
+use geostream_shared::model::{AlertTransition, GeoPoint, Position};
+use geostream_shared::ports::{
+    BusRecord, EventBus, NearbyVehicle, PositionStore, Published, StoreError, UpsertOutcome,
+};
+use geostream_shared::{now_millis, EpochMillis};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-/// How long after the gateway received a reading its position was applied.
-pub struct PostToPosition {
+/// How long after a reading something it caused happened: its position applied (since the
+/// gateway received it), an alert transition published (since the reading's event time).
+pub struct SinceReading {
     millis: Mutex<Histogram<u64>>,
 }
 
@@ -27,9 +30,9 @@ pub struct LatencySnapshot {
     pub max_ms: u64,
 }
 
-impl Default for PostToPosition {
+impl Default for SinceReading {
     fn default() -> Self {
-        PostToPosition {
+        SinceReading {
             millis: Mutex::new(
                 Histogram::new_with_bounds(1, 3_600_000, 3).expect("valid histogram bounds"),
             ),
@@ -37,9 +40,9 @@ impl Default for PostToPosition {
     }
 }
 
-impl PostToPosition {
-    fn record(&self, received_at: geostream_shared::EpochMillis) {
-        let elapsed = (now_millis() - received_at).max(1) as u64;
+impl SinceReading {
+    fn record(&self, since: EpochMillis) {
+        let elapsed = (now_millis() - since).max(1) as u64;
         // Beyond the histogram's hour the value is clamped by `saturating_record`.
         self.millis
             .lock()
@@ -87,7 +90,7 @@ impl LatestPositions {
 /// when kept, to the latest-positions cache.
 pub struct ObservedPositions {
     pub inner: Arc<dyn PositionStore>,
-    pub latency: Arc<PostToPosition>,
+    pub latency: Arc<SinceReading>,
     pub latest: Option<Arc<LatestPositions>>,
 }
 
@@ -115,5 +118,33 @@ impl PositionStore for ObservedPositions {
         limit: usize,
     ) -> Result<Vec<NearbyVehicle>, StoreError> {
         self.inner.near(center, radius_m, limit).await
+    }
+}
+
+/// The alerts bus, with every published transition's latency since the reading that made it
+/// (the simulator stamps readings with the time it posts them, so this is POST-to-alert).
+pub struct ObservedAlerts {
+    pub inner: Arc<dyn EventBus>,
+    pub latency: Arc<SinceReading>,
+}
+
+#[async_trait]
+impl EventBus for ObservedAlerts {
+    async fn publish(&self, records: Vec<BusRecord>) -> Vec<Result<Published, StoreError>> {
+        let made_at: Vec<Option<EpochMillis>> = records
+            .iter()
+            .map(|r| {
+                serde_json::from_slice::<AlertTransition>(&r.data)
+                    .ok()
+                    .map(|t| t.at)
+            })
+            .collect();
+        let results = self.inner.publish(records).await;
+        for (result, at) in results.iter().zip(made_at) {
+            if let (Ok(_), Some(at)) = (result, at) {
+                self.latency.record(at);
+            }
+        }
+        results
     }
 }

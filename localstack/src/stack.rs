@@ -15,14 +15,16 @@ use tokio::sync::watch;
 
 use crate::esm::{Mapping, MappingSnapshot};
 use crate::metrics::LocalMetrics;
-use crate::positions::{LatencySnapshot, LatestPositions, PostToPosition};
+use crate::positions::{LatencySnapshot, LatestPositions, SinceReading};
 use crate::wiring::{AwsUsage, MemoryParts};
 
 /// The handlers of one local stack and what they run on.
 pub struct Stack {
     pub ingest: Ingest,
     pub query_api: QueryApi,
-    pub post_to_position: Arc<PostToPosition>,
+    pub post_to_position: Arc<SinceReading>,
+    /// From a reading's event time to the alert transition it made, published.
+    pub post_to_alert: Arc<SinceReading>,
     /// Kept where the position store cannot list vehicles cheaply (DynamoDB).
     pub latest_positions: Option<Arc<LatestPositions>>,
     /// One event source mapping per stream function.
@@ -54,6 +56,7 @@ pub struct StackStats {
     pub dead_letters: Option<u64>,
     pub mappings: Vec<MappingSnapshot>,
     pub post_to_position: LatencySnapshot,
+    pub post_to_alert: LatencySnapshot,
     pub aws_calls: Option<BTreeMap<String, u64>>,
 }
 
@@ -76,6 +79,7 @@ impl Stack {
             dead_letters: memory.map(|m| m.dead_letters.snapshot().1),
             mappings: self.mappings.iter().map(Mapping::snapshot).collect(),
             post_to_position: self.post_to_position.snapshot(),
+            post_to_alert: self.post_to_alert.snapshot(),
             aws_calls: self.aws_usage.as_ref().map(AwsUsage::calls),
         }
     }

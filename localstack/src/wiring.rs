@@ -17,7 +17,7 @@ use geostream_shared::memory::{
 };
 use geostream_shared::ports::{AlertStore, Archive, DeadLetterSink, EventBus, PositionStore};
 
-use crate::config::{AwsBackend, Backend, Bus, KafkaBusConfig, LocalConfig, PositionStoreKind};
+use crate::config::{AwsBackend, Backend, Bus, KafkaBusConfig, LocalConfig, StoreKind};
 use crate::esm::kafka::KafkaTopic;
 use crate::esm::memory::MemoryShard;
 use crate::esm::{kinesis, Source};
@@ -197,6 +197,7 @@ const STACK_PORTS: &[Port] = &[
     Port::TelemetryEvents,
     Port::Positions,
     Port::Alerts,
+    Port::AlertRecords,
     Port::Archive,
     Port::DeadLetters,
 ];
@@ -231,9 +232,15 @@ async fn aws_ports(aws: &AwsBackend, bus: &Bus, shards: usize) -> Result<Ports, 
     };
     let settings = names.settings(aws.archive.setting(), &queue_url);
     let settings = match &aws.position_store {
-        PositionStoreKind::DynamoDb => settings,
-        PositionStoreKind::Valkey { url } => settings
+        StoreKind::DynamoDb => settings,
+        StoreKind::Valkey { url } => settings
             .set(compose::settings::POSITION_STORE, "valkey")
+            .set(compose::settings::VALKEY_URL, url),
+    };
+    let settings = match &aws.rule_state_store {
+        StoreKind::DynamoDb => settings,
+        StoreKind::Valkey { url } => settings
+            .set(compose::settings::RULE_STATE_STORE, "valkey")
             .set(compose::settings::VALKEY_URL, url),
     };
     let mut usage = AwsUsage::default();
@@ -271,12 +278,12 @@ async fn aws_ports(aws: &AwsBackend, bus: &Bus, shards: usize) -> Result<Ports, 
         alert_bus: inspector.alerts_bus().await.map_err(composed)?,
         positions: geo_update.positions().await.map_err(composed)?,
         archive: archiver.archive().map_err(composed)?,
-        alerts: inspector.alerts().map_err(composed)?,
+        alerts: inspector.alerts().await.map_err(composed)?,
         dead_letters: dead_letters.dead_letters().map_err(composed)?,
         query: QueryPorts {
             positions: query_api.positions().await.map_err(composed)?,
             archive: query_api.archive().map_err(composed)?,
-            alerts: query_api.alerts().map_err(composed)?,
+            alerts: query_api.alert_records().map_err(composed)?,
         },
         telemetry,
         memory: None,

@@ -211,6 +211,10 @@ pub struct AlertTransition {
     /// `"{alert_id}|raised"` or `"{alert_id}|cleared"`: consumers deduplicate on it.
     pub transition_id: String,
     pub kind: TransitionKind,
+    /// The event time of the reading that made the transition: a raise after the rule's
+    /// minimum duration comes with a later reading than the alert's `started_at`.
+    #[serde(default)]
+    pub at: EpochMillis,
     pub alert: Alert,
 }
 
@@ -222,7 +226,7 @@ pub enum TransitionKind {
 }
 
 impl AlertTransition {
-    pub fn new(kind: TransitionKind, alert: Alert) -> Self {
+    pub fn new(kind: TransitionKind, at: EpochMillis, alert: Alert) -> Self {
         let suffix = match kind {
             TransitionKind::Raised => "raised",
             TransitionKind::Cleared => "cleared",
@@ -230,6 +234,7 @@ impl AlertTransition {
         AlertTransition {
             transition_id: format!("{}|{suffix}", alert.alert_id),
             kind,
+            at,
             alert,
         }
     }

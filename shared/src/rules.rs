@@ -424,7 +424,7 @@ fn step(
                     alert: alert.clone(),
                     peak_score: score,
                 },
-                Some(AlertTransition::new(TransitionKind::Raised, alert)),
+                Some(AlertTransition::new(TransitionKind::Raised, ts, alert)),
             )
         }
         Phase::Normal if breach => (
@@ -454,7 +454,7 @@ fn step(
                         alert: alert.clone(),
                         peak_score,
                     },
-                    Some(AlertTransition::new(TransitionKind::Raised, alert)),
+                    Some(AlertTransition::new(TransitionKind::Raised, ts, alert)),
                 )
             } else {
                 (
@@ -496,7 +496,7 @@ fn step(
             alert.cleared_at = Some(ts);
             (
                 Phase::Normal,
-                Some(AlertTransition::new(TransitionKind::Cleared, alert)),
+                Some(AlertTransition::new(TransitionKind::Cleared, ts, alert)),
             )
         }
         Phase::Active {
@@ -524,7 +524,7 @@ fn step(
                 alert.cleared_at = Some(ts);
                 (
                     Phase::Normal,
-                    Some(AlertTransition::new(TransitionKind::Cleared, alert)),
+                    Some(AlertTransition::new(TransitionKind::Cleared, ts, alert)),
                 )
             } else {
                 (
@@ -652,6 +652,7 @@ mod tests {
         let ev = rules.evaluate("truck-1", &mut state, &[engine(5_000, 90.0)]);
         assert_eq!(ev.transitions[0].kind, TransitionKind::Cleared);
         assert_eq!(ev.transitions[0].alert.cleared_at, Some(5_000));
+        assert_eq!(ev.transitions[0].at, 5_000);
         assert_eq!(
             ev.transitions[0].transition_id,
             "truck-1|engine_overheat|2000|cleared"
@@ -676,6 +677,8 @@ mod tests {
         assert_eq!(ev.transitions.len(), 1);
         assert_eq!(ev.transitions[0].alert.started_at, 10_000);
         assert_eq!(ev.transitions[0].alert.count, 2);
+        // Raised by the reading that completed the minimum duration.
+        assert_eq!(ev.transitions[0].at, 15_000);
     }
 
     #[test]

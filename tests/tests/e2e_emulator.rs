@@ -17,7 +17,7 @@ use geostream_e2e::harness::{emulator, json_of, read_stream, request};
 use geostream_geo_update::GeoUpdate;
 use geostream_ingest::Ingest;
 use geostream_lambda::stream::handle_kinesis;
-use geostream_local::{ArchiveKind, AwsBackend, PositionStoreKind};
+use geostream_local::{ArchiveKind, AwsBackend, StoreKind};
 use geostream_query_api::QueryApi;
 use geostream_shared::metrics::{MetricName, RecordedMetrics};
 use geostream_shared::stream::StreamFunction;
@@ -80,14 +80,14 @@ async fn pipeline(endpoint: &str, test: &str) -> Pipeline {
         ),
         inspector: AnomalyInspector::new(
             inspector.rules().expect(built),
-            inspector.alerts().expect(built),
+            inspector.alerts().await.expect(built),
             inspector.alerts_bus().await.expect(built),
             inspector.dead_letters().expect(built),
         ),
         query_api: QueryApi::new(
             query.positions().await.expect(built),
             query.archive().expect(built),
-            query.alerts().expect(built),
+            query.alert_records().expect(built),
         ),
         archive: TimestreamArchive::new(
             setup.timestream_write.clone(),
@@ -366,12 +366,7 @@ async fn aws_calls_per_thousand_events() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_local_runner_on_the_aws_backend_serves_the_pipeline_over_http() {
     let Some(endpoint) = emulator() else { return };
-    runner_on_the_aws_backend(
-        &endpoint,
-        ArchiveKind::Timestream,
-        PositionStoreKind::DynamoDb,
-    )
-    .await;
+    runner_on_the_aws_backend(&endpoint, ArchiveKind::Timestream, StoreKind::DynamoDb).await;
 }
 
 /// `geostream-local --backend aws --archive s3`: the archive Terraform deploys by default,
@@ -379,31 +374,26 @@ async fn the_local_runner_on_the_aws_backend_serves_the_pipeline_over_http() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_local_runner_on_the_aws_backend_with_the_s3_archive() {
     let Some(endpoint) = emulator() else { return };
-    runner_on_the_aws_backend(&endpoint, ArchiveKind::S3, PositionStoreKind::DynamoDb).await;
+    runner_on_the_aws_backend(&endpoint, ArchiveKind::S3, StoreKind::DynamoDb).await;
 }
 
-/// The runner with positions in Valkey (a real Redis server), the rest on the emulator: the
-/// configuration docs/cost.md recommends for fleets.
+/// The runner with positions and rule state in Valkey (a real Redis server), the rest on the
+/// emulator: the configuration docs/cost.md recommends for fleets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_local_runner_on_the_aws_backend_with_positions_in_valkey() {
+async fn the_local_runner_on_the_aws_backend_with_positions_and_rule_state_in_valkey() {
     let Some(endpoint) = emulator() else { return };
     let Some(url) = geostream_e2e::harness::valkey() else {
         return;
     };
-    runner_on_the_aws_backend(
-        &endpoint,
-        ArchiveKind::S3,
-        PositionStoreKind::Valkey { url },
-    )
-    .await;
+    runner_on_the_aws_backend(&endpoint, ArchiveKind::S3, StoreKind::Valkey { url }).await;
 }
 
 async fn runner_on_the_aws_backend(
     endpoint: &str,
     archive: ArchiveKind,
-    position_store: PositionStoreKind,
+    position_store: StoreKind,
 ) {
-    let valkey = matches!(position_store, PositionStoreKind::Valkey { .. });
+    let valkey = matches!(position_store, StoreKind::Valkey { .. });
     let prefix = format!(
         "gs-runner-{archive:?}-{}-{}",
         if valkey { "valkey" } else { "ddb" },
@@ -417,6 +407,7 @@ async fn runner_on_the_aws_backend(
             names: ResourceNames::with_prefix(&prefix),
             create_resources: true,
             archive,
+            rule_state_store: position_store.clone(),
             position_store,
         }),
         shards: 2,
@@ -489,19 +480,34 @@ async fn runner_on_the_aws_backend(
     assert!(calls.get("GetRecords").is_some_and(|n| *n > 0));
     // Each function on its own clients: with positions in Valkey, geo-update calls no AWS API.
     let usage = running.stack.aws_usage.as_ref().unwrap();
-    let geo_update_calls = usage
-        .functions
-        .iter()
-        .find(|f| f.function == "geo-update")
-        .map(|f| f.calls.snapshot())
-        .unwrap();
+    let calls_of = |function: &str| {
+        usage
+            .functions
+            .iter()
+            .find(|f| f.function == function)
+            .map(|f| f.calls.snapshot())
+            .unwrap()
+    };
+    let geo_update_calls = calls_of("geo-update");
+    let inspector_calls = calls_of("anomaly-inspector");
     if valkey {
         assert!(geo_update_calls.is_empty(), "{geo_update_calls:?}");
+        // Rule state in Valkey: DynamoDB only gets the raised alert's record.
+        assert_eq!(inspector_calls.get("GetItem"), None, "{inspector_calls:?}");
+        assert_eq!(
+            inspector_calls.get("UpdateItem"),
+            Some(&1),
+            "{inspector_calls:?}"
+        );
     } else {
         assert_eq!(
             geo_update_calls.get("PutItem"),
             Some(&2),
             "{geo_update_calls:?}"
+        );
+        assert!(
+            inspector_calls.contains_key("GetItem"),
+            "{inspector_calls:?}"
         );
     }
     match archive {

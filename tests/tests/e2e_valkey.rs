@@ -3,11 +3,13 @@
 //! brute-force scan at every radius the API accepts, with the round trips each query took.
 
 use futures::stream::{self, StreamExt};
-use geostream_aws::valkey::ValkeyPositions;
+use geostream_aws::dynamodb::DynamoAlerts;
+use geostream_aws::valkey::{ValkeyPositions, ValkeyStateAlerts};
 use geostream_e2e::harness::valkey;
 use geostream_shared::geo::{geohash_of, haversine_m};
 use geostream_shared::model::{GeoPoint, Position};
-use geostream_shared::ports::{nearest, PositionStore, UpsertOutcome};
+use geostream_shared::ports::{nearest, AlertStore, ErrorKind, PositionStore, UpsertOutcome};
+use geostream_shared::rules::{DeviceRuleStates, Phase, RuleState, Watermark};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -220,4 +222,54 @@ async fn radius_queries_equal_a_brute_force_scan_at_every_radius() {
             }
         }
     }
+}
+
+/// Rule state in Valkey: versioned like DynamoDB's (a commit from a stale version is a conflict,
+/// which the inspector answers by reloading). Alert records are not touched when a commit has
+/// none (they are DynamoDB's, tested with the emulator).
+#[tokio::test]
+async fn rule_state_commits_are_versioned() {
+    let Some(url) = valkey() else { return };
+    let sdk = aws_config::SdkConfig::builder()
+        .behavior_version(aws_config::BehaviorVersion::latest())
+        .build();
+    // Never called: these commits touch no alert record.
+    let records = DynamoAlerts::new(aws_sdk_dynamodb::Client::new(&sdk), "unused", "unused");
+    let store = ValkeyStateAlerts::connect(&url, prefix("rules"), records)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.load_rule_states("truck-9").await.unwrap(),
+        DeviceRuleStates::default()
+    );
+    let mut states = DeviceRuleStates {
+        version: 0,
+        watermark: Some(Watermark {
+            ts: 1_000,
+            event_id: "e1".into(),
+        }),
+        ..Default::default()
+    };
+    states.rules.insert(
+        "engine_overheat".into(),
+        RuleState {
+            phase: Phase::Pending {
+                since: 1_000,
+                peak_value: 101.0,
+                peak_score: 1.0,
+                count: 1,
+            },
+            stats: None,
+        },
+    );
+    store.commit("truck-9", 0, &states, &[]).await.unwrap();
+    let loaded = store.load_rule_states("truck-9").await.unwrap();
+    assert_eq!(loaded.version, 1);
+    assert_eq!(loaded.rules, states.rules);
+    assert_eq!(loaded.watermark, states.watermark);
+    // A second writer that loaded version 0 loses.
+    let conflict = store.commit("truck-9", 0, &states, &[]).await.unwrap_err();
+    assert_eq!(conflict.kind, ErrorKind::Conflict, "{conflict}");
+    store.commit("truck-9", 1, &states, &[]).await.unwrap();
+    assert_eq!(store.load_rule_states("truck-9").await.unwrap().version, 2);
 }

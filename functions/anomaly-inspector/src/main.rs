@@ -10,7 +10,7 @@ async fn main() -> Result<(), geostream_lambda::Error> {
     let ports = Composition::for_lambda(FUNCTION_NAME).await?;
     let handler = AnomalyInspector::new(
         ports.rules()?,
-        ports.alerts()?,
+        ports.alerts().await?,
         ports.alerts_bus().await?,
         ports.dead_letters()?,
     );

@@ -7,7 +7,11 @@ use geostream_query_api::{QueryApi, FUNCTION_NAME};
 async fn main() -> Result<(), geostream_lambda::Error> {
     geostream_lambda::init_tracing();
     let ports = Composition::for_lambda(FUNCTION_NAME).await?;
-    let api = QueryApi::new(ports.positions().await?, ports.archive()?, ports.alerts()?);
+    let api = QueryApi::new(
+        ports.positions().await?,
+        ports.archive()?,
+        ports.alert_records()?,
+    );
     let metrics = ports.metrics();
     geostream_lambda::run_http_function(|request| api.handle(request, &metrics)).await
 }

@@ -85,6 +85,10 @@ pub mod settings {
         "the DynamoDB table of per-device rule state",
     );
     pub const ALERTS_TABLE: Setting = setting("ALERTS_TABLE", "the DynamoDB table of alerts");
+    pub const RULE_STATE_STORE: Setting = setting(
+        "RULE_STATE_STORE",
+        "where the anomaly-inspector keeps rule state: dynamodb (ALERT_STATE_TABLE) or valkey (VALKEY_URL, keys prefixed with ALERT_STATE_TABLE)",
+    );
     pub const ARCHIVE: Setting = setting("ARCHIVE", "which archive to use: timestream or s3");
     pub const ARCHIVE_BUCKET: Setting = setting(
         "ARCHIVE_BUCKET",
@@ -119,7 +123,10 @@ pub enum Port {
     /// Is invoked with the telemetry bus's events (a stream function).
     TelemetryEvents,
     Positions,
+    /// Rule state and alert records (the anomaly-inspector).
     Alerts,
+    /// Alert records only: listed, read and acknowledged (the query API).
+    AlertRecords,
     Archive,
     DeadLetters,
     Rules,
@@ -145,7 +152,13 @@ impl Port {
             ],
             Port::TelemetryEvents => &[BUS],
             Port::Positions => &[POSITION_STORE, POSITIONS_TABLE, VALKEY_URL],
-            Port::Alerts => &[ALERT_STATE_TABLE, ALERTS_TABLE],
+            Port::Alerts => &[
+                ALERT_STATE_TABLE,
+                ALERTS_TABLE,
+                RULE_STATE_STORE,
+                VALKEY_URL,
+            ],
+            Port::AlertRecords => &[ALERT_STATE_TABLE, ALERTS_TABLE],
             Port::Archive => &[
                 ARCHIVE,
                 ARCHIVE_BUCKET,
@@ -458,15 +471,57 @@ impl Composition {
         )))
     }
 
-    pub fn alerts(&self) -> Result<Arc<dyn AlertStore>, ComposeError> {
-        Ok(Arc::new(
-            DynamoAlerts::new(
-                self.clients.dynamodb.clone(),
-                self.required(settings::ALERT_STATE_TABLE)?,
-                self.required(settings::ALERTS_TABLE)?,
-            )
-            .metered(self.clients.capacity.clone()),
-        ))
+    /// Rule state and alert records: rule state where `RULE_STATE_STORE` says (`dynamodb`, the
+    /// default, or `valkey`), alert records in DynamoDB.
+    pub async fn alerts(&self) -> Result<Arc<dyn AlertStore>, ComposeError> {
+        let records = self.dynamo_alerts()?;
+        match self.optional(settings::RULE_STATE_STORE)?.as_deref() {
+            None | Some("dynamodb") => Ok(Arc::new(records)),
+            Some("valkey") => self.valkey_state_alerts(records).await,
+            Some(other) => Err(ComposeError::Invalid {
+                name: settings::RULE_STATE_STORE.name,
+                value: other.to_string(),
+                expected: "dynamodb or valkey",
+            }),
+        }
+    }
+
+    /// Alert records for listing, reading and acknowledging (the rule state is not touched).
+    pub fn alert_records(&self) -> Result<Arc<dyn AlertStore>, ComposeError> {
+        Ok(Arc::new(self.dynamo_alerts()?))
+    }
+
+    fn dynamo_alerts(&self) -> Result<DynamoAlerts, ComposeError> {
+        Ok(DynamoAlerts::new(
+            self.clients.dynamodb.clone(),
+            self.required(settings::ALERT_STATE_TABLE)?,
+            self.required(settings::ALERTS_TABLE)?,
+        )
+        .metered(self.clients.capacity.clone()))
+    }
+
+    #[cfg(feature = "valkey")]
+    async fn valkey_state_alerts(
+        &self,
+        records: DynamoAlerts,
+    ) -> Result<Arc<dyn AlertStore>, ComposeError> {
+        let url = self.required(settings::VALKEY_URL)?;
+        let prefix = self.required(settings::ALERT_STATE_TABLE)?;
+        let store = crate::valkey::ValkeyStateAlerts::connect(&url, prefix, records)
+            .await
+            .map_err(|e| ComposeError::Unavailable(format!("VALKEY_URL: {e}")))?;
+        Ok(Arc::new(store.metered(self.clients.capacity.clone())))
+    }
+
+    #[cfg(not(feature = "valkey"))]
+    async fn valkey_state_alerts(
+        &self,
+        _records: DynamoAlerts,
+    ) -> Result<Arc<dyn AlertStore>, ComposeError> {
+        Err(ComposeError::Unavailable(format!(
+            "RULE_STATE_STORE=valkey, but {} was built without the Valkey client: build it with --features valkey",
+            self.function
+        )))
     }
 
     /// The archive named by `ARCHIVE`: `timestream` (`TIMESTREAM_DATABASE`, `TIMESTREAM_TABLE`)

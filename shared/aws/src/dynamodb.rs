@@ -377,6 +377,38 @@ impl DynamoAlerts {
             .map_err(|e| StoreError::permanent("TransactWriteItems", e.to_string()))
     }
 
+    /// One alert record's update on its own (not in a transaction).
+    async fn send_alert_update(&self, alert: &Alert, update: Update) -> Result<(), StoreError> {
+        let mut call = self
+            .client
+            .update_item()
+            .table_name(update.table_name())
+            .set_key(Some(update.key().clone()))
+            .update_expression(update.update_expression())
+            .set_expression_attribute_values(update.expression_attribute_values().cloned());
+        for (name, value) in update.expression_attribute_names().into_iter().flatten() {
+            call = call.expression_attribute_names(name, value);
+        }
+        call.send()
+            .await
+            .map_err(|e| store_error("UpdateItem alerts", e))?;
+        self.meter.add(
+            Unit::DynamoWriteUnits,
+            Self::alert_write_units(alert, false),
+        );
+        Ok(())
+    }
+
+    /// Upserts alert records one by one (idempotent, keyed by alert id; acknowledgements kept),
+    /// for a rule state kept elsewhere.
+    pub async fn write_alerts(&self, alerts: &[Alert]) -> Result<(), StoreError> {
+        for alert in alerts {
+            self.send_alert_update(alert, self.alert_update(alert)?)
+                .await?;
+        }
+        Ok(())
+    }
+
     fn state_put(
         &self,
         device_id: &str,
@@ -550,23 +582,7 @@ impl AlertStore for DynamoAlerts {
         // keyed by alert id), then the rest with the state in one transaction.
         while updates.len() >= MAX_TRANSACTION_ITEMS {
             let (alert, update) = updates.remove(0);
-            let mut call = self
-                .client
-                .update_item()
-                .table_name(update.table_name())
-                .set_key(Some(update.key().clone()))
-                .update_expression(update.update_expression())
-                .set_expression_attribute_values(update.expression_attribute_values().cloned());
-            for (name, value) in update.expression_attribute_names().into_iter().flatten() {
-                call = call.expression_attribute_names(name, value);
-            }
-            call.send()
-                .await
-                .map_err(|e| store_error("UpdateItem alerts", e))?;
-            self.meter.add(
-                Unit::DynamoWriteUnits,
-                Self::alert_write_units(alert, false),
-            );
+            self.send_alert_update(alert, update).await?;
         }
         // Transactional writes cost twice a standard write.
         let units = 2.0 * capacity::write_units(state_size)

@@ -138,7 +138,7 @@ pub const FUNCTIONS: &[FunctionManifest] = &[
     },
     FunctionManifest {
         name: "query-api",
-        ports: &[Port::Positions, Port::Alerts, Port::Archive],
+        ports: &[Port::Positions, Port::AlertRecords, Port::Archive],
         operations: &[
             "GetItem",
             "Query",

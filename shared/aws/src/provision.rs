@@ -66,6 +66,7 @@ impl ResourceNames {
             .set(settings::VALKEY_URL, "")
             .set(settings::ALERT_STATE_TABLE, &self.alert_state_table)
             .set(settings::ALERTS_TABLE, &self.alerts_table)
+            .set(settings::RULE_STATE_STORE, "dynamodb")
             .set(settings::ARCHIVE, archive)
             .set(
                 settings::ARCHIVE_BUCKET,

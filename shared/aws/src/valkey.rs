@@ -9,6 +9,9 @@
 //! - `{PREFIX}:polar`: vehicles beyond the latitudes a geo set takes (±85.05112878°), found by
 //!   a scan of that (small) set instead.
 //!
+//! With `RULE_STATE_STORE=valkey` the anomaly-inspector's rule state lives here too
+//! (`{PREFIX}:rules:DEVICE`: `version` and `states`), see [`ValkeyStateAlerts`].
+//!
 //! An upsert is one script ([`UPSERT_SCRIPT`]): it compares `(ts, event_id)` with the stored
 //! one and writes the hash and the geo set only if the new position is later, atomically, so a
 //! position never goes back in time and a replay changes nothing.
@@ -23,12 +26,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use geostream_shared::geo::{haversine_m, EARTH_RADIUS_M};
-use geostream_shared::model::{GeoPoint, Position};
-use geostream_shared::ports::{nearest, NearbyVehicle, PositionStore, StoreError, UpsertOutcome};
+use geostream_shared::model::{Alert, GeoPoint, Position};
+use geostream_shared::ports::{
+    nearest, AlertFilter, AlertStore, NearbyVehicle, PositionStore, StoreError, UpsertOutcome,
+};
+use geostream_shared::rules::DeviceRuleStates;
+use geostream_shared::EpochMillis;
 use redis::aio::ConnectionManager;
 use redis::{RedisError, RetryMethod, Script};
 
 use crate::capacity::{CapacityMeter, Unit};
+use crate::dynamodb::DynamoAlerts;
 
 /// The latitudes a geo set can index.
 const GEO_MAX_LAT: f64 = 85.051_128_78;
@@ -277,5 +285,142 @@ impl PositionStore for ValkeyPositions {
             }
             count = count.saturating_mul(4);
         }
+    }
+}
+
+/// Replaces a device's rule state if it is still at the expected version.
+/// KEYS: the state hash. ARGV: expected version, new version, state JSON.
+pub const COMMIT_STATE_SCRIPT: &str = r#"
+local version = redis.call('HGET', KEYS[1], 'version') or '0'
+if version ~= ARGV[1] then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'version', ARGV[2], 'states', ARGV[3])
+return 1
+"#;
+
+/// Rule state in Valkey, alert records in DynamoDB: the anomaly-inspector's per-reading state
+/// write costs a few ECPUs instead of DynamoDB write units, while the alerts (written only on
+/// breaching readings) keep their table, indexes and acknowledgements.
+///
+/// A commit writes the touched alert records first (idempotent upserts keyed by alert id), then
+/// the state with its version check. A crash between the two leaves the old state: the batch is
+/// redelivered, evaluated from that state again, and writes the same alert records.
+pub struct ValkeyStateAlerts {
+    connection: ConnectionManager,
+    prefix: String,
+    commit: Script,
+    alerts: DynamoAlerts,
+    meter: CapacityMeter,
+}
+
+impl ValkeyStateAlerts {
+    /// `prefix` names the keys (`{PREFIX}:rules:DEVICE`); `alerts` keeps the alert records.
+    pub async fn connect(
+        url: &str,
+        prefix: impl Into<String>,
+        alerts: DynamoAlerts,
+    ) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url).map_err(|e| store_error("connect to Valkey", e))?;
+        let connection = ConnectionManager::new(client)
+            .await
+            .map_err(|e| store_error("connect to Valkey", e))?;
+        Ok(ValkeyStateAlerts {
+            connection,
+            prefix: prefix.into(),
+            commit: Script::new(COMMIT_STATE_SCRIPT),
+            alerts,
+            meter: CapacityMeter::default(),
+        })
+    }
+
+    /// Counts the ECPUs this store consumes on `meter` (the alerts' units are the alert
+    /// store's own).
+    pub fn metered(mut self, meter: CapacityMeter) -> Self {
+        self.meter = meter;
+        self
+    }
+
+    fn state_key(&self, device_id: &str) -> String {
+        format!("{{{}}}:rules:{device_id}", self.prefix)
+    }
+
+    fn charge(&self, commands: usize, bytes: usize) {
+        self.meter.add(
+            Unit::ValkeyEcpus,
+            commands.max(1) as f64 + bytes.div_ceil(1024) as f64,
+        );
+    }
+}
+
+#[async_trait]
+impl AlertStore for ValkeyStateAlerts {
+    async fn load_rule_states(&self, device_id: &str) -> Result<DeviceRuleStates, StoreError> {
+        let (version, states): (Option<u64>, Option<String>) = redis::cmd("HMGET")
+            .arg(self.state_key(device_id))
+            .arg("version")
+            .arg("states")
+            .query_async(&mut self.connection.clone())
+            .await
+            .map_err(|e| store_error("HMGET rule state", e))?;
+        self.charge(1, states.as_ref().map_or(0, String::len));
+        let Some(json) = states else {
+            return Ok(Default::default());
+        };
+        let mut states: DeviceRuleStates = serde_json::from_str(&json).map_err(|e| {
+            StoreError::permanent("HMGET rule state", format!("device {device_id}: {e}"))
+        })?;
+        states.version = version.unwrap_or(0);
+        Ok(states)
+    }
+
+    async fn commit(
+        &self,
+        device_id: &str,
+        expected_version: u64,
+        states: &DeviceRuleStates,
+        alerts: &[Alert],
+    ) -> Result<(), StoreError> {
+        self.alerts.write_alerts(alerts).await?;
+        let json = serde_json::to_string(states)
+            .map_err(|e| StoreError::permanent("commit rule state", e.to_string()))?;
+        let bytes = json.len();
+        let committed: i64 = self
+            .commit
+            .key(self.state_key(device_id))
+            .arg(expected_version)
+            .arg(expected_version + 1)
+            .arg(json)
+            .invoke_async(&mut self.connection.clone())
+            .await
+            .map_err(|e| store_error("commit rule state", e))?;
+        self.charge(if committed == 1 { 2 } else { 1 }, bytes);
+        if committed == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::conflict(
+                "commit rule state",
+                format!(
+                    "device {device_id}: rule state is no longer at version {expected_version}"
+                ),
+            ))
+        }
+    }
+
+    async fn list_alerts(&self, filter: &AlertFilter) -> Result<Vec<Alert>, StoreError> {
+        self.alerts.list_alerts(filter).await
+    }
+
+    async fn get_alert(&self, alert_id: &str) -> Result<Option<Alert>, StoreError> {
+        self.alerts.get_alert(alert_id).await
+    }
+
+    async fn acknowledge(
+        &self,
+        alert_id: &str,
+        by: &str,
+        at: EpochMillis,
+    ) -> Result<Option<Alert>, StoreError> {
+        self.alerts.acknowledge(alert_id, by, at).await
     }
 }
