@@ -203,8 +203,9 @@ module "query_api" {
   })
   policy_statements = concat(var.position_store == "dynamodb" ? [
     {
+      # Scan: a circle spanning more geo-index cells than a query reads (near a pole).
       sid       = "ReadPositions"
-      actions   = ["dynamodb:GetItem"]
+      actions   = ["dynamodb:GetItem", "dynamodb:Scan"]
       resources = [aws_dynamodb_table.positions.arn]
     },
     {

@@ -160,16 +160,19 @@ fn cell_outside_circle(
     haversine_m(center, cell_center) - half_diagonal > radius_m + 1.0
 }
 
-/// Geohash length of the partition part of a geo-index key: cells of about 4.9 km x 4.9 km.
-pub const INDEX_PARTITION_GEOHASH_LEN: usize = 5;
+/// Geohash length of the partition part of a geo-index key: cells of 1.4 x 1.4 degrees (about
+/// 156 km x 156 km at the equator, 105 km wide at 48 degrees). A metro area sits in one to four
+/// of them, so a radius query reads few keys at any radius up to the API's 100 km (at most nine
+/// cells below 60 degrees of latitude), each narrowed to its covering's geohash range.
+pub const INDEX_PARTITION_GEOHASH_LEN: usize = 3;
 /// Write shards per index cell.
 ///
-/// The hot-spot arithmetic (docs/architecture.md, "Semantics"): a DynamoDB partition takes 1,000 writes/s.
-/// Ten thousand vehicles reporting once a second in one city is 10,000 position writes/s; in
-/// the worst case (a depot, a stadium) all of them sit in one 4.9 km cell. Spreading each cell
-/// over 16 shards by a hash of the device id caps any one key at 10,000 / 16 = 625 writes/s
-/// (about 700 with the hash's binomial spread at 3 sigma), below the 1,000 a partition takes.
-/// A radius query reads each covering cell's 16 shards.
+/// The hot-spot arithmetic (docs/architecture.md, "Semantics"): a DynamoDB partition takes 1,000
+/// writes/s, and a whole metro area may sit in one index cell. Spreading each cell over 16
+/// shards by a hash of the device id caps any one key at a sixteenth of the cell's writes:
+/// fleet B (100,000 vehicles every 10 s, 10,000 writes/s, all in one city) is 625 writes/s per
+/// key (about 700 with the hash's binomial spread at 3 sigma), below the 1,000 a partition
+/// takes. A radius query reads each covering cell's 16 shards.
 pub const INDEX_SHARDS: u32 = 16;
 
 /// The shard of a device in the geo index, stable across processes and versions (MD5, as
@@ -179,7 +182,7 @@ pub fn index_shard(device_id: &str) -> u32 {
     u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]) % INDEX_SHARDS
 }
 
-/// The geo-index partition key of a position: `"{geohash5}#{shard:02}"`.
+/// The geo-index partition key of a position: `"{geohash3}#{shard:02}"`.
 pub fn index_partition_key(geohash: &str, device_id: &str) -> String {
     let cell = &geohash[..geohash.len().min(INDEX_PARTITION_GEOHASH_LEN)];
     format!("{cell}#{:02}", index_shard(device_id))
@@ -222,7 +225,8 @@ mod tests {
 
     #[test]
     fn no_index_key_takes_a_city_beyond_a_partition() {
-        // 10,000 vehicles parked in one 4.9 km cell, each writing once a second.
+        // Fleet B's 10,000 writes/s in one index cell: 10,000 vehicles parked together, each
+        // writing once a second.
         let mut writes_per_key: HashMap<String, u32> = HashMap::new();
         for n in 0..10_000 {
             let device = format!("truck-{n:05}");

@@ -7,6 +7,7 @@
 //! policies (`concat(...)`, `local.x`, literal lists and objects) are resolved here; resource
 //! references are compared as text (`aws_dynamodb_table.positions/index/geo-index`).
 
+pub mod fleet;
 pub mod harness;
 pub mod runtime_api;
 

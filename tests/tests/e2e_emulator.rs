@@ -609,3 +609,66 @@ async fn the_s3_archive_partitions_by_hour_and_rewrites_on_replay() {
         .await
         .is_err());
 }
+
+/// DynamoDB's geo index answers every radius the API accepts, exactly (equal to a brute-force
+/// scan), through the query API's own composition: 2, 30 and 100 km around a metro area at
+/// fleet A's density, rings just inside and outside each radius, and a circle around the pole
+/// (more index cells than a query reads: a Scan). Prints the store requests per query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamodb_radius_queries_equal_a_brute_force_scan_at_every_radius() {
+    use futures::stream::{self, StreamExt};
+    use geostream_e2e::fleet::{fleet, position, METRO, RADII_M};
+    use geostream_shared::model::GeoPoint;
+    use geostream_shared::ports::nearest;
+
+    let Some(endpoint) = emulator() else { return };
+    let p = pipeline(&endpoint, "radius").await;
+    let writer = p.ports["geo-update"].positions().await.unwrap();
+    let reader = &p.ports["query-api"];
+    let store = reader.positions().await.unwrap();
+    // moto takes a few milliseconds per write: an eighth of the metro's density suffices to put
+    // hundreds of vehicles in every radius, and the rings are all kept.
+    let mut vehicles: Vec<_> = fleet()
+        .into_iter()
+        .enumerate()
+        .filter(|(i, v)| i % 8 == 0 || !v.device_id.starts_with("metro-"))
+        .map(|(_, v)| v)
+        .collect();
+    vehicles.push(position("polar-1", 9, "e", 89.9, 45.0));
+    stream::iter(vehicles.clone())
+        .for_each_concurrent(16, |v| {
+            let writer = writer.clone();
+            async move {
+                writer.upsert_if_newer(v).await.unwrap();
+            }
+        })
+        .await;
+
+    let pole = GeoPoint {
+        lat: 89.5,
+        lon: 0.0,
+    };
+    let mut cases: Vec<(GeoPoint, f64)> = RADII_M.iter().map(|r| (METRO, *r)).collect();
+    cases.push((pole, 100_000.0));
+    for (center, radius_m) in cases {
+        for limit in [100, 20_000] {
+            let before = reader.clients().calls.snapshot();
+            let answer = store.near(center, radius_m, limit).await.unwrap();
+            let after = reader.clients().calls.snapshot();
+            let requests: BTreeMap<&String, u64> = after
+                .iter()
+                .map(|(op, n)| (op, n - before.get(op).copied().unwrap_or(0)))
+                .filter(|(_, n)| *n > 0)
+                .collect();
+            assert_eq!(
+                answer,
+                nearest(center, radius_m, limit, vehicles.clone()),
+                "center {center:?}, radius {radius_m} m, limit {limit}"
+            );
+            println!(
+                "dynamodb near {center:?} radius {radius_m} m limit {limit}: {} vehicles, requests {requests:?}",
+                answer.len()
+            );
+        }
+    }
+}

@@ -2,11 +2,13 @@
 //!
 //! Tables (on-demand):
 //! - positions: key `device_id`; GSI [`GEO_INDEX`] with hash key `geo_pk` =
-//!   `"{geohash5}#{shard:02}"` and range key `geohash` (9 characters). Hot-spot arithmetic in
+//!   `"{geohash3}#{shard:02}"` and range key `geohash` (9 characters). Hot-spot arithmetic in
 //!   `geostream_shared::geo::INDEX_SHARDS`: no index key takes more than ~700 writes/s with
-//!   10,000 vehicles reporting every second in one 4.9 km cell. A radius query covers the circle
-//!   with geohash prefixes, groups them by 5-character cell, and reads each cell's 16 shards with
-//!   one Query each (`geohash BETWEEN` the cell's lowest and highest prefix), in parallel.
+//!   10,000 position writes/s in one index cell. A radius query covers the circle with geohash
+//!   prefixes, groups them by 3-character cell, and reads each cell's 16 shards with one Query
+//!   each (`geohash BETWEEN` the cell's lowest and highest prefix), in parallel: 16 to 64 Query
+//!   calls for a city radius, up to 144 for 100 km below 60 degrees of latitude. A circle that
+//!   spans more than [`MAX_QUERY_CELLS`] cells (near a pole) is answered by a parallel Scan.
 //! - alert state: key `device_id`; `version` (number) and `rule_states` (JSON).
 //! - alerts: key `alert_id`; GSIs [`ALERTS_BY_STATE_INDEX`] (`state`, `started_at`) and
 //!   [`ALERTS_BY_DEVICE_INDEX`] (`device_id`, `started_at`).
@@ -32,8 +34,10 @@ use crate::errors::store_error;
 pub const GEO_INDEX: &str = "geo-index";
 pub const ALERTS_BY_STATE_INDEX: &str = "by-state";
 pub const ALERTS_BY_DEVICE_INDEX: &str = "by-device";
-/// A radius query may read at most this many 5-character cells (each is 16 Query calls).
-const MAX_QUERY_CELLS: usize = 32;
+/// A radius query reads at most this many index cells (each is 16 Query calls); beyond, a Scan.
+pub const MAX_QUERY_CELLS: usize = 16;
+/// Parallel segments of the Scan that answers the rare circle beyond [`MAX_QUERY_CELLS`].
+const SCAN_SEGMENTS: i32 = 4;
 /// Geohash alphabet, in order; `~` sorts after all of it.
 const GEOHASH_ALPHABET: &str = "0123456789bcdefghjkmnpqrstuvwxyz";
 
@@ -121,9 +125,10 @@ impl DynamoPositions {
         serde_dynamo::from_item(item.clone()).map_err(|e| format!("position item: {e}"))
     }
 
-    /// The index reads for a covering: per 5-character cell, the lowest and highest geohash to
-    /// read. Shorter prefixes expand to their 5-character cells.
-    fn cell_ranges(prefixes: &[String]) -> Result<BTreeMap<String, (String, String)>, StoreError> {
+    /// The index reads for a covering: per index cell, the lowest and highest geohash to read.
+    /// Shorter prefixes expand to their cells. `None` when the covering spans more than
+    /// [`MAX_QUERY_CELLS`] cells.
+    fn cell_ranges(prefixes: &[String]) -> Option<BTreeMap<String, (String, String)>> {
         let mut cells: BTreeMap<String, (String, String)> = BTreeMap::new();
         for prefix in prefixes {
             let mut expanded = vec![prefix.clone()];
@@ -151,13 +156,7 @@ impl DynamoPositions {
                 }
             }
         }
-        if cells.len() > MAX_QUERY_CELLS {
-            return Err(StoreError::permanent(
-                "radius query",
-                format!("the circle spans {} index cells of about 4.9 km; at most {MAX_QUERY_CELLS} are read: use a smaller radius", cells.len()),
-            ));
-        }
-        Ok(cells)
+        (cells.len() <= MAX_QUERY_CELLS).then_some(cells)
     }
 }
 
@@ -238,20 +237,21 @@ impl PositionStore for DynamoPositions {
         radius_m: f64,
         limit: usize,
     ) -> Result<Vec<NearbyVehicle>, StoreError> {
-        let cells = geostream_shared::geo::cover_circle(center, radius_m);
-        Ok(nearest(
-            center,
-            radius_m,
-            limit,
-            self.query_prefixes(&cells).await?,
-        ))
+        let covering = geostream_shared::geo::cover_circle(center, radius_m);
+        let candidates = match Self::cell_ranges(&covering) {
+            Some(cells) => self.query_cells(cells).await?,
+            None => self.scan_all().await?,
+        };
+        Ok(nearest(center, radius_m, limit, candidates))
     }
 }
 
 impl DynamoPositions {
-    /// Every position whose geohash starts with one of `prefixes`, read from the geo index.
-    async fn query_prefixes(&self, prefixes: &[String]) -> Result<Vec<Position>, StoreError> {
-        let cells = Self::cell_ranges(prefixes)?;
+    /// Every position of the index cells' ranges, read from the geo index.
+    async fn query_cells(
+        &self,
+        cells: BTreeMap<String, (String, String)>,
+    ) -> Result<Vec<Position>, StoreError> {
         let mut queries = tokio::task::JoinSet::new();
         for (cell, (low, high)) in cells {
             for shard in 0..INDEX_SHARDS {
@@ -299,6 +299,50 @@ impl DynamoPositions {
             let found =
                 joined.map_err(|e| StoreError::transient("Query geo-index", e.to_string()))??;
             positions.extend(found);
+        }
+        Ok(positions)
+    }
+
+    /// Every position, by a parallel Scan of the table: for the rare circle that spans more
+    /// index cells than a query reads (near a pole), so that every valid query is answered.
+    async fn scan_all(&self) -> Result<Vec<Position>, StoreError> {
+        let mut scans = tokio::task::JoinSet::new();
+        for segment in 0..SCAN_SEGMENTS {
+            let (client, table, meter) =
+                (self.client.clone(), self.table.clone(), self.meter.clone());
+            scans.spawn(async move {
+                let mut found = Vec::new();
+                let mut start: Option<Item> = None;
+                loop {
+                    let output = client
+                        .scan()
+                        .table_name(&table)
+                        .segment(segment)
+                        .total_segments(SCAN_SEGMENTS)
+                        .set_exclusive_start_key(start.take())
+                        .send()
+                        .await
+                        .map_err(|e| store_error("Scan positions", e))?;
+                    let bytes = output.items().iter().map(capacity::item_size).sum();
+                    meter.add(Unit::DynamoReadUnits, capacity::read_units(bytes, false));
+                    for item in output.items() {
+                        found.push(
+                            Self::from_item(item)
+                                .map_err(|e| StoreError::permanent("Scan positions", e))?,
+                        );
+                    }
+                    match output.last_evaluated_key() {
+                        Some(key) => start = Some(key.clone()),
+                        None => return Ok::<_, StoreError>(found),
+                    }
+                }
+            });
+        }
+        let mut positions = Vec::new();
+        while let Some(joined) = scans.join_next().await {
+            positions.extend(
+                joined.map_err(|e| StoreError::transient("Scan positions", e.to_string()))??,
+            );
         }
         Ok(positions)
     }
@@ -735,22 +779,16 @@ mod tests {
 
     #[test]
     fn covering_prefixes_become_one_range_per_index_cell() {
-        let prefixes: Vec<String> = ["u33db", "u33dc1", "u33dc4"]
+        let prefixes: Vec<String> = ["u33db", "u33dc1", "u33dc4", "u34a"]
             .iter()
             .map(|p| p.to_string())
             .collect();
         let cells = DynamoPositions::cell_ranges(&prefixes).unwrap();
         assert_eq!(cells.len(), 2);
-        assert_eq!(cells["u33db"], ("u33db".to_string(), "u33db~".to_string()));
-        assert_eq!(
-            cells["u33dc"],
-            ("u33dc1".to_string(), "u33dc4~".to_string())
-        );
-        let expanded = DynamoPositions::cell_ranges(&["u33f".to_string()]).unwrap();
-        assert_eq!(expanded.len(), 32);
-        assert!(expanded
-            .values()
-            .all(|(low, high)| low.len() == 5 && high.ends_with('~')));
-        assert!(DynamoPositions::cell_ranges(&["u3".to_string()]).is_err());
+        assert_eq!(cells["u33"], ("u33db".to_string(), "u33dc4~".to_string()));
+        assert_eq!(cells["u34"], ("u34a".to_string(), "u34a~".to_string()));
+        // A 1-character prefix spans 1,024 cells, a 2-character one 32: both are scanned.
+        assert!(DynamoPositions::cell_ranges(&["u".to_string()]).is_none());
+        assert!(DynamoPositions::cell_ranges(&["u3".to_string()]).is_none());
     }
 }

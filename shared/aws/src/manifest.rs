@@ -142,6 +142,7 @@ pub const FUNCTIONS: &[FunctionManifest] = &[
         operations: &[
             "GetItem",
             "Query",
+            "Scan",
             "UpdateItem",
             "DescribeEndpoints",
             "ListObjectsV2",
@@ -149,6 +150,8 @@ pub const FUNCTIONS: &[FunctionManifest] = &[
         ],
         permissions: &[
             allow("dynamodb:GetItem", "aws_dynamodb_table.positions"),
+            // A circle spanning more index cells than a query reads (near a pole) is scanned.
+            allow("dynamodb:Scan", "aws_dynamodb_table.positions"),
             allow(
                 "dynamodb:Query",
                 "aws_dynamodb_table.positions/index/geo-index",
