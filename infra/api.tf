@@ -56,6 +56,7 @@ resource "aws_apigatewayv2_route" "route" {
 }
 
 resource "aws_cloudwatch_log_group" "api_access" {
+  count             = var.api_access_logs ? 1 : 0
   name              = "/aws/apigateway/${var.name_prefix}-api"
   retention_in_days = var.log_retention_days
 }
@@ -70,19 +71,22 @@ resource "aws_apigatewayv2_stage" "default" {
     throttling_burst_limit = var.api_throttle_burst
   }
 
-  access_log_settings {
-    destination_arn = aws_cloudwatch_log_group.api_access.arn
-    format = jsonencode({
-      requestId      = "$context.requestId"
-      ip             = "$context.identity.sourceIp"
-      requestTime    = "$context.requestTime"
-      routeKey       = "$context.routeKey"
-      status         = "$context.status"
-      latencyMs      = "$context.responseLatency"
-      integrationErr = "$context.integrationErrorMessage"
-      authorizerErr  = "$context.authorizer.error"
-      subject        = "$context.authorizer.claims.sub"
-    })
+  dynamic "access_log_settings" {
+    for_each = var.api_access_logs ? [aws_cloudwatch_log_group.api_access[0].arn] : []
+    content {
+      destination_arn = access_log_settings.value
+      format = jsonencode({
+        requestId      = "$context.requestId"
+        ip             = "$context.identity.sourceIp"
+        requestTime    = "$context.requestTime"
+        routeKey       = "$context.routeKey"
+        status         = "$context.status"
+        latencyMs      = "$context.responseLatency"
+        integrationErr = "$context.integrationErrorMessage"
+        authorizerErr  = "$context.authorizer.error"
+        subject        = "$context.authorizer.claims.sub"
+      })
+    }
   }
 }
 

@@ -150,7 +150,7 @@ resource "aws_timestreamwrite_table" "readings" {
   }
 }
 
-# The S3 archive: readings/date=YYYY-MM-DD/hour=HH/<digest>.jsonl (see shared/aws/src/s3archive.rs),
+# The S3 archive: readings/date=YYYY-MM-DD/hour=HH/<digest>.jsonl.gz (see shared/aws/src/s3archive.rs),
 # described to Athena by a Glue table with partition projection.
 resource "aws_s3_bucket" "archive" {
   count         = var.archive == "s3" ? 1 : 0

@@ -101,11 +101,13 @@ locals {
 }
 
 module "ingest" {
-  source             = "./modules/function"
-  name               = "${var.name_prefix}-ingest"
-  description        = "POST /v1/telemetry: validates readings and publishes them to the telemetry stream"
-  zip_path           = local.artifact["ingest"]
-  log_retention_days = var.log_retention_days
+  source               = "./modules/function"
+  name                 = "${var.name_prefix}-ingest"
+  description          = "POST /v1/telemetry: validates readings and publishes them to the telemetry stream"
+  zip_path             = local.artifact["ingest"]
+  reserved_concurrency = var.ingest_reserved_concurrency
+  log_retention_days   = var.log_retention_days
+  system_log_level     = var.lambda_system_log_level
   environment = merge(local.kafka_environment, {
     TELEMETRY_STREAM = var.bus == "kinesis" ? aws_kinesis_stream.telemetry[0].name : ""
     TELEMETRY_TOPIC  = var.bus == "kafka" ? var.kafka_telemetry_topic : ""
@@ -125,6 +127,7 @@ module "geo_update" {
   description        = "Keeps the latest position of every vehicle and its geo index"
   zip_path           = local.artifact["geo-update"]
   log_retention_days = var.log_retention_days
+  system_log_level   = var.lambda_system_log_level
   vpc                = local.positions_vpc
   environment = merge(local.position_environment, {
     BUS                   = var.bus
@@ -145,6 +148,7 @@ module "archiver" {
   description        = "Archives every reading (S3 or Timestream)"
   zip_path           = local.artifact["archiver"]
   log_retention_days = var.log_retention_days
+  system_log_level   = var.lambda_system_log_level
   timeout_seconds    = 60
   environment = merge(local.archive_environment, {
     BUS                   = var.bus
@@ -159,6 +163,7 @@ module "anomaly_inspector" {
   description        = "Evaluates the rules per vehicle, keeps alert state, publishes raise and clear"
   zip_path           = local.artifact["anomaly-inspector"]
   log_retention_days = var.log_retention_days
+  system_log_level   = var.lambda_system_log_level
   vpc                = local.rule_state_vpc
   environment = merge(local.kafka_environment, local.rule_state_environment, {
     ALERTS_TABLE          = aws_dynamodb_table.alerts.name
@@ -196,6 +201,7 @@ module "query_api" {
   description        = "Vehicles by id and near a point, tracks, alerts and acknowledgements"
   zip_path           = local.artifact["query-api"]
   log_retention_days = var.log_retention_days
+  system_log_level   = var.lambda_system_log_level
   vpc                = local.positions_vpc
   environment = merge(local.archive_environment, local.position_environment, {
     ALERT_STATE_TABLE = aws_dynamodb_table.alert_state.name
@@ -241,8 +247,8 @@ resource "aws_lambda_event_source_mapping" "telemetry" {
   function_name                      = each.value
   event_source_arn                   = aws_kinesis_stream.telemetry[0].arn
   starting_position                  = "TRIM_HORIZON"
-  batch_size                         = var.stream_batch_size
-  maximum_batching_window_in_seconds = var.stream_batching_window_seconds
+  batch_size                         = each.key == "archiver" ? var.archiver_batch_size : var.stream_batch_size
+  maximum_batching_window_in_seconds = each.key == "archiver" ? var.archiver_batching_window_seconds : var.stream_batching_window_seconds
   bisect_batch_on_function_error     = true
   maximum_retry_attempts             = var.stream_max_retries
   maximum_record_age_in_seconds      = var.stream_max_record_age_seconds
@@ -264,8 +270,8 @@ resource "aws_lambda_event_source_mapping" "kafka_telemetry" {
   function_name                      = each.value
   topics                             = [var.kafka_telemetry_topic]
   starting_position                  = "TRIM_HORIZON"
-  batch_size                         = var.stream_batch_size
-  maximum_batching_window_in_seconds = var.stream_batching_window_seconds
+  batch_size                         = each.key == "archiver" ? var.archiver_batch_size : var.stream_batch_size
+  maximum_batching_window_in_seconds = each.key == "archiver" ? var.archiver_batching_window_seconds : var.stream_batching_window_seconds
   bisect_batch_on_function_error     = true
   maximum_retry_attempts             = var.stream_max_retries
   maximum_record_age_in_seconds      = var.stream_max_record_age_seconds

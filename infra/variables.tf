@@ -84,9 +84,9 @@ variable "offset_lag_alarm_records" {
 }
 
 variable "stream_mode" {
-  description = "Kinesis capacity mode: ON_DEMAND (scales by itself) or PROVISIONED (fixed shards, cheaper at steady load)."
+  description = "Kinesis capacity mode: PROVISIONED (telemetry_shards fixed shards: about a tenth of on-demand's cost per reading at fleet scale, docs/cost.md) or ON_DEMAND (scales by itself, starting at 4,000 records/s, and charges per GB plus a stream-hour: for small or spiky fleets)."
   type        = string
-  default     = "ON_DEMAND"
+  default     = "PROVISIONED"
 
   validation {
     condition     = contains(["ON_DEMAND", "PROVISIONED"], var.stream_mode)
@@ -95,9 +95,9 @@ variable "stream_mode" {
 }
 
 variable "telemetry_shards" {
-  description = "Shards of the telemetry stream when stream_mode is PROVISIONED (1 MB/s or 1,000 records/s of writes each)."
+  description = "Shards of the telemetry stream when stream_mode is PROVISIONED (1 MB/s or 1,000 records/s of writes each). The default holds fleet A (10,000 vehicles, a reading every 2 s: 5,000 records/s) with 60% headroom; see fleet-b.tfvars.example for 100,000 vehicles."
   type        = number
-  default     = 4
+  default     = 8
 
   validation {
     condition     = var.telemetry_shards >= 1 && var.telemetry_shards <= 500
@@ -171,6 +171,28 @@ variable "stream_batching_window_seconds" {
   }
 }
 
+variable "archiver_batch_size" {
+  description = "Records per invocation of the archiver: it writes one S3 object per batch (and hour), so larger batches mean fewer PUT requests; positions and alerts keep stream_batch_size."
+  type        = number
+  default     = 1000
+
+  validation {
+    condition     = var.archiver_batch_size >= 1 && var.archiver_batch_size <= 10000
+    error_message = "archiver_batch_size must be between 1 and 10000."
+  }
+}
+
+variable "archiver_batching_window_seconds" {
+  description = "How long Lambda gathers records before invoking the archiver: how old the newest readings of a track read can be."
+  type        = number
+  default     = 5
+
+  validation {
+    condition     = var.archiver_batching_window_seconds >= 0 && var.archiver_batching_window_seconds <= 300
+    error_message = "archiver_batching_window_seconds must be between 0 and 300."
+  }
+}
+
 variable "stream_max_retries" {
   description = "Retries of a failing batch before its records go to the on-failure queue."
   type        = number
@@ -214,15 +236,43 @@ variable "jwt_audiences" {
 }
 
 variable "api_throttle_rate" {
-  description = "Steady requests per second the API accepts across all clients."
+  description = "Steady requests per second the API accepts across all clients. The default holds fleet A (5,000 POST/s) with headroom; the account's regional quota for HTTP APIs is 10,000 requests/s unless raised."
   type        = number
-  default     = 2000
+  default     = 7500
 }
 
 variable "api_throttle_burst" {
   description = "Burst of requests the API accepts above the steady rate."
   type        = number
-  default     = 5000
+  default     = 10000
+}
+
+variable "api_access_logs" {
+  description = "Write an access-log line per API request to CloudWatch Logs. Off by default: at fleet scale it is about $0.15 per million readings (a line of ~300 bytes per POST); API Gateway's own metrics and the functions' logs and metrics remain."
+  type        = bool
+  default     = false
+}
+
+variable "ingest_reserved_concurrency" {
+  description = "Concurrent executions reserved for ingest, so that query traffic or other functions in the account cannot starve telemetry intake (fleet A needs about 100 at 20 ms per POST)."
+  type        = number
+  default     = 200
+
+  validation {
+    condition     = var.ingest_reserved_concurrency >= 1
+    error_message = "ingest_reserved_concurrency must be at least 1."
+  }
+}
+
+variable "lambda_system_log_level" {
+  description = "Lambda's own log lines per invocation (START, END, REPORT at INFO): WARN keeps them out of CloudWatch Logs, where at one invocation per POST they cost about $0.15 per million readings; Lambda's metrics (duration, errors) do not depend on them."
+  type        = string
+  default     = "WARN"
+
+  validation {
+    condition     = contains(["DEBUG", "INFO", "WARN"], var.lambda_system_log_level)
+    error_message = "lambda_system_log_level must be DEBUG, INFO or WARN."
+  }
 }
 
 variable "iterator_age_alarm_ms" {

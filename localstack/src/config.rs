@@ -104,6 +104,9 @@ pub struct LocalConfig {
     pub archive_per_device: usize,
     pub dead_letter_capacity: usize,
     pub mapping: MappingConfig,
+    /// The archiver's mapping where it differs from `mapping` (on Lambda it takes larger
+    /// batches: it writes one object per batch).
+    pub archiver_mapping: Option<MappingConfig>,
     pub rules: RuleSet,
 }
 
@@ -118,6 +121,7 @@ impl Default for LocalConfig {
             archive_per_device: 2_000,
             dead_letter_capacity: 10_000,
             mapping: MappingConfig::default(),
+            archiver_mapping: None,
             rules: RuleSet::default_rules(),
         }
     }

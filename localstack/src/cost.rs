@@ -144,6 +144,8 @@ pub enum KinesisMode {
 pub struct Deployment {
     pub batch_size: usize,
     pub batching_window_s: f64,
+    pub archiver_batch_size: usize,
+    pub archiver_batching_window_s: f64,
     pub kinesis: KinesisMode,
     /// Bytes of Lambda's own START/END/REPORT lines per invocation (0 at system log level WARN).
     pub platform_log_bytes: f64,
@@ -335,8 +337,14 @@ pub fn report(
         let ms_per_record = measured.sum(function, MetricName::BatchDuration) / records;
         let measured_fill = records / invocations;
         let calls = measured.calls(function);
-        let batch_size = deployment.batch_size as f64;
-        let window = deployment.batching_window_s;
+        let (batch_size, window) = if function == PER_BATCH_FUNCTION {
+            (
+                deployment.archiver_batch_size as f64,
+                deployment.archiver_batching_window_s,
+            )
+        } else {
+            (deployment.batch_size as f64, deployment.batching_window_s)
+        };
         // Requests of a per-batch writer scale with invocations, the others' with readings.
         let request_cost = |fleet: &Fleet| -> f64 {
             let fill = batch_fill(fleet, batch_size, window);
@@ -457,13 +465,15 @@ pub fn render(report: &CostReport, deployment: &Deployment, prices: &PriceTable)
     let _ = writeln!(
         out,
         "Cost report: {} readings ingested, {:.2} readings per POST; prices {} ({}), \
-         batch size {}, batching window {} s, Kinesis {:?}, Lambda {} MB arm64",
+         batch size {}, batching window {} s (archiver {}, {} s), Kinesis {:?}, Lambda {} MB arm64",
         report.readings,
         report.readings_per_post,
         prices.region,
         prices.date,
         deployment.batch_size,
         deployment.batching_window_s,
+        deployment.archiver_batch_size,
+        deployment.archiver_batching_window_s,
         deployment.kinesis,
         LAMBDA_MEMORY_MB
     );

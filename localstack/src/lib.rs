@@ -90,13 +90,19 @@ pub async fn start(config: LocalConfig) -> Result<RunningStack, String> {
     let mut mappings = Vec::new();
     for function in stream_functions {
         let sources = ports.telemetry.for_function(function.name()).await?;
+        let mapping_config = match &config.archiver_mapping {
+            Some(archiver) if function.name() == geostream_archiver::FUNCTION_NAME => {
+                archiver.clone()
+            }
+            _ => config.mapping.clone(),
+        };
         let (mapping, loops) = start_mapping(
             Arc::new(InProcess {
                 function,
                 metrics: metrics.clone(),
             }),
             sources,
-            config.mapping.clone(),
+            mapping_config,
             ports.dead_letters.clone(),
             shutdown_rx.clone(),
         );

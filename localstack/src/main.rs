@@ -90,6 +90,14 @@ struct Cli {
     /// [default: 3 embedded; with --backend aws, Terraform's stream_max_retries, 5].
     #[arg(long)]
     esm_max_retries: Option<u32>,
+    /// The archiver's event source mapping: records per invocation [default: as
+    /// --esm-batch-size; with --backend aws, Terraform's archiver_batch_size, 1000].
+    #[arg(long)]
+    archiver_batch_size: Option<usize>,
+    /// The archiver's batching window, milliseconds [default: as --esm-batching-window-ms;
+    /// with --backend aws, Terraform's archiver_batching_window_seconds, 5 s].
+    #[arg(long)]
+    archiver_batching_window_ms: Option<u64>,
     /// With --backend aws and a bounded --simulate run: print what the run consumed per
     /// function and AWS operation, and what it costs per million readings and per vehicle
     /// for the reference fleets (docs/cost.md).
@@ -224,6 +232,23 @@ async fn main() -> ExitCode {
         max_retries: cli.esm_max_retries.unwrap_or(defaults.max_retries),
         ..defaults
     };
+    let archiver_defaults = match cli.backend {
+        BackendKind::Embedded => mapping.clone(),
+        BackendKind::Aws => MappingConfig {
+            max_retries: mapping.max_retries,
+            ..MappingConfig::archiver_as_deployed()
+        },
+    };
+    let archiver_mapping = MappingConfig {
+        batch_size: cli
+            .archiver_batch_size
+            .unwrap_or(archiver_defaults.batch_size)
+            .clamp(1, 10_000),
+        batching_window: cli
+            .archiver_batching_window_ms
+            .map_or(archiver_defaults.batching_window, Duration::from_millis),
+        ..archiver_defaults
+    };
     let prices = match (&cli.prices, cli.cost_report) {
         (_, false) => None,
         (None, true) => Some(PriceTable::parse(cost::BUNDLED_PRICES)),
@@ -248,6 +273,7 @@ async fn main() -> ExitCode {
         retention_per_shard: cli.retention_per_shard,
         archive_per_device: cli.archive_per_device,
         mapping: mapping.clone(),
+        archiver_mapping: Some(archiver_mapping.clone()),
         rules,
         ..LocalConfig::default()
     };
@@ -324,6 +350,10 @@ async fn main() -> ExitCode {
                         let deployment = Deployment {
                             batch_size: mapping.batch_size,
                             batching_window_s: mapping.batching_window.as_secs_f64(),
+                            archiver_batch_size: archiver_mapping.batch_size,
+                            archiver_batching_window_s: archiver_mapping
+                                .batching_window
+                                .as_secs_f64(),
                             kinesis: match cli.kinesis_mode {
                                 KinesisModeChoice::OnDemand => KinesisMode::OnDemand,
                                 KinesisModeChoice::Provisioned => KinesisMode::Provisioned,

@@ -431,6 +431,11 @@ fn check_mapping_defaults(bodies: &[(String, Body)], defaults: MappingDefaults) 
             defaults.batching_window_seconds,
         ),
         ("stream_max_retries", u64::from(defaults.max_retries)),
+        ("archiver_batch_size", defaults.archiver_batch_size as u64),
+        (
+            "archiver_batching_window_seconds",
+            defaults.archiver_batching_window_seconds,
+        ),
     ];
     let mut problems = Vec::new();
     for (name, value) in expected {
@@ -456,7 +461,43 @@ fn check_mapping_defaults(bodies: &[(String, Body)], defaults: MappingDefaults) 
 /// test runs every `main`.)
 pub fn check_repository(root: &Path) -> Result<Vec<String>, String> {
     let bodies = parse_dir(&root.join("infra"))?;
-    Ok(check(&bodies, FUNCTIONS, TABLES))
+    let mut problems = check(&bodies, FUNCTIONS, TABLES);
+    problems.extend(check_tfvars_examples(&root.join("infra"), &bodies)?);
+    Ok(problems)
+}
+
+/// Every variable the example tfvars set (commented-out lines included) is declared.
+fn check_tfvars_examples(infra: &Path, bodies: &[(String, Body)]) -> Result<Vec<String>, String> {
+    let declared: BTreeSet<&str> = blocks(bodies, "variable").map(|b| label(b, 0)).collect();
+    let mut problems = Vec::new();
+    for entry in std::fs::read_dir(infra).map_err(|e| e.to_string())? {
+        let path = entry.map_err(|e| e.to_string())?.path();
+        if !path.to_string_lossy().ends_with(".tfvars.example") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| e.to_string())?;
+        // Commented-out settings are offered to users too: check them as if set.
+        let uncommented: String = text
+            .lines()
+            .map(|line| {
+                line.strip_prefix("# ")
+                    .filter(|l| l.contains(" = "))
+                    .unwrap_or(line)
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let body = hcl::parse(&uncommented).map_err(|e| format!("{}: {e}", path.display()))?;
+        for attribute in body.attributes() {
+            if !declared.contains(attribute.key()) {
+                problems.push(format!(
+                    "{}: sets {}, which infra/ does not declare",
+                    path.display(),
+                    attribute.key()
+                ));
+            }
+        }
+    }
+    Ok(problems)
 }
 
 #[cfg(test)]

@@ -50,6 +50,18 @@ variable "vpc" {
   default = null
 }
 
+variable "reserved_concurrency" {
+  description = "Concurrent executions reserved for the function; null for none (the account's pool)."
+  type        = number
+  default     = null
+}
+
+variable "system_log_level" {
+  description = "Lambda's own log lines (START, END, REPORT at INFO; WARN drops them)."
+  type        = string
+  default     = "WARN"
+}
+
 variable "log_retention_days" {
   description = "Retention of the function's log group."
   type        = number
@@ -121,9 +133,12 @@ resource "aws_lambda_function" "this" {
     variables = var.environment
   }
 
+  reserved_concurrent_executions = var.reserved_concurrency
+
   logging_config {
-    log_format = "JSON"
-    log_group  = aws_cloudwatch_log_group.this.name
+    log_format       = "JSON"
+    log_group        = aws_cloudwatch_log_group.this.name
+    system_log_level = var.system_log_level
   }
 
   tracing_config {

@@ -68,6 +68,16 @@ impl Default for MappingConfig {
 }
 
 impl MappingConfig {
+    /// What Terraform deploys for the archiver's mapping.
+    pub fn archiver_as_deployed() -> Self {
+        let deployed = geostream_aws::manifest::MAPPING_DEFAULTS;
+        MappingConfig {
+            batch_size: deployed.archiver_batch_size,
+            batching_window: Duration::from_secs(deployed.archiver_batching_window_seconds),
+            ..Self::as_deployed()
+        }
+    }
+
     /// What Terraform deploys (Lambda's mappings), for the runner's AWS backend.
     pub fn as_deployed() -> Self {
         let deployed = geostream_aws::manifest::MAPPING_DEFAULTS;

@@ -43,19 +43,25 @@ impl FunctionManifest {
 }
 
 /// The event source mapping settings Terraform deploys by default (`infra/variables.tf`:
-/// `stream_batch_size`, `stream_batching_window_seconds`, `stream_max_retries`); the local
-/// runner's AWS backend uses the same, and the consistency check fails when they drift.
+/// `stream_batch_size`, `stream_batching_window_seconds`, `stream_max_retries`, and the
+/// archiver's own `archiver_batch_size`, `archiver_batching_window_seconds`); the local runner's
+/// AWS backend uses the same, and the consistency check fails when they drift.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MappingDefaults {
     pub batch_size: usize,
     pub batching_window_seconds: u64,
     pub max_retries: u32,
+    /// The archiver writes one object per batch: it takes larger batches.
+    pub archiver_batch_size: usize,
+    pub archiver_batching_window_seconds: u64,
 }
 
 pub const MAPPING_DEFAULTS: MappingDefaults = MappingDefaults {
     batch_size: 100,
     batching_window_seconds: 1,
     max_retries: 5,
+    archiver_batch_size: 1000,
+    archiver_batching_window_seconds: 5,
 };
 
 /// The manifest of the function named `name`.

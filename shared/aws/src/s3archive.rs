@@ -1,8 +1,11 @@
 //! The archive as time-partitioned objects on S3, for accounts without Timestream (closed to
 //! new customers since 2025-06-20), queryable with Athena.
 //!
-//! Layout: `s3://BUCKET/readings/date=YYYY-MM-DD/hour=HH/<digest>.jsonl`, one JSON object per
-//! line (the same fields as the API's readings), partitioned by the reading's event time (UTC).
+//! Layout: `s3://BUCKET/readings/date=YYYY-MM-DD/hour=HH/<digest>.jsonl.gz`, gzip-compressed,
+//! one JSON object per line (the same fields as the API's readings), partitioned by the reading's
+//! event time (UTC). Compression cuts what the archive stores (and what S3 bills per GB-month)
+//! about eightfold; Athena reads `.gz` objects as they are. Objects written before compression
+//! (`.jsonl`) are still read.
 //! Each stream batch writes one object per hour it touches, named by a digest of its readings'
 //! keys: a retried batch overwrites the same object. A reading replayed in a different batch
 //! lands in a second object; track reads here deduplicate by (ts, event_id), and Athena queries
@@ -116,7 +119,8 @@ impl Archive for S3Archive {
                     .map_err(|e| StoreError::permanent("PutObject", e.to_string()))?;
                 body.push(b'\n');
             }
-            let key = format!("{}{:x}.jsonl", partition_prefix(hour), digest.finalize());
+            let key = format!("{}{:x}.jsonl.gz", partition_prefix(hour), digest.finalize());
+            let body = gzip(&body).map_err(|e| StoreError::permanent("PutObject", e))?;
             let bytes = body.len();
             self.client
                 .put_object()
@@ -170,6 +174,13 @@ impl Archive for S3Archive {
                     .await
                     .map_err(|e| StoreError::transient("GetObject", format!("{key}: {e}")))?
                     .into_bytes();
+                let bytes = if key.ends_with(".gz") {
+                    gunzip(&bytes).map_err(|e| {
+                        StoreError::permanent("GetObject", format!("{key}: not gzip: {e}"))
+                    })?
+                } else {
+                    bytes.to_vec()
+                };
                 for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
                     let reading: Reading = serde_json::from_slice(line)
                         .map_err(|e| StoreError::permanent("GetObject", format!("{key}: {e}")))?;
@@ -183,9 +194,37 @@ impl Archive for S3Archive {
     }
 }
 
+fn gzip(data: &[u8]) -> Result<Vec<u8>, String> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(data).map_err(|e| e.to_string())?;
+    encoder.finish().map_err(|e| e.to_string())
+}
+
+fn gunzip(data: &[u8]) -> Result<Vec<u8>, std::io::Error> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(data).read_to_end(&mut out)?;
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn objects_round_trip_through_gzip() {
+        let lines = b"{\"device_id\":\"a\"}\n{\"device_id\":\"b\"}\n".repeat(50);
+        let packed = gzip(&lines).unwrap();
+        assert!(
+            packed.len() * 5 < lines.len(),
+            "{} of {}",
+            packed.len(),
+            lines.len()
+        );
+        assert_eq!(gunzip(&packed).unwrap(), lines);
+        assert!(gunzip(b"not gzip").is_err());
+    }
 
     #[test]
     fn partitions_are_hours_of_event_time() {
