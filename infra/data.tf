@@ -111,14 +111,14 @@ resource "aws_dynamodb_table" "alerts" {
     name            = "by-state"
     hash_key        = "state"
     range_key       = "started_at"
-    projection_type = "ALL"
+    projection_type = "KEYS_ONLY"
   }
 
   global_secondary_index {
     name            = "by-device"
     hash_key        = "device_id"
     range_key       = "started_at"
-    projection_type = "ALL"
+    projection_type = "KEYS_ONLY"
   }
 
   point_in_time_recovery {

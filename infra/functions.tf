@@ -221,8 +221,9 @@ module "query_api" {
     },
     ] : [], [
     {
+      # BatchGetItem: the alerts indexes hold keys only, listed alerts are fetched by key.
       sid       = "ReadAndAcknowledgeAlerts"
-      actions   = ["dynamodb:GetItem", "dynamodb:UpdateItem"]
+      actions   = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:UpdateItem"]
       resources = [aws_dynamodb_table.alerts.arn]
     },
     {

@@ -216,6 +216,9 @@ pub struct CostReport {
     /// (function, unit) -> units per reading, as measured.
     pub units_per_reading: BTreeMap<(String, &'static str), f64>,
     pub lines: Vec<CostLine>,
+    /// Ingress per POST (API Gateway and the ingest invocation): what devices that send several
+    /// readings per POST divide.
+    pub ingress_per_post_usd: f64,
 }
 
 impl CostReport {
@@ -291,16 +294,15 @@ pub fn report(
         price("api_gateway_http_request") / readings_per_post
     });
     let ingest_ms = measured.sum("ingest", MetricName::RequestDuration) / posts;
+    let ingest_per_post = price("lambda_request")
+        + billed_ms(ingest_ms) / 1000.0 * memory_gb * price("lambda_arm64_gb_second")
+        + log_gb_per_invocation("ingest") * price("cloudwatch_logs_gb");
     line(
         "ingress: ingest Lambda (requests, duration, logs)",
         false,
-        &|_| {
-            (price("lambda_request")
-                + billed_ms(ingest_ms) / 1000.0 * memory_gb * price("lambda_arm64_gb_second")
-                + log_gb_per_invocation("ingest") * price("cloudwatch_logs_gb"))
-                / readings_per_post
-        },
+        &|_| ingest_per_post / readings_per_post,
     );
+    let ingress_per_post_usd = price("api_gateway_http_request") + ingest_per_post;
 
     // The bus: the telemetry records ingest put, the alert transitions, three consumers.
     let telemetry_kib = per_reading("ingest", Unit::KinesisIngressKib);
@@ -433,6 +435,7 @@ pub fn report(
         requests_per_reading,
         units_per_reading,
         lines,
+        ingress_per_post_usd,
     })
 }
 
@@ -535,6 +538,16 @@ pub fn render(report: &CostReport, deployment: &Deployment, prices: &PriceTable)
         out,
         "  {:<52} {:>20.4} {:>20.4}",
         "TOTAL ingress (API Gateway + ingest)", ingress[0], ingress[1]
+    );
+    let _ = writeln!(
+        out,
+        "  {:<52} {}",
+        "ingress when devices batch readings per POST",
+        [1.0, 10.0, 50.0]
+            .iter()
+            .map(|n| format!("{n}/POST ${:.3}", report.ingress_per_post_usd * 1e6 / n))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     let _ = writeln!(out, "\nPer month:");
     for (i, fleet) in FLEETS.iter().enumerate() {

@@ -107,8 +107,8 @@ struct Cli {
     /// bundled one.
     #[arg(long)]
     prices: Option<PathBuf>,
-    /// The Kinesis capacity mode --cost-report prices.
-    #[arg(long, value_enum, default_value_t = KinesisModeChoice::OnDemand)]
+    /// The Kinesis capacity mode --cost-report prices (Terraform's default: provisioned).
+    #[arg(long, value_enum, default_value_t = KinesisModeChoice::Provisioned)]
     kinesis_mode: KinesisModeChoice,
     /// Rules file (TOML); default: the bundled rules (shared/rules/default.toml).
     #[arg(long)]

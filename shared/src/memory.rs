@@ -10,11 +10,11 @@ use tokio::sync::watch;
 
 use crate::geo::geohash_of;
 use crate::model::{Alert, GeoPoint, Position, Reading};
-use crate::ports::{nearest, NearbyVehicle, RejectedReading};
 use crate::ports::{
     AlertFilter, AlertStore, Archive, BusRecord, DeadLetter, DeadLetterSink, EventBus,
     PositionStore, Published, StoreError, UpsertOutcome,
 };
+use crate::ports::{NearbyVehicle, RejectedReading};
 use crate::rules::DeviceRuleStates;
 use crate::{now_millis, EpochMillis};
 
@@ -235,23 +235,77 @@ impl PositionStore for MemoryPositionStore {
             .cloned())
     }
 
+    /// Nearest first, searching outwards: rings of growing radius up to `radius_m`, stopping
+    /// as soon as one holds `limit` vehicles. Exact: every vehicle beyond a ring is farther than
+    /// all `limit` found inside it, so they are the nearest within `radius_m` too. A ring that
+    /// falls short grows by what its density says the next needs.
     async fn near(
         &self,
         center: GeoPoint,
         radius_m: f64,
         limit: usize,
     ) -> Result<Vec<NearbyVehicle>, StoreError> {
-        let cells = crate::geo::cover_circle(center, radius_m);
-        Ok(nearest(
-            center,
-            radius_m,
-            limit,
-            self.query_prefixes(&cells),
-        ))
+        let mut ring_m = radius_m.min(FIRST_RING_M);
+        loop {
+            let (found, within) = self.nearest_within(center, ring_m, limit);
+            if found.len() >= limit || ring_m >= radius_m {
+                return Ok(found);
+            }
+            let density_guess = (limit as f64 / within.max(1) as f64).sqrt() * 1.25;
+            ring_m = (ring_m * density_guess.clamp(1.5, 8.0)).min(radius_m);
+        }
     }
 }
 
+/// The first ring a nearest search reads.
+const FIRST_RING_M: f64 = 1_000.0;
+
 impl MemoryPositionStore {
+    /// The `limit` nearest vehicles within `radius_m`, and how many were within it. Distances
+    /// are taken under the read lock and only the answer is cloned.
+    fn nearest_within(
+        &self,
+        center: GeoPoint,
+        radius_m: f64,
+        limit: usize,
+    ) -> (Vec<NearbyVehicle>, usize) {
+        let cells = crate::geo::cover_circle(center, radius_m);
+        let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        let mut hits: Vec<(f64, &Position)> = Vec::new();
+        for prefix in &cells {
+            let start = (prefix.clone(), String::new());
+            for (hash, device) in inner.by_cell.range(start..) {
+                if !hash.starts_with(prefix.as_str()) {
+                    break;
+                }
+                if let Some(position) = inner.by_device.get(device) {
+                    let distance_m = crate::geo::haversine_m(center, position.point());
+                    if distance_m <= radius_m {
+                        hits.push((distance_m, position));
+                    }
+                }
+            }
+        }
+        let within = hits.len();
+        let order = |a: &(f64, &Position), b: &(f64, &Position)| {
+            a.0.total_cmp(&b.0)
+                .then_with(|| a.1.device_id.cmp(&b.1.device_id))
+        };
+        if hits.len() > limit {
+            hits.select_nth_unstable_by(limit, order);
+            hits.truncate(limit);
+        }
+        hits.sort_by(order);
+        let found = hits
+            .into_iter()
+            .map(|(distance_m, position)| NearbyVehicle {
+                position: position.clone(),
+                distance_m,
+            })
+            .collect();
+        (found, within)
+    }
+
     /// Every position whose geohash starts with one of `prefixes`.
     pub fn query_prefixes(&self, prefixes: &[String]) -> Vec<Position> {
         let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
@@ -624,7 +678,10 @@ mod tests {
     proptest! {
         /// A radius query returns exactly what a brute-force scan of every vehicle returns.
         #[test]
-        fn radius_query_equals_brute_force((points, center, radius) in arb_fleet()) {
+        fn radius_query_equals_brute_force(
+            (points, center, radius) in arb_fleet(),
+            limit in prop_oneof![Just(usize::MAX), 1..30usize],
+        ) {
             let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
             let store = MemoryPositionStore::new();
             runtime.block_on(async {
@@ -632,7 +689,7 @@ mod tests {
                     store.upsert_if_newer(position(&format!("v{n}"), 1, *lat, *lon)).await.unwrap();
                 }
             });
-            let found = runtime.block_on(store.near(center, radius, usize::MAX)).unwrap();
+            let found = runtime.block_on(store.near(center, radius, limit)).unwrap();
             let mut expected: Vec<(String, f64)> = store
                 .all()
                 .into_iter()
@@ -640,6 +697,7 @@ mod tests {
                 .filter(|(_, d)| *d <= radius)
                 .collect();
             expected.sort_by(|a, b| a.1.total_cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
+            expected.truncate(limit);
             let got: Vec<(String, f64)> = found.into_iter().map(|v| (v.position.device_id, v.distance_m)).collect();
             prop_assert_eq!(got, expected);
         }

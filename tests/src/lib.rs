@@ -406,6 +406,15 @@ pub fn check(
                         index.range_key,
                         attribute(block.body(), "range_key").map(reference),
                     ));
+                    let projection = attribute(block.body(), "projection_type").map(reference);
+                    if projection.as_deref() != Some(index.projection.terraform_name()) {
+                        problems.push(format!(
+                            "table {}: index {} projects {projection:?} in Terraform, the code reads it as {}",
+                            table.label,
+                            index.name,
+                            index.projection.terraform_name()
+                        ));
+                    }
                 }
             }
         }

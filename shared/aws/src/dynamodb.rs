@@ -19,7 +19,9 @@ use async_trait::async_trait;
 use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
-use aws_sdk_dynamodb::types::{AttributeValue, Put, ReturnValue, TransactWriteItem, Update};
+use aws_sdk_dynamodb::types::{
+    AttributeValue, KeysAndAttributes, Put, ReturnValue, TransactWriteItem, Update,
+};
 use geostream_shared::geo::{index_partition_key, INDEX_PARTITION_GEOHASH_LEN, INDEX_SHARDS};
 use geostream_shared::model::{Alert, AlertState, GeoPoint, Position, Severity};
 use geostream_shared::ports::{
@@ -380,14 +382,18 @@ impl DynamoAlerts {
         self
     }
 
-    /// The write units of an alert record's update: the item, and one put on each of the
-    /// alerts table's two indexes (projection ALL).
+    /// The write units of an alert record's update: the item, and its two keys-only indexes,
+    /// written only when the record is new (a raise) or its state key changes (a clear: a
+    /// delete and a put on by-state); count, peak and last value change no index.
     fn alert_write_units(alert: &Alert, transactional: bool) -> f64 {
         let size = serde_dynamo::to_item::<_, Item>(alert)
             .map(|item| capacity::item_size(&item))
             .unwrap_or(0);
         let table = capacity::write_units(size) * if transactional { 2.0 } else { 1.0 };
-        table + 2.0 * capacity::write_units(capacity::index_entry_size(size))
+        let raised = alert.state == AlertState::Active && alert.count == 1;
+        let cleared = alert.state == AlertState::Cleared;
+        let index_writes = if raised || cleared { 2.0 } else { 0.0 };
+        table + index_writes * capacity::write_units(capacity::index_entry_size(0))
     }
 
     /// The update of an alert record: every field the inspector owns; acknowledgement fields are
@@ -478,6 +484,8 @@ impl DynamoAlerts {
             .map_err(|e| StoreError::permanent("TransactWriteItems", e.to_string()))
     }
 
+    /// Newest first from an alerts index (keys only), the records fetched by key, at most
+    /// `limit`; `state` filters a device's alerts.
     async fn query_alerts(
         &self,
         index: &str,
@@ -489,7 +497,7 @@ impl DynamoAlerts {
         let mut alerts = Vec::new();
         let mut start: Option<Item> = None;
         loop {
-            let mut query = self
+            let output = self
                 .client
                 .query()
                 .table_name(&self.alerts_table)
@@ -498,23 +506,25 @@ impl DynamoAlerts {
                 .expression_attribute_names("#key", key)
                 .expression_attribute_values(":value", value.clone())
                 .scan_index_forward(false)
-                .set_exclusive_start_key(start.take());
-            if let (Some(state), true) = (state, key != "state") {
-                query = query
-                    .filter_expression("#state = :state")
-                    .expression_attribute_names("#state", "state")
-                    .expression_attribute_values(":state", s(state_name(state)));
-            }
-            let output = query
+                .set_exclusive_start_key(start.take())
                 .send()
                 .await
                 .map_err(|e| store_error("Query alerts", e))?;
-            for item in output.items() {
-                alerts.push(
-                    alert_from_item(item).map_err(|e| StoreError::permanent("Query alerts", e))?,
-                );
-                if alerts.len() >= limit {
-                    return Ok(alerts);
+            let bytes = output.items().iter().map(capacity::item_size).sum();
+            self.meter
+                .add(Unit::DynamoReadUnits, capacity::read_units(bytes, false));
+            let ids: Vec<String> = output
+                .items()
+                .iter()
+                .map(|item| get_s(item, "alert_id"))
+                .collect::<Result<_, _>>()
+                .map_err(|e| StoreError::permanent("Query alerts", e))?;
+            for alert in self.alerts_by_id(&ids).await? {
+                if state.is_none_or(|wanted| alert.state == wanted) {
+                    alerts.push(alert);
+                    if alerts.len() >= limit {
+                        return Ok(alerts);
+                    }
                 }
             }
             match output.last_evaluated_key() {
@@ -522,6 +532,61 @@ impl DynamoAlerts {
                 None => return Ok(alerts),
             }
         }
+    }
+
+    /// The alert records of `ids`, in that order (BatchGetItem, 100 keys a call, unprocessed
+    /// keys asked again); ids without a record are left out.
+    async fn alerts_by_id(&self, ids: &[String]) -> Result<Vec<Alert>, StoreError> {
+        let mut found: HashMap<String, Alert> = HashMap::new();
+        for chunk in ids.chunks(100) {
+            let mut keys: Vec<Item> = chunk
+                .iter()
+                .map(|id| HashMap::from([("alert_id".to_string(), s(id))]))
+                .collect();
+            let mut attempt = 0;
+            while !keys.is_empty() {
+                attempt += 1;
+                let request = KeysAndAttributes::builder()
+                    .set_keys(Some(std::mem::take(&mut keys)))
+                    .build()
+                    .map_err(|e| StoreError::permanent("BatchGetItem alerts", e.to_string()))?;
+                let output = self
+                    .client
+                    .batch_get_item()
+                    .request_items(&self.alerts_table, request)
+                    .send()
+                    .await
+                    .map_err(|e| store_error("BatchGetItem alerts", e))?;
+                let items = output
+                    .responses()
+                    .and_then(|r| r.get(&self.alerts_table))
+                    .map(Vec::as_slice)
+                    .unwrap_or_default();
+                for item in items {
+                    self.meter.add(
+                        Unit::DynamoReadUnits,
+                        capacity::read_units(capacity::item_size(item), false),
+                    );
+                    let alert = alert_from_item(item)
+                        .map_err(|e| StoreError::permanent("BatchGetItem alerts", e))?;
+                    found.insert(alert.alert_id.clone(), alert);
+                }
+                if let Some(unprocessed) = output
+                    .unprocessed_keys()
+                    .and_then(|u| u.get(&self.alerts_table))
+                {
+                    if attempt >= crate::retry::PARTIAL_FAILURE_ATTEMPTS {
+                        return Err(StoreError::transient(
+                            "BatchGetItem alerts",
+                            format!("{} keys still unprocessed", unprocessed.keys().len()),
+                        ));
+                    }
+                    keys = unprocessed.keys().to_vec();
+                    tokio::time::sleep(crate::retry::backoff(attempt)).await;
+                }
+            }
+        }
+        Ok(ids.iter().filter_map(|id| found.remove(id)).collect())
     }
 }
 

@@ -149,6 +149,7 @@ pub const FUNCTIONS: &[FunctionManifest] = &[
             "GetItem",
             "Query",
             "Scan",
+            "BatchGetItem",
             "UpdateItem",
             "DescribeEndpoints",
             "ListObjectsV2",
@@ -163,6 +164,8 @@ pub const FUNCTIONS: &[FunctionManifest] = &[
                 "aws_dynamodb_table.positions/index/geo-index",
             ),
             allow("dynamodb:GetItem", "aws_dynamodb_table.alerts"),
+            // The alerts indexes hold keys only: listed alerts are fetched by key.
+            allow("dynamodb:BatchGetItem", "aws_dynamodb_table.alerts"),
             allow("dynamodb:UpdateItem", "aws_dynamodb_table.alerts"),
             allow("dynamodb:Query", "aws_dynamodb_table.alerts/index/by-state"),
             allow(
@@ -205,6 +208,27 @@ pub struct IndexSchema {
     pub name: &'static str,
     pub hash_key: (&'static str, KeyType),
     pub range_key: (&'static str, KeyType),
+    pub projection: IndexProjection,
+}
+
+/// Which attributes an index copies, as Terraform's `projection_type` names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IndexProjection {
+    /// Every attribute: queries answer whole items, and every change of the item is an index
+    /// write.
+    All,
+    /// The keys only: a change of other attributes costs no index write; queries fetch the
+    /// items by key.
+    KeysOnly,
+}
+
+impl IndexProjection {
+    pub fn terraform_name(self) -> &'static str {
+        match self {
+            IndexProjection::All => "ALL",
+            IndexProjection::KeysOnly => "KEYS_ONLY",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -231,6 +255,7 @@ pub const TABLES: &[TableSchema] = &[
             name: crate::dynamodb::GEO_INDEX,
             hash_key: ("geo_pk", KeyType::String),
             range_key: ("geohash", KeyType::String),
+            projection: IndexProjection::All,
         }],
     },
     TableSchema {
@@ -246,11 +271,15 @@ pub const TABLES: &[TableSchema] = &[
                 name: crate::dynamodb::ALERTS_BY_STATE_INDEX,
                 hash_key: ("state", KeyType::String),
                 range_key: ("started_at", KeyType::Number),
+                // An active alert's record changes with every breaching reading: keys only,
+                // so that those updates cost one write unit, not three.
+                projection: IndexProjection::KeysOnly,
             },
             IndexSchema {
                 name: crate::dynamodb::ALERTS_BY_DEVICE_INDEX,
                 hash_key: ("device_id", KeyType::String),
                 range_key: ("started_at", KeyType::Number),
+                projection: IndexProjection::KeysOnly,
             },
         ],
     },

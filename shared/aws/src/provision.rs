@@ -132,16 +132,16 @@ fn attribute((name, kind): (&str, manifest::KeyType)) -> Result<AttributeDefinit
         .map_err(|e| e.to_string())
 }
 
-fn index(name: &str, hash: &str, range: &str) -> Result<GlobalSecondaryIndex, String> {
+fn index(schema: &manifest::IndexSchema) -> Result<GlobalSecondaryIndex, String> {
+    let projection = match schema.projection {
+        manifest::IndexProjection::All => ProjectionType::All,
+        manifest::IndexProjection::KeysOnly => ProjectionType::KeysOnly,
+    };
     GlobalSecondaryIndex::builder()
-        .index_name(name)
-        .key_schema(key(hash, KeyType::Hash)?)
-        .key_schema(key(range, KeyType::Range)?)
-        .projection(
-            Projection::builder()
-                .projection_type(ProjectionType::All)
-                .build(),
-        )
+        .index_name(schema.name)
+        .key_schema(key(schema.hash_key.0, KeyType::Hash)?)
+        .key_schema(key(schema.range_key.0, KeyType::Range)?)
+        .projection(Projection::builder().projection_type(projection).build())
         .build()
         .map_err(|e| e.to_string())
 }
@@ -185,11 +185,7 @@ pub async fn create_resources(
                     attributes.push(attribute(key)?);
                 }
             }
-            indexes.push(index(
-                index_schema.name,
-                index_schema.hash_key.0,
-                index_schema.range_key.0,
-            )?);
+            indexes.push(index(index_schema)?);
         }
         clients
             .dynamodb
