@@ -59,6 +59,8 @@ locals {
   # The archive the deployment chose (variable archive), for the archiver and the query API.
   archive_environment = {
     ARCHIVE             = var.archive
+    RECENT_TRACKS       = var.recent_tracks
+    VALKEY_URL          = local.valkey_url
     ARCHIVE_BUCKET      = var.archive == "s3" ? aws_s3_bucket.archive[0].bucket : ""
     TIMESTREAM_DATABASE = var.archive == "timestream" ? aws_timestreamwrite_database.archive[0].database_name : ""
     TIMESTREAM_TABLE    = var.archive == "timestream" ? aws_timestreamwrite_table.readings[0].table_name : ""
@@ -148,6 +150,7 @@ module "archiver" {
   description        = "Archives every reading (S3 or Timestream)"
   zip_path           = local.artifact["archiver"]
   log_retention_days = var.log_retention_days
+  vpc                = local.archiver_vpc
   system_log_level   = var.lambda_system_log_level
   timeout_seconds    = 60
   environment = merge(local.archive_environment, {
@@ -202,7 +205,7 @@ module "query_api" {
   zip_path           = local.artifact["query-api"]
   log_retention_days = var.log_retention_days
   system_log_level   = var.lambda_system_log_level
-  vpc                = local.positions_vpc
+  vpc                = local.query_api_vpc
   environment = merge(local.archive_environment, local.position_environment, {
     ALERT_STATE_TABLE = aws_dynamodb_table.alert_state.name
     ALERTS_TABLE      = aws_dynamodb_table.alerts.name

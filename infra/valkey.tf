@@ -1,6 +1,7 @@
-# With position_store = valkey and/or rule_state_store = valkey: latest positions (geo-update,
-# the query API) and/or the anomaly-inspector's rule state in ElastiCache Serverless for Valkey,
-# reached from inside the VPC (docs/cost.md: the cheapest configuration that keeps positions
+# With position_store, rule_state_store or recent_tracks = valkey: latest positions (geo-update,
+# the query API), the anomaly-inspector's rule state, and/or the last hour of every vehicle's
+# readings (the archiver, the query API) in ElastiCache Serverless for Valkey, reached from
+# inside the VPC (docs/cost.md: the cheapest configuration that keeps positions
 # fresh at fleet scale). Every other function stays outside the VPC.
 #
 # What the VPC functions reach, without a NAT gateway: Valkey (port 6379), DynamoDB and S3
@@ -8,7 +9,7 @@
 # anomaly-inspector) through interface endpoints.
 
 locals {
-  valkey     = var.position_store == "valkey" || var.rule_state_store == "valkey"
+  valkey     = var.position_store == "valkey" || var.rule_state_store == "valkey" || var.recent_tracks == "valkey"
   valkey_url = local.valkey ? "rediss://${aws_elasticache_serverless_cache.hot_state[0].endpoint[0].address}:${aws_elasticache_serverless_cache.hot_state[0].endpoint[0].port}" : ""
 
   # The position store the deployment chose, for geo-update and the query API. With valkey the
@@ -16,14 +17,14 @@ locals {
   position_environment = {
     POSITION_STORE  = var.position_store
     POSITIONS_TABLE = aws_dynamodb_table.positions.name
-    VALKEY_URL      = var.position_store == "valkey" ? local.valkey_url : ""
+    VALKEY_URL      = local.valkey_url
   }
 
   # Where the anomaly-inspector keeps rule state (alert records stay in DynamoDB).
   rule_state_environment = {
     RULE_STATE_STORE  = var.rule_state_store
     ALERT_STATE_TABLE = aws_dynamodb_table.alert_state.name
-    VALKEY_URL        = var.rule_state_store == "valkey" ? local.valkey_url : ""
+    VALKEY_URL        = local.valkey_url
   }
 
   vpc_access = local.valkey ? {
@@ -32,6 +33,8 @@ locals {
   } : null
   positions_vpc  = var.position_store == "valkey" ? local.vpc_access : null
   rule_state_vpc = var.rule_state_store == "valkey" ? local.vpc_access : null
+  archiver_vpc   = var.recent_tracks == "valkey" ? local.vpc_access : null
+  query_api_vpc  = var.position_store == "valkey" || var.recent_tracks == "valkey" ? local.vpc_access : null
 }
 
 data "aws_subnet" "first" {
@@ -44,8 +47,8 @@ data "aws_subnet" "first" {
       error_message = "position_store = valkey needs vpc_subnet_ids in two or more availability zones and their vpc_route_table_ids."
     }
     postcondition {
-      condition     = var.position_store != "valkey" || var.archive == "s3"
-      error_message = "position_store = valkey needs archive = s3: the query API reaches S3 through a gateway endpoint, Timestream would need interface endpoints this stack does not declare."
+      condition     = (var.position_store != "valkey" && var.recent_tracks != "valkey") || var.archive == "s3"
+      error_message = "position_store or recent_tracks = valkey needs archive = s3: the functions in the VPC reach S3 through a gateway endpoint, Timestream would need interface endpoints this stack does not declare."
     }
     postcondition {
       condition     = var.rule_state_store != "valkey" || var.bus == "kinesis"

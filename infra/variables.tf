@@ -333,7 +333,7 @@ variable "vpc_route_table_ids" {
 }
 
 variable "valkey_max_storage_gb" {
-  description = "With a valkey store: the cache's storage limit (a latest position takes about 0.5 KB: 100,000 vehicles fit in 0.1 GB, the minimum billed)."
+  description = "With a valkey store: the cache's storage limit (a latest position and its rule state take about 1.5 KB: 100,000 vehicles fit in 0.15 GB; recent_tracks = valkey keeps about 0.4 KB per reading for 65 minutes: 8 GB for fleet A)."
   type        = number
   default     = 1
 
@@ -362,5 +362,16 @@ variable "rule_state_store" {
   validation {
     condition     = contains(["dynamodb", "valkey"], var.rule_state_store)
     error_message = "rule_state_store must be dynamodb or valkey."
+  }
+}
+
+variable "recent_tracks" {
+  description = "none, or valkey: keep the last hour of every vehicle's readings in the Valkey cache (the archiver writes them, the query API reads them), so that a recent track reads only that vehicle's readings instead of every archive object of the hour (docs/cost.md). Needs the VPC variables and archive = s3."
+  type        = string
+  default     = "none"
+
+  validation {
+    condition     = contains(["none", "valkey"], var.recent_tracks)
+    error_message = "recent_tracks must be none or valkey."
   }
 }

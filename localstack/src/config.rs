@@ -32,6 +32,9 @@ pub struct AwsBackend {
     pub position_store: StoreKind,
     /// Where the anomaly-inspector keeps rule state, as `RULE_STATE_STORE` names it.
     pub rule_state_store: StoreKind,
+    /// With a Valkey URL: the last hour of every vehicle's readings there, in front of the
+    /// archive (`RECENT_TRACKS=valkey`).
+    pub recent_tracks: Option<String>,
 }
 
 /// Where a hot store (positions, rule state) lives: DynamoDB or Valkey.

@@ -402,12 +402,21 @@ pub fn report(
         .iter()
         .filter_map(|u| u.capacity.snapshot().get(&Unit::ValkeyEcpus).copied())
         .sum();
+    let track_bytes_per_reading = per_reading("archiver", Unit::ValkeyTrackBytes);
     if valkey_ecpus > 0.0 {
         line(
             "valkey: cache storage (0.1 GB minimum) and VPC interface endpoints",
             true,
             &|fleet| {
-                let storage_gb = (fleet.vehicles * VALKEY_BYTES_PER_VEHICLE / GB).max(0.1);
+                // Recent tracks keep each reading for their window; positions and rule state
+                // a few hundred bytes per vehicle.
+                let track_gb = track_bytes_per_reading
+                    * fleet.readings_per_second()
+                    * geostream_aws::valkey::RECENT_TRACK_MS as f64
+                    / 1000.0
+                    / GB;
+                let storage_gb =
+                    (fleet.vehicles * VALKEY_BYTES_PER_VEHICLE / GB + track_gb).max(0.1);
                 let monthly =
                     storage_gb * HOURS_PER_MONTH * price("elasticache_serverless_valkey_gb_hour")
                         + 2.0 * 2.0 * HOURS_PER_MONTH * price("vpc_interface_endpoint_hour");

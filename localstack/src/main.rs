@@ -67,8 +67,13 @@ struct Cli {
     /// --valkey-url (alert records stay in DynamoDB).
     #[arg(long, value_enum, default_value_t = StoreChoice::Dynamodb)]
     rule_state_store: StoreChoice,
+    /// With --backend aws: keep the last hour of every vehicle's readings in Valkey/Redis at
+    /// --valkey-url, in front of the archive, as `RECENT_TRACKS=valkey` does on Lambda (a recent
+    /// track then reads only that vehicle's readings).
+    #[arg(long)]
+    recent_tracks_in_valkey: bool,
     /// With a store on valkey: the server, `redis://HOST:PORT` (`rediss://` with TLS).
-    #[arg(long, env = "VALKEY_URL", required_if_eq_any([("position_store", "valkey"), ("rule_state_store", "valkey")]))]
+    #[arg(long, env = "VALKEY_URL", required_if_eq_any([("position_store", "valkey"), ("rule_state_store", "valkey"), ("recent_tracks_in_valkey", "true")]))]
     valkey_url: Option<String>,
     /// Shards of the telemetry stream (partitions of new topics with --bus kafka).
     #[arg(long, default_value_t = 4)]
@@ -202,6 +207,10 @@ async fn main() -> ExitCode {
             },
             position_store: store_kind(cli.position_store, &cli.valkey_url),
             rule_state_store: store_kind(cli.rule_state_store, &cli.valkey_url),
+            recent_tracks: cli
+                .valkey_url
+                .clone()
+                .filter(|_| cli.recent_tracks_in_valkey),
         }),
     };
     let bus = match (cli.bus, &cli.brokers) {

@@ -237,6 +237,12 @@ async fn aws_ports(aws: &AwsBackend, bus: &Bus, shards: usize) -> Result<Ports, 
             .set(compose::settings::POSITION_STORE, "valkey")
             .set(compose::settings::VALKEY_URL, url),
     };
+    let settings = match &aws.recent_tracks {
+        None => settings,
+        Some(url) => settings
+            .set(compose::settings::RECENT_TRACKS, "valkey")
+            .set(compose::settings::VALKEY_URL, url),
+    };
     let settings = match &aws.rule_state_store {
         StoreKind::DynamoDb => settings,
         StoreKind::Valkey { url } => settings
@@ -277,12 +283,12 @@ async fn aws_ports(aws: &AwsBackend, bus: &Bus, shards: usize) -> Result<Ports, 
         bus: ingest.telemetry_bus().await.map_err(composed)?,
         alert_bus: inspector.alerts_bus().await.map_err(composed)?,
         positions: geo_update.positions().await.map_err(composed)?,
-        archive: archiver.archive().map_err(composed)?,
+        archive: archiver.archive().await.map_err(composed)?,
         alerts: inspector.alerts().await.map_err(composed)?,
         dead_letters: dead_letters.dead_letters().map_err(composed)?,
         query: QueryPorts {
             positions: query_api.positions().await.map_err(composed)?,
-            archive: query_api.archive().map_err(composed)?,
+            archive: query_api.archive().await.map_err(composed)?,
             alerts: query_api.alert_records().map_err(composed)?,
         },
         telemetry,

@@ -75,7 +75,7 @@ async fn pipeline(endpoint: &str, test: &str) -> Pipeline {
             geo.dead_letters().expect(built),
         ),
         archiver: Archiver::new(
-            archiver.archive().expect(built),
+            archiver.archive().await.expect(built),
             archiver.dead_letters().expect(built),
         ),
         inspector: AnomalyInspector::new(
@@ -86,7 +86,7 @@ async fn pipeline(endpoint: &str, test: &str) -> Pipeline {
         ),
         query_api: QueryApi::new(
             query.positions().await.expect(built),
-            query.archive().expect(built),
+            query.archive().await.expect(built),
             query.alert_records().expect(built),
         ),
         archive: TimestreamArchive::new(
@@ -408,6 +408,10 @@ async fn runner_on_the_aws_backend(
             create_resources: true,
             archive,
             rule_state_store: position_store.clone(),
+            recent_tracks: match &position_store {
+                StoreKind::Valkey { url } => Some(url.clone()),
+                StoreKind::DynamoDb => None,
+            },
             position_store,
         }),
         shards: 2,
@@ -518,21 +522,36 @@ async fn runner_on_the_aws_backend(
         ArchiveKind::S3 => {
             assert!(calls.contains_key("PutObject"), "{calls:?}");
             assert!(!calls.contains_key("WriteRecords"), "{calls:?}");
-            // moto's Timestream cannot answer queries; the S3 archive reads back what it wrote.
-            let track: Value = http
-                .get(format!("{base}/v1/vehicles/runner-1/track"))
-                .query(&[("from", t0 - 1000), ("to", t0 + 2000)])
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            let temperatures: Vec<&Value> = track["readings"]
-                .as_array()
-                .map(|readings| readings.iter().map(|r| &r["engine_temp_c"]).collect())
-                .unwrap_or_default();
-            assert_eq!(temperatures, [&json!(101.5), &json!(103.0)], "{track}");
+            // moto's Timestream cannot answer queries; the S3 archive reads back what it wrote
+            // (the archiver's mapping runs apart from the ones awaited above: poll, with a
+            // deadline that only bounds a failure).
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            let (mut track, mut temperatures): (Value, Vec<Value>);
+            loop {
+                track = http
+                    .get(format!("{base}/v1/vehicles/runner-1/track"))
+                    .query(&[("from", t0 - 1000), ("to", t0 + 2000)])
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                temperatures = track["readings"]
+                    .as_array()
+                    .map(|readings| {
+                        readings
+                            .iter()
+                            .map(|r| r["engine_temp_c"].clone())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if temperatures.len() >= 2 || std::time::Instant::now() >= deadline {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            assert_eq!(temperatures, [json!(101.5), json!(103.0)], "{track}");
         }
     }
     running.shutdown().await;

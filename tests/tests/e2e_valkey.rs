@@ -199,3 +199,107 @@ async fn rule_state_commits_are_versioned() {
     store.commit("truck-9", 1, &states, &[]).await.unwrap();
     assert_eq!(store.load_rule_states("truck-9").await.unwrap().version, 2);
 }
+
+/// Counts the track reads that reach the archive behind the cache.
+struct CountingArchive {
+    inner: geostream_shared::memory::MemoryArchive,
+    track_reads: std::sync::atomic::AtomicU64,
+}
+
+#[async_trait::async_trait]
+impl geostream_shared::ports::Archive for CountingArchive {
+    async fn write(
+        &self,
+        readings: &[geostream_shared::model::Reading],
+    ) -> Result<Vec<geostream_shared::ports::RejectedReading>, geostream_shared::ports::StoreError>
+    {
+        self.inner.write(readings).await
+    }
+
+    async fn track(
+        &self,
+        device_id: &str,
+        from: i64,
+        to: i64,
+        limit: usize,
+    ) -> Result<Vec<geostream_shared::model::Reading>, geostream_shared::ports::StoreError> {
+        self.track_reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.track(device_id, from, to, limit).await
+    }
+}
+
+/// The last hour of a vehicle's readings comes from its own sorted set in Valkey, one round
+/// trip, without touching the archive, and equals what the archive answers; older ranges go to
+/// the archive; a replayed batch adds nothing.
+#[tokio::test]
+async fn a_recent_track_reads_only_that_vehicles_readings() {
+    use geostream_aws::valkey::ValkeyRecentTracks;
+    use geostream_shared::model::Reading;
+    use geostream_shared::ports::Archive;
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+
+    let Some(url) = valkey() else { return };
+    let archive = Arc::new(CountingArchive {
+        inner: geostream_shared::memory::MemoryArchive::new(100_000),
+        track_reads: Default::default(),
+    });
+    let cache = ValkeyRecentTracks::connect(&url, prefix("tracks"), archive.clone())
+        .await
+        .unwrap();
+    let now = geostream_shared::now_millis();
+    let reading = |device: &str, ts: i64, temp: f64| Reading {
+        device_id: device.to_string(),
+        ts,
+        event_id: format!("{device}@{ts}"),
+        lat: Some(48.1),
+        lon: Some(11.5),
+        engine_temp_c: Some(temp),
+        ..Default::default()
+    };
+    // 200 vehicles, one reading every 10 s over the last 2 hours, in batches across vehicles.
+    let mut all = Vec::new();
+    for step in 0..720 {
+        for vehicle in 0..200 {
+            all.push(reading(
+                &format!("veh-{vehicle:03}"),
+                now - 2 * 3_600_000 + step * 10_000 + vehicle,
+                80.0 + (step % 7) as f64,
+            ));
+        }
+    }
+    for batch in all.chunks(1_000) {
+        assert!(cache.write(batch).await.unwrap().is_empty());
+    }
+    // A replay of a batch changes nothing.
+    assert!(cache
+        .write(&all[all.len() - 1_000..])
+        .await
+        .unwrap()
+        .is_empty());
+
+    let (from, to) = (now - 3_600_000, now + 1);
+    let before = cache.round_trips();
+    let recent = cache.track("veh-042", from, to, 10_000).await.unwrap();
+    assert_eq!(cache.round_trips() - before, 1);
+    assert_eq!(archive.track_reads.load(Ordering::Relaxed), 0);
+    let expected = archive
+        .inner
+        .track("veh-042", from, to, 10_000)
+        .await
+        .unwrap();
+    assert_eq!(recent.len(), 360);
+    assert_eq!(recent, expected);
+    let limited = cache.track("veh-042", from, to, 10).await.unwrap();
+    assert_eq!(limited, expected[..10]);
+
+    // Further back than the window: the archive answers.
+    let old_from = now - 2 * 3_600_000;
+    let old = cache
+        .track("veh-042", old_from, old_from + 600_000, 10_000)
+        .await
+        .unwrap();
+    assert_eq!(archive.track_reads.load(Ordering::Relaxed), 1);
+    assert_eq!(old.len(), 60);
+}

@@ -7,6 +7,6 @@ use geostream_aws::compose::Composition;
 async fn main() -> Result<(), geostream_lambda::Error> {
     geostream_lambda::init_tracing();
     let ports = Composition::for_lambda(FUNCTION_NAME).await?;
-    let handler = Archiver::new(ports.archive()?, ports.dead_letters()?);
+    let handler = Archiver::new(ports.archive().await?, ports.dead_letters()?);
     ports.run_stream_function(&handler).await
 }

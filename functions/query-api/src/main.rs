@@ -9,7 +9,7 @@ async fn main() -> Result<(), geostream_lambda::Error> {
     let ports = Composition::for_lambda(FUNCTION_NAME).await?;
     let api = QueryApi::new(
         ports.positions().await?,
-        ports.archive()?,
+        ports.archive().await?,
         ports.alert_records()?,
     );
     let metrics = ports.metrics();

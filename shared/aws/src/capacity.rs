@@ -31,6 +31,8 @@ pub enum Unit {
     /// ElastiCache Serverless ECPUs (an estimate: about one per KB a simple command transfers,
     /// more for commands that work more).
     ValkeyEcpus,
+    /// Bytes the recent-track cache keeps per reading (for as long as its window).
+    ValkeyTrackBytes,
 }
 
 impl Unit {
@@ -43,6 +45,7 @@ impl Unit {
             Unit::TimestreamWriteUnits => "timestream_write_units",
             Unit::S3BytesWritten => "s3_bytes_written",
             Unit::ValkeyEcpus => "valkey_ecpus",
+            Unit::ValkeyTrackBytes => "valkey_track_bytes",
         }
     }
 }

@@ -90,6 +90,10 @@ pub mod settings {
         "where the anomaly-inspector keeps rule state: dynamodb (ALERT_STATE_TABLE) or valkey (VALKEY_URL, keys prefixed with ALERT_STATE_TABLE)",
     );
     pub const ARCHIVE: Setting = setting("ARCHIVE", "which archive to use: timestream or s3");
+    pub const RECENT_TRACKS: Setting = setting(
+        "RECENT_TRACKS",
+        "none, or valkey: the last hour of every vehicle's readings in Valkey (VALKEY_URL), so that a recent track reads only that vehicle's readings",
+    );
     pub const ARCHIVE_BUCKET: Setting = setting(
         "ARCHIVE_BUCKET",
         "the S3 bucket of the archive (ARCHIVE=s3)",
@@ -164,6 +168,8 @@ impl Port {
                 ARCHIVE_BUCKET,
                 TIMESTREAM_DATABASE,
                 TIMESTREAM_TABLE,
+                RECENT_TRACKS,
+                VALKEY_URL,
             ],
             Port::DeadLetters => &[DEAD_LETTER_QUEUE_URL],
             Port::Rules => &[RULES_FILE],
@@ -525,8 +531,50 @@ impl Composition {
     }
 
     /// The archive named by `ARCHIVE`: `timestream` (`TIMESTREAM_DATABASE`, `TIMESTREAM_TABLE`)
-    /// or `s3` (`ARCHIVE_BUCKET`).
-    pub fn archive(&self) -> Result<Arc<dyn Archive>, ComposeError> {
+    /// or `s3` (`ARCHIVE_BUCKET`); with `RECENT_TRACKS=valkey`, behind the last hour of every
+    /// vehicle's readings in Valkey (`VALKEY_URL`).
+    pub async fn archive(&self) -> Result<Arc<dyn Archive>, ComposeError> {
+        let archive = self.archive_store()?;
+        match self.optional(settings::RECENT_TRACKS)?.as_deref() {
+            None | Some("none") => Ok(archive),
+            Some("valkey") => self.recent_tracks(archive).await,
+            Some(other) => Err(ComposeError::Invalid {
+                name: settings::RECENT_TRACKS.name,
+                value: other.to_string(),
+                expected: "none or valkey",
+            }),
+        }
+    }
+
+    #[cfg(feature = "valkey")]
+    async fn recent_tracks(
+        &self,
+        archive: Arc<dyn Archive>,
+    ) -> Result<Arc<dyn Archive>, ComposeError> {
+        let url = self.required(settings::VALKEY_URL)?;
+        // The archive's own name keeps two stacks sharing a cache apart.
+        let prefix = match self.optional(settings::ARCHIVE_BUCKET)? {
+            Some(bucket) => bucket,
+            None => self.required(settings::TIMESTREAM_TABLE)?,
+        };
+        let store = crate::valkey::ValkeyRecentTracks::connect(&url, prefix, archive)
+            .await
+            .map_err(|e| ComposeError::Unavailable(format!("VALKEY_URL: {e}")))?;
+        Ok(Arc::new(store.metered(self.clients.capacity.clone())))
+    }
+
+    #[cfg(not(feature = "valkey"))]
+    async fn recent_tracks(
+        &self,
+        _archive: Arc<dyn Archive>,
+    ) -> Result<Arc<dyn Archive>, ComposeError> {
+        Err(ComposeError::Unavailable(format!(
+            "RECENT_TRACKS=valkey, but {} was built without the Valkey client: build it with --features valkey",
+            self.function
+        )))
+    }
+
+    fn archive_store(&self) -> Result<Arc<dyn Archive>, ComposeError> {
         match self.required(settings::ARCHIVE)?.as_str() {
             "timestream" => Ok(Arc::new(
                 TimestreamArchive::new(
@@ -634,14 +682,14 @@ mod tests {
         );
     }
 
-    #[test]
-    fn the_archive_and_bus_are_chosen_by_their_settings() {
+    #[tokio::test]
+    async fn the_archive_and_bus_are_chosen_by_their_settings() {
         let settings = SettingMap::new()
             .set(settings::ARCHIVE, "parquet")
             .set(settings::BUS, "kafka");
         let c = composition(&[Port::Archive, Port::TelemetryEvents], settings);
         assert_eq!(
-            c.archive().err().unwrap().to_string(),
+            c.archive().await.err().unwrap().to_string(),
             "ARCHIVE=\"parquet\": expected timestream or s3"
         );
         assert_eq!(
@@ -654,7 +702,7 @@ mod tests {
                 .set(settings::ARCHIVE, "s3")
                 .set(settings::ARCHIVE_BUCKET, "b"),
         );
-        assert!(s3.archive().is_ok());
+        assert!(s3.archive().await.is_ok());
     }
 
     #[test]

@@ -68,6 +68,7 @@ impl ResourceNames {
             .set(settings::ALERTS_TABLE, &self.alerts_table)
             .set(settings::RULE_STATE_STORE, "dynamodb")
             .set(settings::ARCHIVE, archive)
+            .set(settings::RECENT_TRACKS, "none")
             .set(
                 settings::ARCHIVE_BUCKET,
                 if_archive("s3", &self.archive_bucket),

@@ -26,12 +26,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use geostream_shared::geo::{haversine_m, EARTH_RADIUS_M};
-use geostream_shared::model::{Alert, GeoPoint, Position};
+use geostream_shared::model::{Alert, GeoPoint, Position, Reading};
 use geostream_shared::ports::{
-    nearest, AlertFilter, AlertStore, NearbyVehicle, PositionStore, StoreError, UpsertOutcome,
+    nearest, AlertFilter, AlertStore, Archive, NearbyVehicle, PositionStore, RejectedReading,
+    StoreError, UpsertOutcome,
 };
 use geostream_shared::rules::DeviceRuleStates;
-use geostream_shared::EpochMillis;
+use geostream_shared::{now_millis, EpochMillis};
 use redis::aio::ConnectionManager;
 use redis::{RedisError, RetryMethod, Script};
 
@@ -76,8 +77,7 @@ pub struct ValkeyPositions {
     connection: ConnectionManager,
     prefix: String,
     upsert: Script,
-    meter: CapacityMeter,
-    round_trips: std::sync::Arc<AtomicU64>,
+    usage: Usage,
 }
 
 /// Transient or permanent as the client itself would retry it (`RedisError::retry_method`).
@@ -89,32 +89,56 @@ fn store_error(operation: &'static str, error: RedisError) -> StoreError {
     }
 }
 
+/// Opens a self-reconnecting connection to `url` (`redis://HOST:PORT`, or `rediss://` for
+/// ElastiCache's encryption in transit).
+async fn connect(url: &str) -> Result<ConnectionManager, StoreError> {
+    let client = redis::Client::open(url).map_err(|e| store_error("connect to Valkey", e))?;
+    ConnectionManager::new(client)
+        .await
+        .map_err(|e| store_error("connect to Valkey", e))
+}
+
+/// What a store has asked of Valkey: round trips, and ECPUs on a meter. ElastiCache Serverless
+/// bills about one ECPU per KB a simple command transfers; a command that works more (a
+/// script's several commands, a search) counts one per command.
+#[derive(Clone, Default)]
+struct Usage {
+    meter: CapacityMeter,
+    round_trips: std::sync::Arc<AtomicU64>,
+}
+
+impl Usage {
+    /// One round trip carrying `commands` commands and `bytes` bytes of data.
+    fn charge(&self, commands: usize, bytes: usize) {
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
+        self.meter.add(
+            Unit::ValkeyEcpus,
+            commands.max(1) as f64 + bytes.div_ceil(1024) as f64,
+        );
+    }
+}
+
 impl ValkeyPositions {
     /// Connects to `url` (`redis://HOST:PORT` or, for ElastiCache's encryption in transit,
     /// `rediss://HOST:PORT`); keys start with `{prefix}`. The connection reconnects by itself.
     pub async fn connect(url: &str, prefix: impl Into<String>) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(|e| store_error("connect to Valkey", e))?;
-        let connection = ConnectionManager::new(client)
-            .await
-            .map_err(|e| store_error("connect to Valkey", e))?;
         Ok(ValkeyPositions {
-            connection,
+            connection: connect(url).await?,
             prefix: prefix.into(),
             upsert: Script::new(UPSERT_SCRIPT),
-            meter: CapacityMeter::default(),
-            round_trips: Default::default(),
+            usage: Usage::default(),
         })
     }
 
     /// Counts the ECPUs this store consumes on `meter`.
     pub fn metered(mut self, meter: CapacityMeter) -> Self {
-        self.meter = meter;
+        self.usage.meter = meter;
         self
     }
 
     /// Round trips to the server so far (a pipeline of commands is one).
     pub fn round_trips(&self) -> u64 {
-        self.round_trips.load(Ordering::Relaxed)
+        self.usage.round_trips.load(Ordering::Relaxed)
     }
 
     fn position_key(&self, device_id: &str) -> String {
@@ -127,17 +151,6 @@ impl ValkeyPositions {
 
     fn polar_key(&self) -> String {
         format!("{{{}}}:polar", self.prefix)
-    }
-
-    /// ElastiCache Serverless bills about one ECPU per KB a simple command transfers; a command
-    /// that works more (a script's several commands, a search) counts one per command or result.
-    /// One round trip carrying `commands` commands and `bytes` bytes of data.
-    fn charge(&self, commands: usize, bytes: usize) {
-        self.round_trips.fetch_add(1, Ordering::Relaxed);
-        self.meter.add(
-            Unit::ValkeyEcpus,
-            commands.max(1) as f64 + bytes.div_ceil(1024) as f64,
-        );
     }
 
     async fn positions_of(&self, device_ids: &[String]) -> Result<Vec<Position>, StoreError> {
@@ -153,7 +166,7 @@ impl ValkeyPositions {
             .await
             .map_err(|e| store_error("HGET positions", e))?;
         let bytes = found.iter().flatten().map(String::len).sum();
-        self.charge(device_ids.len(), bytes);
+        self.usage.charge(device_ids.len(), bytes);
         found
             .into_iter()
             .flatten()
@@ -187,7 +200,7 @@ impl ValkeyPositions {
             .query_async(&mut self.connection.clone())
             .await
             .map_err(|e| store_error("GEOSEARCH", e))?;
-        self.charge(
+        self.usage.charge(
             1 + found.len() / 10,
             found.iter().map(|f| f.0.len() + 8).sum(),
         );
@@ -224,7 +237,7 @@ impl PositionStore for ValkeyPositions {
             .await
             .map_err(|e| store_error("upsert script", e))?;
         // The script runs three commands when it writes, one when the stored one is newer.
-        self.charge(if applied == 1 { 3 } else { 1 }, bytes);
+        self.usage.charge(if applied == 1 { 3 } else { 1 }, bytes);
         Ok(if applied == 1 {
             UpsertOutcome::Applied
         } else {
@@ -265,7 +278,7 @@ impl PositionStore for ValkeyPositions {
             .query_async(&mut self.connection.clone())
             .await
             .map_err(|e| store_error("SMEMBERS", e))?;
-        self.charge(1, polar.iter().map(String::len).sum());
+        self.usage.charge(1, polar.iter().map(String::len).sum());
         let mut count = limit.saturating_add(EXTRA_CANDIDATES);
         loop {
             let found = self.geosearch(searched_from, search_radius, count).await?;
@@ -311,7 +324,7 @@ pub struct ValkeyStateAlerts {
     prefix: String,
     commit: Script,
     alerts: DynamoAlerts,
-    meter: CapacityMeter,
+    usage: Usage,
 }
 
 impl ValkeyStateAlerts {
@@ -321,35 +334,24 @@ impl ValkeyStateAlerts {
         prefix: impl Into<String>,
         alerts: DynamoAlerts,
     ) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(|e| store_error("connect to Valkey", e))?;
-        let connection = ConnectionManager::new(client)
-            .await
-            .map_err(|e| store_error("connect to Valkey", e))?;
         Ok(ValkeyStateAlerts {
-            connection,
+            connection: connect(url).await?,
             prefix: prefix.into(),
             commit: Script::new(COMMIT_STATE_SCRIPT),
             alerts,
-            meter: CapacityMeter::default(),
+            usage: Usage::default(),
         })
     }
 
     /// Counts the ECPUs this store consumes on `meter` (the alerts' units are the alert
     /// store's own).
     pub fn metered(mut self, meter: CapacityMeter) -> Self {
-        self.meter = meter;
+        self.usage.meter = meter;
         self
     }
 
     fn state_key(&self, device_id: &str) -> String {
         format!("{{{}}}:rules:{device_id}", self.prefix)
-    }
-
-    fn charge(&self, commands: usize, bytes: usize) {
-        self.meter.add(
-            Unit::ValkeyEcpus,
-            commands.max(1) as f64 + bytes.div_ceil(1024) as f64,
-        );
     }
 }
 
@@ -363,7 +365,7 @@ impl AlertStore for ValkeyStateAlerts {
             .query_async(&mut self.connection.clone())
             .await
             .map_err(|e| store_error("HMGET rule state", e))?;
-        self.charge(1, states.as_ref().map_or(0, String::len));
+        self.usage.charge(1, states.as_ref().map_or(0, String::len));
         let Some(json) = states else {
             return Ok(Default::default());
         };
@@ -394,7 +396,7 @@ impl AlertStore for ValkeyStateAlerts {
             .invoke_async(&mut self.connection.clone())
             .await
             .map_err(|e| store_error("commit rule state", e))?;
-        self.charge(if committed == 1 { 2 } else { 1 }, bytes);
+        self.usage.charge(if committed == 1 { 2 } else { 1 }, bytes);
         if committed == 1 {
             Ok(())
         } else {
@@ -422,5 +424,134 @@ impl AlertStore for ValkeyStateAlerts {
         at: EpochMillis,
     ) -> Result<Option<Alert>, StoreError> {
         self.alerts.acknowledge(alert_id, by, at).await
+    }
+}
+
+/// How long the recent-track cache keeps a vehicle's readings: the API's default track span
+/// (the last hour), with a margin for late readings.
+pub const RECENT_TRACK_MS: i64 = 65 * 60 * 1000;
+
+/// The last hour of every vehicle's readings in Valkey, in front of the archive: a track read
+/// within that hour reads only the vehicle's own readings (one sorted set, `{PREFIX}:track:DEVICE`,
+/// scored by event time) instead of every archive object of the hour. Older ranges go to the
+/// archive.
+///
+/// A write goes to the archive first, then to the cache; a reading's member is its JSON, so a
+/// replayed reading changes nothing. A vehicle's set is trimmed to the window on every write
+/// and expires when the vehicle falls silent.
+pub struct ValkeyRecentTracks {
+    connection: ConnectionManager,
+    prefix: String,
+    archive: std::sync::Arc<dyn Archive>,
+    usage: Usage,
+}
+
+impl ValkeyRecentTracks {
+    pub async fn connect(
+        url: &str,
+        prefix: impl Into<String>,
+        archive: std::sync::Arc<dyn Archive>,
+    ) -> Result<Self, StoreError> {
+        Ok(ValkeyRecentTracks {
+            connection: connect(url).await?,
+            prefix: prefix.into(),
+            archive,
+            usage: Usage::default(),
+        })
+    }
+
+    /// Counts the ECPUs the cache consumes on `meter` (the archive's units are its own).
+    pub fn metered(mut self, meter: CapacityMeter) -> Self {
+        self.usage.meter = meter;
+        self
+    }
+
+    /// Round trips to Valkey so far.
+    pub fn round_trips(&self) -> u64 {
+        self.usage.round_trips.load(Ordering::Relaxed)
+    }
+
+    fn track_key(&self, device_id: &str) -> String {
+        format!("{{{}}}:track:{device_id}", self.prefix)
+    }
+}
+
+#[async_trait]
+impl Archive for ValkeyRecentTracks {
+    async fn write(&self, readings: &[Reading]) -> Result<Vec<RejectedReading>, StoreError> {
+        let rejected = self.archive.write(readings).await?;
+        let refused: std::collections::HashSet<usize> = rejected.iter().map(|r| r.index).collect();
+        let oldest_kept = now_millis() - RECENT_TRACK_MS;
+        let mut pipeline = redis::pipe();
+        let mut devices = std::collections::BTreeSet::new();
+        let (mut commands, mut bytes) = (0, 0);
+        for (index, reading) in readings.iter().enumerate() {
+            if refused.contains(&index) || reading.ts < oldest_kept {
+                continue;
+            }
+            let json = serde_json::to_string(reading)
+                .map_err(|e| StoreError::permanent("ZADD track", e.to_string()))?;
+            bytes += json.len();
+            commands += 1;
+            pipeline
+                .zadd(self.track_key(&reading.device_id), json, reading.ts)
+                .ignore();
+            devices.insert(reading.device_id.as_str());
+        }
+        if commands == 0 {
+            return Ok(rejected);
+        }
+        for device in devices {
+            let key = self.track_key(device);
+            pipeline
+                .zrembyscore(&key, "-inf", format!("({oldest_kept}"))
+                .ignore()
+                .pexpire(&key, RECENT_TRACK_MS)
+                .ignore();
+            commands += 2;
+        }
+        let () = pipeline
+            .query_async(&mut self.connection.clone())
+            .await
+            .map_err(|e| store_error("ZADD track", e))?;
+        self.usage.charge(commands, bytes);
+        self.usage.meter.add(Unit::ValkeyTrackBytes, bytes as f64);
+        Ok(rejected)
+    }
+
+    async fn track(
+        &self,
+        device_id: &str,
+        from: EpochMillis,
+        to: EpochMillis,
+        limit: usize,
+    ) -> Result<Vec<Reading>, StoreError> {
+        // The cache holds the window up to now; a range reaching further back is the archive's.
+        if from < now_millis() - RECENT_TRACK_MS + 60_000 {
+            return self.archive.track(device_id, from, to, limit).await;
+        }
+        let found: Vec<String> = redis::cmd("ZRANGE")
+            .arg(self.track_key(device_id))
+            .arg(from)
+            .arg(format!("({to}"))
+            .arg("BYSCORE")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut self.connection.clone())
+            .await
+            .map_err(|e| store_error("ZRANGE track", e))?;
+        self.usage.charge(1, found.iter().map(String::len).sum());
+        let mut readings = found
+            .iter()
+            .map(|json| {
+                serde_json::from_str::<Reading>(json).map_err(|e| {
+                    StoreError::permanent("ZRANGE track", format!("stored reading: {e}"))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        // Equal event times order by event id, as the archive does.
+        readings.sort_by(|a, b| a.order_key().cmp(&b.order_key()));
+        Ok(readings)
     }
 }
