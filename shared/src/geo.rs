@@ -160,6 +160,24 @@ fn cell_outside_circle(
     haversine_m(center, cell_center) - half_diagonal > radius_m + 1.0
 }
 
+/// The point `distance_m` from `from` on the initial `bearing_deg` (spherical destination).
+pub fn destination(from: GeoPoint, bearing_deg: f64, distance_m: f64) -> GeoPoint {
+    let angle = distance_m / EARTH_RADIUS_M;
+    let (lat1, lon1, bearing) = (
+        from.lat.to_radians(),
+        from.lon.to_radians(),
+        bearing_deg.to_radians(),
+    );
+    let lat2 = (lat1.sin() * angle.cos() + lat1.cos() * angle.sin() * bearing.cos()).asin();
+    let lon2 = lon1
+        + (bearing.sin() * angle.sin() * lat1.cos()).atan2(angle.cos() - lat1.sin() * lat2.sin());
+    let lon = (lon2.to_degrees() + 540.0).rem_euclid(360.0) - 180.0;
+    GeoPoint {
+        lat: lat2.to_degrees().clamp(-90.0, 90.0),
+        lon,
+    }
+}
+
 /// Geohash length of the partition part of a geo-index key: cells of 1.4 x 1.4 degrees (about
 /// 156 km x 156 km at the equator, 105 km wide at 48 degrees). A metro area sits in one to four
 /// of them, so a radius query reads few keys at any radius up to the API's 100 km (at most nine
@@ -271,25 +289,6 @@ mod tests {
                     "{hash} at {target:?} ({} m) not covered by {cells:?}", haversine_m(center, target)
                 );
             }
-        }
-    }
-
-    /// The point `distance_m` from `from` on the initial `bearing_deg` (spherical destination).
-    fn destination(from: GeoPoint, bearing_deg: f64, distance_m: f64) -> GeoPoint {
-        let angle = distance_m / EARTH_RADIUS_M;
-        let (lat1, lon1, bearing) = (
-            from.lat.to_radians(),
-            from.lon.to_radians(),
-            bearing_deg.to_radians(),
-        );
-        let lat2 = (lat1.sin() * angle.cos() + lat1.cos() * angle.sin() * bearing.cos()).asin();
-        let lon2 = lon1
-            + (bearing.sin() * angle.sin() * lat1.cos())
-                .atan2(angle.cos() - lat1.sin() * lat2.sin());
-        let lon = (lon2.to_degrees() + 540.0).rem_euclid(360.0) - 180.0;
-        GeoPoint {
-            lat: lat2.to_degrees().clamp(-90.0, 90.0),
-            lon,
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The vehicles the radius-query tests place: fleet A's density around a metro centre, a wider
 //! region, and rings just inside and outside each radius queried, for every position store.
 
-use geostream_shared::geo::geohash_of;
+use geostream_shared::geo::{destination, geohash_of};
 use geostream_shared::model::{GeoPoint, Position};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -62,20 +62,3 @@ pub const METRO: GeoPoint = GeoPoint {
     lon: 11.575,
 };
 pub const RADII_M: [f64; 4] = [500.0, 2_000.0, 30_000.0, 100_000.0];
-
-/// The point `distance_m` from `from` on `bearing_deg`, on GeoStream's sphere.
-pub fn destination(from: GeoPoint, bearing_deg: f64, distance_m: f64) -> GeoPoint {
-    let angle = distance_m / geostream_shared::geo::EARTH_RADIUS_M;
-    let (lat1, lon1, bearing) = (
-        from.lat.to_radians(),
-        from.lon.to_radians(),
-        bearing_deg.to_radians(),
-    );
-    let lat2 = (lat1.sin() * angle.cos() + lat1.cos() * angle.sin() * bearing.cos()).asin();
-    let lon2 = lon1
-        + (bearing.sin() * angle.sin() * lat1.cos()).atan2(angle.cos() - lat1.sin() * lat2.sin());
-    GeoPoint {
-        lat: lat2.to_degrees(),
-        lon: lon2.to_degrees(),
-    }
-}
