@@ -109,17 +109,17 @@ impl Archive for S3Archive {
             group.sort_by(|a, b| {
                 (a.device_id.as_str(), a.order_key()).cmp(&(b.device_id.as_str(), b.order_key()))
             });
-            let mut digest = md5::Context::new();
             let mut body = Vec::new();
             for reading in &group {
-                digest.consume(reading.device_id.as_bytes());
-                digest.consume(reading.ts.to_be_bytes());
-                digest.consume(reading.event_id.as_bytes());
                 serde_json::to_writer(&mut body, reading)
                     .map_err(|e| StoreError::permanent("PutObject", e.to_string()))?;
                 body.push(b'\n');
             }
-            let key = format!("{}{:x}.jsonl.gz", partition_prefix(hour), digest.finalize());
+            let key = format!(
+                "{}{}.jsonl.gz",
+                partition_prefix(hour),
+                batch_digest(&group)
+            );
             let body = gzip(&body).map_err(|e| StoreError::permanent("PutObject", e))?;
             let bytes = body.len();
             self.client
@@ -194,6 +194,21 @@ impl Archive for S3Archive {
     }
 }
 
+/// The name of a batch's object: a digest of its readings' keys (device, time, event id), each
+/// variable-length field prefixed with its length, so that two different batches cannot run
+/// together into the same bytes (and one object overwrite the other).
+fn batch_digest(readings: &[&Reading]) -> String {
+    let mut digest = md5::Context::new();
+    for reading in readings {
+        for field in [reading.device_id.as_bytes(), reading.event_id.as_bytes()] {
+            digest.consume((field.len() as u32).to_be_bytes());
+            digest.consume(field);
+        }
+        digest.consume(reading.ts.to_be_bytes());
+    }
+    format!("{:x}", digest.finalize())
+}
+
 fn gzip(data: &[u8]) -> Result<Vec<u8>, String> {
     use std::io::Write;
     let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
@@ -211,6 +226,21 @@ fn gunzip(data: &[u8]) -> Result<Vec<u8>, std::io::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batches_whose_fields_run_together_get_different_objects() {
+        let reading = |device: &str, event: &str| Reading {
+            device_id: device.into(),
+            ts: 1,
+            event_id: event.into(),
+            ..Default::default()
+        };
+        // "x" "a" | "bc" "d"  against  "x" "ab" | "c" "d": the same bytes without framing.
+        let (one, two) = (reading("x", "a"), reading("bc", "d"));
+        let (three, four) = (reading("x", "ab"), reading("c", "d"));
+        assert_ne!(batch_digest(&[&one, &two]), batch_digest(&[&three, &four]));
+        assert_eq!(batch_digest(&[&one, &two]), batch_digest(&[&one, &two]));
+    }
 
     #[test]
     fn objects_round_trip_through_gzip() {
