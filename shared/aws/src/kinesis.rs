@@ -1,5 +1,7 @@
 //! The telemetry and alerts buses on Kinesis Data Streams.
 
+use std::collections::{HashMap, HashSet};
+
 use async_trait::async_trait;
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
@@ -35,6 +37,27 @@ impl KinesisBus {
     pub fn metered(mut self, meter: CapacityMeter) -> Self {
         self.meter = meter;
         self
+    }
+
+    /// Record indices in rounds: round n holds the n-th record of every partition key, in
+    /// order. A key's record is put only once the ones before it were, so an entry that failed
+    /// and is retried alone can never land after a later record of its key (a device's raise
+    /// and clear reaching consumers as clear-then-raise). One record per key, as ingest sends,
+    /// is one round.
+    fn rounds(records: &[BusRecord], indices: &[usize]) -> Vec<Vec<usize>> {
+        let mut next_round: HashMap<&str, usize> = HashMap::new();
+        let mut rounds: Vec<Vec<usize>> = Vec::new();
+        for &index in indices {
+            let round = next_round
+                .entry(records[index].partition_key.as_str())
+                .or_insert(0);
+            if rounds.len() <= *round {
+                rounds.push(Vec::new());
+            }
+            rounds[*round].push(index);
+            *round += 1;
+        }
+        rounds
     }
 
     /// Splits record indices into PutRecords calls within the count and size limits.
@@ -172,8 +195,25 @@ impl EventBus for KinesisBus {
                 sendable.push(i);
             }
         }
-        for chunk in Self::chunks(&records, &sendable) {
-            self.put_chunk(&records, chunk, &mut results).await;
+        let mut failed_keys: HashSet<&str> = HashSet::new();
+        for round in Self::rounds(&records, &sendable) {
+            let (blocked, ready): (Vec<usize>, Vec<usize>) = round
+                .into_iter()
+                .partition(|&i| failed_keys.contains(records[i].partition_key.as_str()));
+            for i in blocked {
+                results[i] = Some(Err(StoreError::transient(
+                    "PutRecords",
+                    "not sent: an earlier record of the same partition key failed",
+                )));
+            }
+            for chunk in Self::chunks(&records, &ready) {
+                self.put_chunk(&records, chunk, &mut results).await;
+            }
+            for i in ready {
+                if !matches!(results[i], Some(Ok(_))) {
+                    failed_keys.insert(records[i].partition_key.as_str());
+                }
+            }
         }
         results
             .into_iter()
@@ -189,6 +229,34 @@ impl EventBus for KinesisBus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_keys_records_go_in_successive_rounds_in_order() {
+        let records: Vec<BusRecord> = ["a", "b", "a", "c", "a", "b"]
+            .iter()
+            .map(|key| BusRecord {
+                partition_key: key.to_string(),
+                data: vec![1],
+            })
+            .collect();
+        let all: Vec<usize> = (0..records.len()).collect();
+        assert_eq!(
+            KinesisBus::rounds(&records, &all),
+            [vec![0, 1, 3], vec![2, 5], vec![4]]
+        );
+        // One record per key (what ingest publishes): one round, one call.
+        let one_each: Vec<BusRecord> = (0..10)
+            .map(|n| BusRecord {
+                partition_key: format!("d{n}"),
+                data: vec![1],
+            })
+            .collect();
+        assert_eq!(KinesisBus::rounds(&one_each, &all_of(&one_each)).len(), 1);
+    }
+
+    fn all_of(records: &[BusRecord]) -> Vec<usize> {
+        (0..records.len()).collect()
+    }
 
     #[test]
     fn chunks_respect_count_and_size_limits() {
