@@ -76,6 +76,40 @@ impl Envelope {
     }
 }
 
+/// The largest bus record an envelope may become: under Kinesis's 1 MiB per record (data and
+/// key) and Kafka's default 1 MB per message, with room for the key and framing.
+pub const MAX_RECORD_BYTES: usize = 900 * 1024;
+
+/// Splits an envelope whose record would exceed `max_bytes` into consecutive envelopes of the
+/// same device, each within it, readings in their order (a request of 1 MiB for one device,
+/// re-encoded with default event ids, can outgrow the bus's limit). A single reading is far
+/// below any limit a bus has, so every part fits.
+pub fn split_to_fit(envelope: Envelope, max_bytes: usize) -> Vec<Envelope> {
+    if envelope.readings.len() <= 1 || envelope.encode().len() <= max_bytes {
+        return vec![envelope];
+    }
+    let mut first = envelope;
+    let second_half = first.readings.split_off(first.readings.len() / 2);
+    let second = Envelope {
+        readings: second_half,
+        ..first.clone_without_readings()
+    };
+    let mut parts = split_to_fit(first, max_bytes);
+    parts.extend(split_to_fit(second, max_bytes));
+    parts
+}
+
+impl Envelope {
+    fn clone_without_readings(&self) -> Envelope {
+        Envelope {
+            v: self.v,
+            device_id: self.device_id.clone(),
+            received_at: self.received_at,
+            readings: Vec::new(),
+        }
+    }
+}
+
 /// Groups the readings of one request into one envelope per device, devices in order of first
 /// appearance and each device's readings in the order they were sent.
 pub fn envelopes_by_device(readings: Vec<Reading>, received_at: EpochMillis) -> Vec<Envelope> {
@@ -113,6 +147,25 @@ mod tests {
             event_id: format!("{device}@{ts}"),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn an_envelope_over_the_limit_splits_in_order_into_parts_within_it() {
+        let readings: Vec<Reading> = (0..500)
+            .map(|n| reading("truck-1", NOW - 500 + n))
+            .collect();
+        let envelope = envelopes_by_device(readings.clone(), NOW).remove(0);
+        let whole = envelope.encode().len();
+        let max = whole / 5;
+        let parts = split_to_fit(envelope.clone(), max);
+        assert!(parts.len() >= 5, "{} parts", parts.len());
+        assert!(parts.iter().all(|p| p.encode().len() <= max));
+        assert!(parts
+            .iter()
+            .all(|p| p.device_id == "truck-1" && p.received_at == NOW));
+        let rejoined: Vec<Reading> = parts.into_iter().flat_map(|p| p.readings).collect();
+        assert_eq!(rejoined, readings);
+        assert_eq!(split_to_fit(envelope.clone(), whole), vec![envelope]);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use aws_lambda_events::event::apigw::{ApiGatewayV2httpRequest, ApiGatewayV2httpR
 use geostream_lambda::http::{
     error_response, json_response, measure_response, method_and_path, request_body,
 };
-use geostream_shared::envelope::envelopes_by_device;
+use geostream_shared::envelope::{envelopes_by_device, split_to_fit, MAX_RECORD_BYTES};
 use geostream_shared::metrics::{Measurements, MetricName, MetricsSink};
 use geostream_shared::ports::EventBus;
 use geostream_shared::validation::{validate_body, FieldError, ValidationPolicy};
@@ -132,7 +132,20 @@ impl Ingest {
                 .push((index, reading.event_id.clone()));
             readings.push(reading);
         }
-        let envelopes = envelopes_by_device(readings, received_at);
+        // One record per device, split where it would outgrow the bus's record limit; each
+        // part answers for its own items.
+        let mut envelopes = Vec::new();
+        let mut items_of_envelope: Vec<Vec<(usize, String)>> = Vec::new();
+        for envelope in envelopes_by_device(readings, received_at) {
+            let mut items = items_of_device
+                .remove(&envelope.device_id)
+                .unwrap_or_default();
+            for part in split_to_fit(envelope, MAX_RECORD_BYTES) {
+                let rest = items.split_off(part.readings.len().min(items.len()));
+                items_of_envelope.push(std::mem::replace(&mut items, rest));
+                envelopes.push(part);
+            }
+        }
         let devices: Vec<String> = envelopes.iter().map(|e| e.device_id.clone()).collect();
         let outcomes = if envelopes.is_empty() {
             Vec::new()
@@ -141,8 +154,7 @@ impl Ingest {
                 .publish(envelopes.iter().map(|e| e.to_bus_record()).collect())
                 .await
         };
-        for (device, outcome) in devices.iter().zip(outcomes) {
-            let items = items_of_device.remove(device).unwrap_or_default();
+        for ((device, items), outcome) in devices.iter().zip(items_of_envelope).zip(outcomes) {
             match outcome {
                 Ok(_) => results.extend(
                     items
@@ -244,6 +256,35 @@ mod tests {
         assert_eq!(envelopes.len(), 1, "one record per device per request");
         assert_eq!(envelopes[0].readings.len(), 2);
         assert_eq!(envelopes[0].received_at, NOW);
+    }
+
+    /// A request of nearly 1 MiB for one device becomes a record over the bus's limit once
+    /// re-encoded (default event ids): it goes as several records of that device, in order,
+    /// each within the limit, and every item is accepted.
+    #[tokio::test]
+    async fn a_device_record_over_the_bus_limit_is_split_in_order() {
+        let stream = Arc::new(MemoryStream::new("t", 1, 100));
+        let ingest = Ingest::new(stream.clone()).with_clock(|| NOW);
+        let metrics: serde_json::Map<String, Value> = (0..60)
+            .map(|n| (format!("metric_name_number_{n:02}"), json!(1234.5)))
+            .collect();
+        let items: Vec<Value> = (0..500)
+            .map(|n| json!({"device_id": "truck-1", "ts": NOW - 500 + n, "metrics": metrics}))
+            .collect();
+        let body = Value::Array(items).to_string();
+        assert!(body.len() < 1024 * 1024, "{} bytes", body.len());
+        let response = ingest
+            .handle(fixture_request(&body), &RecordedMetrics::new())
+            .await;
+        assert_eq!(response.status_code, 202, "{:?}", response.body);
+        let records = stream_records(&stream);
+        assert!(records.len() >= 2, "{} records", records.len());
+        assert!(records.iter().all(|r| r.encode().len() <= MAX_RECORD_BYTES));
+        let times: Vec<i64> = records
+            .iter()
+            .flat_map(|r| r.readings.iter().map(|reading| reading.ts))
+            .collect();
+        assert_eq!(times, (0..500).map(|n| NOW - 500 + n).collect::<Vec<_>>());
     }
 
     #[tokio::test]
