@@ -17,6 +17,9 @@ pub enum ErrorKind {
     Permanent,
     /// An optimistic-concurrency check failed: reload and try again.
     Conflict,
+    /// The store cannot answer the request as asked (a time range longer than it reads, an id
+    /// it cannot hold): the caller must ask differently.
+    Invalid,
 }
 
 /// An error from a store or bus adapter, saying what failed and whether to retry.
@@ -39,6 +42,13 @@ impl StoreError {
     pub fn permanent(operation: &'static str, message: impl Into<String>) -> Self {
         StoreError {
             kind: ErrorKind::Permanent,
+            operation,
+            message: message.into(),
+        }
+    }
+    pub fn invalid(operation: &'static str, message: impl Into<String>) -> Self {
+        StoreError {
+            kind: ErrorKind::Invalid,
             operation,
             message: message.into(),
         }

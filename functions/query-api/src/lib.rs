@@ -19,7 +19,9 @@ use geostream_lambda::http::{
 use geostream_shared::geo::MAX_QUERY_RADIUS_M;
 use geostream_shared::metrics::{Measurements, MetricsSink};
 use geostream_shared::model::{AlertState, GeoPoint};
-use geostream_shared::ports::{AlertFilter, AlertStore, Archive, PositionStore, StoreError};
+use geostream_shared::ports::{
+    AlertFilter, AlertStore, Archive, ErrorKind, PositionStore, StoreError,
+};
 use geostream_shared::validation::{is_valid_device_id, parse_timestamp};
 use geostream_shared::{now_millis, EpochMillis};
 use http::Method;
@@ -42,10 +44,21 @@ pub struct QueryApi {
 /// A failed request: status and message.
 struct Reject(u16, String);
 
+/// By what the store said: a request it cannot answer as asked is the client's to change (400),
+/// a refusal retrying cannot cure is the service's fault (500), anything else may pass (503).
 impl From<StoreError> for Reject {
     fn from(error: StoreError) -> Self {
-        tracing::error!(function = FUNCTION_NAME, %error, "store call failed");
-        Reject(503, format!("store unavailable: {error}"))
+        match error.kind {
+            ErrorKind::Invalid => Reject(400, error.message),
+            ErrorKind::Permanent => {
+                tracing::error!(function = FUNCTION_NAME, %error, "store refused a request");
+                Reject(500, format!("store error: {error}"))
+            }
+            ErrorKind::Transient | ErrorKind::Conflict => {
+                tracing::warn!(function = FUNCTION_NAME, %error, "store call failed");
+                Reject(503, format!("store unavailable, retry: {error}"))
+            }
+        }
     }
 }
 
@@ -481,5 +494,69 @@ mod tests {
             .status_code,
             404
         );
+    }
+}
+
+#[cfg(test)]
+mod store_error_tests {
+    use super::*;
+    use async_trait::async_trait;
+    use geostream_shared::memory::{MemoryAlertStore, MemoryPositionStore};
+    use geostream_shared::metrics::RecordedMetrics;
+    use geostream_shared::model::Reading;
+    use geostream_shared::ports::RejectedReading;
+
+    /// An archive whose track reads fail with a given kind of error.
+    struct FailingArchive(ErrorKind);
+
+    #[async_trait]
+    impl Archive for FailingArchive {
+        async fn write(&self, _: &[Reading]) -> Result<Vec<RejectedReading>, StoreError> {
+            Ok(Vec::new())
+        }
+        async fn track(
+            &self,
+            _: &str,
+            _: i64,
+            _: i64,
+            _: usize,
+        ) -> Result<Vec<Reading>, StoreError> {
+            Err(StoreError {
+                kind: self.0,
+                operation: "track",
+                message: "the store said no".into(),
+            })
+        }
+    }
+
+    /// The answer's status follows what the store said: ask differently (400), a fault retrying
+    /// cannot cure (500), or try again (503).
+    #[tokio::test]
+    async fn store_errors_answer_by_their_kind() {
+        for (kind, status) in [
+            (ErrorKind::Invalid, 400),
+            (ErrorKind::Permanent, 500),
+            (ErrorKind::Transient, 503),
+            (ErrorKind::Conflict, 503),
+        ] {
+            let api = QueryApi::new(
+                Arc::new(MemoryPositionStore::new()),
+                Arc::new(FailingArchive(kind)),
+                Arc::new(MemoryAlertStore::new()),
+            );
+            let mut request: ApiGatewayV2httpRequest =
+                serde_json::from_str(include_str!("../tests/fixtures/apigw-get-near.json"))
+                    .unwrap();
+            request.request_context.http.method = http::Method::GET;
+            request.request_context.http.path = Some("/v1/vehicles/v0/track".into());
+            request.raw_path = Some("/v1/vehicles/v0/track".into());
+            request.query_string_parameters = Default::default();
+            let response = api.handle(request, &RecordedMetrics::new()).await;
+            assert_eq!(
+                response.status_code, status,
+                "{kind:?}: {:?}",
+                response.body
+            );
+        }
     }
 }

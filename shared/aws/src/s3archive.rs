@@ -144,14 +144,14 @@ impl Archive for S3Archive {
         limit: usize,
     ) -> Result<Vec<Reading>, StoreError> {
         let (Some(first), Some(last)) = (hour_of(from), hour_of(to - 1)) else {
-            return Err(StoreError::permanent(
+            return Err(StoreError::invalid(
                 "track",
                 format!("{from}..{to} is not a representable time range"),
             ));
         };
         let hours = (last - first).num_hours() + 1;
         if hours > MAX_TRACK_HOURS {
-            return Err(StoreError::permanent(
+            return Err(StoreError::invalid(
                 "track",
                 format!("the range spans {hours} hours; the S3 archive reads at most {MAX_TRACK_HOURS} (query longer ranges with Athena)"),
             ));

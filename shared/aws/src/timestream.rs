@@ -311,7 +311,7 @@ impl Archive for TimestreamArchive {
         limit: usize,
     ) -> Result<Vec<Reading>, StoreError> {
         if !is_valid_device_id(device_id) {
-            return Err(StoreError::permanent(
+            return Err(StoreError::invalid(
                 "Query",
                 format!("{device_id:?} is not a device id"),
             ));
