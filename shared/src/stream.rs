@@ -222,6 +222,42 @@ pub fn group_by_device(records: Vec<DecodedRecord>) -> Vec<DeviceRecords> {
     groups
 }
 
+/// A device's records that a store refused for good (retrying cannot help): sent to the
+/// dead-letter sink whole, with the store's reason, instead of stalling the shard until the
+/// mapping gives up. Answers the ids still to retry: none when the sink took them, all when it
+/// did not (the records are then neither lost nor acknowledged).
+pub async fn dead_letter_refused(
+    function: &str,
+    group: &DeviceRecords,
+    error: &crate::ports::StoreError,
+    dead_letters: &dyn DeadLetterSink,
+) -> Vec<RecordId> {
+    let letters = group
+        .record_ids
+        .iter()
+        .zip(&group.envelopes)
+        .map(|(id, envelope)| DeadLetter {
+            function: function.to_string(),
+            record_id: id.to_string(),
+            partition_key: group.device_id.clone(),
+            data: String::from_utf8_lossy(&envelope.encode()).into_owned(),
+            reason: error.to_string(),
+            attempts: 1,
+            failed_at: now_millis(),
+        })
+        .collect();
+    match dead_letters.send(letters).await {
+        Ok(()) => {
+            tracing::warn!(function, device_id = %group.device_id, %error, "records a store refused for good sent to dead letters");
+            Vec::new()
+        }
+        Err(sink_error) => {
+            tracing::error!(function, device_id = %group.device_id, %error, %sink_error, "dead-letter sink failed; records will be retried");
+            group.record_ids.clone()
+        }
+    }
+}
+
 /// Decodes every record of a batch. Records that cannot be decoded will never decode, so they
 /// go straight to the dead-letter sink with the reason instead of blocking the shard.
 pub async fn decode_batch(

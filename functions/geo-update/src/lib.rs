@@ -12,9 +12,10 @@ use geostream_shared::envelope::Envelope;
 use geostream_shared::geo::geohash_of;
 use geostream_shared::metrics::{Measurements, MetricName};
 use geostream_shared::model::{Position, Reading};
-use geostream_shared::ports::{DeadLetterSink, PositionStore, UpsertOutcome};
+use geostream_shared::ports::{DeadLetterSink, ErrorKind, PositionStore, UpsertOutcome};
 use geostream_shared::stream::{
-    decode_batch, group_by_device, BatchOutcome, StreamBatch, StreamFunction, DEVICE_CONCURRENCY,
+    dead_letter_refused, decode_batch, group_by_device, BatchOutcome, StreamBatch, StreamFunction,
+    DEVICE_CONCURRENCY,
 };
 
 pub const FUNCTION_NAME: &str = "geo-update";
@@ -43,35 +44,47 @@ impl StreamFunction for GeoUpdate {
         let decoded = decode_batch(FUNCTION_NAME, batch, self.dead_letters.as_ref()).await;
         let mut failed = decoded.retry;
         let (mut applied, mut stale) = (0usize, 0usize);
+        let mut dead_lettered = decoded.dead_lettered;
         let upserts = group_by_device(decoded.records)
             .into_iter()
             .filter_map(|group| {
-                let (reading, received_at) = newest_positioned(group.envelopes)?;
-                Some((
-                    group.device_id,
-                    group.record_ids,
-                    to_position(reading, received_at)?,
-                ))
+                let (reading, received_at) = newest_positioned(&group.envelopes)?;
+                let position = to_position(reading, received_at)?;
+                Some((group, position))
             });
-        let mut outcomes = stream::iter(upserts.map(|(device, record_ids, position)| async move {
+        let mut outcomes = stream::iter(upserts.map(|(group, position)| async move {
             let outcome = self.positions.upsert_if_newer(position).await;
-            (device, record_ids, outcome)
+            (group, outcome)
         }))
         .buffer_unordered(DEVICE_CONCURRENCY);
-        while let Some((device, record_ids, outcome)) = outcomes.next().await {
+        while let Some((group, outcome)) = outcomes.next().await {
             match outcome {
                 Ok(UpsertOutcome::Applied) => applied += 1,
                 Ok(UpsertOutcome::Stale) => stale += 1,
+                // Retrying cannot help: dead letters now, not a stalled shard.
+                Err(error) if error.kind == ErrorKind::Permanent => {
+                    let retry = dead_letter_refused(
+                        FUNCTION_NAME,
+                        &group,
+                        &error,
+                        self.dead_letters.as_ref(),
+                    )
+                    .await;
+                    if retry.is_empty() {
+                        dead_lettered += group.record_ids.len();
+                    }
+                    failed.extend(retry);
+                }
                 Err(error) => {
-                    tracing::warn!(function = FUNCTION_NAME, device_id = %device, %error, "position upsert failed; records will be retried");
-                    failed.extend(record_ids);
+                    tracing::warn!(function = FUNCTION_NAME, device_id = %group.device_id, %error, "position upsert failed; records will be retried");
+                    failed.extend(group.record_ids);
                 }
             }
         }
         let mut measurements = Measurements::default();
         measurements.count(MetricName::PositionsUpdated, applied);
         measurements.count(MetricName::PositionsStale, stale);
-        measurements.count(MetricName::DeadLetters, decoded.dead_lettered);
+        measurements.count(MetricName::DeadLetters, dead_lettered);
         BatchOutcome {
             failed,
             measurements,
@@ -81,10 +94,10 @@ impl StreamFunction for GeoUpdate {
 
 /// A device's newest reading with a position, and when the gateway received it (the first of
 /// equals wins).
-fn newest_positioned(envelopes: Vec<Envelope>) -> Option<(Reading, i64)> {
-    let mut newest: Option<(Reading, i64)> = None;
+fn newest_positioned(envelopes: &[Envelope]) -> Option<(Reading, i64)> {
+    let mut newest: Option<(&Reading, i64)> = None;
     for envelope in envelopes {
-        for reading in envelope.readings {
+        for reading in &envelope.readings {
             if reading.position().is_none() {
                 continue;
             }
@@ -96,7 +109,7 @@ fn newest_positioned(envelopes: Vec<Envelope>) -> Option<(Reading, i64)> {
             }
         }
     }
-    newest
+    newest.map(|(reading, received_at)| (reading.clone(), received_at))
 }
 
 fn to_position(reading: Reading, received_at: i64) -> Option<Position> {
@@ -191,5 +204,107 @@ mod tests {
         let stored = positions.get("truck-7").await.unwrap().unwrap();
         assert_eq!((stored.lat, stored.lon), (52.52, 13.405));
         assert_eq!(metrics.total(FUNCTION_NAME, MetricName::RecordsIn), 3.0);
+    }
+}
+
+#[cfg(test)]
+mod refusal_tests {
+    use super::*;
+    use geostream_shared::memory::MemoryDeadLetters;
+    use geostream_shared::model::GeoPoint;
+    use geostream_shared::ports::{DeadLetter, NearbyVehicle, StoreError};
+    use geostream_shared::stream::{RecordId, StreamRecord};
+
+    /// Refuses `truck-bad` for good, fails `truck-flaky` for the moment, takes the rest.
+    struct PickyStore;
+
+    #[async_trait]
+    impl PositionStore for PickyStore {
+        async fn upsert_if_newer(&self, position: Position) -> Result<UpsertOutcome, StoreError> {
+            match position.device_id.as_str() {
+                "truck-bad" => Err(StoreError::permanent("PutItem", "item too large")),
+                "truck-flaky" => Err(StoreError::transient("PutItem", "throttled")),
+                _ => Ok(UpsertOutcome::Applied),
+            }
+        }
+        async fn get(&self, _: &str) -> Result<Option<Position>, StoreError> {
+            Ok(None)
+        }
+        async fn near(
+            &self,
+            _: GeoPoint,
+            _: f64,
+            _: usize,
+        ) -> Result<Vec<NearbyVehicle>, StoreError> {
+            Ok(Vec::new())
+        }
+    }
+
+    /// A sink that is down.
+    struct DownSink;
+
+    #[async_trait]
+    impl DeadLetterSink for DownSink {
+        async fn send(&self, _: Vec<DeadLetter>) -> Result<(), StoreError> {
+            Err(StoreError::transient("SendMessageBatch", "unavailable"))
+        }
+    }
+
+    fn batch() -> StreamBatch {
+        let records = ["truck-ok", "truck-bad", "truck-flaky", "truck-bad"]
+            .iter()
+            .enumerate()
+            .map(|(n, device)| {
+                let envelope = Envelope {
+                    v: geostream_shared::envelope::ENVELOPE_VERSION,
+                    device_id: device.to_string(),
+                    received_at: 1_000,
+                    readings: vec![Reading {
+                        device_id: device.to_string(),
+                        ts: 1_000 + n as i64,
+                        event_id: format!("{device}@{n}"),
+                        lat: Some(52.5),
+                        lon: Some(13.4),
+                        ..Default::default()
+                    }],
+                };
+                StreamRecord {
+                    id: RecordId::kinesis((10 + n).to_string()),
+                    partition_key: device.to_string(),
+                    data: envelope.encode(),
+                    arrived_at: None,
+                }
+            })
+            .collect();
+        StreamBatch { records }
+    }
+
+    #[tokio::test]
+    async fn a_refusal_for_good_is_dead_lettered_at_once_and_only_the_transient_is_retried() {
+        let dead = Arc::new(MemoryDeadLetters::new(10));
+        let handler = GeoUpdate::new(Arc::new(PickyStore), dead.clone());
+        let outcome = handler.process(batch()).await;
+        assert_eq!(outcome.failed, [RecordId::kinesis("12")]);
+        let (letters, total) = dead.snapshot();
+        assert_eq!(total, 2);
+        assert!(letters.iter().all(|l| l.partition_key == "truck-bad"
+            && l.reason.contains("item too large")
+            && l.data.contains("truck-bad")));
+        assert_eq!(outcome.measurements.get(MetricName::DeadLetters), Some(2.0));
+    }
+
+    #[tokio::test]
+    async fn a_refusal_is_retried_while_the_dead_letter_sink_is_down() {
+        let handler = GeoUpdate::new(Arc::new(PickyStore), Arc::new(DownSink));
+        let mut failed = handler.process(batch()).await.failed;
+        failed.sort();
+        assert_eq!(
+            failed,
+            [
+                RecordId::kinesis("11"),
+                RecordId::kinesis("12"),
+                RecordId::kinesis("13")
+            ]
+        );
     }
 }
