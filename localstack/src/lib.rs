@@ -68,7 +68,12 @@ pub async fn start(config: LocalConfig) -> Result<RunningStack, String> {
         latest: latest_positions.clone(),
     });
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let metrics = Arc::new(LocalMetrics::new());
+    // What each function's invocations add up to is the cost report's, on the AWS backend.
+    let metrics = Arc::new(if ports.aws_usage.is_some() {
+        LocalMetrics::counting_invocations()
+    } else {
+        LocalMetrics::new()
+    });
 
     let stream_functions: Vec<Arc<dyn StreamFunction>> = vec![
         Arc::new(GeoUpdate::new(

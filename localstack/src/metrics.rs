@@ -33,7 +33,9 @@ pub struct Series {
 #[derive(Default)]
 pub struct LocalMetrics {
     series: Mutex<BTreeMap<(String, MetricName), VecDeque<Bucket>>>,
-    invocations: Mutex<BTreeMap<String, Invocations>>,
+    /// Kept only when asked for (the cost report): rendering each invocation's EMF line to
+    /// count its bytes is work the embedded pipeline's hot path has no use for.
+    invocations: Option<Mutex<BTreeMap<String, Invocations>>>,
 }
 
 /// What a function's invocations added up to since the stack started (the cost report's input).
@@ -49,6 +51,15 @@ pub struct Invocations {
 impl LocalMetrics {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Also adds up every function's invocations, EMF bytes and metric sums
+    /// ([`LocalMetrics::invocations`]).
+    pub fn counting_invocations() -> Self {
+        LocalMetrics {
+            invocations: Some(Mutex::default()),
+            ..Self::default()
+        }
     }
 
     fn record_at(&self, function: &str, measurements: &Measurements, now: EpochMillis) {
@@ -100,19 +111,27 @@ impl LocalMetrics {
 }
 
 impl LocalMetrics {
-    /// Every function's invocations so far.
+    /// Every function's invocations so far (empty unless built [`counting_invocations`]).
+    ///
+    /// [`counting_invocations`]: LocalMetrics::counting_invocations
     pub fn invocations(&self) -> BTreeMap<String, Invocations> {
         self.invocations
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+            .as_ref()
+            .map_or_else(BTreeMap::new, |tally| {
+                tally
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .clone()
+            })
     }
 
     fn tally(&self, function: &str, measurements: &Measurements, now: EpochMillis) {
+        let Some(tally) = &self.invocations else {
+            return;
+        };
         // The line the Lambda function writes, under its deployed name.
         let line = emf_document(&format!("geostream-{function}"), measurements, now).to_string();
-        let mut invocations = self
-            .invocations
+        let mut invocations = tally
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let tally = invocations.entry(function.to_string()).or_default();

@@ -8,13 +8,12 @@ use std::sync::{Mutex, MutexGuard, RwLock};
 use async_trait::async_trait;
 use tokio::sync::watch;
 
-use crate::geo::geohash_of;
 use crate::model::{Alert, GeoPoint, Position, Reading};
+use crate::ports::{nearest_of, with_geohash, NearbyVehicle, RejectedReading};
 use crate::ports::{
     AlertFilter, AlertStore, Archive, BusRecord, DeadLetter, DeadLetterSink, EventBus,
     PositionStore, Published, StoreError, UpsertOutcome,
 };
-use crate::ports::{NearbyVehicle, RejectedReading};
 use crate::rules::DeviceRuleStates;
 use crate::{now_millis, EpochMillis};
 
@@ -200,15 +199,8 @@ impl MemoryPositionStore {
 
 #[async_trait]
 impl PositionStore for MemoryPositionStore {
-    async fn upsert_if_newer(&self, mut position: Position) -> Result<UpsertOutcome, StoreError> {
-        if position.geohash.is_empty() {
-            position.geohash = geohash_of(position.point()).ok_or_else(|| {
-                StoreError::permanent(
-                    "position upsert",
-                    format!("position out of range: {position:?}"),
-                )
-            })?;
-        }
+    async fn upsert_if_newer(&self, position: Position) -> Result<UpsertOutcome, StoreError> {
+        let position = with_geohash(position, "position upsert")?;
         let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
         if let Some(current) = inner.by_device.get(&position.device_id) {
             if (current.ts, current.event_id.as_str()) >= (position.ts, position.event_id.as_str())
@@ -287,23 +279,7 @@ impl MemoryPositionStore {
             }
         }
         let within = hits.len();
-        let order = |a: &(f64, &Position), b: &(f64, &Position)| {
-            a.0.total_cmp(&b.0)
-                .then_with(|| a.1.device_id.cmp(&b.1.device_id))
-        };
-        if hits.len() > limit {
-            hits.select_nth_unstable_by(limit, order);
-            hits.truncate(limit);
-        }
-        hits.sort_by(order);
-        let found = hits
-            .into_iter()
-            .map(|(distance_m, position)| NearbyVehicle {
-                position: position.clone(),
-                distance_m,
-            })
-            .collect();
-        (found, within)
+        (nearest_of(hits, limit), within)
     }
 
     /// Every position whose geohash starts with one of `prefixes`.
@@ -533,6 +509,7 @@ impl DeadLetterSink for MemoryDeadLetters {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::geo::geohash_of;
     use crate::geo::haversine_m;
     use crate::model::GeoPoint;
     use proptest::prelude::*;

@@ -193,31 +193,51 @@ pub struct NearbyVehicle {
     pub distance_m: f64,
 }
 
+/// The position with its geohash filled in when the caller left it empty (every store indexes
+/// by it); an error naming `operation` when the point has none (out of range).
+pub fn with_geohash(
+    mut position: Position,
+    operation: &'static str,
+) -> Result<Position, StoreError> {
+    if position.geohash.is_empty() {
+        position.geohash = crate::geo::geohash_of(position.point()).ok_or_else(|| {
+            StoreError::permanent(operation, format!("position out of range: {position:?}"))
+        })?;
+    }
+    Ok(position)
+}
+
 /// Of `candidates` (a superset of the answer, in any order, possibly with repeats), the ones
 /// within `radius_m` of `center` by exact haversine distance, nearest first (ties by device
-/// id), at most `limit`: what every store's [`PositionStore::near`] answers.
-pub fn nearest(
+/// id), at most `limit`: what every store's [`PositionStore::near`] answers. Only the answer
+/// is cloned.
+pub fn nearest<'a>(
     center: crate::model::GeoPoint,
     radius_m: f64,
     limit: usize,
-    candidates: Vec<Position>,
+    candidates: impl IntoIterator<Item = &'a Position>,
 ) -> Vec<NearbyVehicle> {
-    let mut found: Vec<NearbyVehicle> = candidates
+    let within = candidates
         .into_iter()
-        .filter_map(|position| {
-            let distance_m = crate::geo::haversine_m(center, position.point());
-            (distance_m <= radius_m).then_some(NearbyVehicle {
-                position,
-                distance_m,
-            })
-        })
+        .map(|position| (crate::geo::haversine_m(center, position.point()), position))
+        .filter(|(distance_m, _)| *distance_m <= radius_m)
         .collect();
-    found.sort_by(|a, b| {
-        a.distance_m
-            .total_cmp(&b.distance_m)
-            .then_with(|| a.position.device_id.cmp(&b.position.device_id))
+    nearest_of(within, limit)
+}
+
+/// [`nearest`] for candidates whose distances are known and within the radius.
+pub fn nearest_of(mut within: Vec<(f64, &Position)>, limit: usize) -> Vec<NearbyVehicle> {
+    within.sort_by(|a, b| {
+        a.0.total_cmp(&b.0)
+            .then_with(|| a.1.device_id.cmp(&b.1.device_id))
     });
-    found.dedup_by(|a, b| a.position.device_id == b.position.device_id);
-    found.truncate(limit);
-    found
+    within.dedup_by(|a, b| a.1.device_id == b.1.device_id);
+    within.truncate(limit);
+    within
+        .into_iter()
+        .map(|(distance_m, position)| NearbyVehicle {
+            position: position.clone(),
+            distance_m,
+        })
+        .collect()
 }

@@ -246,14 +246,26 @@ pub async fn dead_letter_refused(
             failed_at: now_millis(),
         })
         .collect();
+    tracing::warn!(function, device_id = %group.device_id, %error, "records a store refused for good go to dead letters");
+    send_or_retry(function, letters, group.record_ids.clone(), dead_letters).await
+}
+
+/// Sends dead letters; answers the ids to retry: none when the sink took them, all of them
+/// (`ids`) when it did not, so that a record is never acknowledged without its dead letter.
+async fn send_or_retry(
+    function: &str,
+    letters: Vec<DeadLetter>,
+    ids: Vec<RecordId>,
+    dead_letters: &dyn DeadLetterSink,
+) -> Vec<RecordId> {
+    if letters.is_empty() {
+        return Vec::new();
+    }
     match dead_letters.send(letters).await {
-        Ok(()) => {
-            tracing::warn!(function, device_id = %group.device_id, %error, "records a store refused for good sent to dead letters");
-            Vec::new()
-        }
-        Err(sink_error) => {
-            tracing::error!(function, device_id = %group.device_id, %error, %sink_error, "dead-letter sink failed; records will be retried");
-            group.record_ids.clone()
+        Ok(()) => Vec::new(),
+        Err(error) => {
+            tracing::error!(function, %error, "dead-letter sink failed; records will be retried");
+            ids
         }
     }
 }
@@ -286,17 +298,9 @@ pub async fn decode_batch(
             }
         }
     }
-    let mut retry = Vec::new();
-    let mut dead_lettered = 0;
-    if !poison.is_empty() {
-        match dead_letters.send(poison).await {
-            Ok(()) => dead_lettered = poison_ids.len(),
-            Err(error) => {
-                tracing::error!(function, %error, "dead-letter sink failed; records will be retried");
-                retry = poison_ids;
-            }
-        }
-    }
+    let sent = poison_ids.len();
+    let retry = send_or_retry(function, poison, poison_ids, dead_letters).await;
+    let dead_lettered = if retry.is_empty() { sent } else { 0 };
     DecodedBatch {
         records: decoded,
         retry,

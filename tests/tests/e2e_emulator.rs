@@ -681,7 +681,7 @@ async fn dynamodb_radius_queries_equal_a_brute_force_scan_at_every_radius() {
                 .collect();
             assert_eq!(
                 answer,
-                nearest(center, radius_m, limit, vehicles.clone()),
+                nearest(center, radius_m, limit, &vehicles),
                 "center {center:?}, radius {radius_m} m, limit {limit}"
             );
             println!(

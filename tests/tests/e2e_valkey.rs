@@ -128,7 +128,7 @@ async fn radius_queries_equal_a_brute_force_scan_at_every_radius() {
                 let before = store.round_trips();
                 let answer = store.near(center, radius_m, limit).await.unwrap();
                 let round_trips = store.round_trips() - before;
-                let expected = nearest(center, radius_m, limit, vehicles.clone());
+                let expected = nearest(center, radius_m, limit, &vehicles);
                 assert_eq!(
                     answer, expected,
                     "center {center:?}, radius {radius_m} m, limit {limit}"

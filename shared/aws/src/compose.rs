@@ -445,13 +445,27 @@ impl Composition {
                 DynamoPositions::new(self.clients.dynamodb.clone(), table)
                     .metered(self.clients.capacity.clone()),
             )),
-            Some("valkey") => self.valkey_positions(table).await,
+            Some("valkey") => {
+                #[cfg(feature = "valkey")]
+                return self.valkey_positions(table).await;
+                #[cfg(not(feature = "valkey"))]
+                return Err(self.built_without_valkey(settings::POSITION_STORE));
+            }
             Some(other) => Err(ComposeError::Invalid {
                 name: settings::POSITION_STORE.name,
                 value: other.to_string(),
                 expected: "dynamodb or valkey",
             }),
         }
+    }
+
+    /// A setting chose Valkey in a build without the Valkey client.
+    #[cfg(not(feature = "valkey"))]
+    fn built_without_valkey(&self, choice: Setting) -> ComposeError {
+        ComposeError::Unavailable(format!(
+            "{}=valkey, but {} was built without the Valkey client: build it with --features valkey",
+            choice.name, self.function
+        ))
     }
 
     #[cfg(feature = "valkey")]
@@ -466,24 +480,18 @@ impl Composition {
         Ok(Arc::new(store.metered(self.clients.capacity.clone())))
     }
 
-    #[cfg(not(feature = "valkey"))]
-    async fn valkey_positions(
-        &self,
-        _prefix: String,
-    ) -> Result<Arc<dyn PositionStore>, ComposeError> {
-        Err(ComposeError::Unavailable(format!(
-            "POSITION_STORE=valkey, but {} was built without the Valkey client: build it with --features valkey",
-            self.function
-        )))
-    }
-
     /// Rule state and alert records: rule state where `RULE_STATE_STORE` says (`dynamodb`, the
     /// default, or `valkey`), alert records in DynamoDB.
     pub async fn alerts(&self) -> Result<Arc<dyn AlertStore>, ComposeError> {
         let records = self.dynamo_alerts()?;
         match self.optional(settings::RULE_STATE_STORE)?.as_deref() {
             None | Some("dynamodb") => Ok(Arc::new(records)),
-            Some("valkey") => self.valkey_state_alerts(records).await,
+            Some("valkey") => {
+                #[cfg(feature = "valkey")]
+                return self.valkey_state_alerts(records).await;
+                #[cfg(not(feature = "valkey"))]
+                return Err(self.built_without_valkey(settings::RULE_STATE_STORE));
+            }
             Some(other) => Err(ComposeError::Invalid {
                 name: settings::RULE_STATE_STORE.name,
                 value: other.to_string(),
@@ -519,17 +527,6 @@ impl Composition {
         Ok(Arc::new(store.metered(self.clients.capacity.clone())))
     }
 
-    #[cfg(not(feature = "valkey"))]
-    async fn valkey_state_alerts(
-        &self,
-        _records: DynamoAlerts,
-    ) -> Result<Arc<dyn AlertStore>, ComposeError> {
-        Err(ComposeError::Unavailable(format!(
-            "RULE_STATE_STORE=valkey, but {} was built without the Valkey client: build it with --features valkey",
-            self.function
-        )))
-    }
-
     /// The archive named by `ARCHIVE`: `timestream` (`TIMESTREAM_DATABASE`, `TIMESTREAM_TABLE`)
     /// or `s3` (`ARCHIVE_BUCKET`); with `RECENT_TRACKS=valkey`, behind the last hour of every
     /// vehicle's readings in Valkey (`VALKEY_URL`).
@@ -537,7 +534,12 @@ impl Composition {
         let archive = self.archive_store()?;
         match self.optional(settings::RECENT_TRACKS)?.as_deref() {
             None | Some("none") => Ok(archive),
-            Some("valkey") => self.recent_tracks(archive).await,
+            Some("valkey") => {
+                #[cfg(feature = "valkey")]
+                return self.recent_tracks(archive).await;
+                #[cfg(not(feature = "valkey"))]
+                return Err(self.built_without_valkey(settings::RECENT_TRACKS));
+            }
             Some(other) => Err(ComposeError::Invalid {
                 name: settings::RECENT_TRACKS.name,
                 value: other.to_string(),
@@ -561,17 +563,6 @@ impl Composition {
             .await
             .map_err(|e| ComposeError::Unavailable(format!("VALKEY_URL: {e}")))?;
         Ok(Arc::new(store.metered(self.clients.capacity.clone())))
-    }
-
-    #[cfg(not(feature = "valkey"))]
-    async fn recent_tracks(
-        &self,
-        _archive: Arc<dyn Archive>,
-    ) -> Result<Arc<dyn Archive>, ComposeError> {
-        Err(ComposeError::Unavailable(format!(
-            "RECENT_TRACKS=valkey, but {} was built without the Valkey client: build it with --features valkey",
-            self.function
-        )))
     }
 
     fn archive_store(&self) -> Result<Arc<dyn Archive>, ComposeError> {

@@ -25,7 +25,8 @@ use aws_sdk_dynamodb::types::{
 use geostream_shared::geo::{index_partition_key, INDEX_PARTITION_GEOHASH_LEN, INDEX_SHARDS};
 use geostream_shared::model::{Alert, AlertState, GeoPoint, Position, Severity};
 use geostream_shared::ports::{
-    nearest, AlertFilter, AlertStore, NearbyVehicle, PositionStore, StoreError, UpsertOutcome,
+    nearest, with_geohash, AlertFilter, AlertStore, NearbyVehicle, PositionStore, StoreError,
+    UpsertOutcome,
 };
 use geostream_shared::rules::DeviceRuleStates;
 use geostream_shared::EpochMillis;
@@ -164,13 +165,8 @@ impl DynamoPositions {
 
 #[async_trait]
 impl PositionStore for DynamoPositions {
-    async fn upsert_if_newer(&self, mut position: Position) -> Result<UpsertOutcome, StoreError> {
-        if position.geohash.is_empty() {
-            position.geohash =
-                geostream_shared::geo::geohash_of(position.point()).ok_or_else(|| {
-                    StoreError::permanent("PutItem", format!("position out of range: {position:?}"))
-                })?;
-        }
+    async fn upsert_if_newer(&self, position: Position) -> Result<UpsertOutcome, StoreError> {
+        let position = with_geohash(position, "PutItem")?;
         let item = Self::to_item(&position)?;
         let result = self
             .client
@@ -244,7 +240,7 @@ impl PositionStore for DynamoPositions {
             Some(cells) => self.query_cells(cells).await?,
             None => self.scan_all().await?,
         };
-        Ok(nearest(center, radius_m, limit, candidates))
+        Ok(nearest(center, radius_m, limit, &candidates))
     }
 }
 

@@ -28,8 +28,8 @@ use async_trait::async_trait;
 use geostream_shared::geo::{haversine_m, EARTH_RADIUS_M};
 use geostream_shared::model::{Alert, GeoPoint, Position, Reading};
 use geostream_shared::ports::{
-    nearest, AlertFilter, AlertStore, Archive, NearbyVehicle, PositionStore, RejectedReading,
-    StoreError, UpsertOutcome,
+    nearest, with_geohash, AlertFilter, AlertStore, Archive, NearbyVehicle, PositionStore,
+    RejectedReading, StoreError, UpsertOutcome,
 };
 use geostream_shared::rules::DeviceRuleStates;
 use geostream_shared::{now_millis, EpochMillis};
@@ -43,7 +43,9 @@ use crate::dynamodb::DynamoAlerts;
 const GEO_MAX_LAT: f64 = 85.051_128_78;
 /// Valkey's Earth radius for geo distances.
 const VALKEY_EARTH_RADIUS_M: f64 = 6_372_797.560_856;
-/// Slack on top of the radii's ratio: coordinates are stored to about 0.6 m.
+/// A GeoStream distance in Valkey's measure: the ratio of the spheres' radii, and a margin.
+const SEARCH_SCALE: f64 = VALKEY_EARTH_RADIUS_M / EARTH_RADIUS_M * 1.000_1;
+/// Slack on top of the scale: coordinates are stored to about 0.6 m.
 const SEARCH_SLACK_M: f64 = 2.0;
 /// Candidates asked for beyond the limit on the first try.
 const EXTRA_CANDIDATES: usize = 16;
@@ -210,13 +212,8 @@ impl ValkeyPositions {
 
 #[async_trait]
 impl PositionStore for ValkeyPositions {
-    async fn upsert_if_newer(&self, mut position: Position) -> Result<UpsertOutcome, StoreError> {
-        if position.geohash.is_empty() {
-            position.geohash =
-                geostream_shared::geo::geohash_of(position.point()).ok_or_else(|| {
-                    StoreError::permanent("upsert", format!("position out of range: {position:?}"))
-                })?;
-        }
+    async fn upsert_if_newer(&self, position: Position) -> Result<UpsertOutcome, StoreError> {
+        let position = with_geohash(position, "upsert")?;
         let json = serde_json::to_string(&position)
             .map_err(|e| StoreError::permanent("upsert", e.to_string()))?;
         let polar = position.lat.abs() > GEO_MAX_LAT;
@@ -270,8 +267,7 @@ impl PositionStore for ValkeyPositions {
             lon: center.lon,
         };
         let offset_m = haversine_m(center, searched_from);
-        let scale = VALKEY_EARTH_RADIUS_M / EARTH_RADIUS_M;
-        let search_radius = (radius_m + offset_m) * scale * 1.000_1 + SEARCH_SLACK_M;
+        let search_radius = (radius_m + offset_m) * SEARCH_SCALE + SEARCH_SLACK_M;
         // Vehicles beyond the geo set's latitudes are few: all of them are candidates.
         let polar: Vec<String> = redis::cmd("SMEMBERS")
             .arg(self.polar_key())
@@ -279,18 +275,22 @@ impl PositionStore for ValkeyPositions {
             .await
             .map_err(|e| store_error("SMEMBERS", e))?;
         self.usage.charge(1, polar.iter().map(String::len).sum());
+        let mut candidates = self.positions_of(&polar).await?;
+        let mut read = 0;
         let mut count = limit.saturating_add(EXTRA_CANDIDATES);
         loop {
             let found = self.geosearch(searched_from, search_radius, count).await?;
             let complete = found.len() < count;
             let farthest_searched = found.last().map_or(0.0, |f| f.1);
-            let mut devices: Vec<String> = found.into_iter().map(|f| f.0).collect();
-            devices.extend(polar.iter().cloned());
-            let answer = nearest(center, radius_m, limit, self.positions_of(&devices).await?);
+            // A wider search returns the nearer members again: read only the new ones.
+            let new: Vec<String> = found.into_iter().skip(read).map(|f| f.0).collect();
+            read += new.len();
+            candidates.extend(self.positions_of(&new).await?);
+            let answer = nearest(center, radius_m, limit, &candidates);
             // Members left out are at least as far as the last returned one by Valkey's measure,
             // so at least this far by GeoStream's.
             let left_out_at_least =
-                ((farthest_searched - SEARCH_SLACK_M) / (scale * 1.000_1) - offset_m).max(0.0);
+                ((farthest_searched - SEARCH_SLACK_M) / SEARCH_SCALE - offset_m).max(0.0);
             let kth = answer.last().map(|v| v.distance_m);
             let settled = answer.len() == limit && kth.is_some_and(|d| d < left_out_at_least);
             if complete || settled || count >= usize::MAX / 4 {
