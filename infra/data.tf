@@ -288,7 +288,8 @@ resource "aws_glue_catalog_table" "readings" {
   }
 }
 
-# Records a function gave up on, with the reason (written by the functions).
+# Records a function gave up on, whole, with the reason (written by the functions; read by
+# `geostream-local redrive`).
 resource "aws_sqs_queue" "dead_letters" {
   name                      = "${var.name_prefix}-dead-letters"
   message_retention_seconds = 1209600
@@ -300,4 +301,62 @@ resource "aws_sqs_queue" "stream_failures" {
   name                      = "${var.name_prefix}-stream-failures"
   message_retention_seconds = 1209600
   sqs_managed_sse_enabled   = true
+}
+
+# Dead letters too large for an SQS message (over 250 KiB): the message points to the letter
+# here, under dead-letters/FUNCTION/. Kept as long as the queue keeps its messages, and a day.
+resource "aws_s3_bucket" "dead_letters" {
+  bucket_prefix = "${var.name_prefix}-dead-letters-"
+}
+
+resource "aws_s3_bucket_public_access_block" "dead_letters" {
+  bucket                  = aws_s3_bucket.dead_letters.id
+  block_public_acls       = true
+  block_public_policy     = true
+  ignore_public_acls      = true
+  restrict_public_buckets = true
+}
+
+resource "aws_s3_bucket_server_side_encryption_configuration" "dead_letters" {
+  bucket = aws_s3_bucket.dead_letters.id
+
+  rule {
+    apply_server_side_encryption_by_default {
+      sse_algorithm = "aws:kms"
+    }
+    bucket_key_enabled = true
+  }
+}
+
+resource "aws_s3_bucket_versioning" "dead_letters" {
+  bucket = aws_s3_bucket.dead_letters.id
+
+  versioning_configuration {
+    status = "Enabled"
+  }
+}
+
+resource "aws_s3_bucket_lifecycle_configuration" "dead_letters" {
+  bucket = aws_s3_bucket.dead_letters.id
+
+  rule {
+    id     = "expire-dead-letters"
+    status = "Enabled"
+
+    filter {
+      prefix = "dead-letters/"
+    }
+
+    expiration {
+      days = 15
+    }
+
+    noncurrent_version_expiration {
+      noncurrent_days = 1
+    }
+
+    abort_incomplete_multipart_upload {
+      days_after_initiation = 1
+    }
+  }
 }

@@ -43,11 +43,28 @@ locals {
     KAFKA_SECRET_ARN        = var.bus == "kafka" ? var.kafka_secret_arn : ""
   }
 
-  dead_letter_statement = {
-    sid       = "SendDeadLetters"
-    actions   = ["sqs:SendMessage"]
-    resources = [aws_sqs_queue.dead_letters.arn]
+  # Where a stream function sends what it gives up on, and when it gives up: on the last
+  # attempt the mapping makes, or near the record's maximum age (then Lambda's on-failure
+  # destination would get only the record's position).
+  dead_letter_environment = {
+    DEAD_LETTER_QUEUE_URL         = aws_sqs_queue.dead_letters.url
+    DEAD_LETTER_BUCKET            = aws_s3_bucket.dead_letters.bucket
+    STREAM_MAX_RETRIES            = tostring(var.stream_max_retries)
+    STREAM_MAX_RECORD_AGE_SECONDS = tostring(var.stream_max_record_age_seconds)
   }
+
+  dead_letter_statements = [
+    {
+      sid       = "SendDeadLetters"
+      actions   = ["sqs:SendMessage"]
+      resources = [aws_sqs_queue.dead_letters.arn]
+    },
+    {
+      sid       = "SpillDeadLetters"
+      actions   = ["s3:PutObject"]
+      resources = ["${aws_s3_bucket.dead_letters.arn}/dead-letters/*"]
+    },
+  ]
 
   # Timestream resolves its cell endpoints through DescribeEndpoints, which takes no resource.
   timestream_endpoints_statement = {
@@ -131,9 +148,8 @@ module "geo_update" {
   log_retention_days = var.log_retention_days
   system_log_level   = var.lambda_system_log_level
   vpc                = local.positions_vpc
-  environment = merge(local.position_environment, {
-    BUS                   = var.bus
-    DEAD_LETTER_QUEUE_URL = aws_sqs_queue.dead_letters.url
+  environment = merge(local.position_environment, local.dead_letter_environment, {
+    BUS = var.bus
   })
   policy_statements = concat(local.stream_reader_statements, var.position_store == "dynamodb" ? [
     {
@@ -141,7 +157,7 @@ module "geo_update" {
       actions   = ["dynamodb:PutItem"]
       resources = [aws_dynamodb_table.positions.arn]
     },
-  ] : [], [local.dead_letter_statement])
+  ] : [], local.dead_letter_statements)
 }
 
 module "archiver" {
@@ -153,11 +169,10 @@ module "archiver" {
   vpc                = local.archiver_vpc
   system_log_level   = var.lambda_system_log_level
   timeout_seconds    = 60
-  environment = merge(local.archive_environment, {
-    BUS                   = var.bus
-    DEAD_LETTER_QUEUE_URL = aws_sqs_queue.dead_letters.url
+  environment = merge(local.archive_environment, local.dead_letter_environment, {
+    BUS = var.bus
   })
-  policy_statements = concat(local.stream_reader_statements, local.archive_write_statements, [local.dead_letter_statement])
+  policy_statements = concat(local.stream_reader_statements, local.archive_write_statements, local.dead_letter_statements)
 }
 
 module "anomaly_inspector" {
@@ -168,11 +183,10 @@ module "anomaly_inspector" {
   log_retention_days = var.log_retention_days
   system_log_level   = var.lambda_system_log_level
   vpc                = local.rule_state_vpc
-  environment = merge(local.kafka_environment, local.rule_state_environment, {
-    ALERTS_TABLE          = aws_dynamodb_table.alerts.name
-    ALERTS_STREAM         = var.bus == "kinesis" ? aws_kinesis_stream.alerts[0].name : ""
-    ALERTS_TOPIC          = var.bus == "kafka" ? var.kafka_alerts_topic : ""
-    DEAD_LETTER_QUEUE_URL = aws_sqs_queue.dead_letters.url
+  environment = merge(local.kafka_environment, local.rule_state_environment, local.dead_letter_environment, {
+    ALERTS_TABLE  = aws_dynamodb_table.alerts.name
+    ALERTS_STREAM = var.bus == "kinesis" ? aws_kinesis_stream.alerts[0].name : ""
+    ALERTS_TOPIC  = var.bus == "kafka" ? var.kafka_alerts_topic : ""
   })
   policy_statements = concat(local.stream_reader_statements, var.rule_state_store == "dynamodb" ? [
     {
@@ -188,8 +202,7 @@ module "anomaly_inspector" {
       actions   = ["dynamodb:UpdateItem"]
       resources = [aws_dynamodb_table.alerts.arn]
     },
-    local.dead_letter_statement,
-    ], var.bus == "kinesis" ? [
+    ], local.dead_letter_statements, var.bus == "kinesis" ? [
     {
       sid       = "PublishAlerts"
       actions   = ["kinesis:PutRecords"]

@@ -33,10 +33,14 @@ use std::time::Instant;
 
 use geostream_anomaly_inspector::AnomalyInspector;
 use geostream_archiver::Archiver;
+use geostream_aws::config::{sdk_config, Clients};
+use geostream_aws::provision::queue_url;
+use geostream_aws::redrive::{Redrive, RedriveReport};
 use geostream_geo_update::GeoUpdate;
 use geostream_ingest::Ingest;
 use geostream_query_api::QueryApi;
-use geostream_shared::stream::StreamFunction;
+use geostream_shared::ports::{EventBus, PositionStore};
+use geostream_shared::stream::{RetryBudget, StreamFunction, WithRetryBudget};
 use tokio::sync::watch;
 
 pub use config::{ArchiveKind, AwsBackend, Backend, Bus, KafkaBusConfig, LocalConfig, StoreKind};
@@ -47,6 +51,64 @@ use esm::event::InProcess;
 use esm::start_mapping;
 use metrics::LocalMetrics;
 use positions::{LatestPositions, ObservedAlerts, ObservedPositions, SinceReading};
+
+/// The three stream functions on a stack's ports (positions and the alerts bus as given, for
+/// the runner's observing wrappers).
+fn stream_functions(
+    ports: &wiring::Ports,
+    positions: Arc<dyn PositionStore>,
+    alert_bus: Arc<dyn EventBus>,
+    config: &LocalConfig,
+) -> Vec<Arc<dyn StreamFunction>> {
+    vec![
+        Arc::new(GeoUpdate::new(positions, ports.dead_letters.clone())),
+        Arc::new(Archiver::new(
+            ports.archive.clone(),
+            ports.dead_letters.clone(),
+        )),
+        Arc::new(AnomalyInspector::new(
+            Arc::new(config.rules.clone()),
+            ports.alerts.clone(),
+            alert_bus,
+            ports.dead_letters.clone(),
+        )),
+    ]
+}
+
+/// Replays what the stream functions gave up on, on the AWS backend: every letter on the
+/// dead-letter queue, then every batch Lambda's event source mappings reported to the
+/// stream-failures queue (read again from the stream), through the same handlers
+/// ([`geostream_aws::redrive`]).
+pub async fn redrive(config: &LocalConfig) -> Result<RedriveReport, String> {
+    let Backend::Aws(aws) = &config.backend else {
+        return Err("redrive reads the dead-letter and stream-failures queues of an AWS deployment (or an emulator): use --backend aws; the embedded runner keeps its dead letters in memory (/local/dead-letters)".into());
+    };
+    let ports = wiring::ports(config).await?;
+    let functions = stream_functions(
+        &ports,
+        ports.positions.clone(),
+        ports.alert_bus.clone(),
+        config,
+    );
+    let functions: Vec<&dyn StreamFunction> = functions.iter().map(|f| f.as_ref()).collect();
+    let sdk = sdk_config(aws.endpoint_url.as_deref()).await;
+    let clients = Clients::new(&sdk);
+    let redrive = Redrive {
+        functions: &functions,
+        sqs: clients.sqs.clone(),
+        s3: clients.s3.clone(),
+        kinesis: clients.kinesis.clone(),
+    };
+    let dead_letters = queue_url(&clients, &aws.names.dead_letter_queue).await?;
+    let mut report = redrive.dead_letters(&dead_letters).await?;
+    match queue_url(&clients, &aws.names.stream_failures_queue).await {
+        Ok(stream_failures) => report.add(redrive.stream_failures(&stream_failures).await?),
+        Err(error) => report
+            .not_replayable
+            .push(format!("no stream-failures queue to read: {error}")),
+    }
+    Ok(report)
+}
 
 /// Builds the stack on its backend and starts serving on `config.listen` (port 0 picks a free
 /// port; [`RunningStack::addr`] tells which).
@@ -75,22 +137,7 @@ pub async fn start(config: LocalConfig) -> Result<RunningStack, String> {
         LocalMetrics::new()
     });
 
-    let stream_functions: Vec<Arc<dyn StreamFunction>> = vec![
-        Arc::new(GeoUpdate::new(
-            positions.clone(),
-            ports.dead_letters.clone(),
-        )),
-        Arc::new(Archiver::new(
-            ports.archive.clone(),
-            ports.dead_letters.clone(),
-        )),
-        Arc::new(AnomalyInspector::new(
-            Arc::new(config.rules.clone()),
-            ports.alerts.clone(),
-            alert_bus,
-            ports.dead_letters.clone(),
-        )),
-    ];
+    let stream_functions = stream_functions(&ports, positions.clone(), alert_bus, &config);
     let mut tasks = Vec::new();
     let mut mappings = Vec::new();
     for function in stream_functions {
@@ -101,6 +148,14 @@ pub async fn start(config: LocalConfig) -> Result<RunningStack, String> {
             }
             _ => config.mapping.clone(),
         };
+        // The function dead-letters, whole, what fails on the mapping's last attempt, as it
+        // does on Lambda; the mapping's own dead letters then only follow a failed send.
+        let budget = RetryBudget::within_mapping(mapping_config.max_retries, None);
+        let function = Arc::new(WithRetryBudget::new(
+            function,
+            budget,
+            ports.dead_letters.clone(),
+        ));
         let (mapping, loops) = start_mapping(
             Arc::new(InProcess {
                 function,

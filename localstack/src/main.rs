@@ -126,6 +126,20 @@ struct Cli {
     simulate: bool,
     #[command(flatten)]
     sim: SimOptions,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Replays what the stream functions gave up on, with --backend aws (the options before
+    /// `redrive` name the deployment as for a run): every letter on the queue
+    /// `PREFIX-dead-letters` (whole records; large ones from the bucket `PREFIX-dead-letters`),
+    /// then every batch Lambda's event source mappings reported to `PREFIX-stream-failures`
+    /// (read again from the stream while it retains them), through the same handlers, in stream
+    /// order. A message is deleted once its records are done with; what fails again stays.
+    /// Idempotent: a second redrive changes nothing. Exits 1 if anything was left.
+    Redrive,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -286,6 +300,25 @@ async fn main() -> ExitCode {
         rules,
         ..LocalConfig::default()
     };
+    if let Some(Command::Redrive) = cli.command {
+        return match geostream_local::redrive(&config).await {
+            Ok(report) => {
+                println!("redrive: {report}");
+                for reason in &report.not_replayable {
+                    println!("  not replayable: {reason}");
+                }
+                if report.failed_again == 0 && report.not_replayable.is_empty() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+            Err(error) => {
+                eprintln!("geostream-local: redrive: {error}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let running = match start(config).await {
         Ok(running) => running,
         Err(error) => {

@@ -406,6 +406,16 @@ impl AlertStore for MemoryAlertStore {
         states: &DeviceRuleStates,
         alerts: &[Alert],
     ) -> Result<(), StoreError> {
+        if alerts.len() > crate::ports::MAX_ALERTS_PER_COMMIT {
+            return Err(StoreError::invalid(
+                "alert state commit",
+                format!(
+                    "device {device_id}: {} alerts in one commit; the limit is {}",
+                    alerts.len(),
+                    crate::ports::MAX_ALERTS_PER_COMMIT
+                ),
+            ));
+        }
         let mut inner = lock(&self.inner);
         let current = inner.states.get(device_id).map_or(0, |s| s.version);
         if current != expected_version {

@@ -2,14 +2,15 @@
 //! in-memory adapter in [`crate::memory`]; the AWS and Kafka adapters implement the same traits.
 
 use async_trait::async_trait;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::model::{Alert, AlertState, Position, Reading};
 use crate::rules::DeviceRuleStates;
 use crate::EpochMillis;
 
 /// Whether retrying the failed operation can help.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
     /// Throttling, timeouts, 5xx: try again later.
     Transient,
@@ -138,13 +139,19 @@ pub struct AlertFilter {
     pub limit: usize,
 }
 
+/// The most alerts one [`AlertStore::commit`] takes: DynamoDB's transactions hold 100 items,
+/// one of them the rule state. The anomaly-inspector commits a device's readings in as many
+/// steps as keep every step within it.
+pub const MAX_ALERTS_PER_COMMIT: usize = 99;
+
 #[async_trait]
 pub trait AlertStore: Send + Sync {
     /// The rule state of a device; a device never seen has the default (version 0).
     async fn load_rule_states(&self, device_id: &str) -> Result<DeviceRuleStates, StoreError>;
-    /// Saves the new rule state and the alerts it touched, atomically, only if the stored
-    /// state still has `expected_version` (else an [`ErrorKind::Conflict`] error). Alert
-    /// acknowledgements already stored are kept.
+    /// Saves the new rule state and the alerts it touched (at most
+    /// [`MAX_ALERTS_PER_COMMIT`]), atomically, only if the stored state still has
+    /// `expected_version` (else an [`ErrorKind::Conflict`] error). Alert acknowledgements
+    /// already stored are kept.
     async fn commit(
         &self,
         device_id: &str,
@@ -165,19 +172,70 @@ pub trait AlertStore: Send + Sync {
     ) -> Result<Option<Alert>, StoreError>;
 }
 
-/// A record a stream function gave up on, with the reason.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// A record a stream function gave up on, whole, with where it sat and why: what a redrive
+/// puts back through the same handler. Serialized as the dead-letter message (JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeadLetter {
-    /// The function that gave up.
+    /// The function that gave up (`geo-update`, `archiver`, `anomaly-inspector`).
     pub function: String,
-    /// The record's id on the bus (Kinesis sequence number or Kafka offset).
+    /// The record's place on the bus: a Kinesis sequence number or Kafka `topic-partition@offset`.
     pub record_id: String,
     pub partition_key: String,
-    /// The record's data, lossy UTF-8 (it is JSON when it came from ingest).
-    pub data: String,
+    /// The record's bytes as the bus carried them (for a refusal of some of a record's
+    /// readings, an envelope of just those), base64 in the message: nothing is cut or
+    /// re-encoded, so a redrive replays exactly what failed.
+    #[serde(rename = "data_base64", with = "base64_bytes")]
+    pub data: Vec<u8>,
+    /// When the bus took the record, when it says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arrived_at: Option<EpochMillis>,
+    /// Whether retrying could have helped: `permanent` (undecodable, refused by a store) or
+    /// `transient` (failed until the retry budget ran out), `conflict`, `invalid`.
+    pub error_kind: ErrorKind,
     pub reason: String,
+    /// How often the function failed the record before it gave up.
     pub attempts: u32,
     pub failed_at: EpochMillis,
+}
+
+impl DeadLetter {
+    /// A letter for `data`, failed once, now.
+    pub fn new(
+        function: &str,
+        record_id: impl ToString,
+        partition_key: impl Into<String>,
+        data: Vec<u8>,
+        error: &StoreError,
+    ) -> Self {
+        DeadLetter {
+            function: function.to_string(),
+            record_id: record_id.to_string(),
+            partition_key: partition_key.into(),
+            data,
+            arrived_at: None,
+            error_kind: error.kind,
+            reason: error.to_string(),
+            attempts: 1,
+            failed_at: crate::now_millis(),
+        }
+    }
+}
+
+/// Bytes as standard base64 text in JSON.
+mod base64_bytes {
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&base64::engine::general_purpose::STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 #[async_trait]

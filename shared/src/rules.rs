@@ -290,6 +290,10 @@ pub struct DeviceRuleStates {
     pub version: u64,
     pub watermark: Option<Watermark>,
     pub rules: BTreeMap<String, RuleState>,
+    /// Transitions committed with this state but not yet known to be on the alerts bus (an
+    /// outbox): the anomaly-inspector publishes them before anything newer, then empties it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outbox: Vec<AlertTransition>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use crate::envelope::Envelope;
 use crate::metrics::{Measurements, MetricName, MetricsSink};
-use crate::ports::{DeadLetter, DeadLetterSink};
+use crate::ports::{DeadLetter, DeadLetterSink, StoreError};
 use crate::{now_millis, EpochMillis};
 
 /// How many devices of one batch a stream function works on at once. Devices are independent
@@ -89,6 +89,20 @@ impl RecordId {
         RecordId::Kinesis(SequenceNumber::new(sequence))
     }
 
+    /// The id [`RecordId`]'s `Display` wrote: `topic-partition@offset` for Kafka, else a
+    /// Kinesis sequence number.
+    pub fn parse(text: &str) -> Self {
+        let kafka = text.rsplit_once('@').and_then(|(topic_partition, offset)| {
+            let (topic, partition) = topic_partition.rsplit_once('-')?;
+            Some(RecordId::kafka(
+                topic,
+                partition.parse().ok()?,
+                offset.parse().ok()?,
+            ))
+        });
+        kafka.unwrap_or_else(|| RecordId::kinesis(text))
+    }
+
     pub fn kafka(topic: impl Into<String>, partition: i32, offset: i64) -> Self {
         RecordId::Kafka {
             topic: topic.into(),
@@ -127,14 +141,25 @@ pub struct StreamBatch {
     pub records: Vec<StreamRecord>,
 }
 
-/// A stream function (geo-update, archiver, anomaly-inspector): a batch in, the ids of the
-/// records to retry out. Transport (which Lambda event, which response) is not its concern.
+/// A stream function (geo-update, archiver, anomaly-inspector): a batch in, the records to
+/// retry (with why) out. Transport (which Lambda event, which response) is not its concern.
 #[async_trait::async_trait]
 pub trait StreamFunction: Send + Sync {
     /// The function's name, as logs and dead letters give it.
     fn name(&self) -> &'static str;
 
     async fn process(&self, batch: StreamBatch) -> BatchOutcome;
+}
+
+#[async_trait::async_trait]
+impl<T: StreamFunction + ?Sized> StreamFunction for std::sync::Arc<T> {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+
+    async fn process(&self, batch: StreamBatch) -> BatchOutcome {
+        (**self).process(batch).await
+    }
 }
 
 /// Processes a batch and publishes what the function measured, with the measurements every
@@ -162,22 +187,49 @@ pub async fn process_measured(
     );
     measurements.extend(outcome.measurements);
     metrics.publish(function.name(), &measurements);
-    outcome.failed
+    outcome.failed.into_iter().map(|retry| retry.id).collect()
 }
 
-/// The ids of the records that failed and should be retried, and what the function measured.
+/// A record to retry, and the error that failed it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Retry {
+    pub id: RecordId,
+    pub error: StoreError,
+}
+
+impl Retry {
+    /// Every one of `ids`, failed by `error`.
+    pub fn all(ids: impl IntoIterator<Item = RecordId>, error: &StoreError) -> Vec<Retry> {
+        ids.into_iter()
+            .map(|id| Retry {
+                id,
+                error: error.clone(),
+            })
+            .collect()
+    }
+}
+
+/// The records that failed and should be retried, and what the function measured.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct BatchOutcome {
-    pub failed: Vec<RecordId>,
+    pub failed: Vec<Retry>,
     pub measurements: Measurements,
 }
 
 impl BatchOutcome {
-    pub fn retry(failed: Vec<RecordId>) -> Self {
+    pub fn retry(failed: Vec<Retry>) -> Self {
         BatchOutcome {
             failed,
             measurements: Measurements::default(),
         }
+    }
+
+    /// The ids of the records to retry, in order, each once.
+    pub fn failed_ids(&self) -> Vec<RecordId> {
+        let mut ids: Vec<RecordId> = self.failed.iter().map(|r| r.id.clone()).collect();
+        ids.sort();
+        ids.dedup();
+        ids
     }
 }
 
@@ -188,7 +240,7 @@ pub type DecodedRecord = (RecordId, Envelope);
 pub struct DecodedBatch {
     pub records: Vec<DecodedRecord>,
     /// Undecodable records the dead-letter sink did not take: to retry.
-    pub retry: Vec<RecordId>,
+    pub retry: Vec<Retry>,
     /// Undecodable records the dead-letter sink took.
     pub dead_lettered: usize,
 }
@@ -224,40 +276,34 @@ pub fn group_by_device(records: Vec<DecodedRecord>) -> Vec<DeviceRecords> {
 
 /// A device's records that a store refused for good (retrying cannot help): sent to the
 /// dead-letter sink whole, with the store's reason, instead of stalling the shard until the
-/// mapping gives up. Answers the ids still to retry: none when the sink took them, all when it
-/// did not (the records are then neither lost nor acknowledged).
+/// mapping gives up. Answers the records still to retry: none when the sink took them, all
+/// when it did not (the records are then neither lost nor acknowledged).
 pub async fn dead_letter_refused(
     function: &str,
     group: &DeviceRecords,
-    error: &crate::ports::StoreError,
+    error: &StoreError,
     dead_letters: &dyn DeadLetterSink,
-) -> Vec<RecordId> {
+) -> Vec<Retry> {
     let letters = group
         .record_ids
         .iter()
         .zip(&group.envelopes)
-        .map(|(id, envelope)| DeadLetter {
-            function: function.to_string(),
-            record_id: id.to_string(),
-            partition_key: group.device_id.clone(),
-            data: String::from_utf8_lossy(&envelope.encode()).into_owned(),
-            reason: error.to_string(),
-            attempts: 1,
-            failed_at: now_millis(),
+        .map(|(id, envelope)| {
+            DeadLetter::new(function, id, &group.device_id, envelope.encode(), error)
         })
         .collect();
     tracing::warn!(function, device_id = %group.device_id, %error, "records a store refused for good go to dead letters");
     send_or_retry(function, letters, group.record_ids.clone(), dead_letters).await
 }
 
-/// Sends dead letters; answers the ids to retry: none when the sink took them, all of them
-/// (`ids`) when it did not, so that a record is never acknowledged without its dead letter.
-async fn send_or_retry(
+/// Sends dead letters; answers the records to retry: none when the sink took them, all of
+/// them (`ids`) when it did not, so that a record is never acknowledged without its dead letter.
+pub async fn send_or_retry(
     function: &str,
     letters: Vec<DeadLetter>,
     ids: Vec<RecordId>,
     dead_letters: &dyn DeadLetterSink,
-) -> Vec<RecordId> {
+) -> Vec<Retry> {
     if letters.is_empty() {
         return Vec::new();
     }
@@ -265,7 +311,7 @@ async fn send_or_retry(
         Ok(()) => Vec::new(),
         Err(error) => {
             tracing::error!(function, %error, "dead-letter sink failed; records will be retried");
-            ids
+            Retry::all(ids, &error)
         }
     }
 }
@@ -285,15 +331,16 @@ pub async fn decode_batch(
             Ok(envelope) => decoded.push((record.id, envelope)),
             Err(error) => {
                 tracing::warn!(function, record_id = %record.id, %error, "undecodable record sent to dead letters");
-                poison.push(DeadLetter {
-                    function: function.to_string(),
-                    record_id: record.id.to_string(),
-                    partition_key: record.partition_key,
-                    data: String::from_utf8_lossy(&record.data).into_owned(),
-                    reason: error.to_string(),
-                    attempts: 1,
-                    failed_at: now_millis(),
-                });
+                let refusal = StoreError::permanent("decode", error.to_string());
+                let mut letter = DeadLetter::new(
+                    function,
+                    &record.id,
+                    record.partition_key,
+                    record.data,
+                    &refusal,
+                );
+                letter.arrived_at = record.arrived_at;
+                poison.push(letter);
                 poison_ids.push(record.id);
             }
         }
@@ -308,9 +355,277 @@ pub async fn decode_batch(
     }
 }
 
+/// How long a stream function keeps failing a record before it dead-letters the record itself.
+/// Lambda's event source mapping, once its retries or the record's maximum age run out, tells
+/// its on-failure destination only where the records sat; a function that gives up first
+/// sends them whole, so a redrive needs nothing from the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryBudget {
+    /// Invocations that fail a record before it is dead-lettered: the mapping's retries plus
+    /// the first attempt (the function gives up on the last attempt the mapping makes).
+    pub attempts: u32,
+    /// A record this old (since the bus took it) is dead-lettered on its next failure.
+    pub max_age_ms: Option<EpochMillis>,
+}
+
+impl RetryBudget {
+    /// The budget under a mapping with `max_retries` retries and records discarded at
+    /// `max_record_age_s`: give up on the last attempt, or at nine tenths of the maximum
+    /// age (a margin for the retry in flight when the record would expire).
+    pub fn within_mapping(max_retries: u32, max_record_age_s: Option<u64>) -> Self {
+        RetryBudget {
+            attempts: max_retries.saturating_add(1),
+            max_age_ms: max_record_age_s.map(|s| (s as EpochMillis) * 900),
+        }
+    }
+}
+
+/// Failed attempts counted per record; above this many records the count starts afresh
+/// (a record then gives up later, by age or by the mapping, never sooner).
+const MAX_COUNTED_RECORDS: usize = 100_000;
+
+/// A stream function that dead-letters, whole, the records it has failed for its whole
+/// [`RetryBudget`], and answers only the rest for retry. Attempts are counted in this process
+/// (Lambda retries a shard's batch on a warm instance, usually this one); the record's age
+/// bounds what a count missed.
+pub struct WithRetryBudget<F> {
+    function: F,
+    budget: RetryBudget,
+    dead_letters: std::sync::Arc<dyn DeadLetterSink>,
+    attempts: std::sync::Mutex<HashMap<RecordId, u32>>,
+}
+
+impl<F: StreamFunction> WithRetryBudget<F> {
+    pub fn new(
+        function: F,
+        budget: RetryBudget,
+        dead_letters: std::sync::Arc<dyn DeadLetterSink>,
+    ) -> Self {
+        WithRetryBudget {
+            function,
+            budget,
+            dead_letters,
+            attempts: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Counts this attempt's failures and forgets the records of `batch` that passed; answers
+    /// each failed record's attempts so far.
+    fn count(&self, batch: &[RecordId], failed: &[Retry]) -> HashMap<RecordId, u32> {
+        let mut attempts = self
+            .attempts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let failing: std::collections::HashSet<&RecordId> = failed.iter().map(|r| &r.id).collect();
+        for id in batch.iter().filter(|id| !failing.contains(id)) {
+            attempts.remove(id);
+        }
+        if attempts.len() + failed.len() > MAX_COUNTED_RECORDS {
+            attempts.clear();
+        }
+        failed
+            .iter()
+            .map(|retry| {
+                let count = attempts.entry(retry.id.clone()).or_insert(0);
+                *count += 1;
+                (retry.id.clone(), *count)
+            })
+            .collect()
+    }
+}
+
+#[async_trait::async_trait]
+impl<F: StreamFunction> StreamFunction for WithRetryBudget<F> {
+    fn name(&self) -> &'static str {
+        self.function.name()
+    }
+
+    async fn process(&self, batch: StreamBatch) -> BatchOutcome {
+        let ids: Vec<RecordId> = batch.records.iter().map(|r| r.id.clone()).collect();
+        // The records' bytes, for the letters of those that fail for the last time.
+        let records = batch.records.clone();
+        let mut outcome = self.function.process(batch).await;
+        let attempts = self.count(&ids, &outcome.failed);
+        if outcome.failed.is_empty() {
+            return outcome;
+        }
+        let now = now_millis();
+        let by_id: HashMap<&RecordId, &StreamRecord> = records.iter().map(|r| (&r.id, r)).collect();
+        let mut letters = Vec::new();
+        let mut given_up = Vec::new();
+        for retry in &outcome.failed {
+            let Some(record) = by_id.get(&retry.id) else {
+                continue;
+            };
+            let attempts = attempts.get(&retry.id).copied().unwrap_or(1);
+            let age_ms = record.arrived_at.map(|at| now - at);
+            let too_old = matches!(
+                (age_ms, self.budget.max_age_ms),
+                (Some(age), Some(max)) if age >= max
+            );
+            if attempts < self.budget.attempts && !too_old {
+                continue;
+            }
+            let mut letter = DeadLetter::new(
+                self.function.name(),
+                &record.id,
+                record.partition_key.clone(),
+                record.data.clone(),
+                &retry.error,
+            );
+            letter.arrived_at = record.arrived_at;
+            letter.attempts = attempts;
+            letter.reason = format!(
+                "{} (failed on {attempts} attempts{}: retry budget spent)",
+                retry.error,
+                age_ms
+                    .map(|ms| format!(", {} s after the bus took it", ms / 1000))
+                    .unwrap_or_default()
+            );
+            letters.push(letter);
+            given_up.push(record.id.clone());
+        }
+        if given_up.is_empty() {
+            return outcome;
+        }
+        let name = self.function.name();
+        tracing::error!(
+            function = name,
+            records = given_up.len(),
+            "retry budget spent; the records go to dead letters whole"
+        );
+        let count = given_up.len();
+        let dead_letters = self.dead_letters.as_ref();
+        if send_or_retry(name, letters, given_up.clone(), dead_letters)
+            .await
+            .is_empty()
+        {
+            outcome.failed.retain(|retry| !given_up.contains(&retry.id));
+            outcome.measurements.count(MetricName::DeadLetters, count);
+            self.count(&given_up, &[]);
+        }
+        outcome
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::memory::MemoryDeadLetters;
+    use crate::ports::ErrorKind;
+    use std::sync::Arc;
+
+    /// Fails every record whose data starts with `!`, for the moment.
+    struct Flaky;
+
+    #[async_trait::async_trait]
+    impl StreamFunction for Flaky {
+        fn name(&self) -> &'static str {
+            "flaky"
+        }
+        async fn process(&self, batch: StreamBatch) -> BatchOutcome {
+            let failing = batch
+                .records
+                .into_iter()
+                .filter(|r| r.data.starts_with(b"!"));
+            BatchOutcome::retry(Retry::all(
+                failing.map(|r| r.id),
+                &StoreError::transient("PutItem", "ProvisionedThroughputExceededException"),
+            ))
+        }
+    }
+
+    fn record(id: &str, data: &[u8], arrived_at: Option<EpochMillis>) -> StreamRecord {
+        StreamRecord {
+            id: RecordId::kinesis(id),
+            partition_key: "truck-1".into(),
+            data: data.to_vec(),
+            arrived_at,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_record_failing_on_the_last_attempt_is_dead_lettered_whole() {
+        let dead = Arc::new(MemoryDeadLetters::new(10));
+        let function =
+            WithRetryBudget::new(Flaky, RetryBudget::within_mapping(2, None), dead.clone());
+        // Not valid UTF-8: the letter must carry the bytes, not a lossy text of them.
+        let data = b"!\xff\x00 not utf-8";
+        let batch = || StreamBatch {
+            records: vec![record("1", b"fine", None), record("2", data, Some(5))],
+        };
+        for attempt in 1..=2 {
+            let outcome = function.process(batch()).await;
+            assert_eq!(
+                outcome.failed_ids(),
+                [RecordId::kinesis("2")],
+                "attempt {attempt}"
+            );
+            assert_eq!(dead.snapshot().1, 0);
+        }
+        let last = function.process(batch()).await;
+        assert!(last.failed.is_empty(), "given up, not retried");
+        assert_eq!(last.measurements.get(MetricName::DeadLetters), Some(1.0));
+        let (letters, _) = dead.snapshot();
+        let letter = &letters[0];
+        assert_eq!(letter.data, data);
+        assert_eq!(
+            (letter.attempts, letter.error_kind, letter.arrived_at),
+            (3, ErrorKind::Transient, Some(5))
+        );
+        assert_eq!(letter.record_id, "2");
+        assert!(
+            letter.reason.contains("ProvisionedThroughputExceeded"),
+            "{}",
+            letter.reason
+        );
+        let json = serde_json::to_value(letter).unwrap();
+        let back: DeadLetter = serde_json::from_value(json).unwrap();
+        assert_eq!(&back, letter, "a letter reads back as it was sent");
+    }
+
+    #[tokio::test]
+    async fn a_record_near_its_maximum_age_is_dead_lettered_on_its_first_failure() {
+        let dead = Arc::new(MemoryDeadLetters::new(10));
+        let function = WithRetryBudget::new(
+            Flaky,
+            RetryBudget::within_mapping(10_000, Some(3_600)),
+            dead.clone(),
+        );
+        let old = now_millis() - 3_300_000;
+        let outcome = function
+            .process(StreamBatch {
+                records: vec![
+                    record("7", b"!late", Some(old)),
+                    record("8", b"!new", Some(now_millis())),
+                ],
+            })
+            .await;
+        assert_eq!(outcome.failed_ids(), [RecordId::kinesis("8")]);
+        let (letters, _) = dead.snapshot();
+        assert_eq!(letters.len(), 1);
+        assert_eq!(letters[0].record_id, "7");
+        assert_eq!(letters[0].attempts, 1);
+    }
+
+    #[tokio::test]
+    async fn a_spent_record_is_retried_while_the_dead_letter_sink_is_down() {
+        struct Down;
+        #[async_trait::async_trait]
+        impl DeadLetterSink for Down {
+            async fn send(&self, _: Vec<DeadLetter>) -> Result<(), StoreError> {
+                Err(StoreError::transient("SendMessageBatch", "unavailable"))
+            }
+        }
+        let function =
+            WithRetryBudget::new(Flaky, RetryBudget::within_mapping(0, None), Arc::new(Down));
+        let outcome = function
+            .process(StreamBatch {
+                records: vec![record("3", b"!x", None)],
+            })
+            .await;
+        assert_eq!(outcome.failed_ids(), [RecordId::kinesis("3")]);
+    }
 
     #[test]
     fn sequence_numbers_order_as_numbers_and_keep_their_text() {
@@ -335,5 +650,11 @@ mod tests {
             "geostream-telemetry-3@17"
         );
         assert!(RecordId::kafka("t", 0, 9) < RecordId::kafka("t", 0, 10));
+        for id in [
+            RecordId::kinesis("49590338271490256608559692538361571095921575989136588898"),
+            RecordId::kafka("geostream-telemetry", 12, 4),
+        ] {
+            assert_eq!(RecordId::parse(&id.to_string()), id);
+        }
     }
 }

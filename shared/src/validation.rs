@@ -22,6 +22,10 @@ pub struct ValidationPolicy {
     /// How far ahead of the receiver's clock an event time may be (device clock skew).
     pub max_future_ms: i64,
     pub max_metrics: usize,
+    /// How many bytes a reading's free metrics may take in the archive together: each name
+    /// with its `metrics.` prefix, plus 8 bytes per value. It keeps every reading within a
+    /// Timestream record (2 KB with the named readings and ids).
+    pub max_metric_bytes: usize,
 }
 
 impl Default for ValidationPolicy {
@@ -32,6 +36,7 @@ impl Default for ValidationPolicy {
             max_age_ms: 7 * 24 * 3600 * 1000,
             max_future_ms: 5 * 60 * 1000,
             max_metrics: 64,
+            max_metric_bytes: 1024,
         }
     }
 }
@@ -344,6 +349,20 @@ fn validate_metrics(
         );
         return metrics;
     }
+    let archived_bytes: usize = object
+        .keys()
+        .map(|name| "metrics.".len() + name.len() + 8)
+        .sum();
+    if archived_bytes > policy.max_metric_bytes {
+        err(
+            "metrics",
+            format!(
+                "take {archived_bytes} bytes in the archive (each name with its \"metrics.\" prefix, plus 8 per value); the limit is {}",
+                policy.max_metric_bytes
+            ),
+        );
+        return metrics;
+    }
     for (name, value) in object {
         let field = format!("metrics.{name}");
         if !is_valid_device_id(name) {
@@ -414,6 +433,30 @@ mod tests {
         assert_eq!(reading.event_id, format!("truck-7@{NOW}"));
         assert_eq!(reading.engine_temp_c, Some(90.0));
         assert_eq!(reading.metrics["door_open"], 1.0);
+    }
+
+    #[test]
+    fn metrics_that_would_outgrow_an_archive_record_are_refused_by_name() {
+        let metrics = |count: usize, name_len: usize| -> Value {
+            (0..count)
+                .map(|i| (format!("{i:0name_len$}"), json!(1.0)))
+                .collect::<serde_json::Map<_, _>>()
+                .into()
+        };
+        let batch = validate(json!([
+            {"device_id": "a", "ts": NOW, "metrics": metrics(40, 20)},
+            {"device_id": "b", "ts": NOW, "metrics": metrics(30, 10)},
+        ]))
+        .unwrap();
+        assert_eq!(batch.accepted.len(), 1);
+        assert_eq!(batch.accepted[0].1.metrics.len(), 30);
+        let refusal = &batch.rejected[0].errors[0];
+        assert_eq!(refusal.field, "metrics");
+        assert!(
+            refusal.message.contains("take 1440 bytes"),
+            "{}",
+            refusal.message
+        );
     }
 
     #[test]

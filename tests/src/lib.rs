@@ -440,6 +440,10 @@ fn check_mapping_defaults(bodies: &[(String, Body)], defaults: MappingDefaults) 
             defaults.batching_window_seconds,
         ),
         ("stream_max_retries", u64::from(defaults.max_retries)),
+        (
+            "stream_max_record_age_seconds",
+            defaults.max_record_age_seconds,
+        ),
         ("archiver_batch_size", defaults.archiver_batch_size as u64),
         (
             "archiver_batching_window_seconds",

@@ -2,23 +2,26 @@
 //! per (device, rule) state in the alert store, and publishes raise/clear transitions on the
 //! alerts bus.
 //!
-//! Per device and batch: load the state, evaluate, publish the transitions, then commit state
-//! and alert records with a version check. Publishing before the commit makes a crash between
-//! the two redeliver (at least once, deduplicated by `transition_id`) rather than lose a
-//! transition; the watermark in the committed state makes a replayed batch a no-op.
+//! Per device and batch: load the state, evaluate, commit the state, the alerts it touched and
+//! its transitions (an outbox in the state) with a version check, then publish the outbox and
+//! empty it. A transition is published only once the state that made it is committed; a crash
+//! or a bus failure after the commit leaves it in the outbox, published before anything newer
+//! on the next attempt (at least once, deduplicated by `transition_id`). The watermark in the
+//! committed state makes a replayed batch a no-op.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::stream::{self, StreamExt};
 use geostream_shared::metrics::{Measurements, MetricName};
-use geostream_shared::model::{Reading, TransitionKind};
+use geostream_shared::model::{AlertTransition, Reading, TransitionKind};
 use geostream_shared::ports::{
-    AlertStore, BusRecord, DeadLetterSink, ErrorKind, EventBus, StoreError,
+    AlertStore, BusRecord, DeadLetterSink, ErrorKind, EventBus, StoreError, MAX_ALERTS_PER_COMMIT,
 };
-use geostream_shared::rules::RuleSet;
+use geostream_shared::rules::{DeviceRuleStates, Evaluation, RuleSet};
 use geostream_shared::stream::{
-    decode_batch, group_by_device, BatchOutcome, StreamBatch, StreamFunction, DEVICE_CONCURRENCY,
+    dead_letter_refused, decode_batch, group_by_device, BatchOutcome, Retry, StreamBatch,
+    StreamFunction, DEVICE_CONCURRENCY,
 };
 
 pub const FUNCTION_NAME: &str = "anomaly-inspector";
@@ -54,42 +57,56 @@ impl AnomalyInspector {
         }
     }
 
+    /// Evaluates the longest prefix of `readings` (in event-time order) whose touched alerts
+    /// fit one commit; answers the evaluation, the state after it and the readings it took.
+    fn evaluate_fitting(
+        &self,
+        device_id: &str,
+        state: &DeviceRuleStates,
+        readings: &[Reading],
+    ) -> Result<(Evaluation, DeviceRuleStates, usize), StoreError> {
+        let mut take = readings.len();
+        loop {
+            let mut next = state.clone();
+            let evaluation = self.rules.evaluate(device_id, &mut next, &readings[..take]);
+            if evaluation.touched_alerts.len() <= MAX_ALERTS_PER_COMMIT {
+                return Ok((evaluation, next, take));
+            }
+            if take == 1 {
+                return Err(StoreError::permanent(
+                    "evaluate",
+                    format!(
+                        "one reading of {device_id} touches {} alerts; a commit takes {MAX_ALERTS_PER_COMMIT}",
+                        evaluation.touched_alerts.len()
+                    ),
+                ));
+            }
+            take /= 2;
+        }
+    }
+
     async fn inspect_device(
         &self,
         device_id: &str,
-        readings: &[Reading],
+        mut readings: Vec<Reading>,
     ) -> Result<Transitions, StoreError> {
+        readings.sort_by(|a, b| a.order_key().cmp(&b.order_key()));
+        let mut made = Transitions::default();
+        let mut start = 0;
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let mut state = self.alerts.load_rule_states(device_id).await?;
-            let expected_version = state.version;
-            let evaluation = self.rules.evaluate(device_id, &mut state, readings);
+            let loaded = self.alerts.load_rule_states(device_id).await?;
+            let expected_version = loaded.version;
+            let (evaluation, mut state, taken) =
+                self.evaluate_fitting(device_id, &loaded, &readings[start..])?;
             if evaluation.readings_evaluated == 0 {
-                return Ok(Transitions::default());
+                // Nothing new; what an earlier attempt committed may still wait to go out.
+                self.publish_outbox(device_id, expected_version, state)
+                    .await?;
+                return Ok(made);
             }
-            if !evaluation.transitions.is_empty() {
-                let records = evaluation
-                    .transitions
-                    .iter()
-                    .map(|t| BusRecord {
-                        partition_key: device_id.to_string(),
-                        data: serde_json::to_vec(t).unwrap_or_default(),
-                    })
-                    .collect();
-                if let Some(Err(error)) = self
-                    .alert_bus
-                    .publish(records)
-                    .await
-                    .into_iter()
-                    .find(Result::is_err)
-                {
-                    return Err(error);
-                }
-                for t in &evaluation.transitions {
-                    tracing::info!(function = FUNCTION_NAME, device_id, alert_id = %t.alert.alert_id, kind = ?t.kind, rule = %t.alert.rule, "alert transition");
-                }
-            }
+            state.outbox.extend(evaluation.transitions.iter().cloned());
             match self
                 .alerts
                 .commit(
@@ -100,23 +117,66 @@ impl AnomalyInspector {
                 )
                 .await
             {
-                Ok(()) => {
-                    let raised = evaluation
-                        .transitions
-                        .iter()
-                        .filter(|t| t.kind == TransitionKind::Raised)
-                        .count();
-                    return Ok(Transitions {
-                        raised,
-                        cleared: evaluation.transitions.len() - raised,
-                    });
-                }
+                Ok(()) => {}
                 Err(error) if error.kind == ErrorKind::Conflict && attempt < COMMIT_ATTEMPTS => {
                     continue
                 }
                 Err(error) => return Err(error),
             }
+            let raised = evaluation
+                .transitions
+                .iter()
+                .filter(|t| t.kind == TransitionKind::Raised)
+                .count();
+            made.raised += raised;
+            made.cleared += evaluation.transitions.len() - raised;
+            self.publish_outbox(device_id, expected_version + 1, state)
+                .await?;
+            start += taken;
+            attempt = 0;
+            if start >= readings.len() {
+                return Ok(made);
+            }
         }
+    }
+
+    /// Publishes the committed outbox, in order, then empties it (a version-checked write of
+    /// the state alone). An empty that fails is no loss: the next evaluation publishes the
+    /// outbox again, and consumers deduplicate on `transition_id`.
+    async fn publish_outbox(
+        &self,
+        device_id: &str,
+        version: u64,
+        mut state: DeviceRuleStates,
+    ) -> Result<(), StoreError> {
+        if state.outbox.is_empty() {
+            return Ok(());
+        }
+        let records = state
+            .outbox
+            .iter()
+            .map(|t| BusRecord {
+                partition_key: device_id.to_string(),
+                data: serde_json::to_vec(t).unwrap_or_default(),
+            })
+            .collect();
+        if let Some(Err(error)) = self
+            .alert_bus
+            .publish(records)
+            .await
+            .into_iter()
+            .find(Result::is_err)
+        {
+            return Err(error);
+        }
+        for t in &state.outbox {
+            tracing::info!(function = FUNCTION_NAME, device_id, alert_id = %t.alert.alert_id, kind = ?t.kind, rule = %t.alert.rule, "alert transition");
+        }
+        let published: Vec<AlertTransition> = std::mem::take(&mut state.outbox);
+        if let Err(error) = self.alerts.commit(device_id, version, &state, &[]).await {
+            tracing::warn!(function = FUNCTION_NAME, device_id, %error, transitions = published.len(), "published transitions stay in the outbox; they will be published again");
+        }
+        Ok(())
     }
 }
 
@@ -129,36 +189,49 @@ impl StreamFunction for AnomalyInspector {
     async fn process(&self, batch: StreamBatch) -> BatchOutcome {
         let decoded = decode_batch(FUNCTION_NAME, batch, self.dead_letters.as_ref()).await;
         let mut failed = decoded.retry;
-        let jobs = group_by_device(decoded.records).into_iter().map(|group| {
+        let mut dead_lettered = decoded.dead_lettered;
+        let groups = group_by_device(decoded.records);
+        let mut results = stream::iter(groups.into_iter().map(|group| async move {
             let readings: Vec<Reading> = group
                 .envelopes
-                .into_iter()
-                .flat_map(|envelope| envelope.readings)
+                .iter()
+                .flat_map(|envelope| envelope.readings.iter().cloned())
                 .collect();
-            (group.device_id, group.record_ids, readings)
-        });
-        let mut results = stream::iter(jobs.map(|(device, record_ids, readings)| async move {
-            let result = self.inspect_device(&device, &readings).await;
-            (device, record_ids, result)
+            let result = self.inspect_device(&group.device_id, readings).await;
+            (group, result)
         }))
         .buffer_unordered(DEVICE_CONCURRENCY);
         let mut committed = Transitions::default();
-        while let Some((device, record_ids, result)) = results.next().await {
+        while let Some((group, result)) = results.next().await {
             match result {
                 Ok(transitions) => {
                     committed.raised += transitions.raised;
                     committed.cleared += transitions.cleared;
                 }
+                // Retrying cannot help: dead letters now, not a stalled shard.
+                Err(error) if error.kind == ErrorKind::Permanent => {
+                    let retry = dead_letter_refused(
+                        FUNCTION_NAME,
+                        &group,
+                        &error,
+                        self.dead_letters.as_ref(),
+                    )
+                    .await;
+                    if retry.is_empty() {
+                        dead_lettered += group.record_ids.len();
+                    }
+                    failed.extend(retry);
+                }
                 Err(error) => {
-                    tracing::warn!(function = FUNCTION_NAME, device_id = %device, %error, "inspection failed; records will be retried");
-                    failed.extend(record_ids);
+                    tracing::warn!(function = FUNCTION_NAME, device_id = %group.device_id, %error, "inspection failed; records will be retried");
+                    failed.extend(Retry::all(group.record_ids, &error));
                 }
             }
         }
         let mut measurements = Measurements::default();
         measurements.count(MetricName::AlertsRaised, committed.raised);
         measurements.count(MetricName::AlertsCleared, committed.cleared);
-        measurements.count(MetricName::DeadLetters, decoded.dead_lettered);
+        measurements.count(MetricName::DeadLetters, dead_lettered);
         BatchOutcome {
             failed,
             measurements,
@@ -173,6 +246,7 @@ mod tests {
     use geostream_shared::memory::{MemoryAlertStore, MemoryDeadLetters, MemoryStream};
     use geostream_shared::model::{AlertState, AlertTransition, TransitionKind};
     use geostream_shared::ports::AlertFilter;
+    use geostream_shared::rules::DeviceRuleStates;
     use geostream_shared::stream::{RecordId, StreamRecord};
 
     fn batch(readings: Vec<(i64, f64)>, first_id: u64) -> StreamBatch {
@@ -203,7 +277,7 @@ mod tests {
 
     fn transitions(bus: &MemoryStream) -> Vec<AlertTransition> {
         (0..bus.shard_count())
-            .flat_map(|s| bus.read(s, 1, 100).records)
+            .flat_map(|s| bus.read(s, 1, 10_000).records)
             .map(|r| serde_json::from_slice(&r.data).unwrap())
             .collect()
     }
@@ -263,5 +337,158 @@ mod tests {
         assert_eq!(all.len(), 1);
         assert_eq!(all[0].state, AlertState::Cleared);
         assert_eq!(all[0].cleared_at, Some(4_000));
+    }
+
+    /// A bus that refuses every publish while `down` is set.
+    struct SwitchedBus {
+        inner: Arc<MemoryStream>,
+        down: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait]
+    impl EventBus for SwitchedBus {
+        async fn publish(
+            &self,
+            records: Vec<BusRecord>,
+        ) -> Vec<Result<geostream_shared::ports::Published, StoreError>> {
+            if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                return records
+                    .iter()
+                    .map(|_| Err(StoreError::transient("PutRecords", "unavailable")))
+                    .collect();
+            }
+            self.inner.publish(records).await
+        }
+    }
+
+    /// An alert store whose commits fail for the moment.
+    struct CommitsFail(MemoryAlertStore);
+
+    #[async_trait]
+    impl AlertStore for CommitsFail {
+        async fn load_rule_states(&self, device_id: &str) -> Result<DeviceRuleStates, StoreError> {
+            self.0.load_rule_states(device_id).await
+        }
+        async fn commit(
+            &self,
+            _: &str,
+            _: u64,
+            _: &DeviceRuleStates,
+            _: &[geostream_shared::model::Alert],
+        ) -> Result<(), StoreError> {
+            Err(StoreError::transient("TransactWriteItems", "throttled"))
+        }
+        async fn list_alerts(
+            &self,
+            filter: &AlertFilter,
+        ) -> Result<Vec<geostream_shared::model::Alert>, StoreError> {
+            self.0.list_alerts(filter).await
+        }
+        async fn get_alert(
+            &self,
+            id: &str,
+        ) -> Result<Option<geostream_shared::model::Alert>, StoreError> {
+            self.0.get_alert(id).await
+        }
+        async fn acknowledge(
+            &self,
+            id: &str,
+            by: &str,
+            at: i64,
+        ) -> Result<Option<geostream_shared::model::Alert>, StoreError> {
+            self.0.acknowledge(id, by, at).await
+        }
+    }
+
+    #[tokio::test]
+    async fn nothing_is_published_while_the_state_that_made_it_is_not_committed() {
+        let bus = Arc::new(MemoryStream::new("alerts", 1, 100));
+        let inspector = AnomalyInspector::new(
+            Arc::new(RuleSet::default_rules()),
+            Arc::new(CommitsFail(MemoryAlertStore::new())),
+            bus.clone(),
+            Arc::new(MemoryDeadLetters::new(1)),
+        );
+        let outcome = inspector.process(batch(vec![(1_000, 104.0)], 1)).await;
+        assert_eq!(outcome.failed.len(), 1, "retried");
+        assert!(
+            transitions(&bus).is_empty(),
+            "no raise without its stored alert"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_transition_committed_while_the_bus_is_down_is_published_once_it_is_back() {
+        let store = Arc::new(MemoryAlertStore::new());
+        let bus = Arc::new(SwitchedBus {
+            inner: Arc::new(MemoryStream::new("alerts", 1, 100)),
+            down: true.into(),
+        });
+        let inspector = AnomalyInspector::new(
+            Arc::new(RuleSet::default_rules()),
+            store.clone(),
+            bus.clone(),
+            Arc::new(MemoryDeadLetters::new(1)),
+        );
+        let hot = batch(vec![(1_000, 104.0)], 1);
+        assert_eq!(inspector.process(hot.clone()).await.failed.len(), 1);
+        assert_eq!(
+            store
+                .load_rule_states("truck-1")
+                .await
+                .unwrap()
+                .outbox
+                .len(),
+            1
+        );
+        bus.down.store(false, std::sync::atomic::Ordering::SeqCst);
+        // The retry evaluates nothing new, and publishes what the first attempt committed.
+        assert!(inspector.process(hot.clone()).await.failed.is_empty());
+        inspector.process(hot).await;
+        let published = transitions(&bus.inner);
+        assert_eq!(published.len(), 1, "{published:?}");
+        assert_eq!(published[0].kind, TransitionKind::Raised);
+        assert!(store
+            .load_rule_states("truck-1")
+            .await
+            .unwrap()
+            .outbox
+            .is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_batch_touching_more_alerts_than_a_commit_takes_is_committed_in_steps() {
+        let store = Arc::new(MemoryAlertStore::new());
+        let bus = Arc::new(MemoryStream::new("alerts", 1, 1_000));
+        let inspector = AnomalyInspector::new(
+            Arc::new(RuleSet::default_rules()),
+            store.clone(),
+            bus.clone(),
+            Arc::new(MemoryDeadLetters::new(1)),
+        );
+        // 150 overheats, each followed by a cool reading: 150 alerts raised and cleared.
+        let readings = (0..300)
+            .map(|n| (1_000 + n * 1_000, if n % 2 == 0 { 101.0 } else { 94.0 }))
+            .collect();
+        let outcome = inspector.process(batch(readings, 1)).await;
+        assert!(outcome.failed.is_empty(), "{:?}", outcome.failed);
+        assert_eq!(
+            outcome.measurements.get(MetricName::AlertsRaised),
+            Some(150.0)
+        );
+        let all = store
+            .list_alerts(&AlertFilter {
+                limit: 1_000,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(all.len(), 150);
+        assert!(all.iter().all(|a| a.state == AlertState::Cleared));
+        let kinds: Vec<TransitionKind> = transitions(&bus).into_iter().map(|t| t.kind).collect();
+        assert_eq!(kinds.len(), 300);
+        assert!(kinds
+            .chunks(2)
+            .all(|pair| pair == [TransitionKind::Raised, TransitionKind::Cleared]));
     }
 }

@@ -14,5 +14,5 @@ async fn main() -> Result<(), geostream_lambda::Error> {
         ports.alerts_bus().await?,
         ports.dead_letters()?,
     );
-    ports.run_stream_function(&handler).await
+    ports.run_stream_function(handler).await
 }

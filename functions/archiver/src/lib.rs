@@ -6,9 +6,16 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use geostream_shared::metrics::{Measurements, MetricName};
-use geostream_shared::now_millis;
-use geostream_shared::ports::{Archive, DeadLetter, DeadLetterSink};
-use geostream_shared::stream::{decode_batch, BatchOutcome, RecordId, StreamBatch, StreamFunction};
+use std::collections::BTreeMap;
+
+use geostream_shared::envelope::Envelope;
+use geostream_shared::model::Reading;
+use geostream_shared::ports::{
+    Archive, DeadLetter, DeadLetterSink, ErrorKind, RejectedReading, StoreError,
+};
+use geostream_shared::stream::{
+    decode_batch, send_or_retry, BatchOutcome, RecordId, Retry, StreamBatch, StreamFunction,
+};
 
 pub const FUNCTION_NAME: &str = "archiver";
 
@@ -44,6 +51,7 @@ impl StreamFunction for Archiver {
             };
         }
         let mut record_ids = Vec::with_capacity(decoded.records.len());
+        let mut envelopes = Vec::with_capacity(decoded.records.len());
         let mut readings = Vec::new();
         // The record (index into record_ids) each reading came from.
         let mut source = Vec::new();
@@ -53,7 +61,8 @@ impl StreamFunction for Archiver {
                 envelope.readings.len(),
             ));
             record_ids.push(record_id);
-            readings.extend(envelope.readings);
+            readings.extend(envelope.readings.iter().cloned());
+            envelopes.push(envelope);
         }
         match self.archive.write(&readings).await {
             Ok(rejected) if rejected.is_empty() => {
@@ -66,50 +75,112 @@ impl StreamFunction for Archiver {
                     readings.len().saturating_sub(rejected.len()),
                 );
                 measurements.count(MetricName::ArchiveRejects, rejected.len());
-                // The records the refused readings came from, beside their dead letters.
-                let (affected, letters): (Vec<RecordId>, Vec<DeadLetter>) = rejected
-                    .into_iter()
-                    .filter_map(|r| {
-                        let reading = readings.get(r.index)?;
-                        let record_id = record_ids[source[r.index]].clone();
-                        let letter = DeadLetter {
-                            function: FUNCTION_NAME.to_string(),
-                            record_id: record_id.to_string(),
-                            partition_key: reading.device_id.clone(),
-                            data: serde_json::to_string(reading).unwrap_or_default(),
-                            reason: format!("archive refused the reading: {}", r.reason),
-                            attempts: 1,
-                            failed_at: now_millis(),
-                        };
-                        Some((record_id, letter))
-                    })
-                    .unzip();
+                let letters =
+                    refused_letters(&record_ids, &envelopes, &source, &readings, rejected);
                 tracing::warn!(
                     function = FUNCTION_NAME,
                     refused = letters.len(),
                     "archive refused readings; sent to dead letters"
                 );
                 let letter_count = letters.len();
-                match self.dead_letters.send(letters).await {
-                    Ok(()) => measurements.count(MetricName::DeadLetters, letter_count),
-                    Err(error) => {
-                        tracing::error!(function = FUNCTION_NAME, %error, "dead-letter sink failed; records will be retried");
-                        failed.extend(affected);
-                    }
+                let affected = letters.iter().map(|(id, _)| id.clone()).collect();
+                let letters = letters.into_iter().map(|(_, letter)| letter).collect();
+                let retry =
+                    send_or_retry(FUNCTION_NAME, letters, affected, self.dead_letters.as_ref())
+                        .await;
+                if retry.is_empty() {
+                    measurements.count(MetricName::DeadLetters, letter_count);
                 }
+                failed.extend(retry);
+            }
+            // Retrying cannot help: the whole batch to dead letters, record by record.
+            Err(error) if error.kind == ErrorKind::Permanent => {
+                tracing::warn!(function = FUNCTION_NAME, readings = readings.len(), %error, "archive refused the batch for good; sent to dead letters");
+                let letters = record_ids
+                    .iter()
+                    .zip(&envelopes)
+                    .map(|(id, envelope)| {
+                        DeadLetter::new(
+                            FUNCTION_NAME,
+                            id,
+                            &envelope.device_id,
+                            envelope.encode(),
+                            &error,
+                        )
+                    })
+                    .collect::<Vec<_>>();
+                let letter_count = letters.len();
+                let retry = send_or_retry(
+                    FUNCTION_NAME,
+                    letters,
+                    record_ids,
+                    self.dead_letters.as_ref(),
+                )
+                .await;
+                if retry.is_empty() {
+                    measurements.count(MetricName::DeadLetters, letter_count);
+                }
+                failed.extend(retry);
             }
             Err(error) => {
                 tracing::warn!(function = FUNCTION_NAME, readings = readings.len(), %error, "archive write failed; batch will be retried");
-                failed.extend(record_ids);
+                failed.extend(Retry::all(record_ids, &error));
             }
         }
-        failed.sort();
-        failed.dedup();
+        failed.sort_by(|a, b| a.id.cmp(&b.id));
+        failed.dedup_by(|a, b| a.id == b.id);
         BatchOutcome {
             failed,
             measurements,
         }
     }
+}
+
+/// The dead letters of readings the archive refused: per record, an envelope of just its
+/// refused readings (a redrive replays those, not the ones already archived).
+fn refused_letters(
+    record_ids: &[RecordId],
+    envelopes: &[Envelope],
+    source: &[usize],
+    readings: &[Reading],
+    rejected: Vec<RejectedReading>,
+) -> Vec<(RecordId, DeadLetter)> {
+    let mut by_record: BTreeMap<usize, (Vec<Reading>, Vec<String>)> = BTreeMap::new();
+    for refusal in rejected {
+        let (Some(reading), Some(&record)) =
+            (readings.get(refusal.index), source.get(refusal.index))
+        else {
+            continue;
+        };
+        let entry = by_record.entry(record).or_default();
+        entry.0.push(reading.clone());
+        entry
+            .1
+            .push(format!("{}: {}", reading.event_id, refusal.reason));
+    }
+    by_record
+        .into_iter()
+        .map(|(record, (refused, reasons))| {
+            let record_id = record_ids[record].clone();
+            let original = &envelopes[record];
+            let envelope = Envelope {
+                v: original.v,
+                device_id: original.device_id.clone(),
+                received_at: original.received_at,
+                readings: refused,
+            };
+            let device_id = envelope.device_id.clone();
+            let error = StoreError::permanent("archive", format!("refused {}", reasons.join("; ")));
+            let letter = DeadLetter::new(
+                FUNCTION_NAME,
+                &record_id,
+                device_id,
+                envelope.encode(),
+                &error,
+            );
+            (record_id, letter)
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -14,8 +14,8 @@ use geostream_shared::metrics::{Measurements, MetricName};
 use geostream_shared::model::{Position, Reading};
 use geostream_shared::ports::{DeadLetterSink, ErrorKind, PositionStore, UpsertOutcome};
 use geostream_shared::stream::{
-    dead_letter_refused, decode_batch, group_by_device, BatchOutcome, StreamBatch, StreamFunction,
-    DEVICE_CONCURRENCY,
+    dead_letter_refused, decode_batch, group_by_device, BatchOutcome, Retry, StreamBatch,
+    StreamFunction, DEVICE_CONCURRENCY,
 };
 
 pub const FUNCTION_NAME: &str = "geo-update";
@@ -77,7 +77,7 @@ impl StreamFunction for GeoUpdate {
                 }
                 Err(error) => {
                     tracing::warn!(function = FUNCTION_NAME, device_id = %group.device_id, %error, "position upsert failed; records will be retried");
-                    failed.extend(group.record_ids);
+                    failed.extend(Retry::all(group.record_ids, &error));
                 }
             }
         }
@@ -284,22 +284,21 @@ mod refusal_tests {
         let dead = Arc::new(MemoryDeadLetters::new(10));
         let handler = GeoUpdate::new(Arc::new(PickyStore), dead.clone());
         let outcome = handler.process(batch()).await;
-        assert_eq!(outcome.failed, [RecordId::kinesis("12")]);
+        assert_eq!(outcome.failed_ids(), [RecordId::kinesis("12")]);
         let (letters, total) = dead.snapshot();
         assert_eq!(total, 2);
         assert!(letters.iter().all(|l| l.partition_key == "truck-bad"
             && l.reason.contains("item too large")
-            && l.data.contains("truck-bad")));
+            && l.error_kind == ErrorKind::Permanent
+            && Envelope::decode(&l.data).unwrap().device_id == "truck-bad"));
         assert_eq!(outcome.measurements.get(MetricName::DeadLetters), Some(2.0));
     }
 
     #[tokio::test]
     async fn a_refusal_is_retried_while_the_dead_letter_sink_is_down() {
         let handler = GeoUpdate::new(Arc::new(PickyStore), Arc::new(DownSink));
-        let mut failed = handler.process(batch()).await.failed;
-        failed.sort();
         assert_eq!(
-            failed,
+            handler.process(batch()).await.failed_ids(),
             [
                 RecordId::kinesis("11"),
                 RecordId::kinesis("12"),

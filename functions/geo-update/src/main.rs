@@ -8,5 +8,5 @@ async fn main() -> Result<(), geostream_lambda::Error> {
     geostream_lambda::init_tracing();
     let ports = Composition::for_lambda(FUNCTION_NAME).await?;
     let handler = GeoUpdate::new(ports.positions().await?, ports.dead_letters()?);
-    ports.run_stream_function(&handler).await
+    ports.run_stream_function(handler).await
 }

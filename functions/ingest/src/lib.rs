@@ -265,11 +265,19 @@ mod tests {
     async fn a_device_record_over_the_bus_limit_is_split_in_order() {
         let stream = Arc::new(MemoryStream::new("t", 1, 100));
         let ingest = Ingest::new(stream.clone()).with_clock(|| NOW);
-        let metrics: serde_json::Map<String, Value> = (0..60)
-            .map(|n| (format!("metric_name_number_{n:02}"), json!(1234.5)))
+        // As large as validation lets a reading be: 50 free metrics within their 1,024 archive
+        // bytes, each value at full precision, and a 128-character event id.
+        let metrics: serde_json::Map<String, Value> = (0..50)
+            .map(|n| (format!("m{n:03}"), json!(-1.2345678901234567e-300)))
             .collect();
         let items: Vec<Value> = (0..500)
-            .map(|n| json!({"device_id": "truck-1", "ts": NOW - 500 + n, "metrics": metrics}))
+            .map(|n| {
+                json!({
+                    "device_id": "truck-1", "ts": NOW - 500 + n, "metrics": metrics,
+                    "event_id": format!("{n:03}{}", "e".repeat(125)),
+                    "lat": -52.123456789012345, "lon": 13.123456789012345,
+                })
+            })
             .collect();
         let body = Value::Array(items).to_string();
         assert!(body.len() < 1024 * 1024, "{} bytes", body.len());

@@ -34,7 +34,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use geostream_shared::ports::{DeadLetter, DeadLetterSink};
+use geostream_shared::ports::{DeadLetter, DeadLetterSink, ErrorKind};
 use geostream_shared::stream::RecordId;
 use geostream_shared::{now_millis, EpochMillis};
 use rand::Rng;
@@ -405,7 +405,9 @@ impl MappingLoop {
                 function: name.clone(),
                 record_id: r.id.to_string(),
                 partition_key: r.partition_key.clone(),
-                data: String::from_utf8_lossy(&r.data).into_owned(),
+                data: r.data.clone(),
+                arrived_at: Some(r.arrival),
+                error_kind: ErrorKind::Transient,
                 reason: if failed.contains(&r.id) {
                     reason.to_string()
                 } else {
@@ -447,7 +449,9 @@ impl MappingLoop {
             function: name.to_string(),
             record_id: String::new(),
             partition_key: String::new(),
-            data: String::new(),
+            data: Vec::new(),
+            arrived_at: None,
+            error_kind: ErrorKind::Transient,
             reason: format!(
                 "{count} records of {} expired from the stream's retention before {name} read them",
                 self.source.describe()

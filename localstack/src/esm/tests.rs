@@ -315,10 +315,10 @@ async fn retries_are_bounded_then_the_record_is_dead_lettered_whole_and_passed()
             "{flavour:?}"
         );
         let (letters, total) = run.sink.taken.snapshot();
-        let data: Vec<&str> = letters.iter().map(|l| l.data.as_str()).collect();
+        let data: Vec<&[u8]> = letters.iter().map(|l| l.data.as_slice()).collect();
         assert_eq!(
             data,
-            ["\u{2}", "\u{3}", "\u{4}"],
+            [[2], [3], [4]],
             "{flavour:?}: from the failed record on"
         );
         assert_eq!(total, 3);
@@ -448,7 +448,7 @@ async fn kinesis_and_kafka_sources_are_delivered_the_same_way() {
         )
         .await;
         let seen = run.function.seen.lock().unwrap().clone();
-        let letters: Vec<String> = run
+        let letters: Vec<Vec<u8>> = run
             .sink
             .taken
             .snapshot()

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use geostream_shared::metrics::EmfLog;
 use geostream_shared::ports::{AlertStore, Archive, DeadLetterSink, EventBus, PositionStore};
 use geostream_shared::rules::RuleSet;
+use geostream_shared::stream::{RetryBudget, WithRetryBudget};
 
 use crate::config::Clients;
 use crate::dynamodb::{DynamoAlerts, DynamoPositions};
@@ -110,6 +111,20 @@ pub mod settings {
         "DEAD_LETTER_QUEUE_URL",
         "the SQS queue URL for records a function gives up on",
     );
+    pub const DEAD_LETTER_BUCKET: Setting = setting(
+        "DEAD_LETTER_BUCKET",
+        "the S3 bucket for dead letters too large for an SQS message (the message points to them)",
+    );
+    pub const STREAM_MAX_RETRIES: Setting = Setting {
+        name: "STREAM_MAX_RETRIES",
+        purpose: "the event source mapping's maximum_retry_attempts: a stream function dead-letters a record itself on the last attempt (default 5)",
+        optional: true,
+    };
+    pub const STREAM_MAX_RECORD_AGE_SECONDS: Setting = Setting {
+        name: "STREAM_MAX_RECORD_AGE_SECONDS",
+        purpose: "the event source mapping's maximum_record_age_in_seconds: a stream function dead-letters a failing record itself at nine tenths of it (default 21600)",
+        optional: true,
+    };
     pub const RULES_FILE: Setting = Setting {
         name: "RULES_FILE",
         purpose: "a rules file (TOML) in place of the bundled default rules",
@@ -154,7 +169,7 @@ impl Port {
                 KAFKA_BOOTSTRAP_SERVERS,
                 KAFKA_SECRET_ARN,
             ],
-            Port::TelemetryEvents => &[BUS],
+            Port::TelemetryEvents => &[BUS, STREAM_MAX_RETRIES, STREAM_MAX_RECORD_AGE_SECONDS],
             Port::Positions => &[POSITION_STORE, POSITIONS_TABLE, VALKEY_URL],
             Port::Alerts => &[
                 ALERT_STATE_TABLE,
@@ -171,7 +186,7 @@ impl Port {
                 RECENT_TRACKS,
                 VALKEY_URL,
             ],
-            Port::DeadLetters => &[DEAD_LETTER_QUEUE_URL],
+            Port::DeadLetters => &[DEAD_LETTER_QUEUE_URL, DEAD_LETTER_BUCKET],
             Port::Rules => &[RULES_FILE],
         }
     }
@@ -592,11 +607,14 @@ impl Composition {
         }
     }
 
-    /// The SQS dead-letter sink named by `DEAD_LETTER_QUEUE_URL`.
+    /// The SQS dead-letter sink named by `DEAD_LETTER_QUEUE_URL`, spilling to
+    /// `DEAD_LETTER_BUCKET`.
     pub fn dead_letters(&self) -> Result<Arc<dyn DeadLetterSink>, ComposeError> {
         Ok(Arc::new(SqsDeadLetters::new(
             self.clients.sqs.clone(),
             self.required(settings::DEAD_LETTER_QUEUE_URL)?,
+            self.clients.s3.clone(),
+            self.required(settings::DEAD_LETTER_BUCKET)?,
         )))
     }
 
@@ -624,11 +642,41 @@ impl Composition {
     /// mapping sends.
     pub async fn run_stream_function(
         &self,
-        function: &dyn geostream_shared::stream::StreamFunction,
+        function: impl geostream_shared::stream::StreamFunction + 'static,
     ) -> Result<(), geostream_lambda::Error> {
         let events = self.telemetry_events()?;
         let metrics = self.metrics();
-        geostream_lambda::run_stream_function(function, events, &metrics).await
+        let function = WithRetryBudget::new(function, self.retry_budget()?, self.dead_letters()?);
+        geostream_lambda::run_stream_function(&function, events, &metrics).await
+    }
+
+    /// When a stream function dead-letters a failing record itself: on the last attempt the
+    /// mapping makes (`STREAM_MAX_RETRIES`), or near the record's maximum age
+    /// (`STREAM_MAX_RECORD_AGE_SECONDS`), as Terraform configures the mapping.
+    pub fn retry_budget(&self) -> Result<RetryBudget, ComposeError> {
+        let number = |setting: Setting, default: u64| -> Result<u64, ComposeError> {
+            match self.optional(setting)? {
+                None => Ok(default),
+                Some(text) => text.trim().parse().map_err(|_| ComposeError::Invalid {
+                    name: setting.name,
+                    value: text,
+                    expected: "a whole number",
+                }),
+            }
+        };
+        let defaults = crate::manifest::MAPPING_DEFAULTS;
+        let retries = number(
+            settings::STREAM_MAX_RETRIES,
+            u64::from(defaults.max_retries),
+        )?;
+        let max_age = number(
+            settings::STREAM_MAX_RECORD_AGE_SECONDS,
+            defaults.max_record_age_seconds,
+        )?;
+        Ok(RetryBudget::within_mapping(
+            u32::try_from(retries).unwrap_or(u32::MAX),
+            Some(max_age),
+        ))
     }
 }
 

@@ -26,7 +26,7 @@ use geostream_shared::geo::{index_partition_key, INDEX_PARTITION_GEOHASH_LEN, IN
 use geostream_shared::model::{Alert, AlertState, GeoPoint, Position, Severity};
 use geostream_shared::ports::{
     nearest, with_geohash, AlertFilter, AlertStore, NearbyVehicle, PositionStore, StoreError,
-    UpsertOutcome,
+    UpsertOutcome, MAX_ALERTS_PER_COMMIT,
 };
 use geostream_shared::rules::DeviceRuleStates;
 use geostream_shared::EpochMillis;
@@ -355,9 +355,6 @@ pub struct DynamoAlerts {
     meter: CapacityMeter,
 }
 
-/// Largest transaction DynamoDB takes.
-const MAX_TRANSACTION_ITEMS: usize = 100;
-
 impl DynamoAlerts {
     pub fn new(
         client: aws_sdk_dynamodb::Client,
@@ -679,16 +676,20 @@ impl AlertStore for DynamoAlerts {
                 Err(error) => Err(store_error("PutItem alert state", error)),
             };
         }
-        let mut updates = alerts
+        if alerts.len() > MAX_ALERTS_PER_COMMIT {
+            // Written outside the transaction, a discarded evaluation's alerts would stay.
+            return Err(StoreError::invalid(
+                "TransactWriteItems",
+                format!(
+                    "device {device_id}: {} alerts in one commit; a transaction takes {MAX_ALERTS_PER_COMMIT} beside the state",
+                    alerts.len()
+                ),
+            ));
+        }
+        let updates = alerts
             .iter()
             .map(|a| self.alert_update(a).map(|update| (a, update)))
             .collect::<Result<Vec<_>, _>>()?;
-        // More alerts than a transaction takes: write the surplus first (idempotent upserts
-        // keyed by alert id), then the rest with the state in one transaction.
-        while updates.len() >= MAX_TRANSACTION_ITEMS {
-            let (alert, update) = updates.remove(0);
-            self.send_alert_update(alert, update).await?;
-        }
         // Transactional writes cost twice a standard write.
         let units = 2.0 * capacity::write_units(state_size)
             + updates

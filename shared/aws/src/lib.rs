@@ -22,6 +22,7 @@ pub mod errors;
 pub mod kinesis;
 pub mod manifest;
 pub mod provision;
+pub mod redrive;
 pub mod retry;
 pub mod s3archive;
 pub mod sqs;

@@ -43,7 +43,8 @@ impl FunctionManifest {
 }
 
 /// The event source mapping settings Terraform deploys by default (`infra/variables.tf`:
-/// `stream_batch_size`, `stream_batching_window_seconds`, `stream_max_retries`, and the
+/// `stream_batch_size`, `stream_batching_window_seconds`, `stream_max_retries`,
+/// `stream_max_record_age_seconds`, and the
 /// archiver's own `archiver_batch_size`, `archiver_batching_window_seconds`); the local runner's
 /// AWS backend uses the same, and the consistency check fails when they drift.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +52,7 @@ pub struct MappingDefaults {
     pub batch_size: usize,
     pub batching_window_seconds: u64,
     pub max_retries: u32,
+    pub max_record_age_seconds: u64,
     /// The archiver writes one object per batch: it takes larger batches.
     pub archiver_batch_size: usize,
     pub archiver_batching_window_seconds: u64,
@@ -60,6 +62,7 @@ pub const MAPPING_DEFAULTS: MappingDefaults = MappingDefaults {
     batch_size: 100,
     batching_window_seconds: 1,
     max_retries: 5,
+    max_record_age_seconds: 21_600,
     archiver_batch_size: 1000,
     archiver_batching_window_seconds: 5,
 };

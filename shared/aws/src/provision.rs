@@ -23,6 +23,10 @@ pub struct ResourceNames {
     pub timestream_table: String,
     pub archive_bucket: String,
     pub dead_letter_queue: String,
+    pub dead_letter_bucket: String,
+    /// Lambda's on-failure destination of the event source mappings (shard and sequence range
+    /// of the batches they gave up on).
+    pub stream_failures_queue: String,
 }
 
 impl ResourceNames {
@@ -38,6 +42,8 @@ impl ResourceNames {
             timestream_table: "readings".to_string(),
             archive_bucket: format!("{prefix}-archive"),
             dead_letter_queue: format!("{prefix}-dead-letters"),
+            dead_letter_bucket: format!("{prefix}-dead-letters"),
+            stream_failures_queue: format!("{prefix}-stream-failures"),
         }
     }
 }
@@ -82,6 +88,7 @@ impl ResourceNames {
                 if_archive("timestream", &self.timestream_table),
             )
             .set(settings::DEAD_LETTER_QUEUE_URL, dead_letter_queue_url)
+            .set(settings::DEAD_LETTER_BUCKET, &self.dead_letter_bucket)
     }
 }
 
@@ -147,8 +154,8 @@ fn index(schema: &manifest::IndexSchema) -> Result<GlobalSecondaryIndex, String>
         .map_err(|e| e.to_string())
 }
 
-/// Creates the streams, tables, Timestream database and table, the archive bucket and the
-/// queue; returns the queue URL. For emulators and tests.
+/// Creates the streams, tables, Timestream database and table, the archive and dead-letter
+/// buckets and the dead-letter and stream-failures queues; returns the dead-letter queue URL. For emulators and tests.
 pub async fn create_resources(
     clients: &Clients,
     names: &ResourceNames,
@@ -225,16 +232,25 @@ pub async fn create_resources(
                 &aws_sdk_timestreamwrite::error::DisplayErrorContext(&e),
             )
         })?;
+    for bucket in [&names.archive_bucket, &names.dead_letter_bucket] {
+        clients
+            .s3
+            .create_bucket()
+            .bucket(bucket)
+            .send()
+            .await
+            .map_err(|e| context(bucket, &aws_sdk_s3::error::DisplayErrorContext(&e)))?;
+    }
     clients
-        .s3
-        .create_bucket()
-        .bucket(&names.archive_bucket)
+        .sqs
+        .create_queue()
+        .queue_name(&names.stream_failures_queue)
         .send()
         .await
         .map_err(|e| {
             context(
-                &names.archive_bucket,
-                &aws_sdk_s3::error::DisplayErrorContext(&e),
+                &names.stream_failures_queue,
+                &aws_sdk_sqs::error::DisplayErrorContext(&e),
             )
         })?;
     let queue = clients

@@ -1,9 +1,11 @@
 //! The archive on Amazon Timestream for LiveAnalytics.
 //!
-//! One multi-measure record per reading: dimension `device_id`, measure name `reading`, time
-//! = the reading's `ts` (milliseconds), measures = every reading present (DOUBLE), free metrics
-//! as `metrics.<name>` and the `event_id` (VARCHAR). The record version is the write time, so a
-//! rewrite of the same reading is an upsert, and a retried batch leaves the table as it was.
+//! One multi-measure record per reading: dimensions `device_id` and `event_id`, measure name
+//! `reading`, time = the reading's `ts` (milliseconds), measures = every reading present
+//! (DOUBLE), free metrics as `metrics.<name>`. A record is identified by its dimensions, measure
+//! name and time, so two readings of a device in the same millisecond with different event ids
+//! are two records, and the same reading written again is the same record: the version is the
+//! write time, so a rewrite is an upsert and a retried batch leaves the table as it was.
 
 use crate::capacity::{CapacityMeter, Unit};
 use async_trait::async_trait;
@@ -129,12 +131,7 @@ impl TimestreamArchive {
                 .build()
                 .map_err(|e| e.to_string())
         };
-        let mut measures = vec![MeasureValue::builder()
-            .name("event_id")
-            .value(&reading.event_id)
-            .r#type(MeasureValueType::Varchar)
-            .build()
-            .map_err(|e| e.to_string())?];
+        let mut measures = Vec::new();
         for name in ["lat", "lon"]
             .into_iter()
             .chain(READING_FIELDS.iter().map(|f| f.0))
@@ -146,14 +143,16 @@ impl TimestreamArchive {
         for (name, value) in &reading.metrics {
             measures.push(double(&format!("metrics.{name}"), *value)?);
         }
+        let dimension = |name: &str, value: &str| {
+            Dimension::builder()
+                .name(name)
+                .value(value)
+                .build()
+                .map_err(|e| e.to_string())
+        };
         Ok(Record::builder()
-            .dimensions(
-                Dimension::builder()
-                    .name("device_id")
-                    .value(&reading.device_id)
-                    .build()
-                    .map_err(|e| e.to_string())?,
-            )
+            .dimensions(dimension("device_id", &reading.device_id)?)
+            .dimensions(dimension("event_id", &reading.event_id)?)
             .measure_name(MEASURE_NAME)
             .measure_value_type(MeasureValueType::Multi)
             .set_measure_values(Some(measures))
@@ -379,16 +378,38 @@ mod tests {
         assert_eq!(record.time(), Some("1763900000123"));
         assert_eq!(record.version(), Some(7));
         let names: Vec<&str> = record.measure_values().iter().map(|m| m.name()).collect();
-        assert_eq!(
-            names,
-            [
-                "event_id",
-                "lat",
-                "lon",
-                "engine_temp_c",
-                "metrics.door_open"
-            ]
-        );
+        assert_eq!(names, ["lat", "lon", "engine_temp_c", "metrics.door_open"]);
+    }
+
+    /// Timestream identifies a record by its dimensions, measure name and time: what a write
+    /// of the same key replaces.
+    fn identity(record: &Record) -> (Vec<(String, String)>, Option<String>, Option<String>) {
+        let dimensions = record
+            .dimensions()
+            .iter()
+            .map(|d| (d.name().to_string(), d.value().to_string()))
+            .collect();
+        (
+            dimensions,
+            record.measure_name().map(str::to_string),
+            record.time().map(str::to_string),
+        )
+    }
+
+    #[test]
+    fn readings_of_one_device_in_one_millisecond_are_distinct_records() {
+        let reading = |event_id: &str, temp: f64| Reading {
+            device_id: "truck-7".into(),
+            ts: 1_763_900_000_123,
+            event_id: event_id.into(),
+            engine_temp_c: Some(temp),
+            ..Default::default()
+        };
+        let first = TimestreamArchive::record(&reading("door-1", 90.0), 1).unwrap();
+        let second = TimestreamArchive::record(&reading("door-2", 91.0), 1).unwrap();
+        assert_ne!(identity(&first), identity(&second));
+        let again = TimestreamArchive::record(&reading("door-1", 90.0), 2).unwrap();
+        assert_eq!(identity(&first), identity(&again), "a rewrite is an upsert");
     }
 
     #[test]
