@@ -340,6 +340,17 @@ resource "aws_s3_bucket_lifecycle_configuration" "dead_letters" {
   bucket = aws_s3_bucket.dead_letters.id
 
   rule {
+    id     = "abort-incomplete-uploads"
+    status = "Enabled"
+
+    filter {}
+
+    abort_incomplete_multipart_upload {
+      days_after_initiation = 1
+    }
+  }
+
+  rule {
     id     = "expire-dead-letters"
     status = "Enabled"
 
@@ -353,10 +364,6 @@ resource "aws_s3_bucket_lifecycle_configuration" "dead_letters" {
 
     noncurrent_version_expiration {
       noncurrent_days = 1
-    }
-
-    abort_incomplete_multipart_upload {
-      days_after_initiation = 1
     }
   }
 }

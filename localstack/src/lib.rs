@@ -13,13 +13,15 @@
 //! - [`esm`]: the event source mappings;
 //! - [`stack`]: the running stack and its stats; [`drain`]: when it has caught up;
 //! - [`positions`]: POST-to-position latency and the latest-positions cache;
-//! - [`gateway`], [`live`], [`dashboard`], [`metrics`]: HTTP, the live page and its series.
+//! - [`gateway`], [`live`], [`dashboard`], [`metrics`]: HTTP, the live page and its series;
+//! - [`fault_proxy`]: AWS's failure modes injected in front of an emulator.
 
 pub mod config;
 pub mod cost;
 pub mod dashboard;
 pub mod drain;
 pub mod esm;
+pub mod fault_proxy;
 pub mod gateway;
 pub mod live;
 pub mod metrics;

@@ -140,6 +140,56 @@ enum Command {
     /// order. A message is deleted once its records are done with; what fails again stays.
     /// Idempotent: a second redrive changes nothing. Exits 1 if anything was left.
     Redrive,
+    /// Serves a proxy in front of an AWS-API emulator that fails a share of the data-plane calls
+    /// the way AWS does (throttling, 500/503, partial PutRecords failures, cancelled
+    /// transactions, answers held past the client's timeout, dropped connections): point
+    /// --endpoint-url of a run at it to see GeoStream under faults. Prints `listening on
+    /// http://ADDR` first, and what it injected when stopped (Ctrl-C).
+    FaultProxy {
+        /// The emulator, `http://HOST:PORT`.
+        #[arg(long)]
+        upstream: String,
+        /// Where to listen (port 0 picks a free one).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        proxy_listen: SocketAddr,
+        /// The share of data-plane calls that fail, 0 to 1.
+        #[arg(long, default_value_t = 0.1)]
+        rate: f64,
+        /// The faults, taken in turn, comma-separated [default: all of them].
+        #[arg(long, value_delimiter = ',')]
+        faults: Vec<geostream_local::fault_proxy::Fault>,
+        /// How long a `timeout` fault holds the answer before dropping the connection, ms.
+        #[arg(long, default_value_t = 10_000)]
+        hold_ms: u64,
+    },
+}
+
+/// Runs the fault proxy until Ctrl-C.
+async fn fault_proxy(
+    upstream: &str,
+    listen: SocketAddr,
+    plan: geostream_local::fault_proxy::FaultPlan,
+) -> ExitCode {
+    let proxy =
+        match geostream_local::fault_proxy::FaultProxy::start_on(listen, upstream, plan).await {
+            Ok(proxy) => proxy,
+            Err(error) => {
+                eprintln!("geostream-local: fault proxy on {listen}: {error}");
+                return ExitCode::FAILURE;
+            }
+        };
+    println!("listening on {}", proxy.url);
+    let _ = tokio::signal::ctrl_c().await;
+    let stats = proxy.stats();
+    println!(
+        "fault proxy: {} calls forwarded, {} faults injected",
+        stats.forwarded.load(std::sync::atomic::Ordering::Relaxed),
+        stats.total_injected()
+    );
+    for ((operation, fault), count) in stats.injected() {
+        println!("  {operation} {fault:?}: {count}");
+    }
+    ExitCode::SUCCESS
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -195,6 +245,21 @@ async fn main() -> ExitCode {
             .with_env_filter(filter)
             .with_writer(std::io::stderr)
             .init();
+    }
+    if let Some(Command::FaultProxy {
+        upstream,
+        proxy_listen,
+        rate,
+        faults,
+        hold_ms,
+    }) = &cli.command
+    {
+        let mut plan = geostream_local::fault_proxy::FaultPlan::every_kind(*rate);
+        if !faults.is_empty() {
+            plan.faults = faults.clone();
+        }
+        plan.hold = Duration::from_millis(*hold_ms);
+        return fault_proxy(upstream, *proxy_listen, plan).await;
     }
     let rules = match &cli.rules {
         None => RuleSet::default_rules(),

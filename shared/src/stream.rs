@@ -148,7 +148,7 @@ pub trait StreamFunction: Send + Sync {
     /// The function's name, as logs and dead letters give it.
     fn name(&self) -> &'static str;
 
-    async fn process(&self, batch: StreamBatch) -> BatchOutcome;
+    async fn process(&self, batch: &StreamBatch) -> BatchOutcome;
 }
 
 #[async_trait::async_trait]
@@ -157,7 +157,7 @@ impl<T: StreamFunction + ?Sized> StreamFunction for std::sync::Arc<T> {
         (**self).name()
     }
 
-    async fn process(&self, batch: StreamBatch) -> BatchOutcome {
+    async fn process(&self, batch: &StreamBatch) -> BatchOutcome {
         (**self).process(batch).await
     }
 }
@@ -179,7 +179,7 @@ pub async fn process_measured(
         let age = (now_millis() - arrival).max(0);
         measurements.millis(MetricName::IteratorAge, age as f64);
     }
-    let outcome = function.process(batch).await;
+    let outcome = function.process(&batch).await;
     measurements.count(MetricName::RecordsRetried, outcome.failed.len());
     measurements.millis(
         MetricName::BatchDuration,
@@ -320,28 +320,28 @@ pub async fn send_or_retry(
 /// go straight to the dead-letter sink with the reason instead of blocking the shard.
 pub async fn decode_batch(
     function: &str,
-    batch: StreamBatch,
+    batch: &StreamBatch,
     dead_letters: &dyn DeadLetterSink,
 ) -> DecodedBatch {
     let mut decoded = Vec::with_capacity(batch.records.len());
     let mut poison = Vec::new();
     let mut poison_ids = Vec::new();
-    for record in batch.records {
+    for record in &batch.records {
         match Envelope::decode(&record.data) {
-            Ok(envelope) => decoded.push((record.id, envelope)),
+            Ok(envelope) => decoded.push((record.id.clone(), envelope)),
             Err(error) => {
                 tracing::warn!(function, record_id = %record.id, %error, "undecodable record sent to dead letters");
                 let refusal = StoreError::permanent("decode", error.to_string());
                 let mut letter = DeadLetter::new(
                     function,
                     &record.id,
-                    record.partition_key,
-                    record.data,
+                    record.partition_key.clone(),
+                    record.data.clone(),
                     &refusal,
                 );
                 letter.arrived_at = record.arrived_at;
                 poison.push(letter);
-                poison_ids.push(record.id);
+                poison_ids.push(record.id.clone());
             }
         }
     }
@@ -384,6 +384,10 @@ impl RetryBudget {
 /// (a record then gives up later, by age or by the mapping, never sooner).
 const MAX_COUNTED_RECORDS: usize = 100_000;
 
+/// A record as the attempt count knows it: its partition key beside its id, since Kinesis
+/// promises sequence numbers unique within a shard only (and emulators number each shard from 1).
+type AttemptKey = (String, RecordId);
+
 /// A stream function that dead-letters, whole, the records it has failed for its whole
 /// [`RetryBudget`], and answers only the rest for retry. Attempts are counted in this process
 /// (Lambda retries a shard's batch on a warm instance, usually this one); the record's age
@@ -392,7 +396,7 @@ pub struct WithRetryBudget<F> {
     function: F,
     budget: RetryBudget,
     dead_letters: std::sync::Arc<dyn DeadLetterSink>,
-    attempts: std::sync::Mutex<HashMap<RecordId, u32>>,
+    attempts: std::sync::Mutex<HashMap<AttemptKey, u32>>,
 }
 
 impl<F: StreamFunction> WithRetryBudget<F> {
@@ -409,26 +413,35 @@ impl<F: StreamFunction> WithRetryBudget<F> {
         }
     }
 
-    /// Counts this attempt's failures and forgets the records of `batch` that passed; answers
-    /// each failed record's attempts so far.
-    fn count(&self, batch: &[RecordId], failed: &[Retry]) -> HashMap<RecordId, u32> {
-        let mut attempts = self
-            .attempts
+    fn ledger(&self) -> std::sync::MutexGuard<'_, HashMap<AttemptKey, u32>> {
+        self.attempts
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Counts an attempt: forgets the records of `batch` that passed and answers each failed
+    /// one's attempts so far.
+    fn count(&self, batch: &StreamBatch, failed: &[Retry]) -> HashMap<RecordId, u32> {
         let failing: std::collections::HashSet<&RecordId> = failed.iter().map(|r| &r.id).collect();
-        for id in batch.iter().filter(|id| !failing.contains(id)) {
-            attempts.remove(id);
+        let mut ledger = self.ledger();
+        if !ledger.is_empty() {
+            for record in batch.records.iter().filter(|r| !failing.contains(&r.id)) {
+                ledger.remove(&(record.partition_key.clone(), record.id.clone()));
+            }
         }
-        if attempts.len() + failed.len() > MAX_COUNTED_RECORDS {
-            attempts.clear();
+        if ledger.len() + failed.len() > MAX_COUNTED_RECORDS {
+            ledger.clear();
         }
-        failed
+        batch
+            .records
             .iter()
-            .map(|retry| {
-                let count = attempts.entry(retry.id.clone()).or_insert(0);
+            .filter(|r| failing.contains(&r.id))
+            .map(|record| {
+                let count = ledger
+                    .entry((record.partition_key.clone(), record.id.clone()))
+                    .or_insert(0);
                 *count += 1;
-                (retry.id.clone(), *count)
+                (record.id.clone(), *count)
             })
             .collect()
     }
@@ -440,17 +453,18 @@ impl<F: StreamFunction> StreamFunction for WithRetryBudget<F> {
         self.function.name()
     }
 
-    async fn process(&self, batch: StreamBatch) -> BatchOutcome {
-        let ids: Vec<RecordId> = batch.records.iter().map(|r| r.id.clone()).collect();
-        // The records' bytes, for the letters of those that fail for the last time.
-        let records = batch.records.clone();
+    async fn process(&self, batch: &StreamBatch) -> BatchOutcome {
         let mut outcome = self.function.process(batch).await;
-        let attempts = self.count(&ids, &outcome.failed);
         if outcome.failed.is_empty() {
+            if !self.ledger().is_empty() {
+                self.count(batch, &[]);
+            }
             return outcome;
         }
+        let attempts = self.count(batch, &outcome.failed);
         let now = now_millis();
-        let by_id: HashMap<&RecordId, &StreamRecord> = records.iter().map(|r| (&r.id, r)).collect();
+        let by_id: HashMap<&RecordId, &StreamRecord> =
+            batch.records.iter().map(|r| (&r.id, r)).collect();
         let mut letters = Vec::new();
         let mut given_up = Vec::new();
         for retry in &outcome.failed {
@@ -502,7 +516,10 @@ impl<F: StreamFunction> StreamFunction for WithRetryBudget<F> {
         {
             outcome.failed.retain(|retry| !given_up.contains(&retry.id));
             outcome.measurements.count(MetricName::DeadLetters, count);
-            self.count(&given_up, &[]);
+            let mut ledger = self.ledger();
+            for record in batch.records.iter().filter(|r| given_up.contains(&r.id)) {
+                ledger.remove(&(record.partition_key.clone(), record.id.clone()));
+            }
         }
         outcome
     }
@@ -523,13 +540,10 @@ mod tests {
         fn name(&self) -> &'static str {
             "flaky"
         }
-        async fn process(&self, batch: StreamBatch) -> BatchOutcome {
-            let failing = batch
-                .records
-                .into_iter()
-                .filter(|r| r.data.starts_with(b"!"));
+        async fn process(&self, batch: &StreamBatch) -> BatchOutcome {
+            let failing = batch.records.iter().filter(|r| r.data.starts_with(b"!"));
             BatchOutcome::retry(Retry::all(
-                failing.map(|r| r.id),
+                failing.map(|r| r.id.clone()),
                 &StoreError::transient("PutItem", "ProvisionedThroughputExceededException"),
             ))
         }
@@ -555,7 +569,7 @@ mod tests {
             records: vec![record("1", b"fine", None), record("2", data, Some(5))],
         };
         for attempt in 1..=2 {
-            let outcome = function.process(batch()).await;
+            let outcome = function.process(&batch()).await;
             assert_eq!(
                 outcome.failed_ids(),
                 [RecordId::kinesis("2")],
@@ -563,7 +577,7 @@ mod tests {
             );
             assert_eq!(dead.snapshot().1, 0);
         }
-        let last = function.process(batch()).await;
+        let last = function.process(&batch()).await;
         assert!(last.failed.is_empty(), "given up, not retried");
         assert_eq!(last.measurements.get(MetricName::DeadLetters), Some(1.0));
         let (letters, _) = dead.snapshot();
@@ -594,7 +608,7 @@ mod tests {
         );
         let old = now_millis() - 3_300_000;
         let outcome = function
-            .process(StreamBatch {
+            .process(&StreamBatch {
                 records: vec![
                     record("7", b"!late", Some(old)),
                     record("8", b"!new", Some(now_millis())),
@@ -620,7 +634,7 @@ mod tests {
         let function =
             WithRetryBudget::new(Flaky, RetryBudget::within_mapping(0, None), Arc::new(Down));
         let outcome = function
-            .process(StreamBatch {
+            .process(&StreamBatch {
                 records: vec![record("3", b"!x", None)],
             })
             .await;

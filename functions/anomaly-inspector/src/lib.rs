@@ -186,7 +186,7 @@ impl StreamFunction for AnomalyInspector {
         FUNCTION_NAME
     }
 
-    async fn process(&self, batch: StreamBatch) -> BatchOutcome {
+    async fn process(&self, batch: &StreamBatch) -> BatchOutcome {
         let decoded = decode_batch(FUNCTION_NAME, batch, self.dead_letters.as_ref()).await;
         let mut failed = decoded.retry;
         let mut dead_lettered = decoded.dead_lettered;
@@ -293,10 +293,10 @@ mod tests {
             Arc::new(MemoryDeadLetters::new(1)),
         );
         let hot = batch(vec![(1_000, 90.0), (2_000, 104.0), (3_000, 107.0)], 1);
-        let first = inspector.process(hot.clone()).await;
+        let first = inspector.process(&hot).await;
         assert!(first.failed.is_empty());
         assert_eq!(first.measurements.get(MetricName::AlertsRaised), Some(1.0));
-        let replay = inspector.process(hot).await;
+        let replay = inspector.process(&hot).await;
         assert!(replay.failed.is_empty());
         assert_eq!(replay.measurements.get(MetricName::AlertsRaised), Some(0.0));
         let active = store
@@ -319,12 +319,12 @@ mod tests {
         assert_eq!(transitions(&bus).len(), 1);
 
         let cool = batch(vec![(4_000, 90.0)], 2);
-        let cleared = inspector.process(cool.clone()).await;
+        let cleared = inspector.process(&cool).await;
         assert_eq!(
             cleared.measurements.get(MetricName::AlertsCleared),
             Some(1.0)
         );
-        inspector.process(cool).await;
+        inspector.process(&cool).await;
         let kinds: Vec<TransitionKind> = transitions(&bus).into_iter().map(|t| t.kind).collect();
         assert_eq!(kinds, [TransitionKind::Raised, TransitionKind::Cleared]);
         let all = store
@@ -409,7 +409,7 @@ mod tests {
             bus.clone(),
             Arc::new(MemoryDeadLetters::new(1)),
         );
-        let outcome = inspector.process(batch(vec![(1_000, 104.0)], 1)).await;
+        let outcome = inspector.process(&batch(vec![(1_000, 104.0)], 1)).await;
         assert_eq!(outcome.failed.len(), 1, "retried");
         assert!(
             transitions(&bus).is_empty(),
@@ -431,7 +431,7 @@ mod tests {
             Arc::new(MemoryDeadLetters::new(1)),
         );
         let hot = batch(vec![(1_000, 104.0)], 1);
-        assert_eq!(inspector.process(hot.clone()).await.failed.len(), 1);
+        assert_eq!(inspector.process(&hot).await.failed.len(), 1);
         assert_eq!(
             store
                 .load_rule_states("truck-1")
@@ -443,8 +443,8 @@ mod tests {
         );
         bus.down.store(false, std::sync::atomic::Ordering::SeqCst);
         // The retry evaluates nothing new, and publishes what the first attempt committed.
-        assert!(inspector.process(hot.clone()).await.failed.is_empty());
-        inspector.process(hot).await;
+        assert!(inspector.process(&hot).await.failed.is_empty());
+        inspector.process(&hot).await;
         let published = transitions(&bus.inner);
         assert_eq!(published.len(), 1, "{published:?}");
         assert_eq!(published[0].kind, TransitionKind::Raised);
@@ -470,7 +470,7 @@ mod tests {
         let readings = (0..300)
             .map(|n| (1_000 + n * 1_000, if n % 2 == 0 { 101.0 } else { 94.0 }))
             .collect();
-        let outcome = inspector.process(batch(readings, 1)).await;
+        let outcome = inspector.process(&batch(readings, 1)).await;
         assert!(outcome.failed.is_empty(), "{:?}", outcome.failed);
         assert_eq!(
             outcome.measurements.get(MetricName::AlertsRaised),

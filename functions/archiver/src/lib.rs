@@ -39,7 +39,7 @@ impl StreamFunction for Archiver {
         FUNCTION_NAME
     }
 
-    async fn process(&self, batch: StreamBatch) -> BatchOutcome {
+    async fn process(&self, batch: &StreamBatch) -> BatchOutcome {
         let decoded = decode_batch(FUNCTION_NAME, batch, self.dead_letters.as_ref()).await;
         let mut failed = decoded.retry;
         let mut measurements = Measurements::default();

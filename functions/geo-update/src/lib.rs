@@ -40,7 +40,7 @@ impl StreamFunction for GeoUpdate {
         FUNCTION_NAME
     }
 
-    async fn process(&self, batch: StreamBatch) -> BatchOutcome {
+    async fn process(&self, batch: &StreamBatch) -> BatchOutcome {
         let decoded = decode_batch(FUNCTION_NAME, batch, self.dead_letters.as_ref()).await;
         let mut failed = decoded.retry;
         let (mut applied, mut stale) = (0usize, 0usize);
@@ -283,7 +283,7 @@ mod refusal_tests {
     async fn a_refusal_for_good_is_dead_lettered_at_once_and_only_the_transient_is_retried() {
         let dead = Arc::new(MemoryDeadLetters::new(10));
         let handler = GeoUpdate::new(Arc::new(PickyStore), dead.clone());
-        let outcome = handler.process(batch()).await;
+        let outcome = handler.process(&batch()).await;
         assert_eq!(outcome.failed_ids(), [RecordId::kinesis("12")]);
         let (letters, total) = dead.snapshot();
         assert_eq!(total, 2);
@@ -298,7 +298,7 @@ mod refusal_tests {
     async fn a_refusal_is_retried_while_the_dead_letter_sink_is_down() {
         let handler = GeoUpdate::new(Arc::new(PickyStore), Arc::new(DownSink));
         assert_eq!(
-            handler.process(batch()).await.failed_ids(),
+            handler.process(&batch()).await.failed_ids(),
             [
                 RecordId::kinesis("11"),
                 RecordId::kinesis("12"),

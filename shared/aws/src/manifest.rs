@@ -87,10 +87,11 @@ pub const FUNCTIONS: &[FunctionManifest] = &[
     FunctionManifest {
         name: "geo-update",
         ports: &[Port::TelemetryEvents, Port::Positions, Port::DeadLetters],
-        operations: &["PutItem", "SendMessageBatch"],
+        operations: &["PutItem", "SendMessageBatch", "PutObject"],
         permissions: &[
             allow("dynamodb:PutItem", "aws_dynamodb_table.positions"),
             allow("sqs:SendMessage", "aws_sqs_queue.dead_letters"),
+            allow("s3:PutObject", "aws_s3_bucket.dead_letters/dead-letters/*"),
         ],
         reads_telemetry: true,
     },
@@ -112,6 +113,7 @@ pub const FUNCTIONS: &[FunctionManifest] = &[
             ),
             allow("timestream:DescribeEndpoints", "*"),
             allow("sqs:SendMessage", "aws_sqs_queue.dead_letters"),
+            allow("s3:PutObject", "aws_s3_bucket.dead_letters/dead-letters/*"),
         ],
         reads_telemetry: true,
     },
@@ -132,6 +134,7 @@ pub const FUNCTIONS: &[FunctionManifest] = &[
             "PutRecords",
             "GetSecretValue",
             "SendMessageBatch",
+            "PutObject",
         ],
         permissions: &[
             allow("dynamodb:GetItem", "aws_dynamodb_table.alert_state"),
@@ -142,6 +145,7 @@ pub const FUNCTIONS: &[FunctionManifest] = &[
             allow("kinesis:PutRecords", "aws_kinesis_stream.alerts"),
             allow("secretsmanager:GetSecretValue", "var.kafka_secret_arn"),
             allow("sqs:SendMessage", "aws_sqs_queue.dead_letters"),
+            allow("s3:PutObject", "aws_s3_bucket.dead_letters/dead-letters/*"),
         ],
         reads_telemetry: true,
     },

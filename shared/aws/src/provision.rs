@@ -9,7 +9,7 @@ use aws_sdk_kinesis::types::{StreamMode, StreamModeDetails};
 
 use crate::compose::{settings, SettingMap};
 use crate::config::Clients;
-use crate::manifest::{self, TABLES};
+use crate::manifest::{self, MAPPING_DEFAULTS, TABLES};
 
 /// The names of every resource GeoStream uses.
 #[derive(Debug, Clone, PartialEq)]
@@ -89,6 +89,14 @@ impl ResourceNames {
             )
             .set(settings::DEAD_LETTER_QUEUE_URL, dead_letter_queue_url)
             .set(settings::DEAD_LETTER_BUCKET, &self.dead_letter_bucket)
+            .set(
+                settings::STREAM_MAX_RETRIES,
+                MAPPING_DEFAULTS.max_retries.to_string(),
+            )
+            .set(
+                settings::STREAM_MAX_RECORD_AGE_SECONDS,
+                MAPPING_DEFAULTS.max_record_age_seconds.to_string(),
+            )
     }
 }
 

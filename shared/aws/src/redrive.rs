@@ -323,7 +323,13 @@ impl Redrive<'_> {
         let mut iterator = self
             .kinesis
             .get_shard_iterator()
-            .stream_arn(&batch.stream_arn)
+            // By name (the ARN's last part): emulators lose an ARN-only stream in the iterator.
+            .stream_name(
+                batch
+                    .stream_arn
+                    .rsplit_once(":stream/")
+                    .map_or(batch.stream_arn.as_str(), |(_, name)| name),
+            )
             .shard_id(&batch.shard_id)
             .shard_iterator_type(ShardIteratorType::AtSequenceNumber)
             .starting_sequence_number(&batch.start_sequence_number)
@@ -395,11 +401,11 @@ impl Redrive<'_> {
             .collect();
         records.sort_by(|a, b| a.1.id.cmp(&b.1.id));
         let mut failed_messages = vec![false; received.len()];
-        for chunk in records.chunks(BATCH_RECORDS) {
+        for chunk in unique_id_chunks(&records) {
             let batch = StreamBatch {
                 records: chunk.iter().map(|(_, record)| record.clone()).collect(),
             };
-            let outcome = function.process(batch).await;
+            let outcome = function.process(&batch).await;
             let failed = outcome.failed_ids();
             for (message, record) in chunk {
                 if failed.contains(&record.id) {
@@ -456,9 +462,51 @@ impl Redrive<'_> {
     }
 }
 
+/// Consecutive batches of at most [`BATCH_RECORDS`] in which no two records share an id (a
+/// failure names its record by id; Kinesis numbers records per shard, so two shards' letters
+/// can share one).
+fn unique_id_chunks<T>(records: &[(T, StreamRecord)]) -> Vec<&[(T, StreamRecord)]> {
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    let mut ids = std::collections::HashSet::new();
+    for (index, (_, record)) in records.iter().enumerate() {
+        if index - start == BATCH_RECORDS || !ids.insert(&record.id) {
+            chunks.push(&records[start..index]);
+            start = index;
+            ids.clear();
+            ids.insert(&record.id);
+        }
+    }
+    if start < records.len() {
+        chunks.push(&records[start..]);
+    }
+    chunks
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replayed_batch_never_holds_two_records_of_one_id() {
+        let record = |id: &str| {
+            (
+                (),
+                StreamRecord {
+                    id: RecordId::kinesis(id),
+                    partition_key: String::new(),
+                    data: Vec::new(),
+                    arrived_at: None,
+                },
+            )
+        };
+        let records: Vec<_> = ["1", "1", "2", "3", "3", "3"].map(record).into();
+        let sizes: Vec<usize> = unique_id_chunks(&records).iter().map(|c| c.len()).collect();
+        assert_eq!(sizes, [1, 3, 1, 1]);
+        let many: Vec<_> = (0..250).map(|n| record(&n.to_string())).collect();
+        let sizes: Vec<usize> = unique_id_chunks(&many).iter().map(|c| c.len()).collect();
+        assert_eq!(sizes, [100, 100, 50]);
+    }
 
     #[test]
     fn reads_lambdas_on_failure_record_for_kinesis() {
