@@ -385,7 +385,17 @@ impl State {
                 outgoing = outgoing.header(name.as_str(), value.as_bytes());
             }
         }
-        let answer = outgoing.send().await.map_err(|_| Dropped)?;
+        let answer = match outgoing.send().await {
+            Ok(answer) => answer,
+            // Not a fault: say so, rather than drop the connection like one.
+            Err(error) => {
+                return Ok(json_error(
+                    StatusCode::BAD_GATEWAY,
+                    "BadGateway",
+                    &format!("the fault proxy cannot reach {}: {error}", self.upstream),
+                ))
+            }
+        };
         let mut response = Response::builder().status(answer.status().as_u16());
         for (name, value) in answer.headers() {
             if !matches!(

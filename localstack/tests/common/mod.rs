@@ -1,0 +1,122 @@
+//! What the runner tests share: the real `geostream-local` as a child process. (Each test
+//! crate uses part of it.)
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// A `geostream-local` child process; killed (SIGKILL) when dropped, frozen or not.
+pub struct Runner {
+    child: Child,
+    pub base: String,
+}
+
+impl Drop for Runner {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Runner {
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args(["-s", signal, &self.child.id().to_string()])
+            .status()
+            .expect("kill(1) runs");
+        assert!(status.success(), "kill -s {signal} failed: {status}");
+    }
+
+    /// SIGSTOP, then waits until every thread of the runner is stopped (`kill` returns once
+    /// the signal is sent, not once it has taken effect): from then on it sends nothing.
+    pub async fn freeze(&self) {
+        self.signal("STOP");
+        let tasks = format!("/proc/{}/task", self.child.id());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let states: Vec<char> = std::fs::read_dir(&tasks)
+                .expect("the runner's threads are listed in /proc")
+                .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("stat")).ok())
+                // The state follows the command name, which is in parentheses.
+                .filter_map(|stat| stat[stat.rfind(')')? + 1..].trim_start().chars().next())
+                .collect();
+            if !states.is_empty() && states.iter().all(|state| *state == 'T') {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the runner did not stop on SIGSTOP: thread states {states:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    pub fn thaw(&self) {
+        self.signal("CONT");
+    }
+
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Runner {
+    /// Starts `binary` (geostream-local) with `args` on port 0 and learns its address from the
+    /// first line of its stdout, `listening on http://ADDR`, printed once it serves: no port is
+    /// chosen beforehand, so none can be taken by someone else in between.
+    pub async fn start(binary: &str, args: &[&str], env: &[(&str, &str)]) -> Runner {
+        let mut command = Command::new(binary);
+        command
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped());
+        for (name, value) in [
+            ("AWS_ACCESS_KEY_ID", "testing"),
+            ("AWS_SECRET_ACCESS_KEY", "testing"),
+            ("AWS_REGION", "us-east-1"),
+        ] {
+            if std::env::var_os(name).is_none() {
+                command.env(name, value);
+            }
+        }
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let mut child = command.spawn().expect("geostream-local starts");
+        let stdout = child.stdout.take().unwrap();
+        let (first_line, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut stdout = BufReader::new(stdout);
+            let mut line = String::new();
+            // Nothing is sent at end of file: the runner exited before serving.
+            if stdout.read_line(&mut line).is_ok_and(|n| n > 0) {
+                let _ = first_line.send(line);
+            }
+            // Keep the pipe drained so that the runner never blocks on stdout.
+            let _ = std::io::copy(&mut stdout, &mut std::io::sink());
+        });
+        let line = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(60)))
+            .await
+            .unwrap();
+        let mut runner = Runner {
+            child,
+            base: String::new(),
+        };
+        match line {
+            Ok(line) => match line.trim_end().strip_prefix("listening on ") {
+                Some(base) => runner.base = base.to_string(),
+                None => panic!("geostream-local's first line is not its address: {line:?}"),
+            },
+            Err(mpsc::RecvTimeoutError::Disconnected) => panic!(
+                "geostream-local exited ({:?}) before serving",
+                runner.child.wait()
+            ),
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!("geostream-local did not serve in 60 s"),
+        }
+        runner
+    }
+}
