@@ -126,14 +126,15 @@ impl RuleSet {
     /// Evaluates a device's readings against every rule, updating `state`. Readings are taken
     /// in event-time order; those at or before the state's watermark were seen before and are
     /// skipped. Returns the raise/clear transitions and every alert whose record changed.
-    pub fn evaluate(
+    pub fn evaluate<R: std::borrow::Borrow<Reading>>(
         &self,
         device_id: &str,
         state: &mut DeviceRuleStates,
-        readings: &[Reading],
+        readings: &[R],
     ) -> Evaluation {
         let mut ordered: Vec<&Reading> = readings
             .iter()
+            .map(R::borrow)
             .filter(|r| match &state.watermark {
                 Some(mark) => r.order_key() > (mark.ts, mark.event_id.as_str()),
                 None => true,

@@ -274,44 +274,48 @@ pub fn group_by_device(records: Vec<DecodedRecord>) -> Vec<DeviceRecords> {
     groups
 }
 
-/// A device's records that a store refused for good (retrying cannot help): sent to the
-/// dead-letter sink whole, with the store's reason, instead of stalling the shard until the
-/// mapping gives up. Answers the records still to retry: none when the sink took them, all
-/// when it did not (the records are then neither lost nor acknowledged).
+/// Records that a store refused for good (retrying cannot help): sent to the dead-letter sink
+/// whole, with the store's reason, instead of stalling the shard until the mapping gives up.
+/// Answers how many were dead-lettered; when the sink did not take them, they are added to
+/// `failed` instead (neither lost nor acknowledged).
 pub async fn dead_letter_refused(
     function: &str,
-    group: &DeviceRecords,
+    record_ids: &[RecordId],
+    envelopes: &[Envelope],
     error: &StoreError,
     dead_letters: &dyn DeadLetterSink,
-) -> Vec<Retry> {
-    let letters = group
-        .record_ids
+    failed: &mut Vec<Retry>,
+) -> usize {
+    let letters = record_ids
         .iter()
-        .zip(&group.envelopes)
+        .zip(envelopes)
         .map(|(id, envelope)| {
-            DeadLetter::new(function, id, &group.device_id, envelope.encode(), error)
+            DeadLetter::new(function, id, &envelope.device_id, envelope.encode(), error)
         })
         .collect();
-    tracing::warn!(function, device_id = %group.device_id, %error, "records a store refused for good go to dead letters");
-    send_or_retry(function, letters, group.record_ids.clone(), dead_letters).await
+    tracing::warn!(function, records = record_ids.len(), %error, "records a store refused for good go to dead letters");
+    send_or_retry(function, letters, record_ids.to_vec(), dead_letters, failed).await
 }
 
-/// Sends dead letters; answers the records to retry: none when the sink took them, all of
-/// them (`ids`) when it did not, so that a record is never acknowledged without its dead letter.
+/// Sends dead letters; answers how many the sink took. When it did not take them, the records
+/// (`ids`) are added to `failed`, so that a record is never acknowledged without its letter.
 pub async fn send_or_retry(
     function: &str,
     letters: Vec<DeadLetter>,
     ids: Vec<RecordId>,
     dead_letters: &dyn DeadLetterSink,
-) -> Vec<Retry> {
-    if letters.is_empty() {
-        return Vec::new();
+    failed: &mut Vec<Retry>,
+) -> usize {
+    let count = letters.len();
+    if count == 0 {
+        return 0;
     }
     match dead_letters.send(letters).await {
-        Ok(()) => Vec::new(),
+        Ok(()) => count,
         Err(error) => {
             tracing::error!(function, %error, "dead-letter sink failed; records will be retried");
-            Retry::all(ids, &error)
+            failed.extend(Retry::all(ids, &error));
+            0
         }
     }
 }
@@ -345,9 +349,8 @@ pub async fn decode_batch(
             }
         }
     }
-    let sent = poison_ids.len();
-    let retry = send_or_retry(function, poison, poison_ids, dead_letters).await;
-    let dead_lettered = if retry.is_empty() { sent } else { 0 };
+    let mut retry = Vec::new();
+    let dead_lettered = send_or_retry(function, poison, poison_ids, dead_letters, &mut retry).await;
     DecodedBatch {
         records: decoded,
         retry,
@@ -508,12 +511,10 @@ impl<F: StreamFunction> StreamFunction for WithRetryBudget<F> {
             records = given_up.len(),
             "retry budget spent; the records go to dead letters whole"
         );
-        let count = given_up.len();
         let dead_letters = self.dead_letters.as_ref();
-        if send_or_retry(name, letters, given_up.clone(), dead_letters)
-            .await
-            .is_empty()
-        {
+        let mut unsent = Vec::new();
+        let count = send_or_retry(name, letters, given_up.clone(), dead_letters, &mut unsent).await;
+        if unsent.is_empty() {
             outcome.failed.retain(|retry| !given_up.contains(&retry.id));
             outcome.measurements.count(MetricName::DeadLetters, count);
             let mut ledger = self.ledger();

@@ -63,7 +63,7 @@ impl AnomalyInspector {
         &self,
         device_id: &str,
         state: &DeviceRuleStates,
-        readings: &[Reading],
+        readings: &[&Reading],
     ) -> Result<(Evaluation, DeviceRuleStates, usize), StoreError> {
         let mut take = readings.len();
         loop {
@@ -88,7 +88,7 @@ impl AnomalyInspector {
     async fn inspect_device(
         &self,
         device_id: &str,
-        mut readings: Vec<Reading>,
+        mut readings: Vec<&Reading>,
     ) -> Result<Transitions, StoreError> {
         readings.sort_by(|a, b| a.order_key().cmp(&b.order_key()));
         let mut made = Transitions::default();
@@ -192,10 +192,10 @@ impl StreamFunction for AnomalyInspector {
         let mut dead_lettered = decoded.dead_lettered;
         let groups = group_by_device(decoded.records);
         let mut results = stream::iter(groups.into_iter().map(|group| async move {
-            let readings: Vec<Reading> = group
+            let readings: Vec<&Reading> = group
                 .envelopes
                 .iter()
-                .flat_map(|envelope| envelope.readings.iter().cloned())
+                .flat_map(|envelope| &envelope.readings)
                 .collect();
             let result = self.inspect_device(&group.device_id, readings).await;
             (group, result)
@@ -210,17 +210,15 @@ impl StreamFunction for AnomalyInspector {
                 }
                 // Retrying cannot help: dead letters now, not a stalled shard.
                 Err(error) if error.kind == ErrorKind::Permanent => {
-                    let retry = dead_letter_refused(
+                    dead_lettered += dead_letter_refused(
                         FUNCTION_NAME,
-                        &group,
+                        &group.record_ids,
+                        &group.envelopes,
                         &error,
                         self.dead_letters.as_ref(),
+                        &mut failed,
                     )
                     .await;
-                    if retry.is_empty() {
-                        dead_lettered += group.record_ids.len();
-                    }
-                    failed.extend(retry);
                 }
                 Err(error) => {
                     tracing::warn!(function = FUNCTION_NAME, device_id = %group.device_id, %error, "inspection failed; records will be retried");

@@ -14,7 +14,8 @@ use geostream_shared::ports::{
     Archive, DeadLetter, DeadLetterSink, ErrorKind, RejectedReading, StoreError,
 };
 use geostream_shared::stream::{
-    decode_batch, send_or_retry, BatchOutcome, RecordId, Retry, StreamBatch, StreamFunction,
+    dead_letter_refused, decode_batch, send_or_retry, BatchOutcome, RecordId, Retry, StreamBatch,
+    StreamFunction,
 };
 
 pub const FUNCTION_NAME: &str = "archiver";
@@ -82,45 +83,24 @@ impl StreamFunction for Archiver {
                     refused = letters.len(),
                     "archive refused readings; sent to dead letters"
                 );
-                let letter_count = letters.len();
                 let affected = letters.iter().map(|(id, _)| id.clone()).collect();
                 let letters = letters.into_iter().map(|(_, letter)| letter).collect();
-                let retry =
-                    send_or_retry(FUNCTION_NAME, letters, affected, self.dead_letters.as_ref())
-                        .await;
-                if retry.is_empty() {
-                    measurements.count(MetricName::DeadLetters, letter_count);
-                }
-                failed.extend(retry);
+                let sink = self.dead_letters.as_ref();
+                let sent = send_or_retry(FUNCTION_NAME, letters, affected, sink, &mut failed).await;
+                measurements.count(MetricName::DeadLetters, sent);
             }
             // Retrying cannot help: the whole batch to dead letters, record by record.
             Err(error) if error.kind == ErrorKind::Permanent => {
-                tracing::warn!(function = FUNCTION_NAME, readings = readings.len(), %error, "archive refused the batch for good; sent to dead letters");
-                let letters = record_ids
-                    .iter()
-                    .zip(&envelopes)
-                    .map(|(id, envelope)| {
-                        DeadLetter::new(
-                            FUNCTION_NAME,
-                            id,
-                            &envelope.device_id,
-                            envelope.encode(),
-                            &error,
-                        )
-                    })
-                    .collect::<Vec<_>>();
-                let letter_count = letters.len();
-                let retry = send_or_retry(
+                let sent = dead_letter_refused(
                     FUNCTION_NAME,
-                    letters,
-                    record_ids,
+                    &record_ids,
+                    &envelopes,
+                    &error,
                     self.dead_letters.as_ref(),
+                    &mut failed,
                 )
                 .await;
-                if retry.is_empty() {
-                    measurements.count(MetricName::DeadLetters, letter_count);
-                }
-                failed.extend(retry);
+                measurements.count(MetricName::DeadLetters, sent);
             }
             Err(error) => {
                 tracing::warn!(function = FUNCTION_NAME, readings = readings.len(), %error, "archive write failed; batch will be retried");

@@ -63,17 +63,15 @@ impl StreamFunction for GeoUpdate {
                 Ok(UpsertOutcome::Stale) => stale += 1,
                 // Retrying cannot help: dead letters now, not a stalled shard.
                 Err(error) if error.kind == ErrorKind::Permanent => {
-                    let retry = dead_letter_refused(
+                    dead_lettered += dead_letter_refused(
                         FUNCTION_NAME,
-                        &group,
+                        &group.record_ids,
+                        &group.envelopes,
                         &error,
                         self.dead_letters.as_ref(),
+                        &mut failed,
                     )
                     .await;
-                    if retry.is_empty() {
-                        dead_lettered += group.record_ids.len();
-                    }
-                    failed.extend(retry);
                 }
                 Err(error) => {
                     tracing::warn!(function = FUNCTION_NAME, device_id = %group.device_id, %error, "position upsert failed; records will be retried");
