@@ -191,7 +191,8 @@ module "anomaly_inspector" {
   policy_statements = concat(local.stream_reader_statements, var.rule_state_store == "dynamodb" ? [
     {
       # A state change alone is a conditional PutItem; with the alerts it touched, one
-      # TransactWriteItems call, which DynamoDB authorises as the PutItem and UpdateItem inside it.
+      # TransactWriteItems call, which DynamoDB authorises as the PutItem, UpdateItem and
+      # DeleteItem inside it (a delete: an alert a late reading undid).
       sid       = "RuleState"
       actions   = ["dynamodb:GetItem", "dynamodb:PutItem"]
       resources = [aws_dynamodb_table.alert_state.arn]
@@ -199,7 +200,7 @@ module "anomaly_inspector" {
     ] : [], [
     {
       sid       = "AlertRecords"
-      actions   = ["dynamodb:UpdateItem"]
+      actions   = ["dynamodb:UpdateItem", "dynamodb:DeleteItem"]
       resources = [aws_dynamodb_table.alerts.arn]
     },
     ], local.dead_letter_statements, var.bus == "kinesis" ? [

@@ -197,6 +197,39 @@ fn expected_alerts(
     (alerts, transitions)
 }
 
+async fn dead_letter_count(sqs: &aws_sdk_sqs::Client, queue: &str) -> usize {
+    let letters = sqs
+        .get_queue_attributes()
+        .queue_url(queue)
+        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
+        .send()
+        .await
+        .unwrap();
+    letters
+        .attributes()
+        .and_then(|a| a.get(&aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The alerts that differ, expected then stored, one per line.
+fn alert_differences(
+    expected: &BTreeMap<String, Alert>,
+    stored: &BTreeMap<String, Alert>,
+) -> String {
+    let ids: BTreeSet<&String> = expected.keys().chain(stored.keys()).collect();
+    ids.into_iter()
+        .filter(|id| expected.get(*id) != stored.get(*id))
+        .map(|id| {
+            format!(
+                "\n  {id}:\n    expected {:?}\n    stored   {:?}",
+                expected.get(id),
+                stored.get(id)
+            )
+        })
+        .collect()
+}
+
 // Not yet passing: with 4,000 readings it ends with every vehicle at its newest reading but 5 of
 // 50 alert records differing from the in-order evaluation (found 2026-11-25, issue #12); run it
 // with `cargo nextest run -p geostream-local --test chaos_aws --run-ignored all`.
@@ -296,6 +329,8 @@ async fn faults_and_two_crashes_end_where_an_uninterrupted_run_ends() {
     // Caught up once every vehicle is at its newest reading and every alert is as expected.
     let deadline = Instant::now() + Duration::from_secs(900);
     let mut stored_alerts = BTreeMap::new();
+    // Alerts that stay the same for a minute once every position is current will not change.
+    let mut settled_since: Option<(Instant, BTreeMap<String, Alert>)> = None;
     loop {
         let mut behind = 0;
         for (device, readings) in &by_device {
@@ -321,6 +356,18 @@ async fn faults_and_two_crashes_end_where_an_uninterrupted_run_ends() {
             if stored_alerts == expected_alerts {
                 break;
             }
+            match &settled_since {
+                Some((since, seen)) if *seen == stored_alerts => {
+                    if since.elapsed() > Duration::from_secs(60) {
+                        panic!(
+                            "alerts settled unlike an uninterrupted run ({} dead letters): {}",
+                            dead_letter_count(&clients.sqs, &dead_letter_queue).await,
+                            alert_differences(&expected_alerts, &stored_alerts)
+                        );
+                    }
+                }
+                _ => settled_since = Some((Instant::now(), stored_alerts.clone())),
+            }
         }
         assert!(
             Instant::now() < deadline,
@@ -345,19 +392,7 @@ async fn faults_and_two_crashes_end_where_an_uninterrupted_run_ends() {
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
     let published = published_transitions(&clients.kinesis, &names.alerts_stream).await;
-    let letters = clients
-        .sqs
-        .get_queue_attributes()
-        .queue_url(&dead_letter_queue)
-        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
-        .send()
-        .await
-        .unwrap();
-    let dead_letters: usize = letters
-        .attributes()
-        .and_then(|a| a.get(&aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
+    let dead_letters = dead_letter_count(&clients.sqs, &dead_letter_queue).await;
     let stats = proxy.stats();
     let mut by_fault: BTreeMap<String, u64> = BTreeMap::new();
     for ((_, fault), count) in stats.injected() {

@@ -68,16 +68,18 @@ fn setting(name: &str, required_by: &str) -> Option<String> {
     }
 }
 
-/// One round of telemetry: every vehicle reports once. Vehicles 0-3 overheat in rounds 4-7
-/// (raise, then clear); the others overheat in every round, so their alerts count every
+/// One round of telemetry, 10 s after the one before: every vehicle reports once. Vehicles 0-3
+/// overheat in rounds 4-7 (raise, then clear after the rules' 30 s of normal readings); the others overheat in every round, so their alerts count every
 /// reading: a single lost record of the anomaly-inspector would show in the count, and every
 /// batch of more than four records of a partition holds such readings.
+const ROUND_MILLIS: i64 = 10_000;
+
 fn round(t0: i64, n: i64) -> Value {
     let readings: Vec<Value> = (0..VEHICLES)
         .map(|v| {
             let hot = v >= 4 || (4..8).contains(&n);
             json!({
-                "device_id": format!("crash-{v}"), "event_id": format!("crash-{v}-{n}"), "ts": t0 + n * 1000,
+                "device_id": format!("crash-{v}"), "event_id": format!("crash-{v}-{n}"), "ts": t0 + n * ROUND_MILLIS,
                 "lat": 52.4 + v as f64 * 0.01 + n as f64 * 1e-4, "lon": 13.3 + n as f64 * 2e-4,
                 "speed_kmh": 20.0 + n as f64, "engine_temp_c": if hot { 104.0 + n as f64 } else { 88.0 }
             })
@@ -257,7 +259,7 @@ async fn a_runner_killed_mid_stream_resumes_without_loss_and_ends_as_without_the
         return;
     };
     let http = reqwest::Client::new();
-    let t0 = geostream_shared::now_millis() - 120_000;
+    let t0 = geostream_shared::now_millis() - (ROUNDS + 2) * ROUND_MILLIS;
     let rounds: Vec<Value> = (0..ROUNDS).map(|n| round(t0, n)).collect();
     // Records on the telemetry topic after `requests` requests: one per vehicle and request.
     let records = |requests: usize| (VEHICLES * requests) as u64;

@@ -11,8 +11,8 @@ use tokio::sync::watch;
 use crate::model::{Alert, GeoPoint, Position, Reading};
 use crate::ports::{nearest_of, with_geohash, NearbyVehicle, RejectedReading};
 use crate::ports::{
-    AlertFilter, AlertStore, Archive, BusRecord, DeadLetter, DeadLetterSink, EventBus,
-    PositionStore, Published, StoreError, UpsertOutcome,
+    AlertChanges, AlertFilter, AlertStore, Archive, BusRecord, DeadLetter, DeadLetterSink,
+    EventBus, PositionStore, Published, StoreError, UpsertOutcome,
 };
 use crate::rules::DeviceRuleStates;
 use crate::{now_millis, EpochMillis};
@@ -399,19 +399,19 @@ impl AlertStore for MemoryAlertStore {
             .unwrap_or_default())
     }
 
-    async fn commit(
+    async fn commit_changes(
         &self,
         device_id: &str,
         expected_version: u64,
         states: &DeviceRuleStates,
-        alerts: &[Alert],
+        changes: AlertChanges<'_>,
     ) -> Result<(), StoreError> {
-        if alerts.len() > crate::ports::MAX_ALERTS_PER_COMMIT {
+        if changes.len() > crate::ports::MAX_ALERTS_PER_COMMIT {
             return Err(StoreError::invalid(
                 "alert state commit",
                 format!(
                     "device {device_id}: {} alerts in one commit; the limit is {}",
-                    alerts.len(),
+                    changes.len(),
                     crate::ports::MAX_ALERTS_PER_COMMIT
                 ),
             ));
@@ -429,7 +429,10 @@ impl AlertStore for MemoryAlertStore {
         let mut stored = states.clone();
         stored.version = expected_version + 1;
         inner.states.insert(device_id.to_string(), stored);
-        for alert in alerts {
+        for alert_id in changes.removed {
+            inner.alerts.remove(alert_id);
+        }
+        for alert in changes.touched {
             let mut alert = alert.clone();
             if let Some(existing) = inner.alerts.get(&alert.alert_id) {
                 alert.acknowledged = existing.acknowledged;

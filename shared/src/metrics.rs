@@ -71,6 +71,8 @@ metric_names! {
     ArchiveRejects: Count, "Readings the archive refused (sent to dead letters).";
     AlertsRaised: Count, "Alerts raised by the rules.";
     AlertsCleared: Count, "Alerts cleared by the rules.";
+    AlertsRetracted: Count, "Published raises and clears retracted: a late reading, evaluated in its place, undid them.";
+    ReadingsTooLate: Count, "Readings behind the rules' lateness bound: archived, not evaluated by the rules.";
 }
 
 impl std::str::FromStr for MetricName {

@@ -208,7 +208,8 @@ impl Alert {
 /// A raise or clear of an alert, as published on the alerts bus.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AlertTransition {
-    /// `"{alert_id}|raised"` or `"{alert_id}|cleared"`: consumers deduplicate on it.
+    /// `"{alert_id}|raised"`, `"{alert_id}|cleared"`, or one of those with `"|retracted"`:
+    /// consumers deduplicate on it.
     pub transition_id: String,
     pub kind: TransitionKind,
     /// The event time of the reading that made the transition: a raise after the rule's
@@ -223,6 +224,10 @@ pub struct AlertTransition {
 pub enum TransitionKind {
     Raised,
     Cleared,
+    /// A raise or clear published earlier that in-order delivery would not have made: a late
+    /// reading, evaluated in its place, showed it. `transition_id` is the retracted one's with
+    /// `|retracted`, `alert` as it was published.
+    Retracted,
 }
 
 impl AlertTransition {
@@ -230,12 +235,23 @@ impl AlertTransition {
         let suffix = match kind {
             TransitionKind::Raised => "raised",
             TransitionKind::Cleared => "cleared",
+            TransitionKind::Retracted => "retracted",
         };
         AlertTransition {
             transition_id: format!("{}|{suffix}", alert.alert_id),
             kind,
             at,
             alert,
+        }
+    }
+
+    /// The retraction of this transition, made by a late reading at `at`.
+    pub fn retraction(&self, at: EpochMillis) -> Self {
+        AlertTransition {
+            transition_id: format!("{}|retracted", self.transition_id),
+            kind: TransitionKind::Retracted,
+            at,
+            alert: self.alert.clone(),
         }
     }
 }

@@ -144,21 +144,61 @@ pub struct AlertFilter {
 /// steps as keep every step within it.
 pub const MAX_ALERTS_PER_COMMIT: usize = 99;
 
+/// What one rule-state commit changes among the alert records.
+#[derive(Debug, Clone, Copy)]
+pub struct AlertChanges<'a> {
+    /// Records written whole (stored acknowledgements kept).
+    pub touched: &'a [Alert],
+    /// Records removed: alerts a late reading showed in-order delivery would not have made.
+    pub removed: &'a [String],
+}
+
+impl AlertChanges<'_> {
+    pub const NONE: AlertChanges<'static> = AlertChanges {
+        touched: &[],
+        removed: &[],
+    };
+
+    pub fn len(&self) -> usize {
+        self.touched.len() + self.removed.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 #[async_trait]
 pub trait AlertStore: Send + Sync {
     /// The rule state of a device; a device never seen has the default (version 0).
     async fn load_rule_states(&self, device_id: &str) -> Result<DeviceRuleStates, StoreError>;
-    /// Saves the new rule state and the alerts it touched (at most
-    /// [`MAX_ALERTS_PER_COMMIT`]), atomically, only if the stored state still has
-    /// `expected_version` (else an [`ErrorKind::Conflict`] error). Alert acknowledgements
-    /// already stored are kept.
+    /// Saves the new rule state and the alert records it changed (at most
+    /// [`MAX_ALERTS_PER_COMMIT`] written and removed), atomically, only if the stored state
+    /// still has `expected_version` (else an [`ErrorKind::Conflict`] error). Alert
+    /// acknowledgements already stored are kept.
+    async fn commit_changes(
+        &self,
+        device_id: &str,
+        expected_version: u64,
+        states: &DeviceRuleStates,
+        changes: AlertChanges<'_>,
+    ) -> Result<(), StoreError>;
+
+    /// [`AlertStore::commit_changes`] that writes `alerts` and removes none.
     async fn commit(
         &self,
         device_id: &str,
         expected_version: u64,
         states: &DeviceRuleStates,
         alerts: &[Alert],
-    ) -> Result<(), StoreError>;
+    ) -> Result<(), StoreError> {
+        let changes = AlertChanges {
+            touched: alerts,
+            removed: &[],
+        };
+        self.commit_changes(device_id, expected_version, states, changes)
+            .await
+    }
     /// Newest first.
     async fn list_alerts(&self, filter: &AlertFilter) -> Result<Vec<Alert>, StoreError>;
     async fn get_alert(&self, alert_id: &str) -> Result<Option<Alert>, StoreError>;

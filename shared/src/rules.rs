@@ -39,9 +39,19 @@ struct RawRule {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRuleFile {
+    /// How late (event time, behind the newest reading of the device) a reading may come and
+    /// still be evaluated in its place.
+    lateness_s: Option<f64>,
     #[serde(default, rename = "rule")]
     rules: Vec<RawRule>,
 }
+
+/// The lateness bound when the rules file sets none (see [`RuleSet::lateness_ms`]).
+pub const DEFAULT_LATENESS_MS: EpochMillis = 60_000;
+/// At most this many readings are kept for late ones to be evaluated among: a device that
+/// reports faster than this many per lateness bound gets a shorter bound, so the rule state
+/// stays a few kilobytes (it is written on every batch).
+pub const MAX_WINDOW_READINGS: usize = 64;
 
 /// When a rule breaches and when it clears.
 #[derive(Debug, Clone, PartialEq)]
@@ -77,6 +87,10 @@ pub struct Rule {
 #[derive(Debug, Clone, PartialEq)]
 pub struct RuleSet {
     pub rules: Vec<Rule>,
+    /// Bounded lateness: a reading up to this far behind the device's newest evaluated reading
+    /// (and among its last [`MAX_WINDOW_READINGS`]) is evaluated in event-time order, as if it
+    /// had come in order; an older one is reported in [`Evaluation::too_late`]. 0 turns it off.
+    pub lateness_ms: EpochMillis,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -99,6 +113,17 @@ impl RuleSet {
     pub fn from_toml(text: &str) -> Result<RuleSet, RuleError> {
         let raw: RawRuleFile =
             toml::from_str(text).map_err(|e| RuleError::Syntax(e.to_string()))?;
+        let lateness_ms = match raw.lateness_s {
+            None => DEFAULT_LATENESS_MS,
+            Some(s) if s.is_finite() && (0.0..=3_600.0).contains(&s) => {
+                (s * 1000.0).round() as EpochMillis
+            }
+            Some(s) => {
+                return Err(RuleError::Syntax(format!(
+                    "lateness_s {s} must be between 0 and 3600 seconds"
+                )))
+            }
+        };
         let mut rules: Vec<Rule> = Vec::new();
         for (index, raw) in raw.rules.into_iter().enumerate() {
             let index = index + 1;
@@ -120,53 +145,288 @@ impl RuleSet {
             }
             rules.push(rule);
         }
-        Ok(RuleSet { rules })
+        Ok(RuleSet { rules, lateness_ms })
     }
 
-    /// Evaluates a device's readings against every rule, updating `state`. Readings are taken
-    /// in event-time order; those at or before the state's watermark were seen before and are
-    /// skipped. Returns the raise/clear transitions and every alert whose record changed.
+    /// Evaluates a device's readings against every rule, updating `state`, as if every
+    /// reading the device's state has seen had come in event-time order:
+    /// - readings after the state's watermark are evaluated in order;
+    /// - a late one (at or before the watermark, within the lateness bound) is put in its
+    ///   place among the readings of the window and the window evaluated again from the state
+    ///   before it; what that changes comes out as new transitions, retractions of transitions
+    ///   that in-order delivery would not have made, rewritten and removed alert records;
+    /// - readings seen before are skipped (a replayed batch changes nothing), and those behind
+    ///   the lateness bound are listed in [`Evaluation::too_late`], not evaluated.
     pub fn evaluate<R: std::borrow::Borrow<Reading>>(
         &self,
         device_id: &str,
         state: &mut DeviceRuleStates,
         readings: &[R],
     ) -> Evaluation {
-        let mut ordered: Vec<&Reading> = readings
-            .iter()
-            .map(R::borrow)
-            .filter(|r| match &state.watermark {
-                Some(mark) => r.order_key() > (mark.ts, mark.event_id.as_str()),
-                None => true,
-            })
-            .collect();
-        ordered.sort_by(|a, b| a.order_key().cmp(&b.order_key()));
-        ordered.dedup_by(|a, b| a.order_key() == b.order_key());
-
+        let metrics = self.metrics();
+        let mut window = state.window.take().unwrap_or_else(|| LatenessWindow {
+            base: state.rules.clone(),
+            base_mark: state.watermark.clone(),
+            metrics: metrics.clone(),
+            readings: Vec::new(),
+        });
+        window.align(&metrics);
+        let after = |mark: &Option<Watermark>, key: (EpochMillis, &str)| match mark {
+            Some(mark) => key > (mark.ts, mark.event_id.as_str()),
+            None => true,
+        };
         let mut evaluation = Evaluation::default();
-        let mut touched: BTreeMap<String, Alert> = BTreeMap::new();
-        for reading in &ordered {
+        let mut fresh: Vec<WindowReading> = Vec::new();
+        let mut late: Vec<WindowReading> = Vec::new();
+        for reading in readings.iter().map(R::borrow) {
+            let key = reading.order_key();
+            if after(&state.watermark, key) {
+                fresh.push(WindowReading::of(reading, &metrics));
+            } else if !after(&window.base_mark, key) {
+                let at_mark = window
+                    .base_mark
+                    .as_ref()
+                    .is_some_and(|m| key == (m.ts, m.event_id.as_str()));
+                if !at_mark {
+                    evaluation
+                        .too_late
+                        .push((reading.ts, reading.event_id.clone()));
+                }
+            } else if window.position(key).is_err() {
+                late.push(WindowReading::of(reading, &metrics));
+            }
+        }
+        sort_dedup(&mut fresh);
+        sort_dedup(&mut late);
+        evaluation.readings_evaluated = fresh.len() + late.len();
+        if late.is_empty() {
+            let mut touched = BTreeMap::new();
+            evaluation.transitions =
+                self.run(device_id, &mut state.rules, &fresh, &metrics, &mut touched);
+            evaluation.touched_alerts = touched.into_values().collect();
+            window.readings.extend(fresh);
+        } else {
+            self.evaluate_again(device_id, state, &mut window, late, fresh, &mut evaluation);
+        }
+        if let Some(last) = window.readings.last() {
+            state.watermark = Some(last.watermark());
+        }
+        self.fold_old_readings(device_id, &mut window, &metrics);
+        if !window.readings.is_empty() {
+            state.window = Some(window);
+        }
+        evaluation
+    }
+
+    /// Puts `late` readings in their place in the window and evaluates it again from its base
+    /// state, then tells what differs from the evaluation that was made (and published).
+    fn evaluate_again(
+        &self,
+        device_id: &str,
+        state: &mut DeviceRuleStates,
+        window: &mut LatenessWindow,
+        late: Vec<WindowReading>,
+        fresh: Vec<WindowReading>,
+        evaluation: &mut Evaluation,
+    ) {
+        let metrics = window.metrics.clone();
+        let retracted_at = late[0].0;
+        let mut made_rules = window.base.clone();
+        let mut made_touched = BTreeMap::new();
+        let made = self.run(
+            device_id,
+            &mut made_rules,
+            &window.readings,
+            &metrics,
+            &mut made_touched,
+        );
+        window.readings.extend(late);
+        window.readings.extend(fresh);
+        sort_dedup(&mut window.readings);
+        let mut rules = window.base.clone();
+        let mut touched = BTreeMap::new();
+        let now = self.run(
+            device_id,
+            &mut rules,
+            &window.readings,
+            &metrics,
+            &mut touched,
+        );
+        state.rules = rules;
+
+        // Undo first (newest first), then what in-order delivery makes, in order. A transition
+        // that in-order delivery makes differently (a clear that counts one more reading) is
+        // retracted and published again, under the same id.
+        for transition in made.iter().rev() {
+            if !now.contains(transition) {
+                evaluation
+                    .transitions
+                    .push(transition.retraction(retracted_at));
+            }
+        }
+        evaluation
+            .transitions
+            .extend(now.iter().filter(|t| !made.contains(t)).cloned());
+        evaluation.removed_alerts = made_touched
+            .keys()
+            .filter(|id| !touched.contains_key(*id))
+            .cloned()
+            .collect();
+        evaluation.touched_alerts = touched
+            .into_iter()
+            .filter(|(id, alert)| made_touched.get(id) != Some(alert))
+            .map(|(_, alert)| alert)
+            .collect();
+    }
+
+    /// Moves readings out of the window into its base state once they are behind the lateness
+    /// bound (or beyond the window's size).
+    fn fold_old_readings(&self, device_id: &str, window: &mut LatenessWindow, metrics: &[String]) {
+        let Some(newest) = window.readings.last().map(|r| r.0) else {
+            return;
+        };
+        let keep_from = window
+            .readings
+            .iter()
+            .position(|r| r.0 > newest - self.lateness_ms)
+            .unwrap_or(window.readings.len())
+            .max(window.readings.len().saturating_sub(MAX_WINDOW_READINGS));
+        let keep_from = if self.lateness_ms == 0 {
+            window.readings.len()
+        } else {
+            keep_from
+        };
+        if keep_from == 0 {
+            return;
+        }
+        if keep_from == window.readings.len() {
+            // All behind the bound: the window goes, and its base is the device's rule state.
+            window.readings.clear();
+            return;
+        }
+        let kept = window.readings.split_off(keep_from);
+        let folded = std::mem::replace(&mut window.readings, kept);
+        self.run(
+            device_id,
+            &mut window.base,
+            &folded,
+            metrics,
+            &mut BTreeMap::new(),
+        );
+        window.base_mark = folded.last().map(WindowReading::watermark);
+    }
+
+    /// The metrics the rules read, each once, in rule order.
+    fn metrics(&self) -> Vec<String> {
+        let mut metrics: Vec<String> = Vec::new();
+        for rule in &self.rules {
+            if !metrics.contains(&rule.metric) {
+                metrics.push(rule.metric.clone());
+            }
+        }
+        metrics
+    }
+
+    /// Steps every rule through `readings` (in order), from `rules`; the transitions made,
+    /// and the latest record of every alert touched into `touched`.
+    fn run(
+        &self,
+        device_id: &str,
+        rules: &mut BTreeMap<String, RuleState>,
+        readings: &[WindowReading],
+        metrics: &[String],
+        touched: &mut BTreeMap<String, Alert>,
+    ) -> Vec<AlertTransition> {
+        let mut transitions = Vec::new();
+        for reading in readings {
             for rule in &self.rules {
-                let Some(value) = reading.value(&rule.metric) else {
+                let Some(value) = metrics
+                    .iter()
+                    .position(|m| *m == rule.metric)
+                    .and_then(|i| reading.2.get(i).copied().flatten())
+                else {
                     continue;
                 };
-                let rule_state = state.rules.entry(rule.name.clone()).or_default();
+                let rule_state = rules.entry(rule.name.clone()).or_default();
                 if let Some(transition) =
-                    step(rule, device_id, rule_state, reading.ts, value, &mut touched)
+                    step(rule, device_id, rule_state, reading.0, value, touched)
                 {
-                    evaluation.transitions.push(transition);
+                    transitions.push(transition);
                 }
             }
         }
-        if let Some(last) = ordered.last() {
-            state.watermark = Some(Watermark {
-                ts: last.ts,
-                event_id: last.event_id.clone(),
-            });
-            evaluation.readings_evaluated = ordered.len();
+        transitions
+    }
+}
+
+fn sort_dedup(readings: &mut Vec<WindowReading>) {
+    readings.sort_by(|a, b| a.key().cmp(&b.key()));
+    readings.dedup_by(|a, b| a.key() == b.key());
+}
+
+/// The readings a device's rules evaluated within the lateness bound, and the rule state before
+/// the oldest of them: a late reading is put in its place and the window evaluated again.
+/// Stored with the rule state; none when the bound is 0 or no reading is within it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LatenessWindow {
+    /// The rule state after every reading up to `base_mark` and before the window's.
+    pub base: BTreeMap<String, RuleState>,
+    /// The last reading folded into `base`: a reading at or before it is too late.
+    pub base_mark: Option<Watermark>,
+    /// What each value of a window reading is (the rules' metrics when it was stored).
+    pub metrics: Vec<String>,
+    /// In [`Reading::order_key`] order.
+    pub readings: Vec<WindowReading>,
+}
+
+impl LatenessWindow {
+    /// Re-lays the stored values out for `metrics` (the rules file may have changed).
+    fn align(&mut self, metrics: &[String]) {
+        if self.metrics == metrics {
+            return;
         }
-        evaluation.touched_alerts = touched.into_values().collect();
-        evaluation
+        for reading in &mut self.readings {
+            reading.2 = metrics
+                .iter()
+                .map(|m| {
+                    self.metrics
+                        .iter()
+                        .position(|stored| stored == m)
+                        .and_then(|i| reading.2.get(i).copied().flatten())
+                })
+                .collect();
+        }
+        self.metrics = metrics.to_vec();
+    }
+
+    fn position(&self, key: (EpochMillis, &str)) -> Result<usize, usize> {
+        self.readings.binary_search_by(|r| r.key().cmp(&key))
+    }
+}
+
+/// One evaluated reading, as kept for late ones: event time, event id, and the value of each
+/// of the window's metrics (a tuple, so the stored state stays small).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WindowReading(pub EpochMillis, pub String, pub Vec<Option<f64>>);
+
+impl WindowReading {
+    fn of(reading: &Reading, metrics: &[String]) -> Self {
+        WindowReading(
+            reading.ts,
+            reading.event_id.clone(),
+            metrics.iter().map(|m| reading.value(m)).collect(),
+        )
+    }
+
+    fn key(&self) -> (EpochMillis, &str) {
+        (self.0, self.1.as_str())
+    }
+
+    fn watermark(&self) -> Watermark {
+        Watermark {
+            ts: self.0,
+            event_id: self.1.clone(),
+        }
     }
 }
 
@@ -295,6 +555,13 @@ pub struct DeviceRuleStates {
     /// outbox): the anomaly-inspector publishes them before anything newer, then empties it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outbox: Vec<AlertTransition>,
+    /// For late readings (bounded lateness).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<LatenessWindow>,
+    /// The newest bus record (its id as written) whose readings these rules took: a reading
+    /// behind the lateness bound in a record at or before it is a replay, not a late reading.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluated_through: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -360,8 +627,15 @@ pub struct Evaluation {
     pub transitions: Vec<AlertTransition>,
     /// The latest record of every alert this evaluation raised, updated or cleared.
     pub touched_alerts: Vec<Alert>,
-    /// Readings past the watermark; zero means nothing changed and nothing needs storing.
+    /// Alerts that in-order delivery would not have made (a late reading showed it): their
+    /// records go; their transitions are retracted in `transitions`.
+    pub removed_alerts: Vec<String>,
+    /// Readings new to the rules, in order or late; zero means nothing changed and nothing
+    /// needs storing.
     pub readings_evaluated: usize,
+    /// Readings behind the lateness bound, not evaluated: (event time, event id). Some may be
+    /// replays of readings evaluated long ago; the caller tells them apart.
+    pub too_late: Vec<(EpochMillis, String)>,
 }
 
 /// Whether a value breaches the rule, whether it is on the clear side, and how bad it is (a
@@ -703,6 +977,38 @@ mod tests {
         assert_eq!(ev.transitions.len(), 1, "{state:?}");
     }
 
+    /// Issue #12, defect 9: a temperature hovering at the threshold made an alert per pair of
+    /// readings; the shipped rules keep one open until 30 s of normal readings.
+    #[test]
+    fn default_rules_damp_a_value_flapping_at_the_threshold() {
+        let rules = RuleSet::default_rules();
+        let mut state = DeviceRuleStates::default();
+        let flapping: Vec<Reading> = (0..60)
+            .map(|i| engine(i * 2_000, if i % 2 == 0 { 101.0 } else { 94.0 }))
+            .collect();
+        let ev = rules.evaluate("truck-1", &mut state, &flapping);
+        let kinds: Vec<(&str, TransitionKind)> = ev
+            .transitions
+            .iter()
+            .map(|t| (t.alert.rule.as_str(), t.kind))
+            .collect();
+        assert_eq!(kinds, [("engine_overheat", TransitionKind::Raised)]);
+        assert_eq!(ev.transitions[0].alert.started_at, 0);
+        // Clear since the last 94 °C at 118 s: still open at 146 s, cleared by the reading at
+        // 148 s.
+        let calm: Vec<Reading> = (60..76).map(|i| engine(i * 2_000, 90.0)).collect();
+        let ev = rules.evaluate("truck-1", &mut state, &calm[..14]);
+        assert!(ev.transitions.is_empty(), "{:?}", ev.transitions);
+        let ev = rules.evaluate("truck-1", &mut state, &calm[14..]);
+        assert_eq!(ev.transitions.len(), 1);
+        let cleared = &ev.transitions[0].alert;
+        assert_eq!(ev.transitions[0].kind, TransitionKind::Cleared);
+        assert_eq!(
+            (cleared.count, cleared.cleared_at, cleared.peak_value),
+            (30, Some(148_000), 101.0)
+        );
+    }
+
     #[test]
     fn readings_without_the_metric_leave_a_rule_alone() {
         let rules = one_rule(OVERHEAT);
@@ -713,6 +1019,103 @@ mod tests {
         assert!(ev.transitions.is_empty() && ev.touched_alerts.is_empty());
         assert_eq!(ev.readings_evaluated, 1);
         assert!(state.rules.is_empty());
+    }
+
+    /// Issue #12, defect 6: late readings were skipped by the rules. A normal reading at t, then
+    /// twenty hot ones dated t-60 s .. t-41 s: they are evaluated in their place, as in-order
+    /// delivery would have.
+    #[test]
+    fn late_readings_within_the_bound_are_evaluated_in_their_place() {
+        let rules = RuleSet::default_rules();
+        let t = 1_000_000;
+        let normal = engine(t, 90.0);
+        let hot: Vec<Reading> = (0..20)
+            .map(|i| engine(t - 60_000 + i * 1_000, 125.0))
+            .collect();
+        let mut state = DeviceRuleStates::default();
+        rules.evaluate("truck-1", &mut state, std::slice::from_ref(&normal));
+        let late = rules.evaluate("truck-1", &mut state, &hot);
+        assert_eq!(late.readings_evaluated, 20);
+        assert!(late.too_late.is_empty());
+        assert_eq!(late.transitions.len(), 1, "{:?}", late.transitions);
+        let raise = &late.transitions[0];
+        assert_eq!(raise.kind, TransitionKind::Raised);
+        assert_eq!((raise.at, raise.alert.started_at), (t - 60_000, t - 60_000));
+
+        let mut in_order_state = DeviceRuleStates::default();
+        let mut all = hot.clone();
+        all.push(normal);
+        let in_order = rules.evaluate("truck-1", &mut in_order_state, &all);
+        assert_eq!(late.touched_alerts, in_order.touched_alerts);
+        assert_eq!(late.touched_alerts[0].count, 20);
+        assert_eq!(state.rules, in_order_state.rules);
+        assert_eq!(state.watermark, in_order_state.watermark);
+    }
+
+    /// Behind the bound, a reading is reported, not evaluated; a replay of one seen is neither.
+    #[test]
+    fn readings_behind_the_bound_are_reported() {
+        let rules = RuleSet::default_rules();
+        let mut state = DeviceRuleStates::default();
+        let readings: Vec<Reading> = (0..100).map(|i| engine(i * 1_000, 90.0)).collect();
+        rules.evaluate("truck-1", &mut state, &readings);
+        // The window holds the last 60 s: 40 s .. 99 s.
+        let window = state.window.as_ref().unwrap();
+        assert_eq!(window.readings.first().map(|r| r.0), Some(40_000));
+        let stale = engine(10_500, 130.0);
+        let ev = rules.evaluate("truck-1", &mut state, &[stale, readings[39].clone()]);
+        assert_eq!(ev.too_late, [(10_500, "truck-1@10500".to_string())]);
+        assert_eq!(ev.readings_evaluated, 0);
+        assert!(ev.transitions.is_empty());
+        let again = rules.evaluate("truck-1", &mut state, &readings[40..]);
+        assert!(again.too_late.is_empty() && again.readings_evaluated == 0);
+    }
+
+    /// A late reading that splits an alert in two: the clear and the new raise are published,
+    /// the old record rewritten and the second alert's record made; a late reading that shows
+    /// an alert began earlier retracts its raise and removes its record.
+    #[test]
+    fn a_late_reading_can_undo_what_was_published() {
+        let rules = one_rule(OVERHEAT);
+        let mut state = DeviceRuleStates::default();
+        let first = rules.evaluate(
+            "truck-1",
+            &mut state,
+            &[
+                engine(1_000, 90.0),
+                engine(3_000, 105.0),
+                engine(4_000, 106.0),
+            ],
+        );
+        assert_eq!(first.transitions.len(), 1);
+        let raised_at_3 = first.transitions[0].clone();
+        // A hot reading at 2 s: the alert began at 2 s, not 3 s.
+        let ev = rules.evaluate("truck-1", &mut state, &[engine(2_000, 104.0)]);
+        let kinds: Vec<(TransitionKind, &str)> = ev
+            .transitions
+            .iter()
+            .map(|t| (t.kind, t.transition_id.as_str()))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                (
+                    TransitionKind::Retracted,
+                    "truck-1|engine_overheat|3000|raised|retracted"
+                ),
+                (
+                    TransitionKind::Raised,
+                    "truck-1|engine_overheat|2000|raised"
+                ),
+            ]
+        );
+        assert_eq!(ev.transitions[0].alert, raised_at_3.alert);
+        assert_eq!(ev.removed_alerts, ["truck-1|engine_overheat|3000"]);
+        assert_eq!(ev.touched_alerts.len(), 1);
+        assert_eq!(
+            (ev.touched_alerts[0].started_at, ev.touched_alerts[0].count),
+            (2_000, 3)
+        );
     }
 
     fn arb_readings() -> impl Strategy<Value = Vec<Reading>> {
@@ -777,6 +1180,75 @@ mod tests {
             prop_assert_eq!(split_state, whole_state);
         }
 
+        /// Readings delivered late (each at most 50 s behind the newest delivered, in batches
+        /// of any size) end as in-order delivery ends: the same rule state, the same alert
+        /// records once removals and writes are applied, and the same transitions for a
+        /// consumer that applies retractions.
+        #[test]
+        fn late_delivery_within_the_bound_equals_in_order_delivery(
+            readings in arb_readings(),
+            delays in proptest::collection::vec(0i64..50_000, 80),
+            cuts in proptest::collection::vec(0usize..80, 0..8),
+        ) {
+            let rules = rules_with_durations();
+            let mut sorted = readings.clone();
+            sorted.sort_by(|a, b| a.order_key().cmp(&b.order_key()));
+            // One reading per event id (the generator may make two at one time).
+            sorted.dedup_by(|a, b| a.order_key() == b.order_key());
+            let mut in_order_state = DeviceRuleStates::default();
+            let in_order = rules.evaluate("truck-1", &mut in_order_state, &sorted);
+            let mut expected_alerts: BTreeMap<String, Alert> = BTreeMap::new();
+            for alert in in_order.touched_alerts {
+                expected_alerts.insert(alert.alert_id.clone(), alert);
+            }
+            let expected: BTreeMap<String, AlertTransition> = in_order
+                .transitions
+                .into_iter()
+                .map(|t| (t.transition_id.clone(), t))
+                .collect();
+
+            // Delivered in order of event time plus a delay under the bound.
+            let mut delivered: Vec<(i64, Reading)> = sorted
+                .iter()
+                .zip(&delays)
+                .map(|(r, delay)| (r.ts + delay, r.clone()))
+                .collect();
+            delivered.sort_by_key(|(arrival, _)| *arrival);
+            let delivered: Vec<Reading> = delivered.into_iter().map(|(_, r)| r).collect();
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(delivered.len())).collect();
+            cuts.push(0);
+            cuts.push(delivered.len());
+            cuts.sort_unstable();
+            let mut state = DeviceRuleStates::default();
+            let mut alerts: BTreeMap<String, Alert> = BTreeMap::new();
+            let mut consumer: BTreeMap<String, AlertTransition> = BTreeMap::new();
+            for pair in cuts.windows(2) {
+                let ev = rules.evaluate("truck-1", &mut state, &delivered[pair[0]..pair[1]]);
+                prop_assert!(ev.too_late.is_empty());
+                for id in &ev.removed_alerts {
+                    alerts.remove(id);
+                }
+                for alert in ev.touched_alerts {
+                    alerts.insert(alert.alert_id.clone(), alert);
+                }
+                for t in ev.transitions {
+                    match t.kind {
+                        TransitionKind::Retracted => {
+                            let retracted = t.transition_id.strip_suffix("|retracted").unwrap();
+                            prop_assert!(consumer.remove(retracted).is_some());
+                        }
+                        _ => {
+                            consumer.insert(t.transition_id.clone(), t);
+                        }
+                    }
+                }
+            }
+            prop_assert_eq!(&state.rules, &in_order_state.rules);
+            prop_assert_eq!(&state.watermark, &in_order_state.watermark);
+            prop_assert_eq!(alerts, expected_alerts);
+            prop_assert_eq!(consumer, expected);
+        }
+
         /// Per rule, transitions alternate raise/clear on the same alert; a raise follows at
         /// least the minimum duration of breaching readings and a clear comes on a reading below
         /// the clear threshold.
@@ -809,6 +1281,7 @@ mod tests {
                             prop_assert!(t.alert.last_value < 95.0);
                         }
                     }
+                    TransitionKind::Retracted => prop_assert!(false, "in order, nothing is retracted"),
                 }
             }
         }

@@ -162,9 +162,19 @@ async fn telemetry_becomes_position_archive_and_alerts() {
         "{acked}"
     );
 
-    // Normal readings clear it; the acknowledgement stays.
+    // A normal reading does not clear it yet (the shipped rules damp flapping: 30 s of normal
+    // readings); one 30 s later does, and the acknowledgement stays.
     let (status, _) = client
         .post("/v1/telemetry", &json!([reading(4, 90.0)]))
+        .await;
+    assert_eq!(status, 202);
+    drained(&running).await;
+    let (_, active) = client
+        .get("/v1/alerts?state=active&device_id=e2e-truck-1")
+        .await;
+    assert_eq!(active["count"], 1, "{active}");
+    let (status, _) = client
+        .post("/v1/telemetry", &json!([reading(34, 90.0)]))
         .await;
     assert_eq!(status, 202);
     drained(&running).await;
@@ -176,7 +186,10 @@ async fn telemetry_becomes_position_archive_and_alerts() {
         .get("/v1/alerts?state=cleared&device_id=e2e-truck-1")
         .await;
     assert_eq!(cleared["count"], 1);
-    assert_eq!(cleared["alerts"][0]["cleared_at"].as_i64(), Some(t0 + 4000));
+    assert_eq!(
+        cleared["alerts"][0]["cleared_at"].as_i64(),
+        Some(t0 + 34_000)
+    );
     assert_eq!(cleared["alerts"][0]["acknowledged"], true);
     assert_eq!(
         running.stack.stats().alert_transitions.unwrap(),
@@ -338,7 +351,7 @@ async fn every_dashboard_metric_is_emitted_by_its_function() {
     let hot = json!([reading(1, 105.0), reading(2, 108.0)]);
     assert_eq!(client.post("/v1/telemetry", &hot).await.0, 202);
     drained(&running).await;
-    let cool = json!([reading(3, 90.0)]);
+    let cool = json!([reading(3, 90.0), reading(33, 90.0)]);
     assert_eq!(client.post("/v1/telemetry", &cool).await.0, 202);
     let memory = running.stack.memory.as_ref().unwrap();
     let poison = BusRecord {

@@ -9,6 +9,7 @@
 //! on the next attempt (at least once, deduplicated by `transition_id`). The watermark in the
 //! committed state makes a replayed batch a no-op.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -16,23 +17,46 @@ use futures::stream::{self, StreamExt};
 use geostream_shared::metrics::{Measurements, MetricName};
 use geostream_shared::model::{AlertTransition, Reading, TransitionKind};
 use geostream_shared::ports::{
-    AlertStore, BusRecord, DeadLetterSink, ErrorKind, EventBus, StoreError, MAX_ALERTS_PER_COMMIT,
+    AlertChanges, AlertStore, BusRecord, DeadLetterSink, ErrorKind, EventBus, StoreError,
+    MAX_ALERTS_PER_COMMIT,
 };
 use geostream_shared::rules::{DeviceRuleStates, Evaluation, RuleSet};
 use geostream_shared::stream::{
-    dead_letter_refused, decode_batch, group_by_device, BatchOutcome, Retry, StreamBatch,
-    StreamFunction, DEVICE_CONCURRENCY,
+    dead_letter_refused, decode_batch, group_by_device, BatchOutcome, DeviceRecords, RecordId,
+    Retry, StreamBatch, StreamFunction, DEVICE_CONCURRENCY,
 };
 
 pub const FUNCTION_NAME: &str = "anomaly-inspector";
 /// Commits that lose a version race are retried this many times before the records fail.
 const COMMIT_ATTEMPTS: usize = 5;
 
-/// The alert transitions a device's committed evaluation made.
+/// What a device's committed evaluations made.
 #[derive(Debug, Default)]
-struct Transitions {
+struct Inspected {
     raised: usize,
     cleared: usize,
+    retracted: usize,
+    /// Readings behind the lateness bound that were news (not replays).
+    too_late: usize,
+}
+
+impl Inspected {
+    fn add(&mut self, other: &Inspected) {
+        self.raised += other.raised;
+        self.cleared += other.cleared;
+        self.retracted += other.retracted;
+        self.too_late += other.too_late;
+    }
+
+    fn count(&mut self, transitions: &[AlertTransition]) {
+        for transition in transitions {
+            match transition.kind {
+                TransitionKind::Raised => self.raised += 1,
+                TransitionKind::Cleared => self.cleared += 1,
+                TransitionKind::Retracted => self.retracted += 1,
+            }
+        }
+    }
 }
 
 pub struct AnomalyInspector {
@@ -69,7 +93,9 @@ impl AnomalyInspector {
         loop {
             let mut next = state.clone();
             let evaluation = self.rules.evaluate(device_id, &mut next, &readings[..take]);
-            if evaluation.touched_alerts.len() <= MAX_ALERTS_PER_COMMIT {
+            if evaluation.touched_alerts.len() + evaluation.removed_alerts.len()
+                <= MAX_ALERTS_PER_COMMIT
+            {
                 return Ok((evaluation, next, take));
             }
             if take == 1 {
@@ -85,13 +111,24 @@ impl AnomalyInspector {
         }
     }
 
-    async fn inspect_device(
-        &self,
-        device_id: &str,
-        mut readings: Vec<&Reading>,
-    ) -> Result<Transitions, StoreError> {
-        readings.sort_by(|a, b| a.order_key().cmp(&b.order_key()));
-        let mut made = Transitions::default();
+    async fn inspect_device(&self, group: &DeviceRecords) -> Result<Inspected, StoreError> {
+        let device_id = group.device_id.as_str();
+        // Each reading with the newest record that carried it (a client's retry sends one
+        // again in a later record).
+        let mut readings: Vec<(&Reading, &RecordId)> = group
+            .record_ids
+            .iter()
+            .zip(&group.envelopes)
+            .flat_map(|(id, envelope)| envelope.readings.iter().map(move |r| (r, id)))
+            .collect();
+        readings.sort_by(|a, b| (a.0.order_key(), a.1).cmp(&(b.0.order_key(), b.1)));
+        let newest_record = group.record_ids.iter().max();
+        let mut carried_by: HashMap<&str, &RecordId> = HashMap::new();
+        for (reading, id) in &readings {
+            carried_by.insert(reading.event_id.as_str(), id);
+        }
+        let readings: Vec<&Reading> = readings.into_iter().map(|(r, _)| r).collect();
+        let mut made = Inspected::default();
         let mut start = 0;
         let mut attempt = 0;
         loop {
@@ -100,7 +137,29 @@ impl AnomalyInspector {
             let expected_version = loaded.version;
             let (evaluation, mut state, taken) =
                 self.evaluate_fitting(device_id, &loaded, &readings[start..])?;
-            if evaluation.readings_evaluated == 0 {
+            let evaluated_through = loaded.evaluated_through.as_deref().map(RecordId::parse);
+            let too_late: Vec<&(i64, String)> = evaluation
+                .too_late
+                .iter()
+                .filter(|(_, event_id)| {
+                    carried_by.get(event_id.as_str()).copied() > evaluated_through.as_ref()
+                })
+                .collect();
+            if !too_late.is_empty() {
+                tracing::warn!(
+                    function = FUNCTION_NAME,
+                    device_id,
+                    readings = too_late.len(),
+                    oldest_ts = too_late[0].0,
+                    lateness_ms = self.rules.lateness_ms,
+                    "readings behind the lateness bound: archived, not evaluated by the rules"
+                );
+            }
+            let too_late = too_late.len();
+            if newest_record > evaluated_through.as_ref() {
+                state.evaluated_through = newest_record.map(RecordId::to_string);
+            }
+            if evaluation.readings_evaluated == 0 && too_late == 0 {
                 // Nothing new; what an earlier attempt committed may still wait to go out.
                 self.publish_outbox(device_id, expected_version, state)
                     .await?;
@@ -109,11 +168,14 @@ impl AnomalyInspector {
             state.outbox.extend(evaluation.transitions.iter().cloned());
             match self
                 .alerts
-                .commit(
+                .commit_changes(
                     device_id,
                     expected_version,
                     &state,
-                    &evaluation.touched_alerts,
+                    AlertChanges {
+                        touched: &evaluation.touched_alerts,
+                        removed: &evaluation.removed_alerts,
+                    },
                 )
                 .await
             {
@@ -123,13 +185,8 @@ impl AnomalyInspector {
                 }
                 Err(error) => return Err(error),
             }
-            let raised = evaluation
-                .transitions
-                .iter()
-                .filter(|t| t.kind == TransitionKind::Raised)
-                .count();
-            made.raised += raised;
-            made.cleared += evaluation.transitions.len() - raised;
+            made.count(&evaluation.transitions);
+            made.too_late += too_late;
             self.publish_outbox(device_id, expected_version + 1, state)
                 .await?;
             start += taken;
@@ -173,7 +230,11 @@ impl AnomalyInspector {
             tracing::info!(function = FUNCTION_NAME, device_id, alert_id = %t.alert.alert_id, kind = ?t.kind, rule = %t.alert.rule, "alert transition");
         }
         let published: Vec<AlertTransition> = std::mem::take(&mut state.outbox);
-        if let Err(error) = self.alerts.commit(device_id, version, &state, &[]).await {
+        if let Err(error) = self
+            .alerts
+            .commit_changes(device_id, version, &state, AlertChanges::NONE)
+            .await
+        {
             tracing::warn!(function = FUNCTION_NAME, device_id, %error, transitions = published.len(), "published transitions stay in the outbox; they will be published again");
         }
         Ok(())
@@ -192,22 +253,14 @@ impl StreamFunction for AnomalyInspector {
         let mut dead_lettered = decoded.dead_lettered;
         let groups = group_by_device(decoded.records);
         let mut results = stream::iter(groups.into_iter().map(|group| async move {
-            let readings: Vec<&Reading> = group
-                .envelopes
-                .iter()
-                .flat_map(|envelope| &envelope.readings)
-                .collect();
-            let result = self.inspect_device(&group.device_id, readings).await;
+            let result = self.inspect_device(&group).await;
             (group, result)
         }))
         .buffer_unordered(DEVICE_CONCURRENCY);
-        let mut committed = Transitions::default();
+        let mut committed = Inspected::default();
         while let Some((group, result)) = results.next().await {
             match result {
-                Ok(transitions) => {
-                    committed.raised += transitions.raised;
-                    committed.cleared += transitions.cleared;
-                }
+                Ok(inspected) => committed.add(&inspected),
                 // Retrying cannot help: dead letters now, not a stalled shard.
                 Err(error) if error.kind == ErrorKind::Permanent => {
                     dead_lettered += dead_letter_refused(
@@ -229,6 +282,8 @@ impl StreamFunction for AnomalyInspector {
         let mut measurements = Measurements::default();
         measurements.count(MetricName::AlertsRaised, committed.raised);
         measurements.count(MetricName::AlertsCleared, committed.cleared);
+        measurements.count(MetricName::AlertsRetracted, committed.retracted);
+        measurements.count(MetricName::ReadingsTooLate, committed.too_late);
         measurements.count(MetricName::DeadLetters, dead_lettered);
         BatchOutcome {
             failed,
@@ -316,7 +371,8 @@ mod tests {
         );
         assert_eq!(transitions(&bus).len(), 1);
 
-        let cool = batch(vec![(4_000, 90.0)], 2);
+        // Cleared once normal for the rules' 30 s.
+        let cool = batch(vec![(4_000, 90.0), (34_000, 90.0)], 2);
         let cleared = inspector.process(&cool).await;
         assert_eq!(
             cleared.measurements.get(MetricName::AlertsCleared),
@@ -334,7 +390,7 @@ mod tests {
             .unwrap();
         assert_eq!(all.len(), 1);
         assert_eq!(all[0].state, AlertState::Cleared);
-        assert_eq!(all[0].cleared_at, Some(4_000));
+        assert_eq!(all[0].cleared_at, Some(34_000));
     }
 
     /// A bus that refuses every publish while `down` is set.
@@ -367,12 +423,12 @@ mod tests {
         async fn load_rule_states(&self, device_id: &str) -> Result<DeviceRuleStates, StoreError> {
             self.0.load_rule_states(device_id).await
         }
-        async fn commit(
+        async fn commit_changes(
             &self,
             _: &str,
             _: u64,
             _: &DeviceRuleStates,
-            _: &[geostream_shared::model::Alert],
+            _: AlertChanges<'_>,
         ) -> Result<(), StoreError> {
             Err(StoreError::transient("TransactWriteItems", "throttled"))
         }
@@ -464,9 +520,12 @@ mod tests {
             bus.clone(),
             Arc::new(MemoryDeadLetters::new(1)),
         );
-        // 150 overheats, each followed by a cool reading: 150 alerts raised and cleared.
-        let readings = (0..300)
-            .map(|n| (1_000 + n * 1_000, if n % 2 == 0 { 101.0 } else { 94.0 }))
+        // 150 overheats, each followed by 30 s of cool readings: 150 alerts raised and cleared.
+        let readings = (0..150)
+            .flat_map(|n| {
+                let start = 1_000 + n * 40_000;
+                [(start, 101.0), (start + 1_000, 94.0), (start + 31_000, 94.0)]
+            })
             .collect();
         let outcome = inspector.process(&batch(readings, 1)).await;
         assert!(outcome.failed.is_empty(), "{:?}", outcome.failed);

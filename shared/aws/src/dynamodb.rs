@@ -20,13 +20,13 @@ use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{
-    AttributeValue, KeysAndAttributes, Put, ReturnValue, TransactWriteItem, Update,
+    AttributeValue, Delete, KeysAndAttributes, Put, ReturnValue, TransactWriteItem, Update,
 };
 use geostream_shared::geo::{index_partition_key, INDEX_PARTITION_GEOHASH_LEN, INDEX_SHARDS};
 use geostream_shared::model::{Alert, AlertState, GeoPoint, Position, Severity};
 use geostream_shared::ports::{
-    nearest, with_geohash, AlertFilter, AlertStore, NearbyVehicle, PositionStore, StoreError,
-    UpsertOutcome, MAX_ALERTS_PER_COMMIT,
+    nearest, with_geohash, AlertChanges, AlertFilter, AlertStore, NearbyVehicle, PositionStore,
+    StoreError, UpsertOutcome, MAX_ALERTS_PER_COMMIT,
 };
 use geostream_shared::rules::DeviceRuleStates;
 use geostream_shared::EpochMillis;
@@ -404,9 +404,14 @@ impl DynamoAlerts {
             (":false".to_string(), AttributeValue::Bool(false)),
         ]);
         let mut expression = "SET device_id = :device_id, #rule = :rule, severity = :severity, #state = :state, started_at = :started_at, peak_value = :peak, last_value = :last, #count = :count, acknowledged = if_not_exists(acknowledged, :false)".to_string();
-        if let Some(cleared_at) = alert.cleared_at {
-            values.insert(":cleared_at".into(), n(cleared_at));
-            expression.push_str(", cleared_at = :cleared_at");
+        match alert.cleared_at {
+            Some(cleared_at) => {
+                values.insert(":cleared_at".into(), n(cleared_at));
+                expression.push_str(", cleared_at = :cleared_at");
+            }
+            // A clear a late reading retracted.
+            None if alert.state == AlertState::Active => expression.push_str(" REMOVE cleared_at"),
+            None => {}
         }
         Update::builder()
             .table_name(&self.alerts_table)
@@ -448,6 +453,24 @@ impl DynamoAlerts {
         for alert in alerts {
             self.send_alert_update(alert, self.alert_update(alert)?)
                 .await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes alert records one by one (idempotent), for a rule state kept elsewhere.
+    pub async fn remove_alerts(&self, alert_ids: &[String]) -> Result<(), StoreError> {
+        for alert_id in alert_ids {
+            self.client
+                .delete_item()
+                .table_name(&self.alerts_table)
+                .key("alert_id", s(alert_id))
+                .send()
+                .await
+                .map_err(|e| store_error("DeleteItem alerts", e))?;
+            self.meter.add(
+                Unit::DynamoWriteUnits,
+                1.0 + 2.0 * capacity::write_units(capacity::index_entry_size(0)),
+            );
         }
         Ok(())
     }
@@ -632,13 +655,14 @@ impl AlertStore for DynamoAlerts {
         Ok(states)
     }
 
-    async fn commit(
+    async fn commit_changes(
         &self,
         device_id: &str,
         expected_version: u64,
         states: &DeviceRuleStates,
-        alerts: &[Alert],
+        changes: AlertChanges<'_>,
     ) -> Result<(), StoreError> {
+        let alerts = changes.touched;
         let state = self.state_put(device_id, expected_version, states)?;
         let state_size = capacity::item_size(state.item());
         let conflict = |operation: &'static str| {
@@ -649,7 +673,7 @@ impl AlertStore for DynamoAlerts {
                 ),
             )
         };
-        if alerts.is_empty() {
+        if changes.is_empty() {
             // Nothing else to write: a plain conditional put, half a transaction's units.
             let result = self
                 .client
@@ -676,13 +700,13 @@ impl AlertStore for DynamoAlerts {
                 Err(error) => Err(store_error("PutItem alert state", error)),
             };
         }
-        if alerts.len() > MAX_ALERTS_PER_COMMIT {
+        if changes.len() > MAX_ALERTS_PER_COMMIT {
             // Written outside the transaction, a discarded evaluation's alerts would stay.
             return Err(StoreError::invalid(
                 "TransactWriteItems",
                 format!(
                     "device {device_id}: {} alerts in one commit; a transaction takes {MAX_ALERTS_PER_COMMIT} beside the state",
-                    alerts.len()
+                    changes.len()
                 ),
             ));
         }
@@ -691,16 +715,36 @@ impl AlertStore for DynamoAlerts {
             .map(|a| self.alert_update(a).map(|update| (a, update)))
             .collect::<Result<Vec<_>, _>>()?;
         // Transactional writes cost twice a standard write.
+        let removals = changes
+            .removed
+            .iter()
+            .map(|alert_id| {
+                Delete::builder()
+                    .table_name(&self.alerts_table)
+                    .key("alert_id", s(alert_id))
+                    .build()
+                    .map_err(|e| StoreError::permanent("TransactWriteItems", e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        // Transactional writes cost twice a standard write; a delete is charged as the item
+        // (taken as 1 KB) and its two index entries.
         let units = 2.0 * capacity::write_units(state_size)
             + updates
                 .iter()
                 .map(|(alert, _)| Self::alert_write_units(alert, true))
-                .sum::<f64>();
+                .sum::<f64>()
+            + removals.len() as f64
+                * (2.0 + 2.0 * capacity::write_units(capacity::index_entry_size(0)));
         let mut items = vec![TransactWriteItem::builder().put(state).build()];
         items.extend(
             updates
                 .into_iter()
                 .map(|(_, u)| TransactWriteItem::builder().update(u).build()),
+        );
+        items.extend(
+            removals
+                .into_iter()
+                .map(|d| TransactWriteItem::builder().delete(d).build()),
         );
         let result = self
             .client

@@ -131,6 +131,7 @@ pub const FUNCTIONS: &[FunctionManifest] = &[
             "PutItem",
             "TransactWriteItems",
             "UpdateItem",
+            "DeleteItem",
             "PutRecords",
             "GetSecretValue",
             "SendMessageBatch",
@@ -139,9 +140,11 @@ pub const FUNCTIONS: &[FunctionManifest] = &[
         permissions: &[
             allow("dynamodb:GetItem", "aws_dynamodb_table.alert_state"),
             // A state change alone is a conditional PutItem; with alerts, a TransactWriteItems,
-            // authorised as the PutItem and UpdateItem inside it.
+            // authorised as the PutItem, UpdateItem and DeleteItem inside it (a delete: an
+            // alert a late reading undid).
             allow("dynamodb:PutItem", "aws_dynamodb_table.alert_state"),
             allow("dynamodb:UpdateItem", "aws_dynamodb_table.alerts"),
+            allow("dynamodb:DeleteItem", "aws_dynamodb_table.alerts"),
             allow("kinesis:PutRecords", "aws_kinesis_stream.alerts"),
             allow("secretsmanager:GetSecretValue", "var.kafka_secret_arn"),
             allow("sqs:SendMessage", "aws_sqs_queue.dead_letters"),

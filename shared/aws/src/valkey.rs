@@ -28,8 +28,8 @@ use async_trait::async_trait;
 use geostream_shared::geo::{haversine_m, EARTH_RADIUS_M};
 use geostream_shared::model::{Alert, GeoPoint, Position, Reading};
 use geostream_shared::ports::{
-    nearest, with_geohash, AlertFilter, AlertStore, Archive, NearbyVehicle, PositionStore,
-    RejectedReading, StoreError, UpsertOutcome,
+    nearest, with_geohash, AlertChanges, AlertFilter, AlertStore, Archive, NearbyVehicle,
+    PositionStore, RejectedReading, StoreError, UpsertOutcome,
 };
 use geostream_shared::rules::DeviceRuleStates;
 use geostream_shared::{now_millis, EpochMillis};
@@ -376,14 +376,14 @@ impl AlertStore for ValkeyStateAlerts {
         Ok(states)
     }
 
-    async fn commit(
+    async fn commit_changes(
         &self,
         device_id: &str,
         expected_version: u64,
         states: &DeviceRuleStates,
-        alerts: &[Alert],
+        changes: AlertChanges<'_>,
     ) -> Result<(), StoreError> {
-        self.alerts.write_alerts(alerts).await?;
+        self.alerts.write_alerts(changes.touched).await?;
         let json = serde_json::to_string(states)
             .map_err(|e| StoreError::permanent("commit rule state", e.to_string()))?;
         let bytes = json.len();
@@ -398,7 +398,8 @@ impl AlertStore for ValkeyStateAlerts {
             .map_err(|e| store_error("commit rule state", e))?;
         self.usage.charge(if committed == 1 { 2 } else { 1 }, bytes);
         if committed == 1 {
-            Ok(())
+            // After the state: a removal from a discarded evaluation would lose a record.
+            self.alerts.remove_alerts(changes.removed).await
         } else {
             Err(StoreError::conflict(
                 "commit rule state",
