@@ -359,8 +359,25 @@ async fn faults_and_two_crashes_end_where_an_uninterrupted_run_ends() {
             match &settled_since {
                 Some((since, seen)) if *seen == stored_alerts => {
                     if since.elapsed() > Duration::from_secs(60) {
+                        let archive = archived(&clients.s3, &names.archive_bucket).await;
+                        let mut states = String::new();
+                        for alert in expected_alerts
+                            .values()
+                            .filter(|a| stored_alerts.get(&a.alert_id) != Some(a))
+                        {
+                            let device = &alert.device_id;
+                            let missing: Vec<&String> = by_device[device]
+                                .iter()
+                                .map(|r| &r.event_id)
+                                .filter(|id| !archive.contains_key(*id))
+                                .collect();
+                            states.push_str(&format!(
+                                "\n  {device}: not archived {missing:?}; rule state {:?}",
+                                alerts.load_rule_states(device).await
+                            ));
+                        }
                         panic!(
-                            "alerts settled unlike an uninterrupted run ({} dead letters): {}",
+                            "alerts settled unlike an uninterrupted run ({} dead letters): {}{states}",
                             dead_letter_count(&clients.sqs, &dead_letter_queue).await,
                             alert_differences(&expected_alerts, &stored_alerts)
                         );

@@ -524,7 +524,11 @@ mod tests {
         let readings = (0..150)
             .flat_map(|n| {
                 let start = 1_000 + n * 40_000;
-                [(start, 101.0), (start + 1_000, 94.0), (start + 31_000, 94.0)]
+                [
+                    (start, 101.0),
+                    (start + 1_000, 94.0),
+                    (start + 31_000, 94.0),
+                ]
             })
             .collect();
         let outcome = inspector.process(&batch(readings, 1)).await;

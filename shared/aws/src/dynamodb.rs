@@ -758,7 +758,15 @@ impl AlertStore for DynamoAlerts {
             Err(SdkError::ServiceError(service)) if failed_a_condition(service.err()) => {
                 Err(conflict("TransactWriteItems"))
             }
-            Err(error) => Err(store_error("TransactWriteItems", error)),
+            Err(error) => {
+                let cancelled_for_now = matches!(&error, SdkError::ServiceError(service) if cancelled_for_now(service.err()));
+                let error = store_error("TransactWriteItems", error);
+                Err(if cancelled_for_now {
+                    StoreError::transient(error.operation, error.message)
+                } else {
+                    error
+                })
+            }
         }
     }
 
@@ -879,9 +887,66 @@ fn failed_a_condition(error: &TransactWriteItemsError) -> bool {
     }
 }
 
+/// Whether a transaction was cancelled only for reasons that pass: another transaction on one
+/// of its items (`TransactionConflict`), throttling, or none given for an item. DynamoDB
+/// answers 400 for these, so the SDK's classifier takes them as refusals; retried, the
+/// transaction goes through.
+fn cancelled_for_now(error: &TransactWriteItemsError) -> bool {
+    match error {
+        TransactWriteItemsError::TransactionCanceledException(cancelled) => {
+            let reasons = cancelled.cancellation_reasons();
+            !reasons.is_empty()
+                && reasons.iter().all(|reason| {
+                    matches!(
+                        reason.code(),
+                        None | Some(
+                            "None"
+                                | "TransactionConflict"
+                                | "ThrottlingError"
+                                | "ProvisionedThroughputExceeded"
+                        )
+                    )
+                })
+        }
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue #12: a transaction cancelled for a conflict with another transaction was taken as
+    /// a permanent refusal and its records dead-lettered; it is retried.
+    #[test]
+    fn a_transaction_conflict_passes_and_a_failed_condition_is_a_conflict() {
+        use aws_sdk_dynamodb::types::error::TransactionCanceledException;
+        use aws_sdk_dynamodb::types::CancellationReason;
+        let cancelled = |codes: &[&str]| {
+            TransactWriteItemsError::TransactionCanceledException(
+                TransactionCanceledException::builder()
+                    .set_cancellation_reasons(Some(
+                        codes
+                            .iter()
+                            .map(|c| CancellationReason::builder().code(*c).build())
+                            .collect(),
+                    ))
+                    .build(),
+            )
+        };
+        assert!(cancelled_for_now(&cancelled(&[
+            "None",
+            "TransactionConflict"
+        ])));
+        assert!(cancelled_for_now(&cancelled(&["ThrottlingError"])));
+        assert!(!failed_a_condition(&cancelled(&["TransactionConflict"])));
+        assert!(!cancelled_for_now(&cancelled(&["None", "ValidationError"])));
+        assert!(!cancelled_for_now(&cancelled(&["ConditionalCheckFailed"])));
+        assert!(failed_a_condition(&cancelled(&[
+            "None",
+            "ConditionalCheckFailed"
+        ])));
+    }
 
     #[test]
     fn covering_prefixes_become_one_range_per_index_cell() {
