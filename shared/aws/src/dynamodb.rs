@@ -9,7 +9,8 @@
 //!   each (`geohash BETWEEN` the cell's lowest and highest prefix), in parallel: 16 to 64 Query
 //!   calls for a city radius, up to 144 for 100 km below 60 degrees of latitude. A circle that
 //!   spans more than [`MAX_QUERY_CELLS`] cells (near a pole) is answered by a parallel Scan.
-//! - alert state: key `device_id`; `version` (number) and `rule_states` (JSON).
+//! - alert state: key `device_id`; `version` (number) and `rule_states_z` (JSON, deflated;
+//!   `rule_states`, plain JSON, as written before, is still read).
 //! - alerts: key `alert_id`; GSIs [`ALERTS_BY_STATE_INDEX`] (`state`, `started_at`) and
 //!   [`ALERTS_BY_DEVICE_INDEX`] (`device_id`, `started_at`).
 
@@ -19,6 +20,7 @@ use async_trait::async_trait;
 use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::primitives::Blob;
 use aws_sdk_dynamodb::types::{
     AttributeValue, Delete, KeysAndAttributes, Put, ReturnValue, TransactWriteItem, Update,
 };
@@ -481,13 +483,16 @@ impl DynamoAlerts {
         expected_version: u64,
         states: &DeviceRuleStates,
     ) -> Result<Put, StoreError> {
-        let json = serde_json::to_string(states)
+        let json = serde_json::to_vec(states)
             .map_err(|e| StoreError::permanent("alert state", e.to_string()))?;
         let builder = Put::builder()
             .table_name(&self.state_table)
             .item("device_id", s(device_id))
             .item("version", n(expected_version + 1))
-            .item("rule_states", s(json));
+            .item(
+                COMPRESSED_RULE_STATES,
+                AttributeValue::B(Blob::new(compress(&json))),
+            );
         let builder = if expected_version == 0 {
             builder.condition_expression("attribute_not_exists(device_id)")
         } else {
@@ -645,11 +650,18 @@ impl AlertStore for DynamoAlerts {
         let Some(item) = output.item() else {
             return Ok(DeviceRuleStates::default());
         };
-        let json = get_s(item, "rule_states")
-            .map_err(|e| StoreError::permanent("GetItem alert state", e))?;
-        let mut states: DeviceRuleStates = serde_json::from_str(&json).map_err(|e| {
+        let unreadable = |e: String| {
             StoreError::permanent("GetItem alert state", format!("device {device_id}: {e}"))
-        })?;
+        };
+        let json = match item.get(COMPRESSED_RULE_STATES) {
+            Some(AttributeValue::B(blob)) => {
+                decompress(blob.as_ref()).map_err(|e| unreadable(e.to_string()))?
+            }
+            // Written before the state was compressed.
+            _ => get_s(item, "rule_states").map_err(unreadable)?.into_bytes(),
+        };
+        let mut states: DeviceRuleStates =
+            serde_json::from_slice(&json).map_err(|e| unreadable(e.to_string()))?;
         states.version =
             get_n(item, "version").map_err(|e| StoreError::permanent("GetItem alert state", e))?;
         Ok(states)
@@ -887,6 +899,28 @@ fn failed_a_condition(error: &TransactWriteItemsError) -> bool {
     }
 }
 
+/// The rule-state attribute: its JSON, deflated. The state carries the readings kept for late
+/// ones (bounded lateness), a few kilobytes of JSON that repeats itself (times, event ids,
+/// metric values), and DynamoDB bills every write by the item's size in 1 KB units: deflated,
+/// a typical state fits one unit instead of three.
+const COMPRESSED_RULE_STATES: &str = "rule_states_z";
+
+fn compress(json: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder =
+        flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+    // Writing to a Vec cannot fail.
+    let _ = encoder.write_all(json);
+    encoder.finish().unwrap_or_default()
+}
+
+fn decompress(data: &[u8]) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut json = Vec::new();
+    flate2::read::DeflateDecoder::new(data).read_to_end(&mut json)?;
+    Ok(json)
+}
+
 /// Whether a transaction was cancelled only for reasons that pass: another transaction on one
 /// of its items (`TransactionConflict`), throttling, or none given for an item. DynamoDB
 /// answers 400 for these, so the SDK's classifier takes them as refusals; retried, the
@@ -946,6 +980,30 @@ mod tests {
             "None",
             "ConditionalCheckFailed"
         ])));
+    }
+
+    /// A minute of readings at one every 2 s kept for late ones fits one write unit deflated.
+    #[test]
+    fn a_rule_state_with_its_lateness_window_fits_a_write_unit() {
+        use geostream_shared::model::Reading;
+        use geostream_shared::rules::RuleSet;
+        let readings: Vec<Reading> = (0..30)
+            .map(|i| Reading {
+                device_id: "truck-0042".into(),
+                ts: 1_796_503_530_753 + i * 2_000,
+                event_id: format!("truck-0042-{i:06}"),
+                engine_temp_c: Some(88.0 + (i % 7) as f64 * 0.7),
+                battery_temp_c: Some(31.5 + (i % 3) as f64),
+                ..Default::default()
+            })
+            .collect();
+        let mut states = DeviceRuleStates::default();
+        RuleSet::default_rules().evaluate("truck-0042", &mut states, &readings);
+        let json = serde_json::to_vec(&states).unwrap();
+        let stored = compress(&json);
+        assert!(json.len() > 2_000, "{}", json.len());
+        assert!(stored.len() < 1_000, "{} bytes deflated", stored.len());
+        assert_eq!(decompress(&stored).unwrap(), json);
     }
 
     #[test]
