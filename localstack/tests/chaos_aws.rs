@@ -260,7 +260,11 @@ async fn faults_and_two_crashes_end_where_an_uninterrupted_run_ends() {
     .unwrap();
     let prefix = format!("chaos-{}", std::process::id());
     // GeoStream's own 2 s per try, as on AWS (a held answer is given up on before the proxy
-    // drops it).
+    // drops it), unless GEOSTREAM_CHAOS_ATTEMPT_TIMEOUT_MS says otherwise: the test command
+    // shares moto with the other tests, and moto then takes seconds for a write.
+    let attempt_timeout =
+        std::env::var("GEOSTREAM_CHAOS_ATTEMPT_TIMEOUT_MS").unwrap_or_else(|_| "2000".into());
+    let attempt_timeout = attempt_timeout.as_str();
     let start = |create: bool| {
         let mut args = vec![
             "--backend",
@@ -281,7 +285,7 @@ async fn faults_and_two_crashes_end_where_an_uninterrupted_run_ends() {
             Runner::start(
                 env!("CARGO_BIN_EXE_geostream-local"),
                 &args,
-                &[("GEOSTREAM_AWS_ATTEMPT_TIMEOUT_MS", "2000")],
+                &[("GEOSTREAM_AWS_ATTEMPT_TIMEOUT_MS", attempt_timeout)],
             )
             .await
         }

@@ -389,11 +389,11 @@ async fn every_dashboard_metric_is_emitted_by_its_function() {
         );
     }
     for (function, metric, expected) in [
-        ("ingest", "EventsAccepted", 4.0),
+        ("ingest", "EventsAccepted", 5.0),
         ("ingest", "EventsRejected", 1.0),
         ("anomaly-inspector", "AlertsRaised", 1.0),
         ("anomaly-inspector", "AlertsCleared", 1.0),
-        ("archiver", "ReadingsArchived", 4.0),
+        ("archiver", "ReadingsArchived", 5.0),
         ("geo-update", "DeadLetters", 1.0),
         ("archiver", "DeadLetters", 1.0),
         ("anomaly-inspector", "DeadLetters", 1.0),
