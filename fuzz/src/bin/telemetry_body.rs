@@ -1,0 +1,3 @@
+fn main() {
+    afl::fuzz!(|data: &[u8]| geostream_fuzz::telemetry_body(data));
+}
