@@ -291,11 +291,6 @@ impl RuleSet {
             .position(|r| r.0 > newest - self.lateness_ms)
             .unwrap_or(window.readings.len())
             .max(window.readings.len().saturating_sub(MAX_WINDOW_READINGS));
-        let keep_from = if self.lateness_ms == 0 {
-            window.readings.len()
-        } else {
-            keep_from
-        };
         if keep_from == 0 {
             return;
         }
@@ -338,16 +333,23 @@ impl RuleSet {
         touched: &mut BTreeMap<String, Alert>,
     ) -> Vec<AlertTransition> {
         let mut transitions = Vec::new();
+        // Each rule's place among the metrics, found once rather than per reading.
+        let slots: Vec<Option<usize>> = self
+            .rules
+            .iter()
+            .map(|rule| metrics.iter().position(|m| *m == rule.metric))
+            .collect();
         for reading in readings {
-            for rule in &self.rules {
-                let Some(value) = metrics
-                    .iter()
-                    .position(|m| *m == rule.metric)
-                    .and_then(|i| reading.2.get(i).copied().flatten())
-                else {
+            for (rule, slot) in self.rules.iter().zip(&slots) {
+                let Some(value) = slot.and_then(|i| reading.2.get(i).copied().flatten()) else {
                     continue;
                 };
-                let rule_state = rules.entry(rule.name.clone()).or_default();
+                if !rules.contains_key(&rule.name) {
+                    rules.insert(rule.name.clone(), RuleState::default());
+                }
+                let Some(rule_state) = rules.get_mut(&rule.name) else {
+                    continue;
+                };
                 if let Some(transition) =
                     step(rule, device_id, rule_state, reading.0, value, touched)
                 {
