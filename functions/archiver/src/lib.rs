@@ -247,7 +247,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_write_on_kafka_answers_the_offset_to_resume_from_per_partition() {
-        let event: aws_lambda_events::event::kafka::KafkaEvent =
+        let event: geostream_lambda::stream::KafkaEvent =
             serde_json::from_str(geostream_lambda::fixtures::KAFKA_EVENT).unwrap();
         let handler = Archiver::new(
             Arc::new(FailingArchive),

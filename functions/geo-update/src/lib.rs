@@ -192,7 +192,7 @@ mod tests {
 
     #[tokio::test]
     async fn stores_the_position_from_a_real_kafka_event() {
-        let event: aws_lambda_events::event::kafka::KafkaEvent =
+        let event: geostream_lambda::stream::KafkaEvent =
             serde_json::from_str(geostream_lambda::fixtures::KAFKA_EVENT).unwrap();
         let positions = Arc::new(MemoryPositionStore::new());
         let handler = GeoUpdate::new(positions.clone(), Arc::new(MemoryDeadLetters::new(10)));

@@ -5,12 +5,13 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use aws_lambda_events::event::kafka::{KafkaEvent, KafkaRecord};
 use aws_lambda_events::event::kinesis::{KinesisEvent, KinesisEventRecord, KinesisRecord};
 use aws_lambda_events::event::streams::KinesisEventResponse;
 use base64::Engine;
 use chrono::TimeZone;
-use geostream_lambda::stream::{handle_kafka, handle_kinesis, KafkaBatchResponse};
+use geostream_lambda::stream::{
+    handle_kafka, handle_kinesis, KafkaBatchResponse, KafkaEvent, KafkaRecord,
+};
 use geostream_shared::metrics::MetricsSink;
 use geostream_shared::stream::{RecordId, StreamFunction};
 
@@ -129,9 +130,11 @@ fn kinesis_event(
 /// Lambda's Kafka event: records grouped by `topic-partition`, base64 keys and values.
 fn kafka_event(bootstrap_servers: &str, records: &[SourceRecord]) -> KafkaEvent {
     let base64 = &base64::engine::general_purpose::STANDARD;
-    let mut event = KafkaEvent::default();
-    event.event_source = Some("SelfManagedKafka".into());
-    event.bootstrap_servers = Some(bootstrap_servers.to_string());
+    let mut event = KafkaEvent {
+        event_source: Some("SelfManagedKafka".into()),
+        bootstrap_servers: Some(bootstrap_servers.to_string()),
+        ..KafkaEvent::default()
+    };
     for source in records {
         let RecordId::Kafka {
             topic,
@@ -141,16 +144,15 @@ fn kafka_event(bootstrap_servers: &str, records: &[SourceRecord]) -> KafkaEvent 
         else {
             continue;
         };
-        let mut record = KafkaRecord::default();
-        record.topic = Some(topic.clone());
-        record.partition = i64::from(*partition);
-        record.offset = *offset;
-        if let Some(time) = chrono::Utc.timestamp_millis_opt(source.arrival).single() {
-            record.timestamp.0 = time;
-        }
-        record.timestamp_type = Some("CREATE_TIME".into());
-        record.key = Some(base64.encode(&source.partition_key));
-        record.value = Some(base64.encode(&source.data));
+        let record = KafkaRecord {
+            topic: Some(topic.clone()),
+            partition: *partition,
+            offset: *offset,
+            timestamp: Some(source.arrival),
+            timestamp_type: Some("CREATE_TIME".into()),
+            key: Some(base64.encode(&source.partition_key)),
+            value: Some(base64.encode(&source.data)),
+        };
         event
             .records
             .entry(source.partition.clone())

@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 
-use aws_lambda_events::event::kafka::KafkaEvent;
 use aws_lambda_events::event::kinesis::KinesisEvent;
 use aws_lambda_events::event::streams::{KinesisBatchItemFailure, KinesisEventResponse};
 use base64::Engine;
@@ -11,7 +10,7 @@ use geostream_shared::metrics::MetricsSink;
 use geostream_shared::stream::{
     process_measured, RecordId, StreamBatch, StreamFunction, StreamRecord,
 };
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// The records of a Kinesis event, in the event's order (one shard, sequence order).
 pub fn batch_from_kinesis(event: KinesisEvent) -> StreamBatch {
@@ -37,18 +36,71 @@ pub fn batch_from_kinesis(event: KinesisEvent) -> StreamBatch {
     }
 }
 
-/// Lambda's Kafka event groups records by "topic-partition", with base64 keys and values.
-/// Records keep their order within a partition (partitions in name order).
+/// The event a (self-managed or MSK) Kafka event source mapping sends: records grouped by
+/// `topic-partition`, base64 keys and values.
+///
+/// GeoStream's own type rather than `aws_lambda_events`' `KafkaEvent`: that one's timestamp
+/// deserializer asserts and so panics on a fractional timestamp (found by `scripts/fuzz`,
+/// inputs in `fuzz/crashes/kafka_event`). Here an event that is not what Lambda sends is
+/// refused with serde's reason, and a record's timestamp that is not whole milliseconds is
+/// only unknown: it feeds the freshness metric, nothing a record's fate depends on.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaEvent {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_source: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_source_arn: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap_servers: Option<String>,
+    #[serde(default)]
+    pub records: BTreeMap<String, Vec<KafkaRecord>>,
+}
+
+/// One Kafka record of a [`KafkaEvent`]. Headers are not read (GeoStream's records carry
+/// everything in their value) and are ignored.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaRecord {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+    pub partition: i32,
+    pub offset: i64,
+    /// Milliseconds since the epoch as the producer or broker stamped it (`timestampType`).
+    #[serde(
+        default,
+        deserialize_with = "whole_millis",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub timestamp: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+}
+
+/// Whole milliseconds, as a JSON integer or a string of one; anything else is unknown.
+fn whole_millis<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<i64>, D::Error> {
+    Ok(
+        match Option::<serde_json::Value>::deserialize(deserializer)? {
+            Some(serde_json::Value::Number(number)) => number.as_i64(),
+            Some(serde_json::Value::String(text)) => text.parse().ok(),
+            _ => None,
+        },
+    )
+}
+
+/// The records of a Kafka event, in order within a partition (partitions in name order).
 pub fn batch_from_kafka(event: KafkaEvent) -> StreamBatch {
     let decode =
         |text: Option<String>| text.map(|t| base64::engine::general_purpose::STANDARD.decode(t));
-    let mut partitions: Vec<_> = event.records.into_iter().collect();
-    partitions.sort_by(|a, b| a.0.cmp(&b.0));
     let mut records = Vec::new();
-    for (topic_partition, mut messages) in partitions {
+    for (topic_partition, mut messages) in event.records {
         messages.sort_by_key(|m| m.offset);
         for message in messages {
-            let partition = i32::try_from(message.partition).unwrap_or(i32::MAX);
+            let partition = message.partition;
             // Lambda names the topic in every record; the group key is the fallback.
             let topic = message.topic.clone().unwrap_or_else(|| {
                 topic_partition
@@ -56,7 +108,6 @@ pub fn batch_from_kafka(event: KafkaEvent) -> StreamBatch {
                     .unwrap_or(&topic_partition)
                     .to_string()
             });
-            let timestamp = message.timestamp.0.timestamp_millis();
             // An undecodable value is kept as its text, for the dead-letter sink to show.
             let data = match decode(message.value.clone()) {
                 Some(Ok(bytes)) => bytes,
@@ -70,7 +121,7 @@ pub fn batch_from_kafka(event: KafkaEvent) -> StreamBatch {
                 id: RecordId::kafka(topic, partition, message.offset),
                 partition_key,
                 data,
-                arrived_at: Some(timestamp).filter(|millis| *millis > 0),
+                arrived_at: message.timestamp.filter(|millis| *millis > 0),
             });
         }
     }
@@ -197,6 +248,50 @@ mod tests {
                 {"itemIdentifier": {"partition": "telemetry-1", "offset": 7}},
             ]})
         );
+    }
+
+    /// The inputs on which `aws_lambda_events`' Kafka event panicked (a fractional timestamp
+    /// ahead of bytes that are not JSON, found by `scripts/fuzz`) are refused with a reason.
+    #[test]
+    fn fuzzed_kafka_events_that_panicked_are_refused_with_a_reason() {
+        for crash in [
+            &include_bytes!("../../../fuzz/crashes/kafka_event/crash-0")[..],
+            &include_bytes!("../../../fuzz/crashes/kafka_event/crash-1")[..],
+        ] {
+            let error = serde_json::from_slice::<KafkaEvent>(crash).unwrap_err();
+            assert!(error.line() > 1, "refused where it went wrong: {error}");
+        }
+    }
+
+    /// A well-formed event with a fractional timestamp loses only that timestamp.
+    #[test]
+    fn a_fractional_kafka_timestamp_is_unknown_and_its_record_kept() {
+        let fixture = include_str!("../tests/fixtures/kafka-event.json")
+            .replace("1763900000250", "1763900000.25");
+        let batch = batch_from_kafka(serde_json::from_str(&fixture).unwrap());
+        let arrivals: Vec<Option<i64>> = batch.records.iter().map(|r| r.arrived_at).collect();
+        assert_eq!(
+            arrivals,
+            [Some(1_763_900_000_125), None, Some(1_763_900_000_750)]
+        );
+    }
+
+    #[test]
+    fn a_kafka_timestamp_is_whole_milliseconds_as_a_number_or_a_string() {
+        let record = |timestamp: &str| {
+            serde_json::from_str::<KafkaRecord>(&format!(
+                r#"{{"partition": 0, "offset": 1, "timestamp": {timestamp}}}"#
+            ))
+            .unwrap()
+            .timestamp
+        };
+        assert_eq!(record("1763900000250"), Some(1_763_900_000_250));
+        assert_eq!(record("\"1763900000250\""), Some(1_763_900_000_250));
+        assert_eq!(record("1763.5"), None);
+        assert_eq!(record("null"), None);
+        assert_eq!(record("[1]"), None);
+        let no_offset = serde_json::from_str::<KafkaRecord>(r#"{"partition": 0}"#);
+        assert!(no_offset.unwrap_err().to_string().contains("offset"));
     }
 
     #[test]
