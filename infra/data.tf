@@ -145,8 +145,19 @@ resource "aws_timestreamwrite_table" "readings" {
     magnetic_store_retention_period_in_days = var.timestream_magnetic_retention_days
   }
 
+  # Readings older than the memory store's retention go to the magnetic store, which refuses
+  # records asynchronously (after WriteRecords answered): its error reports land beside the
+  # dead letters, under timestream-rejected/, where the operator's runbook looks.
   magnetic_store_write_properties {
     enable_magnetic_store_writes = true
+
+    magnetic_store_rejected_data_location {
+      s3_configuration {
+        bucket_name       = aws_s3_bucket.dead_letters.bucket
+        object_key_prefix = "timestream-rejected/"
+        encryption_option = "SSE_S3"
+      }
+    }
   }
 }
 
@@ -347,6 +358,23 @@ resource "aws_s3_bucket_lifecycle_configuration" "dead_letters" {
 
     abort_incomplete_multipart_upload {
       days_after_initiation = 1
+    }
+  }
+
+  rule {
+    id     = "expire-timestream-rejections"
+    status = "Enabled"
+
+    filter {
+      prefix = "timestream-rejected/"
+    }
+
+    expiration {
+      days = 15
+    }
+
+    noncurrent_version_expiration {
+      noncurrent_days = 1
     }
   }
 

@@ -428,7 +428,34 @@ pub fn check(
         }
     }
     problems.extend(check_mapping_defaults(bodies, MAPPING_DEFAULTS));
+    problems.extend(check_magnetic_rejections(bodies));
     problems
+}
+
+/// A Timestream table that takes late readings into its magnetic store must say where the
+/// store's asynchronous refusals go: without a location they are lost without a trace.
+fn check_magnetic_rejections(bodies: &[(String, Body)]) -> Vec<String> {
+    blocks(bodies, "resource")
+        .filter(|block| label(block, 0) == "aws_timestreamwrite_table")
+        .filter_map(|table| {
+            let writes = table
+                .body()
+                .blocks()
+                .find(|b| b.identifier() == "magnetic_store_write_properties")?;
+            let enabled = attribute(writes.body(), "enable_magnetic_store_writes")
+                .is_some_and(|e| matches!(e, Expression::Bool(true)));
+            let located = writes
+                .body()
+                .blocks()
+                .any(|b| b.identifier() == "magnetic_store_rejected_data_location");
+            (enabled && !located).then(|| {
+                format!(
+                    "Timestream table {}: magnetic store writes without a rejected-data location",
+                    label(table, 1)
+                )
+            })
+        })
+        .collect()
 }
 
 /// The event source mapping variables' defaults against what the runner's AWS backend uses.
@@ -617,6 +644,19 @@ mod tests {
                 .count(),
             3,
             "each stream function needs it: {problems:?}"
+        );
+    }
+
+    #[test]
+    fn magnetic_store_writes_without_a_rejected_data_location_are_caught() {
+        let problems = problems_with(
+            "data.tf",
+            "magnetic_store_rejected_data_location {",
+            "unused_location {",
+        );
+        assert_eq!(
+            problems,
+            ["Timestream table readings: magnetic store writes without a rejected-data location"]
         );
     }
 

@@ -133,6 +133,18 @@ impl Source for KafkaTopic {
         None
     }
 
+    /// Whether the group still assigns `partition` (`topic-partition`) to this consumer. When
+    /// the assignment cannot be read, the partition is kept: a duplicate delivery is harmless
+    /// to idempotent handlers, a dropped one is not.
+    fn owns(&self, partition: &str) -> bool {
+        self.consumer.assignment().map_or(true, |assigned| {
+            assigned
+                .elements()
+                .iter()
+                .any(|e| partition.strip_prefix(e.topic()) == Some(&format!("-{}", e.partition())))
+        })
+    }
+
     fn sees_stream_end(&self) -> bool {
         false
     }

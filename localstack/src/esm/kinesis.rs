@@ -1,7 +1,10 @@
 //! A Kinesis stream read shard by shard with GetShardIterator and GetRecords, as Lambda's
 //! poller does without enhanced fan-out. Idle shards are polled every 250 ms, under Kinesis's
-//! five GetRecords calls per second and shard.
+//! five GetRecords calls per second and shard. After a reshard, a child shard is read only once
+//! its parents are read to their end and done with, as Lambda does, so a device's records
+//! (which move to a child with their hash key) keep their order across the split or merge.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,6 +28,9 @@ struct Cursor {
     /// The last record done with.
     checkpoint: Option<SequenceNumber>,
     millis_behind_latest: Option<i64>,
+    /// A read found nothing after `last_read` on a closed shard (or Kinesis ended the shard's
+    /// iterators): nothing more will come.
+    read_to_end: bool,
 }
 
 /// One shard of a Kinesis stream.
@@ -35,14 +41,22 @@ pub struct KinesisShard {
     describe: String,
     event_source: EventSource,
     cursor: Mutex<Cursor>,
+    /// The shard was closed by a split or merge when it was listed: it has an end.
+    closed: bool,
+    /// The shards this one was split or merged from, among those listed.
+    parents: Vec<String>,
+    /// The shards of the stream read to their end and done with.
+    finished: Arc<Mutex<HashSet<String>>>,
 }
 
-/// A source per shard of `stream` (the shard set is taken as fixed while the runner lives).
+/// A source per shard of `stream`. The shard set is taken as it is listed at start: a reshard
+/// while the runner lives is read from when it starts again (records stay on the stream for
+/// its retention).
 pub async fn shards(
     client: &aws_sdk_kinesis::Client,
     stream: &str,
 ) -> Result<Vec<Arc<dyn Source>>, String> {
-    let mut shard_ids = Vec::new();
+    let mut listed = Vec::new();
     let mut next_token: Option<String> = None;
     loop {
         let request = match next_token.take() {
@@ -55,16 +69,28 @@ pub async fn shards(
                 aws_sdk_kinesis::error::DisplayErrorContext(&e)
             )
         })?;
-        shard_ids.extend(output.shards().iter().map(|s| s.shard_id().to_string()));
+        listed.extend(output.shards().iter().map(|shard| {
+            let parents: Vec<String> = [shard.parent_shard_id(), shard.adjacent_parent_shard_id()]
+                .into_iter()
+                .flatten()
+                .map(str::to_string)
+                .collect();
+            let closed = shard
+                .sequence_number_range()
+                .is_some_and(|range| range.ending_sequence_number().is_some());
+            (shard.shard_id().to_string(), parents, closed)
+        }));
         match output.next_token() {
             Some(token) => next_token = Some(token.to_string()),
             None => break,
         }
     }
     let stream_arn = format!("arn:aws:kinesis:local:000000000000:stream/{stream}");
-    Ok(shard_ids
+    let ids: HashSet<String> = listed.iter().map(|(id, _, _)| id.clone()).collect();
+    let finished = Arc::new(Mutex::new(HashSet::new()));
+    Ok(listed
         .into_iter()
-        .map(|shard_id| {
+        .map(|(shard_id, parents, closed)| {
             Arc::new(KinesisShard {
                 client: client.clone(),
                 stream: stream.to_string(),
@@ -75,6 +101,10 @@ pub async fn shards(
                 },
                 shard_id,
                 cursor: Mutex::new(Cursor::default()),
+                closed,
+                // A parent past the stream's retention is no longer listed: nothing to wait for.
+                parents: parents.into_iter().filter(|p| ids.contains(p)).collect(),
+                finished: finished.clone(),
             }) as Arc<dyn Source>
         })
         .collect())
@@ -83,6 +113,27 @@ pub async fn shards(
 impl KinesisShard {
     fn cursor(&self) -> std::sync::MutexGuard<'_, Cursor> {
         self.cursor.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn finished(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.finished.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether this shard may be read: every parent read to its end and done with.
+    fn parents_finished(&self) -> bool {
+        let finished = self.finished();
+        self.parents.iter().all(|parent| finished.contains(parent))
+    }
+
+    /// Whether this shard is read to its end and everything read is done with; the first time
+    /// it is, its children may start.
+    fn finish_if_done(&self) -> bool {
+        let cursor = self.cursor();
+        let done = cursor.read_to_end && cursor.checkpoint == cursor.last_read;
+        if done {
+            self.finished().insert(self.shard_id.clone());
+        }
+        done
     }
 
     async fn iterator(&self, after: Option<&SequenceNumber>) -> Result<String, String> {
@@ -124,6 +175,10 @@ impl Source for KinesisShard {
     }
 
     async fn read(&self, max: usize, wait: Duration) -> Result<SourceRead, String> {
+        if !self.parents_finished() || self.finish_if_done() {
+            tokio::time::sleep(wait).await;
+            return Ok(SourceRead::default());
+        }
         let (stored, last_read) = {
             let cursor = self.cursor();
             (cursor.iterator.clone(), cursor.last_read.clone())
@@ -174,6 +229,12 @@ impl Source for KinesisShard {
                 }
                 cursor.iterator = next.clone();
                 cursor.millis_behind_latest = output.millis_behind_latest();
+                // Kinesis ends a closed shard's iterators after its last record; an emulator
+                // may not, and a closed shard with nothing more, not behind, is at its end too.
+                cursor.read_to_end |= next.is_none()
+                    || (self.closed
+                        && records.is_empty()
+                        && cursor.millis_behind_latest == Some(0));
             }
             if !records.is_empty() || tokio::time::Instant::now() >= deadline {
                 return Ok(SourceRead {
@@ -209,8 +270,9 @@ impl Source for KinesisShard {
     /// last read reached the tip and everything read was done with, unknown otherwise.
     fn backlog(&self) -> Option<u64> {
         let cursor = self.cursor();
-        (cursor.checkpoint == cursor.last_read && cursor.millis_behind_latest == Some(0))
-            .then_some(0)
+        (cursor.checkpoint == cursor.last_read
+            && (cursor.read_to_end || cursor.millis_behind_latest == Some(0)))
+        .then_some(0)
     }
 
     fn sees_stream_end(&self) -> bool {

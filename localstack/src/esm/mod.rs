@@ -137,6 +137,12 @@ pub trait Source: Send + Sync {
     /// Whether [`Source::backlog`] can ever tell (not on Kafka, whose consumer lag the broker's
     /// own tools report).
     fn sees_stream_end(&self) -> bool;
+    /// Whether the records of `partition` are still this reader's to deliver. A Kafka
+    /// rebalance can move a partition to another consumer of the group mid-retry; that one
+    /// delivers it from the committed offset, so this one must let go of it.
+    fn owns(&self, _partition: &str) -> bool {
+        true
+    }
     /// Leaves the stream (a Kafka consumer leaves its group).
     fn close(&self) {}
 }
@@ -303,6 +309,9 @@ impl MappingLoop {
         let mut attempt: u32 = 0;
         loop {
             attempt += 1;
+            if !self.keep_owned(&mut records) {
+                return;
+            }
             self.stats.invoked(records.len());
             let event = self.source.event_source().event(&name, &records);
             let every_record = |records: &[SourceRecord]| -> Vec<RecordId> {
@@ -353,6 +362,9 @@ impl MappingLoop {
                 .collect();
             records.retain(|r| lowest.get(&r.partition).is_some_and(|low| r.id >= *low));
             if attempt > self.config.max_retries {
+                if !self.keep_owned(&mut records) {
+                    return;
+                }
                 let failed: HashSet<RecordId> = failed.into_iter().collect();
                 self.dead_letter(
                     &records,
@@ -367,6 +379,17 @@ impl MappingLoop {
             tracing::warn!(function = %name, source = self.source.describe(), attempt, retrying = records.len(), %reason, "retrying from the lowest failed record");
             tokio::time::sleep(self.config.retry_delay(attempt)).await;
         }
+    }
+
+    /// Lets go of the records of partitions this reader no longer owns (their new owner reads
+    /// them again from the committed offset); whether any are left to deliver.
+    fn keep_owned(&self, records: &mut Vec<SourceRecord>) -> bool {
+        let before = records.len();
+        records.retain(|r| self.source.owns(&r.partition));
+        if records.len() < before {
+            tracing::info!(function = self.function.name(), source = self.source.describe(), released = before - records.len(), "a rebalance moved partitions away; their new owner delivers them from the committed offset");
+        }
+        !records.is_empty()
     }
 
     /// Moves the checkpoint past `done` (the last of each partition counts). A failed

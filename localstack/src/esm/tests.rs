@@ -29,6 +29,8 @@ struct FakeSource {
     /// Every checkpoint call, in order.
     checkpoints: Mutex<Vec<Vec<RecordId>>>,
     event_source: EventSource,
+    /// Partitions a rebalance moved to another consumer.
+    revoked: Mutex<HashSet<String>>,
 }
 
 impl FakeSource {
@@ -69,6 +71,7 @@ impl FakeSource {
             next: Mutex::new(0),
             checkpoints: Mutex::new(Vec::new()),
             event_source,
+            revoked: Mutex::new(HashSet::new()),
         })
     }
 
@@ -122,6 +125,9 @@ impl Source for FakeSource {
     }
     fn sees_stream_end(&self) -> bool {
         false
+    }
+    fn owns(&self, partition: &str) -> bool {
+        !self.revoked.lock().unwrap().contains(partition)
     }
 }
 
@@ -459,4 +465,42 @@ async fn kinesis_and_kafka_sources_are_delivered_the_same_way() {
         outcomes.push((seen, run.source.checkpoint_history(), letters));
     }
     assert_eq!(outcomes[0], outcomes[1]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_partition_revoked_mid_retry_is_let_go_not_retried_beside_its_new_owner() {
+    // Records 0..9 on partitions t-0 (even) and t-1 (odd); record 3 fails every time.
+    let source = FakeSource::new(Flavour::Kafka, 10, 2);
+    let function = Flaky::new(3, u32::MAX);
+    let sink = UnreliableSink::new(0);
+    let (stop, stopped) = watch::channel(false);
+    let (mapping, tasks) = start_mapping(
+        function.clone(),
+        vec![source.clone() as Arc<dyn Source>],
+        config(2),
+        sink.clone(),
+        stopped,
+    );
+    while function.seen.lock().unwrap().is_empty() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // A rebalance moves t-1 to another runner before the first retry.
+    source.revoked.lock().unwrap().insert("t-1".into());
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    stop.send(true).unwrap();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(
+        *function.seen.lock().unwrap(),
+        [0, 2, 4, 6, 8, 1, 3, 5, 7, 9],
+        "delivered once (partition by partition), never retried"
+    );
+    assert_eq!(
+        source.checkpoint_history(),
+        [vec![8, 1]],
+        "t-0 done through 8; t-1 only before the failed record, where its new owner resumes"
+    );
+    assert_eq!(sink.taken.snapshot().1, 0, "nothing dead-lettered");
+    assert_eq!(mapping.stats.retried_records.load(Ordering::Relaxed), 4);
 }

@@ -1,0 +1,207 @@
+//! A device's records keep their order across a reshard: the runner's Kinesis mapping reads a
+//! child shard only after its parent is read to its end and done with, as Lambda does.
+//!
+//! moto cannot show it: its SplitShard moves the parent's records into the children (Kinesis
+//! keeps them in the closed parent until they expire) and its MergeShards copies them. So the
+//! real Kinesis client reads a small stand-in here that answers ListShards, GetShardIterator
+//! and GetRecords as Kinesis does after a split: sixty records of one device in the closed
+//! parent, the next sixty in the child that took the device's hash key, an empty sibling. The
+//! function must see all 120 in order.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use aws_lambda_events::event::streams::KinesisEventResponse;
+use axum::http::HeaderMap;
+use axum::routing::post;
+use axum::{Json, Router};
+use base64::Engine;
+use geostream_local::esm::event::{Event, Invoke, Response};
+use geostream_local::esm::{kinesis, start_mapping, MappingConfig};
+use geostream_shared::memory::MemoryDeadLetters;
+use serde_json::{json, Value};
+
+const PARENT: &str = "shardId-000000000000";
+const CHILD: &str = "shardId-000000000001";
+const SIBLING: &str = "shardId-000000000002";
+const PER_SHARD: u64 = 60;
+
+/// A shard's records (sequence number, data) and whether it is closed.
+type Shard = (Vec<(u64, String)>, bool);
+
+/// The stream after the split.
+struct SplitStream {
+    shards: HashMap<&'static str, Shard>,
+}
+
+impl SplitStream {
+    fn new() -> Self {
+        let records = |first_sequence: u64, numbers: std::ops::Range<u64>| {
+            numbers
+                .enumerate()
+                .map(|(i, n)| (first_sequence + i as u64, n.to_string()))
+                .collect::<Vec<_>>()
+        };
+        SplitStream {
+            shards: HashMap::from([
+                (PARENT, (records(1_000, 0..PER_SHARD), true)),
+                (CHILD, (records(5_000, PER_SHARD..2 * PER_SHARD), false)),
+                (SIBLING, (Vec::new(), false)),
+            ]),
+        }
+    }
+
+    fn answer(&self, target: &str, request: &Value) -> Value {
+        let range = |start: &str, end: Option<&str>| match end {
+            Some(end) => json!({"StartingSequenceNumber": start, "EndingSequenceNumber": end}),
+            None => json!({"StartingSequenceNumber": start}),
+        };
+        let half = 1u128 << 127;
+        match target {
+            "Kinesis_20131202.ListShards" => json!({"Shards": [
+                {"ShardId": PARENT,
+                 "HashKeyRange": {"StartingHashKey": "0", "EndingHashKey": (u128::MAX).to_string()},
+                 "SequenceNumberRange": range("1000", Some("1059"))},
+                {"ShardId": CHILD, "ParentShardId": PARENT,
+                 "HashKeyRange": {"StartingHashKey": "0", "EndingHashKey": (half - 1).to_string()},
+                 "SequenceNumberRange": range("5000", None)},
+                {"ShardId": SIBLING, "ParentShardId": PARENT,
+                 "HashKeyRange": {"StartingHashKey": half.to_string(), "EndingHashKey": (u128::MAX).to_string()},
+                 "SequenceNumberRange": range("9000", None)},
+            ]}),
+            "Kinesis_20131202.GetShardIterator" => {
+                let shard = request["ShardId"].as_str().unwrap_or_default();
+                let records = &self.shards[shard].0;
+                let position = match request["StartingSequenceNumber"].as_str() {
+                    Some(after) => {
+                        let after: u64 = after.parse().unwrap_or_default();
+                        records.iter().take_while(|(s, _)| *s <= after).count()
+                    }
+                    None => 0,
+                };
+                json!({"ShardIterator": format!("{shard}:{position}")})
+            }
+            "Kinesis_20131202.GetRecords" => {
+                let iterator = request["ShardIterator"].as_str().unwrap_or_default();
+                let (shard, position) = iterator.split_once(':').unwrap_or_default();
+                let position: usize = position.parse().unwrap_or_default();
+                let limit = request["Limit"].as_u64().unwrap_or(10_000) as usize;
+                let (records, closed) = &self.shards[shard];
+                let taken: Vec<Value> = records
+                    .iter()
+                    .skip(position)
+                    .take(limit)
+                    .map(|(sequence, data)| {
+                        json!({"SequenceNumber": sequence.to_string(), "PartitionKey": "truck-7",
+                            "Data": base64::engine::general_purpose::STANDARD.encode(data),
+                            "ApproximateArrivalTimestamp": 1_765_000_000.0})
+                    })
+                    .collect();
+                let next = position + taken.len();
+                // A closed shard read to its end has no next iterator.
+                let next_iterator =
+                    (!(*closed && next >= records.len())).then(|| format!("{shard}:{next}"));
+                json!({"Records": taken, "NextShardIterator": next_iterator,
+                    "MillisBehindLatest": if next >= records.len() { 0 } else { 1_000 }})
+            }
+            other => json!({"__type": "UnknownOperationException", "message": other}),
+        }
+    }
+}
+
+async fn stand_in() -> String {
+    let stream = Arc::new(SplitStream::new());
+    let app = Router::new().route(
+        "/",
+        post(move |headers: HeaderMap, body: axum::body::Bytes| {
+            let stream = stream.clone();
+            async move {
+                let target = headers
+                    .get("x-amz-target")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string();
+                let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                Json(stream.answer(&target, &request))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{address}")
+}
+
+/// A function that notes the data of every record it is given, in order.
+struct Recorder {
+    seen: Mutex<Vec<u64>>,
+}
+
+#[async_trait]
+impl Invoke for Recorder {
+    fn name(&self) -> &str {
+        "recorder"
+    }
+
+    async fn invoke(&self, event: Event) -> Result<Response, String> {
+        let Event::Kinesis(event) = event else {
+            return Err("a Kinesis mapping sent another event".into());
+        };
+        for record in event.records {
+            let text = String::from_utf8(record.kinesis.data.0).map_err(|e| e.to_string())?;
+            let number = text.parse().map_err(|e| format!("{text:?}: {e}"))?;
+            self.seen.lock().unwrap().push(number);
+        }
+        // A little work per batch, so that shards read side by side would interleave.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        Ok(Response::Kinesis(KinesisEventResponse::default()))
+    }
+}
+
+#[tokio::test]
+async fn a_child_shard_is_read_after_its_parent_so_order_holds_across_a_split() {
+    let config = aws_sdk_kinesis::Config::builder()
+        .behavior_version(aws_sdk_kinesis::config::BehaviorVersion::latest())
+        .region(aws_sdk_kinesis::config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_kinesis::config::Credentials::new(
+            "testing", "testing", None, None, "test",
+        ))
+        .endpoint_url(stand_in().await)
+        .build();
+    let client = aws_sdk_kinesis::Client::from_conf(config);
+    let sources = kinesis::shards(&client, "telemetry").await.expect("shards");
+    assert_eq!(sources.len(), 3, "the closed parent and its two children");
+
+    let recorder = Arc::new(Recorder {
+        seen: Mutex::new(Vec::new()),
+    });
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let mapping = MappingConfig {
+        batch_size: 10,
+        ..MappingConfig::default()
+    };
+    let (_mapping, tasks) = start_mapping(
+        recorder.clone(),
+        sources,
+        mapping,
+        Arc::new(MemoryDeadLetters::new(10)),
+        shutdown,
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while recorder.seen.lock().unwrap().len() < 2 * PER_SHARD as usize && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.send(true).expect("the loops listen");
+    for task in tasks {
+        task.await.expect("a mapping loop ends");
+    }
+    let seen = recorder.seen.lock().unwrap().clone();
+    let expected: Vec<u64> = (0..2 * PER_SHARD).collect();
+    assert_eq!(
+        seen, expected,
+        "the device's records in the order they were put"
+    );
+}
