@@ -3,13 +3,17 @@
 //! brute-force scan at every radius the API accepts, with the round trips each query took.
 
 use futures::stream::{self, StreamExt};
+use geostream_aws::config::{sdk_config, Clients};
 use geostream_aws::dynamodb::DynamoAlerts;
+use geostream_aws::provision::{create_resources, ResourceNames};
 use geostream_aws::valkey::{ValkeyPositions, ValkeyStateAlerts};
 use geostream_e2e::fleet::{fleet, position, METRO, RADII_M};
-use geostream_e2e::harness::valkey;
+use geostream_e2e::harness::{emulator, valkey};
 use geostream_shared::geo::haversine_m;
-use geostream_shared::model::GeoPoint;
-use geostream_shared::ports::{nearest, AlertStore, ErrorKind, PositionStore, UpsertOutcome};
+use geostream_shared::model::{Alert, AlertState, GeoPoint, Severity};
+use geostream_shared::ports::{
+    nearest, AlertChanges, AlertStore, ErrorKind, PositionStore, UpsertOutcome,
+};
 use geostream_shared::rules::{DeviceRuleStates, Phase, RuleState, Watermark};
 
 /// A fresh key prefix per test run, so runs never see each other's keys.
@@ -198,6 +202,127 @@ async fn rule_state_commits_are_versioned() {
     assert_eq!(conflict.kind, ErrorKind::Conflict, "{conflict}");
     store.commit("truck-9", 1, &states, &[]).await.unwrap();
     assert_eq!(store.load_rule_states("truck-9").await.unwrap().version, 2);
+}
+
+fn overheat(count: u64, state: AlertState) -> Alert {
+    Alert {
+        alert_id: Alert::make_id("truck-5", "engine_overheat", 1_000),
+        device_id: "truck-5".into(),
+        rule: "engine_overheat".into(),
+        severity: Severity::Critical,
+        state,
+        acknowledged: false,
+        acknowledged_by: None,
+        acknowledged_at: None,
+        started_at: 1_000,
+        cleared_at: (state == AlertState::Cleared).then_some(9_000),
+        peak_value: 100.0 + count as f64,
+        last_value: 100.0,
+        count,
+    }
+}
+
+fn touched(alert: &Alert) -> AlertChanges<'_> {
+    AlertChanges {
+        touched: std::slice::from_ref(alert),
+        removed: &[],
+    }
+}
+
+/// Rule state in Valkey and alert records in DynamoDB share no transaction: the alert changes
+/// go out through an outbox in the state, so a discarded evaluation writes no alert, a writer
+/// that stopped after its commit has its changes written by the next load, and an older
+/// version's changes never undo a newer one's.
+#[tokio::test]
+async fn alert_changes_follow_the_committed_rule_state_only() {
+    let (Some(url), Some(endpoint)) = (valkey(), emulator()) else {
+        return;
+    };
+    let sdk = sdk_config(Some(&endpoint)).await;
+    let names = ResourceNames::with_prefix(&prefix("outbox"));
+    create_resources(&Clients::new(&sdk), &names, 1)
+        .await
+        .expect("resources on the emulator");
+    let records = || {
+        DynamoAlerts::new(
+            aws_sdk_dynamodb::Client::new(&sdk),
+            &names.alert_state_table,
+            &names.alerts_table,
+        )
+    };
+    let key_prefix = prefix("outbox");
+    let store = ValkeyStateAlerts::connect(&url, key_prefix.clone(), records())
+        .await
+        .unwrap();
+    let stored = || async {
+        store
+            .get_alert(&overheat(0, AlertState::Active).alert_id)
+            .await
+            .unwrap()
+    };
+    let states = DeviceRuleStates::default();
+    let raised = overheat(1, AlertState::Active);
+    store
+        .commit_changes("truck-5", 0, &states, touched(&raised))
+        .await
+        .unwrap();
+    assert_eq!(stored().await, Some(raised.clone()));
+
+    // An evaluation from the same version loses the race: none of its alerts is written.
+    let discarded = overheat(7, AlertState::Cleared);
+    let conflict = store
+        .commit_changes("truck-5", 0, &states, touched(&discarded))
+        .await
+        .unwrap_err();
+    assert_eq!(conflict.kind, ErrorKind::Conflict, "{conflict}");
+    assert_eq!(
+        stored().await,
+        Some(raised.clone()),
+        "the discarded evaluation wrote nothing"
+    );
+
+    // Version 2's changes, then a late write of version 1's: the record stays at version 2.
+    let repeated = overheat(3, AlertState::Active);
+    store
+        .commit_changes("truck-5", 1, &states, touched(&repeated))
+        .await
+        .unwrap();
+    records()
+        .write_alerts(std::slice::from_ref(&raised), 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        stored().await,
+        Some(repeated.clone()),
+        "an older version cannot undo a newer one"
+    );
+
+    // A writer that committed version 3 and stopped before writing its alert: the next load
+    // writes it first.
+    let cleared = overheat(4, AlertState::Cleared);
+    let pending = serde_json::json!({"version": 3, "touched": [cleared], "removed": []});
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let committed: i64 = redis::Script::new(geostream_aws::valkey::COMMIT_STATE_SCRIPT)
+        .key(format!("{{{key_prefix}}}:rules:truck-5"))
+        .arg(2)
+        .arg(3)
+        .arg(serde_json::to_string(&states).unwrap())
+        .arg(pending.to_string())
+        .invoke_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(committed, 1);
+    assert_eq!(stored().await, Some(repeated), "not written yet");
+    assert_eq!(store.load_rule_states("truck-5").await.unwrap().version, 3);
+    assert_eq!(stored().await, Some(cleared), "written by the load");
+    let outbox: Option<String> = redis::cmd("HGET")
+        .arg(format!("{{{key_prefix}}}:rules:truck-5"))
+        .arg("pending")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(outbox, None, "and the outbox emptied");
 }
 
 /// Counts the track reads that reach the archive behind the cache.

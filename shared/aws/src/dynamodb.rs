@@ -17,7 +17,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use async_trait::async_trait;
-use aws_sdk_dynamodb::error::SdkError;
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::primitives::Blob;
@@ -427,48 +427,64 @@ impl DynamoAlerts {
             .map_err(|e| StoreError::permanent("TransactWriteItems", e.to_string()))
     }
 
-    /// One alert record's update on its own (not in a transaction).
-    async fn send_alert_update(&self, alert: &Alert, update: Update) -> Result<(), StoreError> {
-        let mut call = self
-            .client
-            .update_item()
-            .table_name(update.table_name())
-            .set_key(Some(update.key().clone()))
-            .update_expression(update.update_expression())
-            .set_expression_attribute_values(update.expression_attribute_values().cloned());
-        for (name, value) in update.expression_attribute_names().into_iter().flatten() {
-            call = call.expression_attribute_names(name, value);
-        }
-        call.send()
-            .await
-            .map_err(|e| store_error("UpdateItem alerts", e))?;
-        self.meter.add(
-            Unit::DynamoWriteUnits,
-            Self::alert_write_units(alert, false),
-        );
-        Ok(())
-    }
-
-    /// Upserts alert records one by one (idempotent, keyed by alert id; acknowledgements kept),
-    /// for a rule state kept elsewhere.
-    pub async fn write_alerts(&self, alerts: &[Alert]) -> Result<(), StoreError> {
+    /// Upserts alert records one by one (keyed by alert id; acknowledgements kept), for a rule
+    /// state kept elsewhere, as of that state's `version`: a record already written by a later
+    /// version is left alone, so a late or repeated write of older changes cannot undo newer
+    /// ones.
+    pub async fn write_alerts(&self, alerts: &[Alert], version: u64) -> Result<(), StoreError> {
         for alert in alerts {
-            self.send_alert_update(alert, self.alert_update(alert)?)
-                .await?;
+            let update = self.alert_update(alert)?;
+            let mut values = update
+                .expression_attribute_values()
+                .cloned()
+                .unwrap_or_default();
+            values.insert(":version".into(), n(version));
+            let mut call = self
+                .client
+                .update_item()
+                .table_name(update.table_name())
+                .set_key(Some(update.key().clone()))
+                .update_expression(versioned_update(update.update_expression()))
+                .condition_expression(NOT_NEWER)
+                .set_expression_attribute_values(Some(values));
+            for (name, value) in update.expression_attribute_names().into_iter().flatten() {
+                call = call.expression_attribute_names(name, value);
+            }
+            match call.send().await {
+                Ok(_) => {}
+                Err(e) if is_conditional_failure(&e) => {}
+                Err(e) => return Err(store_error("UpdateItem alerts", e)),
+            }
+            self.meter.add(
+                Unit::DynamoWriteUnits,
+                Self::alert_write_units(alert, false),
+            );
         }
         Ok(())
     }
 
-    /// Deletes alert records one by one (idempotent), for a rule state kept elsewhere.
-    pub async fn remove_alerts(&self, alert_ids: &[String]) -> Result<(), StoreError> {
+    /// Deletes alert records one by one, for a rule state kept elsewhere, as of that state's
+    /// `version` (a record a later version wrote is kept).
+    pub async fn remove_alerts(
+        &self,
+        alert_ids: &[String],
+        version: u64,
+    ) -> Result<(), StoreError> {
         for alert_id in alert_ids {
-            self.client
+            let deleted = self
+                .client
                 .delete_item()
                 .table_name(&self.alerts_table)
                 .key("alert_id", s(alert_id))
+                .condition_expression(NOT_NEWER)
+                .expression_attribute_values(":version", n(version))
                 .send()
-                .await
-                .map_err(|e| store_error("DeleteItem alerts", e))?;
+                .await;
+            match deleted {
+                Ok(_) => {}
+                Err(e) if is_conditional_failure(&e) => {}
+                Err(e) => return Err(store_error("DeleteItem alerts", e)),
+            }
             self.meter.add(
                 Unit::DynamoWriteUnits,
                 1.0 + 2.0 * capacity::write_units(capacity::index_entry_size(0)),
@@ -885,6 +901,24 @@ impl AlertStore for DynamoAlerts {
             Err(error) => Err(store_error("UpdateItem alerts", error)),
         }
     }
+}
+
+/// The condition on an alert record written from a rule state kept outside DynamoDB: the
+/// record carries the version of the state that wrote it, and only that version or a later one
+/// may write it again.
+const NOT_NEWER: &str = "attribute_not_exists(state_version) OR state_version <= :version";
+
+/// An alert update that also records the writing state's version (`:version`).
+fn versioned_update(expression: &str) -> String {
+    match expression.strip_prefix("SET ") {
+        Some(rest) => format!("SET state_version = :version, {rest}"),
+        None => format!("SET state_version = :version {expression}"),
+    }
+}
+
+/// Whether a call failed only its condition (DynamoDB's ConditionalCheckFailedException).
+fn is_conditional_failure<E: ProvideErrorMetadata, R>(error: &SdkError<E, R>) -> bool {
+    error.as_service_error().and_then(|e| e.code()) == Some("ConditionalCheckFailedException")
 }
 
 /// Whether a transaction was cancelled because one of its conditions failed (DynamoDB names

@@ -35,6 +35,7 @@ use geostream_shared::rules::DeviceRuleStates;
 use geostream_shared::{now_millis, EpochMillis};
 use redis::aio::ConnectionManager;
 use redis::{RedisError, RetryMethod, Script};
+use serde::{Deserialize, Serialize};
 
 use crate::capacity::{CapacityMeter, Unit};
 use crate::dynamodb::DynamoAlerts;
@@ -301,28 +302,55 @@ impl PositionStore for ValkeyPositions {
     }
 }
 
-/// Replaces a device's rule state if it is still at the expected version.
-/// KEYS: the state hash. ARGV: expected version, new version, state JSON.
+/// Replaces a device's rule state if it is still at the expected version, with the alert
+/// changes the new state made as its outbox (`pending`, none when ARGV[4] is empty).
+/// KEYS: the state hash. ARGV: expected version, new version, state JSON, pending JSON.
 pub const COMMIT_STATE_SCRIPT: &str = r#"
 local version = redis.call('HGET', KEYS[1], 'version') or '0'
 if version ~= ARGV[1] then
   return 0
 end
 redis.call('HSET', KEYS[1], 'version', ARGV[2], 'states', ARGV[3])
+if ARGV[4] == '' then
+  redis.call('HDEL', KEYS[1], 'pending')
+else
+  redis.call('HSET', KEYS[1], 'pending', ARGV[4])
+end
 return 1
 "#;
+
+/// Empties the outbox once its changes are written, unless a later commit replaced it.
+/// KEYS: the state hash. ARGV: the version whose changes were written.
+pub const FLUSHED_SCRIPT: &str = r#"
+if (redis.call('HGET', KEYS[1], 'version') or '0') == ARGV[1] then
+  redis.call('HDEL', KEYS[1], 'pending')
+end
+return 1
+"#;
+
+/// The alert changes a committed rule state made, kept beside it until they are written.
+#[derive(Debug, Serialize, Deserialize)]
+struct PendingChanges {
+    version: u64,
+    touched: Vec<Alert>,
+    removed: Vec<String>,
+}
 
 /// Rule state in Valkey, alert records in DynamoDB: the anomaly-inspector's per-reading state
 /// write costs a few ECPUs instead of DynamoDB write units, while the alerts (written only on
 /// breaching readings) keep their table, indexes and acknowledgements.
 ///
-/// A commit writes the touched alert records first (idempotent upserts keyed by alert id), then
-/// the state with its version check. A crash between the two leaves the old state: the batch is
-/// redelivered, evaluated from that state again, and writes the same alert records.
+/// The two stores share no transaction, so the alert changes go through an outbox: the
+/// version-checked commit stores the new state with its changes (`pending`); then the changes
+/// are written to DynamoDB and the outbox emptied. A discarded evaluation (a version conflict)
+/// writes nothing. A crash after the commit leaves the outbox full, and whoever loads the state
+/// next writes it before evaluating anything. Each alert record carries the version that wrote
+/// it and refuses an older one, so a slow writer of old changes cannot undo newer ones.
 pub struct ValkeyStateAlerts {
     connection: ConnectionManager,
     prefix: String,
     commit: Script,
+    flushed: Script,
     alerts: DynamoAlerts,
     usage: Usage,
 }
@@ -338,6 +366,7 @@ impl ValkeyStateAlerts {
             connection: connect(url).await?,
             prefix: prefix.into(),
             commit: Script::new(COMMIT_STATE_SCRIPT),
+            flushed: Script::new(FLUSHED_SCRIPT),
             alerts,
             usage: Usage::default(),
         })
@@ -353,19 +382,53 @@ impl ValkeyStateAlerts {
     fn state_key(&self, device_id: &str) -> String {
         format!("{{{}}}:rules:{device_id}", self.prefix)
     }
+
+    /// Writes a committed state's alert changes to DynamoDB, then empties the outbox.
+    async fn flush(&self, device_id: &str, pending: &PendingChanges) -> Result<(), StoreError> {
+        self.alerts
+            .write_alerts(&pending.touched, pending.version)
+            .await?;
+        self.alerts
+            .remove_alerts(&pending.removed, pending.version)
+            .await?;
+        self.flushed
+            .key(self.state_key(device_id))
+            .arg(pending.version)
+            .invoke_async::<i64>(&mut self.connection.clone())
+            .await
+            .map_err(|e| store_error("empty the alert outbox", e))?;
+        self.usage.charge(1, 0);
+        Ok(())
+    }
 }
 
 #[async_trait]
 impl AlertStore for ValkeyStateAlerts {
     async fn load_rule_states(&self, device_id: &str) -> Result<DeviceRuleStates, StoreError> {
-        let (version, states): (Option<u64>, Option<String>) = redis::cmd("HMGET")
-            .arg(self.state_key(device_id))
-            .arg("version")
-            .arg("states")
-            .query_async(&mut self.connection.clone())
-            .await
-            .map_err(|e| store_error("HMGET rule state", e))?;
-        self.usage.charge(1, states.as_ref().map_or(0, String::len));
+        let (version, states, pending): (Option<u64>, Option<String>, Option<String>) =
+            redis::cmd("HMGET")
+                .arg(self.state_key(device_id))
+                .arg("version")
+                .arg("states")
+                .arg("pending")
+                .query_async(&mut self.connection.clone())
+                .await
+                .map_err(|e| store_error("HMGET rule state", e))?;
+        self.usage.charge(
+            1,
+            states.as_ref().map_or(0, String::len) + pending.as_ref().map_or(0, String::len),
+        );
+        if let Some(pending) = pending {
+            // A commit whose alert changes were not all written (its writer stopped): they go
+            // first, so nothing evaluated from this state is published before its alerts exist.
+            let pending: PendingChanges = serde_json::from_str(&pending).map_err(|e| {
+                StoreError::permanent(
+                    "HMGET rule state",
+                    format!("device {device_id} outbox: {e}"),
+                )
+            })?;
+            self.flush(device_id, &pending).await?;
+        }
         let Some(json) = states else {
             return Ok(Default::default());
         };
@@ -383,30 +446,43 @@ impl AlertStore for ValkeyStateAlerts {
         states: &DeviceRuleStates,
         changes: AlertChanges<'_>,
     ) -> Result<(), StoreError> {
-        self.alerts.write_alerts(changes.touched).await?;
         let json = serde_json::to_string(states)
             .map_err(|e| StoreError::permanent("commit rule state", e.to_string()))?;
-        let bytes = json.len();
+        let version = expected_version + 1;
+        let pending =
+            (!changes.touched.is_empty() || !changes.removed.is_empty()).then(|| PendingChanges {
+                version,
+                touched: changes.touched.to_vec(),
+                removed: changes.removed.to_vec(),
+            });
+        let pending_json = match &pending {
+            Some(pending) => serde_json::to_string(pending)
+                .map_err(|e| StoreError::permanent("commit rule state", e.to_string()))?,
+            None => String::new(),
+        };
+        let bytes = json.len() + pending_json.len();
         let committed: i64 = self
             .commit
             .key(self.state_key(device_id))
             .arg(expected_version)
-            .arg(expected_version + 1)
+            .arg(version)
             .arg(json)
+            .arg(pending_json)
             .invoke_async(&mut self.connection.clone())
             .await
             .map_err(|e| store_error("commit rule state", e))?;
         self.usage.charge(if committed == 1 { 2 } else { 1 }, bytes);
-        if committed == 1 {
-            // After the state: a removal from a discarded evaluation would lose a record.
-            self.alerts.remove_alerts(changes.removed).await
-        } else {
-            Err(StoreError::conflict(
+        if committed != 1 {
+            return Err(StoreError::conflict(
                 "commit rule state",
                 format!(
                     "device {device_id}: rule state is no longer at version {expected_version}"
                 ),
-            ))
+            ));
+        }
+        match pending {
+            Some(pending) => self.flush(device_id, &pending).await,
+            None => Ok(()),
         }
     }
 
