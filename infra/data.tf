@@ -63,6 +63,27 @@ resource "aws_dynamodb_table" "positions" {
   }
 }
 
+# The deployment's free metric names, one item each, and their count (item "#count"): ingest
+# refuses a new name once the count reaches max_metric_names (shared/aws/src/metric_names.rs).
+resource "aws_dynamodb_table" "metric_names" {
+  name         = "${var.name_prefix}-metric-names"
+  billing_mode = "PAY_PER_REQUEST"
+  hash_key     = "name"
+
+  attribute {
+    name = "name"
+    type = "S"
+  }
+
+  point_in_time_recovery {
+    enabled = true
+  }
+
+  server_side_encryption {
+    enabled = true
+  }
+}
+
 resource "aws_dynamodb_table" "alert_state" {
   name         = "${var.name_prefix}-alert-state"
   billing_mode = "PAY_PER_REQUEST"

@@ -128,16 +128,24 @@ module "ingest" {
   log_retention_days   = var.log_retention_days
   system_log_level     = var.lambda_system_log_level
   environment = merge(local.kafka_environment, {
-    TELEMETRY_STREAM = var.bus == "kinesis" ? aws_kinesis_stream.telemetry[0].name : ""
-    TELEMETRY_TOPIC  = var.bus == "kafka" ? var.kafka_telemetry_topic : ""
+    TELEMETRY_STREAM   = var.bus == "kinesis" ? aws_kinesis_stream.telemetry[0].name : ""
+    TELEMETRY_TOPIC    = var.bus == "kafka" ? var.kafka_telemetry_topic : ""
+    METRIC_NAMES_TABLE = aws_dynamodb_table.metric_names.name
+    MAX_METRIC_NAMES   = tostring(var.max_metric_names)
   })
-  policy_statements = var.bus == "kinesis" ? [
+  policy_statements = concat(var.bus == "kinesis" ? [
     {
       sid       = "PublishTelemetry"
       actions   = ["kinesis:PutRecords"]
       resources = [aws_kinesis_stream.telemetry[0].arn]
     },
-  ] : local.kafka_secret_statements
+    ] : local.kafka_secret_statements, [
+    {
+      sid       = "AdmitMetricNames"
+      actions   = ["dynamodb:BatchGetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"]
+      resources = [aws_dynamodb_table.metric_names.arn]
+    },
+  ])
 }
 
 module "geo_update" {

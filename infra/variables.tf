@@ -264,6 +264,17 @@ variable "ingest_reserved_concurrency" {
   }
 }
 
+variable "max_metric_names" {
+  description = "How many distinct free metric names (a reading's \"metrics\" keys) the deployment takes; ingest refuses a reading with a new name past it (400 for that item). The Timestream archive keeps each name as a measure, and a Timestream table holds at most 8,192."
+  type        = number
+  default     = 8000
+
+  validation {
+    condition     = var.max_metric_names >= 1 && var.max_metric_names <= 8000
+    error_message = "max_metric_names must be from 1 to 8000 (Timestream's 8,192 measure names per table, less the fixed fields and a margin)."
+  }
+}
+
 variable "lambda_system_log_level" {
   description = "Lambda's own log lines per invocation (START, END, REPORT at INFO): WARN keeps them out of CloudWatch Logs, where at one invocation per POST they cost about $0.15 per million readings; Lambda's metrics (duration, errors) do not depend on them."
   type        = string

@@ -173,7 +173,7 @@ pub async fn start(config: LocalConfig) -> Result<RunningStack, String> {
     }
 
     let stack = Arc::new(Stack {
-        ingest: Ingest::new(ports.bus.clone()),
+        ingest: Ingest::new(ports.bus.clone(), ports.metric_names.clone()),
         query_api: QueryApi::new(
             ports.query.positions.clone(),
             ports.query.archive.clone(),

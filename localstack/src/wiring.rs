@@ -13,9 +13,13 @@ use geostream_aws::counting::CallCounter;
 use geostream_aws::manifest;
 use geostream_aws::provision::{create_resources, queue_url};
 use geostream_shared::memory::{
-    MemoryAlertStore, MemoryArchive, MemoryDeadLetters, MemoryPositionStore, MemoryStream,
+    MemoryAlertStore, MemoryArchive, MemoryDeadLetters, MemoryMetricNames, MemoryPositionStore,
+    MemoryStream,
 };
-use geostream_shared::ports::{AlertStore, Archive, DeadLetterSink, EventBus, PositionStore};
+use geostream_shared::ports::{
+    AlertStore, Archive, DeadLetterSink, EventBus, MetricNameRegistry, PositionStore,
+    DEFAULT_MAX_METRIC_NAMES,
+};
 
 use crate::config::{AwsBackend, Backend, Bus, KafkaBusConfig, LocalConfig, StoreKind};
 use crate::esm::kafka::KafkaTopic;
@@ -70,6 +74,8 @@ impl TelemetrySource {
 /// The ports a stack runs on.
 pub struct Ports {
     pub bus: Arc<dyn EventBus>,
+    /// Ingest's registry of free metric names.
+    pub metric_names: Arc<dyn MetricNameRegistry>,
     pub alert_bus: Arc<dyn EventBus>,
     pub positions: Arc<dyn PositionStore>,
     pub archive: Arc<dyn Archive>,
@@ -174,6 +180,7 @@ fn embedded_ports(config: &LocalConfig) -> Ports {
     };
     Ports {
         bus: memory.telemetry.clone(),
+        metric_names: Arc::new(MemoryMetricNames::new(DEFAULT_MAX_METRIC_NAMES)),
         alert_bus: memory.alert_stream.clone(),
         positions: memory.positions.clone(),
         archive: memory.archive.clone(),
@@ -281,6 +288,7 @@ async fn aws_ports(aws: &AwsBackend, bus: &Bus, shards: usize) -> Result<Ports, 
     let dead_letters = compose("dead-letters");
     Ok(Ports {
         bus: ingest.telemetry_bus().await.map_err(composed)?,
+        metric_names: ingest.metric_names().map_err(composed)?,
         alert_bus: inspector.alerts_bus().await.map_err(composed)?,
         positions: geo_update.positions().await.map_err(composed)?,
         archive: archiver.archive().await.map_err(composed)?,

@@ -12,7 +12,7 @@ use crate::model::{Alert, GeoPoint, Position, Reading};
 use crate::ports::{nearest_of, with_geohash, NearbyVehicle, RejectedReading};
 use crate::ports::{
     AlertChanges, AlertFilter, AlertStore, Archive, BusRecord, DeadLetter, DeadLetterSink,
-    EventBus, PositionStore, Published, StoreError, UpsertOutcome,
+    EventBus, MetricNameRegistry, PositionStore, Published, StoreError, UpsertOutcome,
 };
 use crate::rules::DeviceRuleStates;
 use crate::{now_millis, EpochMillis};
@@ -480,6 +480,43 @@ impl AlertStore for MemoryAlertStore {
             alert.acknowledged_at = Some(at);
         }
         Ok(Some(alert.clone()))
+    }
+}
+
+/// The metric-name registry of one process (the embedded runner, tests).
+pub struct MemoryMetricNames {
+    names: Mutex<BTreeSet<String>>,
+    limit: usize,
+}
+
+impl MemoryMetricNames {
+    pub fn new(limit: usize) -> Self {
+        MemoryMetricNames {
+            names: Mutex::new(BTreeSet::new()),
+            limit,
+        }
+    }
+}
+
+#[async_trait]
+impl MetricNameRegistry for MemoryMetricNames {
+    async fn admit(&self, names: &BTreeSet<String>) -> Result<BTreeSet<String>, StoreError> {
+        let mut known = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        let mut refused = BTreeSet::new();
+        for name in names {
+            if !known.contains(name) {
+                if known.len() < self.limit {
+                    known.insert(name.clone());
+                } else {
+                    refused.insert(name.clone());
+                }
+            }
+        }
+        Ok(refused)
+    }
+
+    fn limit(&self) -> usize {
+        self.limit
     }
 }
 

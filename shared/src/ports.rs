@@ -1,6 +1,8 @@
 //! The ports (docs/architecture.md, "Ports and adapters"): the small traits the handlers talk to. Each has an
 //! in-memory adapter in [`crate::memory`]; the AWS and Kafka adapters implement the same traits.
 
+use std::collections::BTreeSet;
+
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
@@ -281,6 +283,23 @@ mod base64_bytes {
 #[async_trait]
 pub trait DeadLetterSink: Send + Sync {
     async fn send(&self, letters: Vec<DeadLetter>) -> Result<(), StoreError>;
+}
+
+/// How many distinct free metric names a deployment takes by default. The Timestream archive
+/// stores each as a measure, and a Timestream table holds at most 8,192 measure names: this
+/// leaves room for the fixed fields and a margin.
+pub const DEFAULT_MAX_METRIC_NAMES: usize = 8_000;
+
+/// The free metric names a deployment has taken, bounded: ingest admits a reading's metric
+/// names here before publishing it, so a stream of ever new names is refused at the door (a
+/// 400 for that reading) instead of exhausting the archive's schema downstream.
+#[async_trait]
+pub trait MetricNameRegistry: Send + Sync {
+    /// Registers the names not yet known while there is room; answers the names refused
+    /// because the deployment already holds its limit of distinct names.
+    async fn admit(&self, names: &BTreeSet<String>) -> Result<BTreeSet<String>, StoreError>;
+    /// The limit of distinct names.
+    fn limit(&self) -> usize;
 }
 
 /// A vehicle found by a radius query, with its distance from the query point.

@@ -328,6 +328,7 @@ pub fn check(
         let expected_name = match table.label {
             "positions" => &names.positions_table,
             "alert_state" => &names.alert_state_table,
+            "metric_names" => &names.metric_names_table,
             _ => &names.alerts_table,
         };
         let name = attribute(body, "name").map(reference).unwrap_or_default();
@@ -572,8 +573,8 @@ mod tests {
     fn a_wrong_environment_variable_is_caught() {
         let problems = problems_with(
             "functions.tf",
-            "TELEMETRY_STREAM = var.bus",
-            "TELEMETRY_STREAMS = var.bus",
+            "TELEMETRY_STREAM   = var.bus",
+            "TELEMETRY_STREAMS  = var.bus",
         );
         assert!(
             problems.contains(
@@ -595,8 +596,8 @@ mod tests {
         // The ingest function's Kafka branch: no statement for the brokers' secret.
         let problems = problems_with(
             "functions.tf",
-            "  ] : local.kafka_secret_statements\n",
-            "  ] : []\n",
+            "] : local.kafka_secret_statements, [\n    {\n      sid       = \"AdmitMetricNames\"",
+            "] : [], [\n    {\n      sid       = \"AdmitMetricNames\"",
         );
         assert!(
             problems.contains(&"function ingest: its role does not allow secretsmanager:GetSecretValue on var.kafka_secret_arn".to_string()),

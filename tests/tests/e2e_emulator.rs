@@ -69,7 +69,10 @@ async fn pipeline(endpoint: &str, test: &str) -> Pipeline {
     let inspector = &ports["anomaly-inspector"];
     let query = &ports["query-api"];
     Pipeline {
-        ingest: Ingest::new(ingest.telemetry_bus().await.expect(built)),
+        ingest: Ingest::new(
+            ingest.telemetry_bus().await.expect(built),
+            ingest.metric_names().expect(built),
+        ),
         geo_update: GeoUpdate::new(
             geo.positions().await.expect(built),
             geo.dead_letters().expect(built),
@@ -690,4 +693,104 @@ async fn dynamodb_radius_queries_equal_a_brute_force_scan_at_every_radius() {
             );
         }
     }
+}
+
+/// The deployment's metric-name registry on DynamoDB: instances that share the table (each
+/// with its own memory of known names) never admit more names than the limit together, a name
+/// one admitted is admitted by all, and a known name costs no request.
+#[tokio::test]
+async fn metric_names_are_bounded_across_instances() {
+    use geostream_aws::metric_names::{DynamoMetricNames, COUNT_KEY};
+    use geostream_shared::ports::MetricNameRegistry;
+    use std::collections::BTreeSet;
+
+    let Some(endpoint) = emulator() else { return };
+    let sdk = sdk_config(Some(&endpoint)).await;
+    let names = ResourceNames::with_prefix(&format!("gs-names-{}", std::process::id()));
+    create_resources(&Clients::new(&sdk), &names, 1)
+        .await
+        .expect("resources are created on the emulator");
+    let instance = || {
+        let clients = Clients::new(&sdk);
+        let calls = clients.calls.clone();
+        let registry = DynamoMetricNames::new(clients.dynamodb, &names.metric_names_table, 3);
+        (registry, calls)
+    };
+    let set =
+        |names: &[&str]| -> BTreeSet<String> { names.iter().map(|n| n.to_string()).collect() };
+    let (first, first_calls) = instance();
+    let (second, _) = instance();
+
+    assert_eq!(
+        first.admit(&set(&["door_open", "fuel_l"])).await.unwrap(),
+        set(&[])
+    );
+    // fuel_l is known to the table; oil_c takes the last place; tyre_bar is one too many.
+    assert_eq!(
+        second
+            .admit(&set(&["fuel_l", "oil_c", "tyre_bar"]))
+            .await
+            .unwrap(),
+        set(&["tyre_bar"])
+    );
+    assert_eq!(
+        first.admit(&set(&["tyre_bar"])).await.unwrap(),
+        set(&["tyre_bar"])
+    );
+    assert_eq!(
+        first.admit(&set(&["oil_c"])).await.unwrap(),
+        set(&[]),
+        "another instance's"
+    );
+    let before = first_calls.total();
+    assert_eq!(
+        first
+            .admit(&set(&["door_open", "fuel_l", "oil_c"]))
+            .await
+            .unwrap(),
+        set(&[])
+    );
+    assert_eq!(first_calls.total(), before, "known names cost no request");
+
+    // Eight instances at once, each with a name of its own, on a fresh limit of five.
+    let names_now = |n: usize| format!("concurrent_{n}");
+    let fresh = ResourceNames::with_prefix(&format!("gs-names2-{}", std::process::id()));
+    create_resources(&Clients::new(&sdk), &fresh, 1)
+        .await
+        .expect("resources are created on the emulator");
+    let refused: usize = futures::future::join_all((0..8).map(|n| {
+        let registry =
+            DynamoMetricNames::new(Clients::new(&sdk).dynamodb, &fresh.metric_names_table, 5);
+        async move {
+            registry
+                .admit(&set(&[names_now(n).as_str()]))
+                .await
+                .unwrap()
+                .len()
+        }
+    }))
+    .await
+    .into_iter()
+    .sum();
+    assert_eq!(refused, 3, "five of eight admitted, never more");
+    let count = Clients::new(&sdk)
+        .dynamodb
+        .get_item()
+        .table_name(&fresh.metric_names_table)
+        .key(
+            "name",
+            aws_sdk_dynamodb::types::AttributeValue::S(COUNT_KEY.into()),
+        )
+        .consistent_read(true)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        count
+            .item()
+            .and_then(|i| i.get("name_count"))
+            .and_then(|n| n.as_n().ok())
+            .map(String::as_str),
+        Some("5")
+    );
 }

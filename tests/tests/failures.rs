@@ -79,11 +79,15 @@ impl Deployment {
     }
 
     async fn post(&self, body: Value) {
+        let ports = &self.ports["ingest"];
         let ingest = Ingest::new(
-            self.ports["ingest"]
+            ports
                 .telemetry_bus()
                 .await
                 .expect("the composition root builds ingest's bus"),
+            ports
+                .metric_names()
+                .expect("the composition root builds ingest's metric names"),
         );
         let response = ingest
             .handle(

@@ -1,11 +1,13 @@
 //! The ingest function: `POST /v1/telemetry` (API Gateway HTTP API, payload v2).
 //!
-//! Validates the body item by item, groups the valid readings into one versioned envelope per
-//! device, and publishes them to the telemetry bus keyed by device. Answers 202 when every item
+//! Validates the body item by item, admits the readings' free metric names to the deployment's
+//! bounded registry (a reading with a name past the bound is refused with a reason), groups the
+//! valid readings into one versioned envelope per device, and publishes them to the telemetry
+//! bus keyed by device. Answers 202 when every item
 //! was accepted, 207 with per-item results when some were not, 400 when none was valid, 503
 //! when the bus took none of the valid ones.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -15,7 +17,8 @@ use geostream_lambda::http::{
 };
 use geostream_shared::envelope::{envelopes_by_device, split_to_fit, MAX_RECORD_BYTES};
 use geostream_shared::metrics::{Measurements, MetricName, MetricsSink};
-use geostream_shared::ports::EventBus;
+use geostream_shared::model::Reading;
+use geostream_shared::ports::{EventBus, MetricNameRegistry};
 use geostream_shared::validation::{validate_body, FieldError, ValidationPolicy};
 use geostream_shared::{now_millis, EpochMillis};
 use serde::Serialize;
@@ -25,6 +28,7 @@ pub const TELEMETRY_PATH: &str = "/v1/telemetry";
 
 pub struct Ingest {
     bus: Arc<dyn EventBus>,
+    metric_names: Arc<dyn MetricNameRegistry>,
     policy: ValidationPolicy,
     clock: fn() -> EpochMillis,
 }
@@ -59,9 +63,10 @@ pub struct IngestResponse {
 }
 
 impl Ingest {
-    pub fn new(bus: Arc<dyn EventBus>) -> Self {
+    pub fn new(bus: Arc<dyn EventBus>, metric_names: Arc<dyn MetricNameRegistry>) -> Self {
         Ingest {
             bus,
+            metric_names,
             policy: ValidationPolicy::default(),
             clock: now_millis,
         }
@@ -123,9 +128,10 @@ impl Ingest {
                 errors: r.errors,
             })
             .collect();
+        let accepted = self.admit_metric_names(batch.accepted, &mut results).await;
         let mut items_of_device: HashMap<String, Vec<(usize, String)>> = HashMap::new();
-        let mut readings = Vec::with_capacity(batch.accepted.len());
-        for (index, reading) in batch.accepted {
+        let mut readings = Vec::with_capacity(accepted.len());
+        for (index, reading) in accepted {
             items_of_device
                 .entry(reading.device_id.clone())
                 .or_default()
@@ -204,18 +210,83 @@ impl Ingest {
     }
 }
 
+impl Ingest {
+    /// The readings whose free metric names the registry admits. A reading with a name past
+    /// the deployment's bound is refused (the name is the field); when the registry cannot
+    /// answer, the readings that carry metrics are answered as failed, to be sent again.
+    async fn admit_metric_names(
+        &self,
+        accepted: Vec<(usize, Reading)>,
+        results: &mut Vec<ItemResult>,
+    ) -> Vec<(usize, Reading)> {
+        let names: BTreeSet<String> = accepted
+            .iter()
+            .flat_map(|(_, reading)| reading.metrics.keys().cloned())
+            .collect();
+        if names.is_empty() {
+            return accepted;
+        }
+        let refused = match self.metric_names.admit(&names).await {
+            Ok(refused) => refused,
+            Err(error) => {
+                tracing::error!(%error, "the metric-name registry did not answer");
+                let (with_metrics, without): (Vec<_>, Vec<_>) = accepted
+                    .into_iter()
+                    .partition(|(_, reading)| !reading.metrics.is_empty());
+                results.extend(
+                    with_metrics
+                        .into_iter()
+                        .map(|(index, _)| ItemResult::Failed {
+                            index,
+                            error: format!("cannot check its metric names now, retry: {error}"),
+                        }),
+                );
+                return without;
+            }
+        };
+        if refused.is_empty() {
+            return accepted;
+        }
+        let limit = self.metric_names.limit();
+        let mut admitted = Vec::with_capacity(accepted.len());
+        for (index, reading) in accepted {
+            let errors: Vec<FieldError> = reading
+                .metrics
+                .keys()
+                .filter(|name| refused.contains(*name))
+                .map(|name| FieldError {
+                    field: format!("metrics.{name}"),
+                    message: format!(
+                        "a new metric name, and this deployment already has its limit of {limit} distinct metric names: use one of them, or have the operator raise MAX_METRIC_NAMES"
+                    ),
+                })
+                .collect();
+            if errors.is_empty() {
+                admitted.push((index, reading));
+            } else {
+                results.push(ItemResult::Rejected { index, errors });
+            }
+        }
+        admitted
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use async_trait::async_trait;
     use aws_lambda_events::encodings::Body;
     use geostream_shared::envelope::Envelope;
-    use geostream_shared::memory::MemoryStream;
+    use geostream_shared::memory::{MemoryMetricNames, MemoryStream};
     use geostream_shared::metrics::RecordedMetrics;
     use geostream_shared::ports::{BusRecord, Published, StoreError};
     use serde_json::{json, Value};
 
     const NOW: EpochMillis = 1_763_900_000_000;
+
+    fn names(limit: usize) -> Arc<MemoryMetricNames> {
+        Arc::new(MemoryMetricNames::new(limit))
+    }
 
     fn fixture_request(body: &str) -> ApiGatewayV2httpRequest {
         let mut request: ApiGatewayV2httpRequest =
@@ -242,7 +313,7 @@ mod tests {
     #[tokio::test]
     async fn accepts_a_real_api_gateway_event() {
         let stream = Arc::new(MemoryStream::new("t", 2, 100));
-        let ingest = Ingest::new(stream.clone()).with_clock(|| NOW);
+        let ingest = Ingest::new(stream.clone(), names(64)).with_clock(|| NOW);
         let request: ApiGatewayV2httpRequest =
             serde_json::from_str(include_str!("../tests/fixtures/apigw-post-telemetry.json"))
                 .unwrap();
@@ -264,7 +335,7 @@ mod tests {
     #[tokio::test]
     async fn a_device_record_over_the_bus_limit_is_split_in_order() {
         let stream = Arc::new(MemoryStream::new("t", 1, 100));
-        let ingest = Ingest::new(stream.clone()).with_clock(|| NOW);
+        let ingest = Ingest::new(stream.clone(), names(64)).with_clock(|| NOW);
         // As large as validation lets a reading be: 50 free metrics within their 1,024 archive
         // bytes, each value at full precision, and a 128-character event id.
         let metrics: serde_json::Map<String, Value> = (0..50)
@@ -298,7 +369,7 @@ mod tests {
     #[tokio::test]
     async fn mixed_batch_answers_207_and_keeps_valid_items() {
         let stream = Arc::new(MemoryStream::new("t", 2, 100));
-        let ingest = Ingest::new(stream.clone()).with_clock(|| NOW);
+        let ingest = Ingest::new(stream.clone(), names(64)).with_clock(|| NOW);
         let body = json!([
             {"device_id": "a", "ts": NOW, "lat": 1.0, "lon": 2.0},
             {"device_id": "b", "ts": NOW, "speed_kmh": -5},
@@ -335,7 +406,7 @@ mod tests {
     #[tokio::test]
     async fn all_bad_is_400_and_nothing_is_published() {
         let stream = Arc::new(MemoryStream::new("t", 1, 100));
-        let ingest = Ingest::new(stream.clone()).with_clock(|| NOW);
+        let ingest = Ingest::new(stream.clone(), names(64)).with_clock(|| NOW);
         let response = ingest
             .handle(
                 fixture_request(r#"{"device_id": "", "ts": "soon"}"#),
@@ -357,6 +428,76 @@ mod tests {
         assert!(stream_records(&stream).is_empty());
     }
 
+    #[tokio::test]
+    async fn a_new_metric_name_past_the_deployments_limit_is_refused_by_name() {
+        let stream = Arc::new(MemoryStream::new("t", 1, 100));
+        let ingest = Ingest::new(stream.clone(), names(2)).with_clock(|| NOW);
+        let metrics = RecordedMetrics::new();
+        let post = |body: Value| ingest.handle(fixture_request(&body.to_string()), &metrics);
+        let first = post(json!([
+            {"device_id": "a", "ts": NOW, "metrics": {"door_open": 1, "fuel_l": 40}},
+        ]))
+        .await;
+        assert_eq!(first.status_code, 202, "{:?}", body_json(&first));
+        let second = post(json!([
+            {"device_id": "a", "ts": NOW + 1, "metrics": {"door_open": 0}},
+            {"device_id": "b", "ts": NOW, "metrics": {"fuel_l": 12, "tyre_bar": 2.1}},
+            {"device_id": "c", "ts": NOW},
+        ]))
+        .await;
+        assert_eq!(second.status_code, 207);
+        let json = body_json(&second);
+        assert_eq!(json["accepted"], 2, "{json}");
+        assert_eq!(json["results"][1]["status"], "rejected");
+        assert_eq!(json["results"][1]["errors"][0]["field"], "metrics.tyre_bar");
+        let message = json["results"][1]["errors"][0]["message"].as_str().unwrap();
+        assert!(
+            message.contains("limit of 2 distinct metric names"),
+            "{message}"
+        );
+        assert_eq!(
+            stream_records(&stream).len(),
+            3,
+            "a, a again and c published; b not"
+        );
+    }
+
+    struct DownRegistry;
+    #[async_trait]
+    impl MetricNameRegistry for DownRegistry {
+        async fn admit(&self, _: &BTreeSet<String>) -> Result<BTreeSet<String>, StoreError> {
+            Err(StoreError::transient(
+                "TransactWriteItems",
+                "ThrottlingException",
+            ))
+        }
+        fn limit(&self) -> usize {
+            10
+        }
+    }
+
+    #[tokio::test]
+    async fn when_the_registry_cannot_answer_readings_with_metrics_are_retried_the_rest_taken() {
+        let stream = Arc::new(MemoryStream::new("t", 1, 100));
+        let ingest = Ingest::new(stream.clone(), Arc::new(DownRegistry)).with_clock(|| NOW);
+        let body = json!([
+            {"device_id": "a", "ts": NOW, "metrics": {"door_open": 1}},
+            {"device_id": "b", "ts": NOW},
+        ]);
+        let response = ingest
+            .handle(fixture_request(&body.to_string()), &RecordedMetrics::new())
+            .await;
+        assert_eq!(response.status_code, 207);
+        let json = body_json(&response);
+        assert_eq!(json["results"][0]["status"], "failed");
+        assert!(json["results"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("retry"));
+        assert_eq!(json["results"][1]["status"], "accepted");
+        assert_eq!(stream_records(&stream).len(), 1);
+    }
+
     struct DownBus;
     #[async_trait]
     impl EventBus for DownBus {
@@ -375,7 +516,7 @@ mod tests {
 
     #[tokio::test]
     async fn bus_failure_is_503_with_the_reason_per_item() {
-        let ingest = Ingest::new(Arc::new(DownBus)).with_clock(|| NOW);
+        let ingest = Ingest::new(Arc::new(DownBus), names(64)).with_clock(|| NOW);
         let response = ingest
             .handle(
                 fixture_request(&json!({"device_id": "a", "ts": NOW}).to_string()),
@@ -393,7 +534,7 @@ mod tests {
 
     #[tokio::test]
     async fn wrong_route_or_method() {
-        let ingest = Ingest::new(Arc::new(DownBus)).with_clock(|| NOW);
+        let ingest = Ingest::new(Arc::new(DownBus), names(64)).with_clock(|| NOW);
         let mut request = fixture_request("{}");
         request.request_context.http.method = http::Method::GET;
         assert_eq!(

@@ -12,13 +12,17 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use geostream_shared::metrics::EmfLog;
-use geostream_shared::ports::{AlertStore, Archive, DeadLetterSink, EventBus, PositionStore};
+use geostream_shared::ports::{
+    AlertStore, Archive, DeadLetterSink, EventBus, MetricNameRegistry, PositionStore,
+    DEFAULT_MAX_METRIC_NAMES,
+};
 use geostream_shared::rules::RuleSet;
 use geostream_shared::stream::{RetryBudget, WithRetryBudget};
 
 use crate::config::Clients;
 use crate::dynamodb::{DynamoAlerts, DynamoPositions};
 use crate::kinesis::KinesisBus;
+use crate::metric_names::DynamoMetricNames;
 use crate::s3archive::S3Archive;
 use crate::sqs::SqsDeadLetters;
 use crate::timestream::TimestreamArchive;
@@ -125,6 +129,15 @@ pub mod settings {
         purpose: "the event source mapping's maximum_record_age_in_seconds: a stream function dead-letters a failing record itself at nine tenths of it (default 21600)",
         optional: true,
     };
+    pub const METRIC_NAMES_TABLE: Setting = setting(
+        "METRIC_NAMES_TABLE",
+        "the DynamoDB table of the deployment's free metric names (bounded by MAX_METRIC_NAMES)",
+    );
+    pub const MAX_METRIC_NAMES: Setting = Setting {
+        name: "MAX_METRIC_NAMES",
+        purpose: "how many distinct free metric names the deployment takes; a reading with a new name past it is refused (default 8000: Timestream holds 8,192 measure names per table)",
+        optional: true,
+    };
     pub const RULES_FILE: Setting = Setting {
         name: "RULES_FILE",
         purpose: "a rules file (TOML) in place of the bundled default rules",
@@ -149,6 +162,8 @@ pub enum Port {
     Archive,
     DeadLetters,
     Rules,
+    /// The bounded registry of free metric names (ingest).
+    MetricNames,
 }
 
 impl Port {
@@ -188,6 +203,7 @@ impl Port {
             ],
             Port::DeadLetters => &[DEAD_LETTER_QUEUE_URL, DEAD_LETTER_BUCKET],
             Port::Rules => &[RULES_FILE],
+            Port::MetricNames => &[METRIC_NAMES_TABLE, MAX_METRIC_NAMES],
         }
     }
 }
@@ -616,6 +632,33 @@ impl Composition {
             self.clients.s3.clone(),
             self.required(settings::DEAD_LETTER_BUCKET)?,
         )))
+    }
+
+    /// The registry of free metric names: the table `METRIC_NAMES_TABLE`, bounded by
+    /// `MAX_METRIC_NAMES` (default [`DEFAULT_MAX_METRIC_NAMES`]).
+    pub fn metric_names(&self) -> Result<Arc<dyn MetricNameRegistry>, ComposeError> {
+        let limit = match self.optional(settings::MAX_METRIC_NAMES)? {
+            None => DEFAULT_MAX_METRIC_NAMES,
+            Some(text) => {
+                text.trim()
+                    .parse()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or(ComposeError::Invalid {
+                        name: settings::MAX_METRIC_NAMES.name,
+                        value: text,
+                        expected: "a whole number above 0",
+                    })?
+            }
+        };
+        Ok(Arc::new(
+            DynamoMetricNames::new(
+                self.clients.dynamodb.clone(),
+                self.required(settings::METRIC_NAMES_TABLE)?,
+                limit,
+            )
+            .metered(self.clients.capacity.clone()),
+        ))
     }
 
     /// The rules: the file named by `RULES_FILE`, else the bundled defaults.

@@ -21,6 +21,7 @@ pub mod dynamodb;
 pub mod errors;
 pub mod kinesis;
 pub mod manifest;
+pub mod metric_names;
 pub mod provision;
 pub mod redrive;
 pub mod retry;

@@ -75,12 +75,20 @@ pub fn function(name: &str) -> Option<&'static FunctionManifest> {
 pub const FUNCTIONS: &[FunctionManifest] = &[
     FunctionManifest {
         name: "ingest",
-        ports: &[Port::TelemetryBus],
-        operations: &["PutRecords", "GetSecretValue"],
+        ports: &[Port::TelemetryBus, Port::MetricNames],
+        operations: &[
+            "PutRecords",
+            "GetSecretValue",
+            "BatchGetItem",
+            "TransactWriteItems",
+        ],
         // Kinesis or Kafka, whichever the deployment's `bus` variable chose.
         permissions: &[
             allow("kinesis:PutRecords", "aws_kinesis_stream.telemetry"),
             allow("secretsmanager:GetSecretValue", "var.kafka_secret_arn"),
+            allow("dynamodb:BatchGetItem", "aws_dynamodb_table.metric_names"),
+            allow("dynamodb:PutItem", "aws_dynamodb_table.metric_names"),
+            allow("dynamodb:UpdateItem", "aws_dynamodb_table.metric_names"),
         ],
         reads_telemetry: false,
     },
@@ -267,6 +275,11 @@ pub const TABLES: &[TableSchema] = &[
             range_key: ("geohash", KeyType::String),
             projection: IndexProjection::All,
         }],
+    },
+    TableSchema {
+        label: "metric_names",
+        hash_key: ("name", KeyType::String),
+        indexes: &[],
     },
     TableSchema {
         label: "alert_state",

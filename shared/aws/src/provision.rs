@@ -19,6 +19,7 @@ pub struct ResourceNames {
     pub positions_table: String,
     pub alert_state_table: String,
     pub alerts_table: String,
+    pub metric_names_table: String,
     pub timestream_database: String,
     pub timestream_table: String,
     pub archive_bucket: String,
@@ -38,6 +39,7 @@ impl ResourceNames {
             positions_table: format!("{prefix}-positions"),
             alert_state_table: format!("{prefix}-alert-state"),
             alerts_table: format!("{prefix}-alerts"),
+            metric_names_table: format!("{prefix}-metric-names"),
             timestream_database: format!("{prefix}-archive"),
             timestream_table: "readings".to_string(),
             archive_bucket: format!("{prefix}-archive"),
@@ -73,6 +75,7 @@ impl ResourceNames {
             .set(settings::ALERT_STATE_TABLE, &self.alert_state_table)
             .set(settings::ALERTS_TABLE, &self.alerts_table)
             .set(settings::RULE_STATE_STORE, "dynamodb")
+            .set(settings::METRIC_NAMES_TABLE, &self.metric_names_table)
             .set(settings::ARCHIVE, archive)
             .set(settings::RECENT_TRACKS, "none")
             .set(
@@ -189,6 +192,7 @@ pub async fn create_resources(
     wait_for_streams(clients, &[&names.telemetry_stream, &names.alerts_stream]).await?;
     let table_names = [
         &names.positions_table,
+        &names.metric_names_table,
         &names.alert_state_table,
         &names.alerts_table,
     ];
