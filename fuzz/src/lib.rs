@@ -7,8 +7,7 @@ use std::sync::Arc;
 
 use aws_lambda_events::encodings::Body;
 use aws_lambda_events::event::apigw::ApiGatewayV2httpRequest;
-use aws_lambda_events::event::kinesis::KinesisEvent;
-use geostream_lambda::stream::{batch_from_kafka, batch_from_kinesis, KafkaEvent};
+use geostream_lambda::stream::{batch_from_kafka, batch_from_kinesis, KafkaEvent, KinesisEvent};
 use geostream_query_api::QueryApi;
 use geostream_shared::envelope::Envelope;
 use geostream_shared::memory::{MemoryAlertStore, MemoryArchive, MemoryPositionStore};

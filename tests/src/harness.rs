@@ -2,7 +2,7 @@
 //! as API Gateway sends them, and a stream read back as the `KinesisEvent`s Lambda would send.
 
 use aws_lambda_events::event::apigw::{ApiGatewayV2httpRequest, ApiGatewayV2httpResponse};
-use aws_lambda_events::event::kinesis::{KinesisEvent, KinesisEventRecord};
+use geostream_lambda::stream::{KinesisEvent, KinesisEventRecord, KinesisRecord, RecordData};
 use serde_json::Value;
 
 /// The emulator's URL, or `None` (with a loud note) when it is not running; under
@@ -103,15 +103,17 @@ pub async fn read_stream(kinesis: &aws_sdk_kinesis::Client, stream: &str) -> Vec
                 .await
                 .unwrap();
             for record in output.records() {
-                let mut event_record = KinesisEventRecord::default();
-                event_record.event_source = Some("aws:kinesis".into());
-                event_record.event_id =
-                    Some(format!("{}:{}", shard.shard_id(), record.sequence_number()));
-                event_record.kinesis.partition_key =
-                    record.partition_key().unwrap_or_default().to_string();
-                event_record.kinesis.sequence_number = record.sequence_number().to_string();
-                event_record.kinesis.data.0 = record.data().as_ref().to_vec();
-                event.records.push(event_record);
+                event.records.push(KinesisEventRecord {
+                    event_source: Some("aws:kinesis".into()),
+                    event_id: Some(format!("{}:{}", shard.shard_id(), record.sequence_number())),
+                    kinesis: KinesisRecord {
+                        partition_key: record.partition_key().unwrap_or_default().to_string(),
+                        sequence_number: record.sequence_number().to_string(),
+                        data: RecordData(record.data().as_ref().to_vec()),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                });
             }
             if output.records().is_empty() {
                 break;

@@ -5,7 +5,6 @@
 
 use std::collections::BTreeMap;
 
-use aws_lambda_events::event::kinesis::KinesisEvent;
 use geostream_anomaly_inspector::AnomalyInspector;
 use geostream_archiver::Archiver;
 use geostream_aws::compose::Composition;
@@ -16,7 +15,7 @@ use geostream_aws::timestream::TimestreamArchive;
 use geostream_e2e::harness::{emulator, json_of, read_stream, request};
 use geostream_geo_update::GeoUpdate;
 use geostream_ingest::Ingest;
-use geostream_lambda::stream::handle_kinesis;
+use geostream_lambda::stream::{handle_kinesis, KinesisEvent};
 use geostream_local::{ArchiveKind, AwsBackend, StoreKind};
 use geostream_query_api::QueryApi;
 use geostream_shared::metrics::{MetricName, RecordedMetrics};

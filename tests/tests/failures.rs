@@ -6,7 +6,6 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use aws_lambda_events::event::kinesis::KinesisEvent;
 use geostream_aws::compose::Composition;
 use geostream_aws::config::{sdk_config, Clients};
 use geostream_aws::manifest;
@@ -16,6 +15,7 @@ use geostream_e2e::harness::{emulator, json_of, read_stream, request};
 use geostream_geo_update::GeoUpdate;
 use geostream_ingest::Ingest;
 use geostream_lambda::stream::handle_kinesis;
+use geostream_lambda::stream::KinesisEvent;
 use geostream_local::fault_proxy::{Fault, FaultPlan, FaultProxy, Outage};
 use geostream_shared::metrics::RecordedMetrics;
 use geostream_shared::model::Position;

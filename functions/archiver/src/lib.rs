@@ -167,7 +167,7 @@ fn refused_letters(
 mod tests {
     use super::*;
     use async_trait::async_trait;
-    use aws_lambda_events::event::kinesis::KinesisEvent;
+    use geostream_lambda::stream::KinesisEvent;
     use geostream_lambda::stream::{handle_kafka, handle_kinesis};
     use geostream_shared::memory::{MemoryArchive, MemoryDeadLetters};
     use geostream_shared::metrics::RecordedMetrics;

@@ -128,7 +128,7 @@ fn to_position(reading: Reading, received_at: i64) -> Option<Position> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use aws_lambda_events::event::kinesis::KinesisEvent;
+    use geostream_lambda::stream::KinesisEvent;
     use geostream_lambda::stream::{handle_kafka, handle_kinesis};
     use geostream_shared::memory::{MemoryDeadLetters, MemoryPositionStore};
     use geostream_shared::metrics::RecordedMetrics;

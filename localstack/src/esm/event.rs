@@ -5,12 +5,11 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use aws_lambda_events::event::kinesis::{KinesisEvent, KinesisEventRecord, KinesisRecord};
 use aws_lambda_events::event::streams::KinesisEventResponse;
 use base64::Engine;
-use chrono::TimeZone;
 use geostream_lambda::stream::{
-    handle_kafka, handle_kinesis, KafkaBatchResponse, KafkaEvent, KafkaRecord,
+    handle_kafka, handle_kinesis, KafkaBatchResponse, KafkaEvent, KafkaRecord, KinesisEvent,
+    KinesisEventRecord, KinesisRecord, RecordData,
 };
 use geostream_shared::metrics::MetricsSink;
 use geostream_shared::stream::{RecordId, StreamFunction};
@@ -97,34 +96,29 @@ fn kinesis_event(
     function: &str,
     records: &[SourceRecord],
 ) -> KinesisEvent {
-    let mut event = KinesisEvent::default();
-    event.records = records
-        .iter()
-        .map(|source| {
-            let mut kinesis = KinesisRecord::default();
-            kinesis.approximate_arrival_timestamp.0 = chrono::Utc
-                .timestamp_millis_opt(source.arrival)
-                .single()
-                .unwrap_or_default();
-            kinesis.data.0 = source.data.clone();
-            kinesis.partition_key = source.partition_key.clone();
-            kinesis.sequence_number = source.id.to_string();
-            kinesis.kinesis_schema_version = Some("1.0".into());
-            let mut record = KinesisEventRecord::default();
-            record.aws_region = Some("local".into());
-            record.event_id = Some(format!("{shard_id}:{}", source.id));
-            record.event_name = Some("aws:kinesis:record".into());
-            record.event_source = Some("aws:kinesis".into());
-            record.event_source_arn = Some(stream_arn.to_string());
-            record.event_version = Some("1.0".into());
-            record.invoke_identity_arn = Some(format!(
-                "arn:aws:iam::000000000000:role/geostream-{function}"
-            ));
-            record.kinesis = kinesis;
-            record
-        })
-        .collect();
-    event
+    KinesisEvent {
+        records: records
+            .iter()
+            .map(|source| KinesisEventRecord {
+                aws_region: Some("local".into()),
+                event_id: Some(format!("{shard_id}:{}", source.id)),
+                event_name: Some("aws:kinesis:record".into()),
+                event_source: Some("aws:kinesis".into()),
+                event_source_arn: Some(stream_arn.to_string()),
+                event_version: Some("1.0".into()),
+                invoke_identity_arn: Some(format!(
+                    "arn:aws:iam::000000000000:role/geostream-{function}"
+                )),
+                kinesis: KinesisRecord {
+                    kinesis_schema_version: Some("1.0".into()),
+                    partition_key: source.partition_key.clone(),
+                    sequence_number: source.id.to_string(),
+                    data: RecordData(source.data.clone()),
+                    approximate_arrival_timestamp: Some(source.arrival as f64 / 1000.0),
+                },
+            })
+            .collect(),
+    }
 }
 
 /// Lambda's Kafka event: records grouped by `topic-partition`, base64 keys and values.

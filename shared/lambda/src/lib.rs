@@ -18,12 +18,12 @@ pub mod fixtures {
 
 use std::future::Future;
 
-use crate::stream::KafkaEvent;
 use aws_lambda_events::event::apigw::{ApiGatewayV2httpRequest, ApiGatewayV2httpResponse};
-use aws_lambda_events::event::kinesis::KinesisEvent;
 use geostream_shared::metrics::MetricsSink;
 use geostream_shared::stream::StreamFunction;
 use lambda_runtime::{run, service_fn, LambdaEvent};
+
+use crate::stream::{KafkaEvent, KinesisEvent};
 
 pub use lambda_runtime::Error;
 

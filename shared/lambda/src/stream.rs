@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 
-use aws_lambda_events::event::kinesis::KinesisEvent;
 use aws_lambda_events::event::streams::{KinesisBatchItemFailure, KinesisEventResponse};
 use base64::Engine;
 use geostream_shared::metrics::MetricsSink;
@@ -11,6 +10,94 @@ use geostream_shared::stream::{
     process_measured, RecordId, StreamBatch, StreamFunction, StreamRecord,
 };
 use serde::{Deserialize, Deserializer, Serialize};
+
+/// The event a Kinesis event source mapping sends: one shard's records, in sequence order.
+///
+/// GeoStream's own type rather than `aws_lambda_events`' `KinesisEvent`, whose timestamp
+/// deserializer overflows (a panic with overflow checks, a wrong time without) on a
+/// fractional part with many digits (found by `scripts/fuzz`, inputs in
+/// `fuzz/crashes/kinesis_event`). A record's data that is not base64 is kept as its text, so
+/// the function dead-letters that record, not the batch; an arrival time that is not a number
+/// of seconds is unknown (it feeds the freshness metric only).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct KinesisEvent {
+    #[serde(rename = "Records", default)]
+    pub records: Vec<KinesisEventRecord>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KinesisEventRecord {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws_region: Option<String>,
+    #[serde(rename = "eventID", default, skip_serializing_if = "Option::is_none")]
+    pub event_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_source: Option<String>,
+    #[serde(
+        rename = "eventSourceARN",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub event_source_arn: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invoke_identity_arn: Option<String>,
+    pub kinesis: KinesisRecord,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KinesisRecord {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kinesis_schema_version: Option<String>,
+    pub partition_key: String,
+    pub sequence_number: String,
+    pub data: RecordData,
+    /// Seconds since the epoch, with milliseconds as the fraction.
+    #[serde(
+        default,
+        deserialize_with = "seconds",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub approximate_arrival_timestamp: Option<f64>,
+}
+
+/// A record's bytes, base64 in the event.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RecordData(pub Vec<u8>);
+
+impl Serialize for RecordData {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&base64::engine::general_purpose::STANDARD.encode(&self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for RecordData {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Ok(RecordData(
+            base64::engine::general_purpose::STANDARD
+                .decode(&text)
+                .unwrap_or_else(|_| text.into_bytes()),
+        ))
+    }
+}
+
+/// A number of seconds, as a JSON number or a string of one; anything else is unknown.
+fn seconds<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<f64>, D::Error> {
+    Ok(
+        match Option::<serde_json::Value>::deserialize(deserializer)? {
+            Some(serde_json::Value::Number(number)) => number.as_f64(),
+            Some(serde_json::Value::String(text)) => text.parse().ok(),
+            _ => None,
+        }
+        .filter(|s| s.is_finite()),
+    )
+}
 
 /// The records of a Kinesis event, in the event's order (one shard, sequence order).
 pub fn batch_from_kinesis(event: KinesisEvent) -> StreamBatch {
@@ -22,15 +109,13 @@ pub fn batch_from_kinesis(event: KinesisEvent) -> StreamBatch {
                 id: RecordId::kinesis(record.kinesis.sequence_number),
                 partition_key: record.kinesis.partition_key,
                 data: record.kinesis.data.0,
-                // An event without the timestamp deserializes to the epoch: unknown.
-                arrived_at: Some(
-                    record
-                        .kinesis
-                        .approximate_arrival_timestamp
-                        .0
-                        .timestamp_millis(),
-                )
-                .filter(|millis| *millis > 0),
+                arrived_at: record
+                    .kinesis
+                    .approximate_arrival_timestamp
+                    .map(|seconds| (seconds * 1000.0).round())
+                    // Before 2001 or past year 5000: not a time Kinesis stamps.
+                    .filter(|millis| (1e12..1e14).contains(millis))
+                    .map(|millis| millis as i64),
             })
             .collect(),
     }
@@ -261,6 +346,41 @@ mod tests {
             let error = serde_json::from_slice::<KafkaEvent>(crash).unwrap_err();
             assert!(error.line() > 1, "refused where it went wrong: {error}");
         }
+    }
+
+    /// The inputs on which `aws_lambda_events`' Kinesis event panicked (a timestamp with a
+    /// long fraction: an overflow, found by `scripts/fuzz`) are refused with a reason.
+    #[test]
+    fn fuzzed_kinesis_events_that_panicked_are_refused_with_a_reason() {
+        for crash in [
+            &include_bytes!("../../../fuzz/crashes/kinesis_event/crash-0")[..],
+            &include_bytes!("../../../fuzz/crashes/kinesis_event/crash-1")[..],
+            &include_bytes!("../../../fuzz/crashes/kinesis_event/crash-2")[..],
+        ] {
+            let error = serde_json::from_slice::<KinesisEvent>(crash).unwrap_err();
+            assert!(error.line() > 1, "refused where it went wrong: {error}");
+        }
+    }
+
+    /// Arrival times Kinesis does not send are unknown; the record is kept, and data that is
+    /// not base64 is kept as its text for the dead letter.
+    #[test]
+    fn an_odd_kinesis_arrival_time_is_unknown_and_its_record_kept() {
+        let fixture = include_str!("../tests/fixtures/kinesis-event.json");
+        for (odd, expected) in [
+            ("\"0.1566085596925383615710959\"", None),
+            ("1e300", None),
+            ("\"1763900000.5\"", Some(1_763_900_000_500)),
+            ("[]", None),
+        ] {
+            let event = fixture.replace("1763900000.123", odd);
+            let batch = batch_from_kinesis(serde_json::from_str(&event).unwrap());
+            assert_eq!(batch.records[0].arrived_at, expected, "{odd}");
+            assert_eq!(batch.records[0].partition_key, "truck-7");
+        }
+        let event = fixture.replace("\"data\": \"eyJ2", "\"data\": \"not base64 eyJ2");
+        let batch = batch_from_kinesis(serde_json::from_str(&event).unwrap());
+        assert!(batch.records[0].data.starts_with(b"not base64 eyJ2"));
     }
 
     /// A well-formed event with a fractional timestamp loses only that timestamp.
