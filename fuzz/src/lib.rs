@@ -2,11 +2,11 @@
 //! fuzz targets (`src/bin/`) hand them AFL++'s inputs. Any panic is a crash. Where a parse
 //! succeeds, what it promises is checked too.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use aws_lambda_events::encodings::Body;
 use aws_lambda_events::event::apigw::ApiGatewayV2httpRequest;
+use geostream_lambda::http::query_parameters;
 use geostream_lambda::stream::{batch_from_kafka, batch_from_kinesis, KafkaEvent, KinesisEvent};
 use geostream_query_api::QueryApi;
 use geostream_shared::envelope::Envelope;
@@ -85,17 +85,10 @@ pub fn query_request(runtime: &tokio::runtime::Runtime, data: &[u8]) {
         return;
     };
     let (path, raw_query) = target.split_once('?').unwrap_or((target, ""));
-    let mut query: HashMap<String, Vec<String>> = HashMap::new();
-    for (key, value) in form_urlencoded::parse(raw_query.as_bytes()) {
-        query
-            .entry(key.into_owned())
-            .or_default()
-            .push(value.into_owned());
-    }
     let mut request = ApiGatewayV2httpRequest::default();
     request.raw_path = Some(path.to_string());
     request.raw_query_string = Some(raw_query.to_string());
-    request.query_string_parameters = query.into();
+    request.query_string_parameters = query_parameters(raw_query);
     request.request_context.http.method = method;
     request.request_context.http.path = Some(path.to_string());
     request.body = (!body.is_empty()).then(|| body.to_string());

@@ -2,14 +2,12 @@
 //! v2) event for the ingest or query-api handler, and the handler's response becomes the HTTP
 //! response, as API Gateway would do it.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use aws_lambda_events::encodings::Body as LambdaBody;
 use aws_lambda_events::event::apigw::{ApiGatewayV2httpRequest, ApiGatewayV2httpResponse};
-use aws_lambda_events::query_map::QueryMap;
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
@@ -17,6 +15,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use base64::Engine;
+use geostream_lambda::http::query_parameters;
 use geostream_shared::now_millis;
 
 use crate::Stack;
@@ -137,13 +136,6 @@ pub fn build_event(
 ) -> ApiGatewayV2httpRequest {
     let now = now_millis();
     let raw_query = uri.query().unwrap_or_default().to_string();
-    let mut query: HashMap<String, Vec<String>> = HashMap::new();
-    for (key, value) in form_urlencoded::parse(raw_query.as_bytes()) {
-        query
-            .entry(key.into_owned())
-            .or_default()
-            .push(value.into_owned());
-    }
     let user_agent = headers
         .get(axum::http::header::USER_AGENT)
         .and_then(|v| v.to_str().ok())
@@ -155,7 +147,7 @@ pub fn build_event(
     event.raw_path = Some(uri.path().to_string());
     event.raw_query_string = Some(raw_query);
     event.headers = headers;
-    event.query_string_parameters = QueryMap::from(query);
+    event.query_string_parameters = query_parameters(uri.query().unwrap_or_default());
     let context = &mut event.request_context;
     context.route_key = Some("$default".into());
     context.account_id = Some("000000000000".into());

@@ -2,10 +2,26 @@
 
 use aws_lambda_events::encodings::Body;
 use aws_lambda_events::event::apigw::{ApiGatewayV2httpRequest, ApiGatewayV2httpResponse};
+use std::collections::HashMap;
+
+use aws_lambda_events::query_map::QueryMap;
 use base64::Engine;
 use serde::Serialize;
 
 use geostream_shared::metrics::{Measurements, MetricName};
+
+/// A raw query string's parameters, as API Gateway puts them in the event
+/// (`queryStringParameters`, every value of a repeated name kept).
+pub fn query_parameters(raw_query: &str) -> QueryMap {
+    let mut query: HashMap<String, Vec<String>> = HashMap::new();
+    for (key, value) in form_urlencoded::parse(raw_query.as_bytes()) {
+        query
+            .entry(key.into_owned())
+            .or_default()
+            .push(value.into_owned());
+    }
+    QueryMap::from(query)
+}
 
 /// The request body as bytes, decoding it when API Gateway marked it base64.
 pub fn request_body(request: &ApiGatewayV2httpRequest) -> Result<Vec<u8>, String> {
