@@ -456,7 +456,19 @@ async fn runner_on_the_aws_backend(
             .send()
             .await
             .unwrap();
-        if alerts["count"] == 1 && position.status().as_u16() == 200 {
+        // runner-1's records may sit on another shard than runner-2's: wait for both.
+        let newest_of_runner_1: Value = http
+            .get(format!("{base}/v1/vehicles/runner-1"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap_or(Value::Null);
+        if alerts["count"] == 1
+            && position.status().as_u16() == 200
+            && newest_of_runner_1["ts"] == json!(t0 + 1000)
+        {
             break;
         }
         if std::time::Instant::now() >= deadline {

@@ -1,7 +1,11 @@
-//! A device's records keep their order across a reshard: the runner's Kinesis mapping reads a
-//! child shard only after its parent is read to its end and done with, as Lambda does.
+//! The runner's Kinesis source against what Kinesis does and moto does not:
 //!
-//! moto cannot show it: its SplitShard moves the parent's records into the children (Kinesis
+//! - a device's records keep their order across a reshard: a child shard is read only after
+//!   its parent is read to its end and done with, as Lambda does;
+//! - an iterator Kinesis expired (a delivery took over five minutes) is replaced by a fresh one
+//!   after the last record read, and the shard goes on without a gap or a repeat.
+//!
+//! moto cannot show the first: its SplitShard moves the parent's records into the children (Kinesis
 //! keeps them in the closed parent until they expire) and its MergeShards copies them. So the
 //! real Kinesis client reads a small stand-in here that answers ListShards, GetShardIterator
 //! and GetRecords as Kinesis does after a split: sixty records of one device in the closed
@@ -9,12 +13,13 @@
 //! function must see all 120 in order.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use aws_lambda_events::event::streams::KinesisEventResponse;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use axum::{Json, Router};
 use base64::Engine;
@@ -34,10 +39,15 @@ type Shard = (Vec<(u64, String)>, bool);
 /// The stream after the split.
 struct SplitStream {
     shards: HashMap<&'static str, Shard>,
+    /// Answer the first GetRecords from this position of the parent with
+    /// ExpiredIteratorException.
+    expire_at: Option<usize>,
+    expired: AtomicBool,
+    iterators_given: AtomicUsize,
 }
 
 impl SplitStream {
-    fn new() -> Self {
+    fn new(expire_at: Option<usize>) -> Self {
         let records = |first_sequence: u64, numbers: std::ops::Range<u64>| {
             numbers
                 .enumerate()
@@ -50,16 +60,19 @@ impl SplitStream {
                 (CHILD, (records(5_000, PER_SHARD..2 * PER_SHARD), false)),
                 (SIBLING, (Vec::new(), false)),
             ]),
+            expire_at,
+            expired: AtomicBool::new(false),
+            iterators_given: AtomicUsize::new(0),
         }
     }
 
-    fn answer(&self, target: &str, request: &Value) -> Value {
+    fn answer(&self, target: &str, request: &Value) -> Result<Value, Value> {
         let range = |start: &str, end: Option<&str>| match end {
             Some(end) => json!({"StartingSequenceNumber": start, "EndingSequenceNumber": end}),
             None => json!({"StartingSequenceNumber": start}),
         };
         let half = 1u128 << 127;
-        match target {
+        Ok(match target {
             "Kinesis_20131202.ListShards" => json!({"Shards": [
                 {"ShardId": PARENT,
                  "HashKeyRange": {"StartingHashKey": "0", "EndingHashKey": (u128::MAX).to_string()},
@@ -81,12 +94,20 @@ impl SplitStream {
                     }
                     None => 0,
                 };
+                self.iterators_given.fetch_add(1, Ordering::Relaxed);
                 json!({"ShardIterator": format!("{shard}:{position}")})
             }
             "Kinesis_20131202.GetRecords" => {
                 let iterator = request["ShardIterator"].as_str().unwrap_or_default();
                 let (shard, position) = iterator.split_once(':').unwrap_or_default();
                 let position: usize = position.parse().unwrap_or_default();
+                if shard == PARENT
+                    && self.expire_at == Some(position)
+                    && !self.expired.swap(true, Ordering::Relaxed)
+                {
+                    return Err(json!({"__type": "ExpiredIteratorException",
+                        "message": format!("Iterator {iterator} has expired")}));
+                }
                 let limit = request["Limit"].as_u64().unwrap_or(10_000) as usize;
                 let (records, closed) = &self.shards[shard];
                 let taken: Vec<Value> = records
@@ -106,13 +127,12 @@ impl SplitStream {
                 json!({"Records": taken, "NextShardIterator": next_iterator,
                     "MillisBehindLatest": if next >= records.len() { 0 } else { 1_000 }})
             }
-            other => json!({"__type": "UnknownOperationException", "message": other}),
-        }
+            other => return Err(json!({"__type": "UnknownOperationException", "message": other})),
+        })
     }
 }
 
-async fn stand_in() -> String {
-    let stream = Arc::new(SplitStream::new());
+async fn stand_in(stream: Arc<SplitStream>) -> String {
     let app = Router::new().route(
         "/",
         post(move |headers: HeaderMap, body: axum::body::Bytes| {
@@ -124,7 +144,10 @@ async fn stand_in() -> String {
                     .unwrap_or_default()
                     .to_string();
                 let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                Json(stream.answer(&target, &request))
+                match stream.answer(&target, &request) {
+                    Ok(answer) => (StatusCode::OK, Json(answer)),
+                    Err(error) => (StatusCode::BAD_REQUEST, Json(error)),
+                }
             }
         }),
     );
@@ -160,15 +183,15 @@ impl Invoke for Recorder {
     }
 }
 
-#[tokio::test]
-async fn a_child_shard_is_read_after_its_parent_so_order_holds_across_a_split() {
+/// Every record the mapping delivers from the stand-in, in delivery order.
+async fn deliver(stream: Arc<SplitStream>) -> Vec<u64> {
     let config = aws_sdk_kinesis::Config::builder()
         .behavior_version(aws_sdk_kinesis::config::BehaviorVersion::latest())
         .region(aws_sdk_kinesis::config::Region::new("us-east-1"))
         .credentials_provider(aws_sdk_kinesis::config::Credentials::new(
             "testing", "testing", None, None, "test",
         ))
-        .endpoint_url(stand_in().await)
+        .endpoint_url(stand_in(stream).await)
         .build();
     let client = aws_sdk_kinesis::Client::from_conf(config);
     let sources = kinesis::shards(&client, "telemetry").await.expect("shards");
@@ -199,9 +222,32 @@ async fn a_child_shard_is_read_after_its_parent_so_order_holds_across_a_split() 
         task.await.expect("a mapping loop ends");
     }
     let seen = recorder.seen.lock().unwrap().clone();
+    seen
+}
+
+#[tokio::test]
+async fn a_child_shard_is_read_after_its_parent_so_order_holds_across_a_split() {
+    let seen = deliver(Arc::new(SplitStream::new(None))).await;
     let expected: Vec<u64> = (0..2 * PER_SHARD).collect();
     assert_eq!(
         seen, expected,
         "the device's records in the order they were put"
+    );
+}
+
+#[tokio::test]
+async fn an_expired_iterator_is_replaced_after_the_last_record_read() {
+    let stream = Arc::new(SplitStream::new(Some(30)));
+    let seen = deliver(stream.clone()).await;
+    assert!(
+        stream.expired.load(Ordering::Relaxed),
+        "the iterator did expire"
+    );
+    let expected: Vec<u64> = (0..2 * PER_SHARD).collect();
+    assert_eq!(seen, expected, "no record lost or repeated");
+    assert_eq!(
+        stream.iterators_given.load(Ordering::Relaxed),
+        4,
+        "one iterator per shard, and one fresh one for the parent"
     );
 }
