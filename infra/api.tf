@@ -43,16 +43,27 @@ locals {
     "GET /v1/alerts"                 = "query-api"
     "POST /v1/alerts/{alert_id}/ack" = "query-api"
   }
+
+  # The scopes a token needs per route (any one of them); the functions check them again.
+  route_scopes = {
+    "POST /v1/telemetry"             = [var.scopes.telemetry_write, var.scopes.telemetry_write_any]
+    "GET /v1/vehicles/near"          = [var.scopes.fleet_read]
+    "GET /v1/vehicles/{id}"          = [var.scopes.fleet_read]
+    "GET /v1/vehicles/{id}/track"    = [var.scopes.fleet_read]
+    "GET /v1/alerts"                 = [var.scopes.fleet_read]
+    "POST /v1/alerts/{alert_id}/ack" = [var.scopes.alerts_ack]
+  }
 }
 
 resource "aws_apigatewayv2_route" "route" {
   for_each = local.routes
 
-  api_id             = aws_apigatewayv2_api.http.id
-  route_key          = each.key
-  target             = "integrations/${aws_apigatewayv2_integration.function[each.value].id}"
-  authorization_type = "JWT"
-  authorizer_id      = aws_apigatewayv2_authorizer.jwt.id
+  api_id               = aws_apigatewayv2_api.http.id
+  route_key            = each.key
+  target               = "integrations/${aws_apigatewayv2_integration.function[each.value].id}"
+  authorization_type   = "JWT"
+  authorizer_id        = aws_apigatewayv2_authorizer.jwt.id
+  authorization_scopes = local.route_scopes[each.key]
 }
 
 resource "aws_cloudwatch_log_group" "api_access" {

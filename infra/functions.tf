@@ -6,14 +6,21 @@ locals {
   artifact = { for f in ["ingest", "geo-update", "archiver", "anomaly-inspector", "query-api"] : f => "${var.lambda_artifacts_dir}/geostream-${f}/bootstrap.zip" }
 
   # The SASL/SCRAM secret of the Kafka brokers, for the event source mappings and the
-  # functions that produce (none when the brokers need no authentication).
-  kafka_secret_statements = var.bus == "kafka" && var.kafka_secret_arn != "" ? [
+  # functions that produce (none when the brokers need no authentication), and the
+  # customer-managed KMS key it is encrypted with (MSK requires one for SCRAM secrets).
+  kafka_secret_statements = var.bus == "kafka" && var.kafka_secret_arn != "" ? concat([
     {
       sid       = "ReadKafkaSecret"
       actions   = ["secretsmanager:GetSecretValue"]
       resources = [var.kafka_secret_arn]
     },
-  ] : []
+    ], var.kafka_secret_kms_key_arn != "" ? [
+    {
+      sid       = "DecryptKafkaSecret"
+      actions   = ["kms:Decrypt"]
+      resources = [var.kafka_secret_kms_key_arn]
+    },
+  ] : []) : []
 
   # What Lambda's event source mapping needs to read the telemetry stream (or the Kafka
   # brokers' secret) and report failures.
@@ -35,6 +42,17 @@ locals {
       resources = [aws_sqs_queue.stream_failures.arn]
     },
   ])
+
+  # Who may do what (shared/lambda/src/identity.rs): the HTTP functions check the token's
+  # scopes again after API Gateway's authorizer, and bind a device token to its vehicle.
+  access_environment = {
+    AUTHORIZATION             = "jwt"
+    DEVICE_CLAIM              = var.device_claim
+    SCOPE_TELEMETRY_WRITE     = var.scopes.telemetry_write
+    SCOPE_TELEMETRY_WRITE_ANY = var.scopes.telemetry_write_any
+    SCOPE_FLEET_READ          = var.scopes.fleet_read
+    SCOPE_ALERTS_ACK          = var.scopes.alerts_ack
+  }
 
   # The bus the deployment chose (variable bus), for every function that reads it.
   kafka_environment = {
@@ -127,7 +145,7 @@ module "ingest" {
   reserved_concurrency = var.ingest_reserved_concurrency
   log_retention_days   = var.log_retention_days
   system_log_level     = var.lambda_system_log_level
-  environment = merge(local.kafka_environment, {
+  environment = merge(local.kafka_environment, local.access_environment, {
     TELEMETRY_STREAM   = var.bus == "kinesis" ? aws_kinesis_stream.telemetry[0].name : ""
     TELEMETRY_TOPIC    = var.bus == "kafka" ? var.kafka_telemetry_topic : ""
     METRIC_NAMES_TABLE = aws_dynamodb_table.metric_names.name
@@ -228,7 +246,7 @@ module "query_api" {
   log_retention_days = var.log_retention_days
   system_log_level   = var.lambda_system_log_level
   vpc                = local.query_api_vpc
-  environment = merge(local.archive_environment, local.position_environment, {
+  environment = merge(local.archive_environment, local.position_environment, local.access_environment, {
     ALERT_STATE_TABLE = aws_dynamodb_table.alert_state.name
     ALERTS_TABLE      = aws_dynamodb_table.alerts.name
   })

@@ -54,6 +54,17 @@ variable "kafka_secret_arn" {
   }
 }
 
+variable "kafka_secret_kms_key_arn" {
+  description = "With kafka_secret_arn: the customer-managed KMS key the secret is encrypted with (MSK accepts SCRAM secrets only under such a key); the functions' roles get kms:Decrypt on it. Empty when the secret uses Secrets Manager's AWS-managed key."
+  type        = string
+  default     = ""
+
+  validation {
+    condition     = var.kafka_secret_kms_key_arn == "" || can(regex("^arn:aws[a-z-]*:kms:", var.kafka_secret_kms_key_arn))
+    error_message = "kafka_secret_kms_key_arn must be a KMS key ARN, or empty."
+  }
+}
+
 variable "kafka_telemetry_topic" {
   description = "With bus = kafka: the telemetry topic (keyed by device)."
   type        = string
@@ -222,6 +233,28 @@ variable "jwt_issuer" {
   validation {
     condition     = can(regex("^https://", var.jwt_issuer))
     error_message = "jwt_issuer must be an https:// URL."
+  }
+}
+
+variable "device_claim" {
+  description = "The token claim that names a device token's vehicle: a device may post that vehicle's readings only (Cognito client-credentials tokens carry the app client id in sub; a pre-token-generation trigger or another provider can put the vehicle id in a claim of its own)."
+  type        = string
+  default     = "sub"
+}
+
+variable "scopes" {
+  description = "Scope names per permission, as the token issuer writes them (Cognito resource-server scopes look like geostream/telemetry.write): telemetry_write posts the token's own vehicle, telemetry_write_any any vehicle (a gateway forwarding for many), fleet_read reads vehicles, tracks and alerts, alerts_ack acknowledges."
+  type = object({
+    telemetry_write     = string
+    telemetry_write_any = string
+    fleet_read          = string
+    alerts_ack          = string
+  })
+  default = {
+    telemetry_write     = "telemetry:write"
+    telemetry_write_any = "telemetry:write:any"
+    fleet_read          = "fleet:read"
+    alerts_ack          = "alerts:ack"
   }
 }
 

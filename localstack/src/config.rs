@@ -99,6 +99,8 @@ impl KafkaBusConfig {
 #[derive(Debug, Clone)]
 pub struct LocalConfig {
     pub listen: SocketAddr,
+    /// Host names the gateway answers to besides IP addresses and `localhost`.
+    pub allowed_hosts: Vec<String>,
     pub backend: Backend,
     pub bus: Bus,
     /// Shards of the telemetry stream, or partitions of the Kafka topics.
@@ -117,6 +119,7 @@ impl Default for LocalConfig {
     fn default() -> Self {
         LocalConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            allowed_hosts: Vec::new(),
             backend: Backend::Embedded,
             bus: Bus::Backend,
             shards: 4,

@@ -26,7 +26,8 @@ const GATEWAY_BODY_LIMIT: usize = 4 * 1024 * 1024;
 
 static REQUEST_COUNTER: AtomicU64 = AtomicU64::new(0);
 
-pub fn router(stack: Arc<Stack>) -> Router {
+/// The gateway's routes, behind the [`HostGuard`](crate::host_guard::HostGuard).
+pub fn router(stack: Arc<Stack>, guard: crate::host_guard::HostGuard) -> Router {
     Router::new()
         .route("/", get(dashboard))
         .route("/local/stats", get(stats))
@@ -38,6 +39,10 @@ pub fn router(stack: Arc<Stack>) -> Router {
         .route("/assets/{*path}", get(crate::live::asset))
         .fallback(api_gateway)
         .layer(DefaultBodyLimit::max(GATEWAY_BODY_LIMIT))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(guard),
+            crate::host_guard::guard,
+        ))
         .with_state(stack)
 }
 

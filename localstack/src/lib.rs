@@ -23,6 +23,7 @@ pub mod drain;
 pub mod esm;
 pub mod fault_proxy;
 pub mod gateway;
+pub mod host_guard;
 pub mod live;
 pub mod metrics;
 pub mod positions;
@@ -195,7 +196,10 @@ pub async fn start(config: LocalConfig) -> Result<RunningStack, String> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let router = gateway::router(stack.clone());
+    let router = gateway::router(
+        stack.clone(),
+        host_guard::HostGuard::new(&config.allowed_hosts),
+    );
     let mut server_shutdown = shutdown_rx.clone();
     tasks.push(tokio::spawn(async move {
         let serve = axum::serve(

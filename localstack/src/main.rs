@@ -29,6 +29,11 @@ struct Cli {
     /// for the scripts and tests that start the runner as a child process.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// A host name the runner answers to (repeatable). Besides these it answers only requests
+    /// addressed to an IP address or `localhost`, so a web page cannot reach it through a name
+    /// of its own (DNS rebinding); state-changing requests from another web origin are refused.
+    #[arg(long = "allowed-host", value_name = "NAME")]
+    allowed_hosts: Vec<String>,
     /// Where the bus and stores live: in this process, or AWS services through the AWS SDK.
     #[arg(long, value_enum, default_value_t = BackendKind::Embedded)]
     backend: BackendKind,
@@ -353,8 +358,15 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if !cli.listen.ip().is_loopback() {
+        eprintln!(
+            "geostream-local: WARNING: listening on {}, beyond this machine, and this runner verifies no tokens: anyone who can reach it can post telemetry as any vehicle, read the fleet and acknowledge alerts",
+            cli.listen
+        );
+    }
     let config = LocalConfig {
         listen: cli.listen,
+        allowed_hosts: cli.allowed_hosts.clone(),
         backend,
         bus,
         shards: cli.shards,

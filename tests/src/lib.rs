@@ -606,6 +606,23 @@ mod tests {
     }
 
     #[test]
+    fn a_kafka_secret_reader_without_its_kms_key_is_caught() {
+        let problems = problems_with(
+            "functions.tf",
+            "actions   = [\"kms:Decrypt\"]",
+            "actions   = [\"kms:Encrypt\"]",
+        );
+        for function in ["ingest", "anomaly-inspector", "geo-update", "archiver"] {
+            assert!(
+                problems.contains(&format!(
+                    "function {function}: its role does not allow kms:Decrypt on var.kafka_secret_kms_key_arn"
+                )),
+                "{function}: {problems:?}"
+            );
+        }
+    }
+
+    #[test]
     fn a_mapping_default_that_drifts_from_the_runner_is_caught() {
         let problems = problems_with("variables.tf", "default     = 100\n", "default     = 500\n");
         assert!(

@@ -84,10 +84,23 @@ async fn invoke(function: &FunctionProcess, event: Value) -> Value {
         .unwrap_or_else(|error| panic!("{} failed: {error}\n{}", function.name, function.output()))
 }
 
+/// The request as API Gateway's JWT authorizer passes it on, for a token of `subject` with
+/// `scope`.
+fn with_token(
+    request: &aws_lambda_events::event::apigw::ApiGatewayV2httpRequest,
+    subject: &str,
+    scope: &str,
+) -> Value {
+    let mut event = serde_json::to_value(request).unwrap();
+    event["requestContext"]["authorizer"] =
+        json!({"jwt": {"claims": {"sub": subject, "scope": scope}, "scopes": [scope]}});
+    event
+}
+
 async fn get(query_api: &FunctionProcess, path: &str, query: &[(&str, String)]) -> Value {
     let answer = invoke(
         query_api,
-        serde_json::to_value(request("GET", path, query, None)).unwrap(),
+        with_token(&request("GET", path, query, None), "ops-1", "fleet:read"),
     )
     .await;
     assert_eq!(answer["statusCode"], 200, "GET {path}: {answer}");
@@ -103,8 +116,10 @@ async fn the_lambda_binaries_run_the_pipeline_under_the_runtime_api() {
     let queue_url = create_resources(&harness, &names, 1)
         .await
         .expect("resources are created on the emulator");
-    // Terraform's defaults: the Kinesis bus and the S3 archive.
-    let deployment = names.settings("s3", &queue_url);
+    // Terraform's defaults: the Kinesis bus, the S3 archive, tokens required.
+    let deployment = names
+        .settings("s3", &queue_url)
+        .set(geostream_aws::compose::settings::AUTHORIZATION, "jwt");
 
     let mut functions: BTreeMap<&str, FunctionProcess> = BTreeMap::new();
     for function in FUNCTIONS {
@@ -135,9 +150,21 @@ async fn the_lambda_binaries_run_the_pipeline_under_the_runtime_api() {
         {"device_id": "bin-hot-1", "ts": t0 + 1000, "event_id": "h1", "lat": 52.521, "lon": 13.405, "engine_temp_c": 108.0},
         {"device_id": "bin-cool-2", "ts": t0, "event_id": "c0", "lat": 52.53, "lon": 13.41, "engine_temp_c": 85.0},
     ]);
+    let post = request("POST", "/v1/telemetry", &[], Some(body));
+    let anonymous = invoke(&functions["ingest"], serde_json::to_value(&post).unwrap()).await;
+    assert_eq!(anonymous["statusCode"], 401, "no token: {anonymous}");
+    let device = invoke(
+        &functions["ingest"],
+        with_token(&post, "bin-other-9", "telemetry:write"),
+    )
+    .await;
+    assert_eq!(
+        device["statusCode"], 403,
+        "a device token posts only its own vehicle: {device}"
+    );
     let answer = invoke(
         &functions["ingest"],
-        serde_json::to_value(request("POST", "/v1/telemetry", &[], Some(body))).unwrap(),
+        with_token(&post, "depot-1", "telemetry:write:any"),
     )
     .await;
     assert_eq!(answer["statusCode"], 202, "{answer}");

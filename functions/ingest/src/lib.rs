@@ -15,6 +15,7 @@ use aws_lambda_events::event::apigw::{ApiGatewayV2httpRequest, ApiGatewayV2httpR
 use geostream_lambda::http::{
     error_response, json_response, measure_response, method_and_path, request_body,
 };
+use geostream_lambda::identity::{AccessPolicy, Poster};
 use geostream_shared::envelope::{envelopes_by_device, split_to_fit, MAX_RECORD_BYTES};
 use geostream_shared::metrics::{Measurements, MetricName, MetricsSink};
 use geostream_shared::model::Reading;
@@ -29,6 +30,7 @@ pub const TELEMETRY_PATH: &str = "/v1/telemetry";
 pub struct Ingest {
     bus: Arc<dyn EventBus>,
     metric_names: Arc<dyn MetricNameRegistry>,
+    access: AccessPolicy,
     policy: ValidationPolicy,
     clock: fn() -> EpochMillis,
 }
@@ -67,9 +69,17 @@ impl Ingest {
         Ingest {
             bus,
             metric_names,
+            access: AccessPolicy::open(),
             policy: ValidationPolicy::default(),
             clock: now_millis,
         }
+    }
+
+    /// Who may post for which vehicle (open, as the local runner without token
+    /// verification, until given a policy).
+    pub fn with_access(mut self, access: AccessPolicy) -> Self {
+        self.access = access;
+        self
     }
 
     /// Uses another clock (tests pin "now").
@@ -110,6 +120,14 @@ impl Ingest {
                 format!("{method} is not allowed on {TELEMETRY_PATH}; use POST"),
             );
         }
+        let poster = match self
+            .access
+            .caller(&request)
+            .and_then(|caller| self.access.poster(&caller))
+        {
+            Ok(poster) => poster,
+            Err(refusal) => return error_response(refusal.status, refusal.message),
+        };
         let body = match request_body(&request) {
             Ok(body) => body,
             Err(message) => return error_response(400, message),
@@ -128,7 +146,33 @@ impl Ingest {
                 errors: r.errors,
             })
             .collect();
-        let accepted = self.admit_metric_names(batch.accepted, &mut results).await;
+        let (accepted, foreign) =
+            match &poster {
+                Poster::AnyVehicle => (batch.accepted, 0),
+                Poster::Vehicle(own) => {
+                    let (own_readings, foreign): (Vec<_>, Vec<_>) = batch
+                        .accepted
+                        .into_iter()
+                        .partition(|(_, reading)| &reading.device_id == own);
+                    let count = foreign.len();
+                    results.extend(foreign.into_iter().map(|(index, reading)| {
+                        ItemResult::Rejected {
+                            index,
+                            errors: vec![FieldError {
+                                field: "device_id".into(),
+                                message: format!(
+                                "this token posts readings of vehicle {own:?} only, not of {:?}",
+                                reading.device_id
+                            ),
+                            }],
+                        }
+                    }));
+                    (own_readings, count)
+                }
+            };
+        // Nothing of the token's own vehicle, and something of another's: not allowed at all.
+        let forbidden = accepted.is_empty() && foreign > 0;
+        let accepted = self.admit_metric_names(accepted, &mut results).await;
         let mut items_of_device: HashMap<String, Vec<(usize, String)>> = HashMap::new();
         let mut readings = Vec::with_capacity(accepted.len());
         for (index, reading) in accepted {
@@ -190,6 +234,7 @@ impl Ingest {
         measurements.count(MetricName::EventsRejected, rejected);
         measurements.count(MetricName::EventsFailed, failed);
         let status = match (accepted, rejected, failed) {
+            _ if forbidden => 403,
             (_, 0, 0) => 202,
             (0, _, 0) => 400,
             (0, 0, _) => 503,
@@ -460,6 +505,96 @@ mod tests {
             3,
             "a, a again and c published; b not"
         );
+    }
+
+    /// The real authorizer event (device token of truck-7), with `claims` and `scopes` in
+    /// place of its own and `body` as the body.
+    fn token_request(claims: Value, scopes: &[&str], body: Value) -> ApiGatewayV2httpRequest {
+        let mut event: Value = serde_json::from_str(geostream_lambda::fixtures::APIGW_JWT).unwrap();
+        event["requestContext"]["authorizer"]["jwt"]["claims"] = claims;
+        event["requestContext"]["authorizer"]["jwt"]["scopes"] = json!(scopes);
+        event["body"] = Value::String(body.to_string());
+        serde_json::from_value(event).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_device_token_posts_its_own_vehicle_and_no_other() {
+        let stream = Arc::new(MemoryStream::new("t", 1, 100));
+        let ingest = Ingest::new(stream.clone(), names(64))
+            .with_access(AccessPolicy::jwt())
+            .with_clock(|| NOW);
+        let metrics = RecordedMetrics::new();
+        let device = json!({"sub": "truck-7", "scope": "telemetry:write"});
+        let post = |claims: &Value, scopes: &[&str], body: Value| {
+            ingest.handle(token_request(claims.clone(), scopes, body), &metrics)
+        };
+        let own = post(
+            &device,
+            &["telemetry:write"],
+            json!({"device_id": "truck-7", "ts": NOW}),
+        )
+        .await;
+        assert_eq!(own.status_code, 202, "{}", body_json(&own));
+
+        let other = post(
+            &device,
+            &["telemetry:write"],
+            json!({"device_id": "truck-8", "ts": NOW}),
+        )
+        .await;
+        assert_eq!(other.status_code, 403);
+        let json = body_json(&other);
+        assert_eq!(json["results"][0]["errors"][0]["field"], "device_id");
+        assert!(json["results"][0]["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("vehicle \"truck-7\" only"));
+
+        let mixed = post(
+            &device,
+            &["telemetry:write"],
+            json!([{"device_id": "truck-7", "ts": NOW + 1}, {"device_id": "truck-8", "ts": NOW}]),
+        )
+        .await;
+        assert_eq!(mixed.status_code, 207);
+        assert_eq!(body_json(&mixed)["accepted"], 1);
+
+        let gateway = post(
+            &json!({"sub": "depot-3"}),
+            &["telemetry:write:any"],
+            json!([{"device_id": "truck-8", "ts": NOW}, {"device_id": "truck-9", "ts": NOW}]),
+        )
+        .await;
+        assert_eq!(
+            gateway.status_code, 202,
+            "a gateway token posts for any vehicle"
+        );
+
+        let operator = post(
+            &json!({"sub": "ops-1"}),
+            &["fleet:read"],
+            json!({"device_id": "truck-7", "ts": NOW}),
+        )
+        .await;
+        assert_eq!(operator.status_code, 403);
+        assert!(body_json(&operator)["error"]
+            .as_str()
+            .unwrap()
+            .contains("telemetry:write"));
+
+        let mut anonymous = token_request(
+            device.clone(),
+            &[],
+            json!({"device_id": "truck-7", "ts": NOW}),
+        );
+        anonymous.request_context.authorizer = None;
+        assert_eq!(ingest.handle(anonymous, &metrics).await.status_code, 401);
+
+        let devices: Vec<String> = stream_records(&stream)
+            .into_iter()
+            .map(|e| e.device_id)
+            .collect();
+        assert_eq!(devices, ["truck-7", "truck-7", "truck-8", "truck-9"]);
     }
 
     struct DownRegistry;

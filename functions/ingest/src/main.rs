@@ -8,7 +8,8 @@ use geostream_ingest::{Ingest, FUNCTION_NAME};
 async fn main() -> Result<(), geostream_lambda::Error> {
     geostream_lambda::init_tracing();
     let ports = Composition::for_lambda(FUNCTION_NAME).await?;
-    let ingest = Ingest::new(ports.telemetry_bus().await?, ports.metric_names()?);
+    let ingest = Ingest::new(ports.telemetry_bus().await?, ports.metric_names()?)
+        .with_access(ports.access()?);
     let metrics = ports.metrics();
     geostream_lambda::run_http_function(|request| ingest.handle(request, &metrics)).await
 }

@@ -4,10 +4,12 @@
 //! - `GET  /v1/vehicles/near?lat=&lon=&radius_m=&limit=`: vehicles within a radius, nearest first
 //! - `GET  /v1/vehicles/{id}/track?from=&to=&limit=`: a vehicle's readings over a time range
 //! - `GET  /v1/alerts?state=active|cleared&device_id=&limit=`: alerts, newest first
-//! - `POST /v1/alerts/{alert_id}/ack` with optional `{"by": "name"}`: acknowledge an alert
+//! - `POST /v1/alerts/{alert_id}/ack`: acknowledge an alert, recorded under the token's subject
+//!   (on an open runner without tokens, under the body's optional `{"by": "name"}`)
 //!
 //! It routes on the request path itself, so it serves both per-route integrations and a
-//! `$default` route.
+//! `$default` route. Reads need the `fleet:read` scope, acknowledging `alerts:ack`
+//! ([`geostream_lambda::identity`]).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,6 +18,7 @@ use aws_lambda_events::event::apigw::{ApiGatewayV2httpRequest, ApiGatewayV2httpR
 use geostream_lambda::http::{
     error_response, json_response, measure_response, method_and_path, request_body,
 };
+use geostream_lambda::identity::{AccessPolicy, Caller, Refusal};
 use geostream_shared::geo::MAX_QUERY_RADIUS_M;
 use geostream_shared::metrics::{Measurements, MetricsSink};
 use geostream_shared::model::{AlertState, GeoPoint};
@@ -39,6 +42,7 @@ pub struct QueryApi {
     positions: Arc<dyn PositionStore>,
     archive: Arc<dyn Archive>,
     alerts: Arc<dyn AlertStore>,
+    access: AccessPolicy,
 }
 
 /// A failed request: status and message.
@@ -62,6 +66,12 @@ impl From<StoreError> for Reject {
     }
 }
 
+impl From<Refusal> for Reject {
+    fn from(refusal: Refusal) -> Self {
+        Reject(refusal.status, refusal.message)
+    }
+}
+
 fn bad(message: impl Into<String>) -> Reject {
     Reject(400, message.into())
 }
@@ -76,7 +86,15 @@ impl QueryApi {
             positions,
             archive,
             alerts,
+            access: AccessPolicy::open(),
         }
+    }
+
+    /// Who may read and acknowledge (open, as the local runner without token verification,
+    /// until given a policy).
+    pub fn with_access(mut self, access: AccessPolicy) -> Self {
+        self.access = access;
+        self
     }
 
     /// Answers a request and publishes what it measured.
@@ -106,12 +124,26 @@ impl QueryApi {
             .collect();
         let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
         let query = Params(&request.query_string_parameters);
+        let caller = self.access.caller(request)?;
+        let scopes = &self.access.scopes;
+        let route = format!("{method} {path}");
+        match (&method, segments.as_slice()) {
+            (&Method::GET, ["v1", "vehicles", ..] | ["v1", "alerts"]) => {
+                self.access.require(&caller, &scopes.fleet_read, &route)?
+            }
+            (&Method::POST, ["v1", "alerts", _, "ack"]) => {
+                self.access.require(&caller, &scopes.alerts_ack, &route)?
+            }
+            _ => {}
+        }
         match (&method, segments.as_slice()) {
             (&Method::GET, ["v1", "vehicles", "near"]) => self.near(&query).await,
             (&Method::GET, ["v1", "vehicles", id]) => self.vehicle(id).await,
             (&Method::GET, ["v1", "vehicles", id, "track"]) => self.track(id, &query).await,
             (&Method::GET, ["v1", "alerts"]) => self.list_alerts(&query).await,
-            (&Method::POST, ["v1", "alerts", id, "ack"]) => self.acknowledge(id, request).await,
+            (&Method::POST, ["v1", "alerts", id, "ack"]) => {
+                self.acknowledge(id, request, &caller).await
+            }
             (_, ["v1", "vehicles", ..] | ["v1", "alerts", ..]) => {
                 Err(Reject(405, format!("{method} {path} is not a route")))
             }
@@ -185,18 +217,33 @@ impl QueryApi {
         &self,
         alert_id: &str,
         request: &ApiGatewayV2httpRequest,
+        caller: &Caller,
     ) -> Result<Value, Reject> {
         let body = request_body(request).map_err(bad)?;
-        let by = if body.iter().all(u8::is_ascii_whitespace) {
-            "anonymous".to_string()
+        let named = if body.iter().all(u8::is_ascii_whitespace) {
+            None
         } else {
             let value: Value =
                 serde_json::from_slice(&body).map_err(|e| bad(format!("body is not JSON: {e}")))?;
             match value.get("by") {
-                None => "anonymous".to_string(),
-                Some(Value::String(by)) if (1..=128).contains(&by.len()) => by.clone(),
+                None => None,
+                Some(Value::String(by)) if (1..=128).contains(&by.len()) => Some(by.clone()),
                 Some(_) => return Err(bad("by must be a string of 1-128 characters")),
             }
+        };
+        // Who acknowledged is who holds the token; a name in the body may only repeat it.
+        let by = match (caller, named) {
+            (Caller::Token(token), Some(named)) if named != token.subject => {
+                return Err(Reject(
+                    403,
+                    format!(
+                    "by {named:?}: an acknowledgement is recorded under the token's subject, {:?}",
+                    token.subject
+                ),
+                ))
+            }
+            (Caller::Token(token), _) => token.subject.clone(),
+            (Caller::Anyone, named) => named.unwrap_or_else(|| "anonymous".to_string()),
         };
         match self.alerts.acknowledge(alert_id, &by, now_millis()).await? {
             Some(alert) => Ok(json!(alert)),
@@ -440,6 +487,91 @@ mod tests {
             .status_code,
             404
         );
+    }
+
+    /// The real authorizer event with `claims`, `scopes`, a method, path and body of ours.
+    fn token_request(
+        claims: Value,
+        scopes: &[&str],
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> ApiGatewayV2httpRequest {
+        let mut event: Value = serde_json::from_str(geostream_lambda::fixtures::APIGW_JWT).unwrap();
+        event["requestContext"]["authorizer"]["jwt"]["claims"] = claims;
+        event["requestContext"]["authorizer"]["jwt"]["scopes"] = json!(scopes);
+        event["requestContext"]["http"]["method"] = json!(method);
+        event["requestContext"]["http"]["path"] = json!(path);
+        event["rawPath"] = json!(path);
+        event["body"] = body.map_or(Value::Null, |b| Value::String(b.to_string()));
+        serde_json::from_value(event).unwrap()
+    }
+
+    #[tokio::test]
+    async fn operators_read_and_acknowledge_under_their_subject_devices_do_neither() {
+        let (api, alerts) = api().await;
+        let api = api.with_access(AccessPolicy::jwt());
+        let metrics = RecordedMetrics::new();
+        let alert_id = alerts
+            .list_alerts(&AlertFilter {
+                state: None,
+                device_id: None,
+                limit: 10,
+            })
+            .await
+            .unwrap()[0]
+            .alert_id
+            .clone();
+        let ack_path = format!("/v1/alerts/{}/ack", alert_id.replace('|', "%7C"));
+        let device = || json!({"sub": "truck-7", "scope": "telemetry:write"});
+        let operator = || json!({"sub": "ops-ana", "scope": "fleet:read alerts:ack"});
+
+        for (method, path) in [
+            ("GET", "/v1/vehicles/v0"),
+            ("GET", "/v1/alerts"),
+            ("POST", ack_path.as_str()),
+        ] {
+            let response = api
+                .handle(
+                    token_request(device(), &["telemetry:write"], method, path, None),
+                    &metrics,
+                )
+                .await;
+            assert_eq!(response.status_code, 403, "a device token: {method} {path}");
+        }
+        let read = api
+            .handle(
+                token_request(operator(), &["fleet:read"], "GET", "/v1/vehicles/v0", None),
+                &metrics,
+            )
+            .await;
+        assert_eq!(read.status_code, 200);
+
+        let forged = api
+            .handle(
+                token_request(
+                    operator(),
+                    &["alerts:ack"],
+                    "POST",
+                    &ack_path,
+                    Some(json!({"by": "someone-else"})),
+                ),
+                &metrics,
+            )
+            .await;
+        assert_eq!(forged.status_code, 403, "{}", json_of(&forged));
+        let acked = api
+            .handle(
+                token_request(operator(), &["alerts:ack"], "POST", &ack_path, None),
+                &metrics,
+            )
+            .await;
+        assert_eq!(acked.status_code, 200, "{}", json_of(&acked));
+        assert_eq!(json_of(&acked)["acknowledged_by"], "ops-ana");
+
+        let mut anonymous = token_request(operator(), &[], "GET", "/v1/alerts", None);
+        anonymous.request_context.authorizer = None;
+        assert_eq!(api.handle(anonymous, &metrics).await.status_code, 401);
     }
 
     #[tokio::test]

@@ -11,7 +11,8 @@ async fn main() -> Result<(), geostream_lambda::Error> {
         ports.positions().await?,
         ports.archive().await?,
         ports.alert_records()?,
-    );
+    )
+    .with_access(ports.access()?);
     let metrics = ports.metrics();
     geostream_lambda::run_http_function(|request| api.handle(request, &metrics)).await
 }

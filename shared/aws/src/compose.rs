@@ -19,6 +19,8 @@ use geostream_shared::ports::{
 use geostream_shared::rules::RuleSet;
 use geostream_shared::stream::{RetryBudget, WithRetryBudget};
 
+use geostream_lambda::identity::{AccessPolicy, ScopeNames};
+
 use crate::config::Clients;
 use crate::dynamodb::{DynamoAlerts, DynamoPositions};
 use crate::kinesis::KinesisBus;
@@ -138,6 +140,36 @@ pub mod settings {
         purpose: "how many distinct free metric names the deployment takes; a reading with a new name past it is refused (default 8000: Timestream holds 8,192 measure names per table)",
         optional: true,
     };
+    pub const AUTHORIZATION: Setting = setting(
+        "AUTHORIZATION",
+        "jwt: every request must carry the claims of a token API Gateway's JWT authorizer verified (401 otherwise); none: open, for a runner without token verification",
+    );
+    pub const DEVICE_CLAIM: Setting = Setting {
+        name: "DEVICE_CLAIM",
+        purpose: "the token claim that names a device token's vehicle (default sub)",
+        optional: true,
+    };
+    pub const SCOPE_TELEMETRY_WRITE: Setting = Setting {
+        name: "SCOPE_TELEMETRY_WRITE",
+        purpose: "the scope a device token needs to post its own vehicle's readings (default telemetry:write)",
+        optional: true,
+    };
+    pub const SCOPE_TELEMETRY_WRITE_ANY: Setting = Setting {
+        name: "SCOPE_TELEMETRY_WRITE_ANY",
+        purpose: "the scope of a gateway token, which may post readings of any vehicle (default telemetry:write:any)",
+        optional: true,
+    };
+    pub const SCOPE_FLEET_READ: Setting = Setting {
+        name: "SCOPE_FLEET_READ",
+        purpose:
+            "the scope that reads vehicles, radius queries, tracks and alerts (default fleet:read)",
+        optional: true,
+    };
+    pub const SCOPE_ALERTS_ACK: Setting = Setting {
+        name: "SCOPE_ALERTS_ACK",
+        purpose: "the scope that acknowledges alerts (default alerts:ack)",
+        optional: true,
+    };
     pub const RULES_FILE: Setting = Setting {
         name: "RULES_FILE",
         purpose: "a rules file (TOML) in place of the bundled default rules",
@@ -164,6 +196,8 @@ pub enum Port {
     Rules,
     /// The bounded registry of free metric names (ingest).
     MetricNames,
+    /// Who may do what: the token's claims and scopes (the HTTP functions).
+    Access,
 }
 
 impl Port {
@@ -204,6 +238,14 @@ impl Port {
             Port::DeadLetters => &[DEAD_LETTER_QUEUE_URL, DEAD_LETTER_BUCKET],
             Port::Rules => &[RULES_FILE],
             Port::MetricNames => &[METRIC_NAMES_TABLE, MAX_METRIC_NAMES],
+            Port::Access => &[
+                AUTHORIZATION,
+                DEVICE_CLAIM,
+                SCOPE_TELEMETRY_WRITE,
+                SCOPE_TELEMETRY_WRITE_ANY,
+                SCOPE_FLEET_READ,
+                SCOPE_ALERTS_ACK,
+            ],
         }
     }
 }
@@ -659,6 +701,42 @@ impl Composition {
             )
             .metered(self.clients.capacity.clone()),
         ))
+    }
+
+    /// Who may do what: `AUTHORIZATION` (`jwt` or `none`), the device claim and the scope
+    /// names (each with its default when unset).
+    pub fn access(&self) -> Result<AccessPolicy, ComposeError> {
+        let require_token = match self.required(settings::AUTHORIZATION)?.as_str() {
+            "jwt" => true,
+            "none" => false,
+            other => {
+                return Err(ComposeError::Invalid {
+                    name: settings::AUTHORIZATION.name,
+                    value: other.to_string(),
+                    expected: "jwt or none",
+                })
+            }
+        };
+        let defaults = AccessPolicy::open();
+        let or = |setting: Setting, default: String| -> Result<String, ComposeError> {
+            Ok(self.optional(setting)?.unwrap_or(default))
+        };
+        Ok(AccessPolicy {
+            require_token,
+            device_claim: or(settings::DEVICE_CLAIM, defaults.device_claim)?,
+            scopes: ScopeNames {
+                telemetry_write: or(
+                    settings::SCOPE_TELEMETRY_WRITE,
+                    defaults.scopes.telemetry_write,
+                )?,
+                telemetry_write_any: or(
+                    settings::SCOPE_TELEMETRY_WRITE_ANY,
+                    defaults.scopes.telemetry_write_any,
+                )?,
+                fleet_read: or(settings::SCOPE_FLEET_READ, defaults.scopes.fleet_read)?,
+                alerts_ack: or(settings::SCOPE_ALERTS_ACK, defaults.scopes.alerts_ack)?,
+            },
+        })
     }
 
     /// The rules: the file named by `RULES_FILE`, else the bundled defaults.

@@ -75,7 +75,7 @@ pub fn function(name: &str) -> Option<&'static FunctionManifest> {
 pub const FUNCTIONS: &[FunctionManifest] = &[
     FunctionManifest {
         name: "ingest",
-        ports: &[Port::TelemetryBus, Port::MetricNames],
+        ports: &[Port::TelemetryBus, Port::MetricNames, Port::Access],
         operations: &[
             "PutRecords",
             "GetSecretValue",
@@ -86,6 +86,7 @@ pub const FUNCTIONS: &[FunctionManifest] = &[
         permissions: &[
             allow("kinesis:PutRecords", "aws_kinesis_stream.telemetry"),
             allow("secretsmanager:GetSecretValue", "var.kafka_secret_arn"),
+            allow("kms:Decrypt", "var.kafka_secret_kms_key_arn"),
             allow("dynamodb:BatchGetItem", "aws_dynamodb_table.metric_names"),
             allow("dynamodb:PutItem", "aws_dynamodb_table.metric_names"),
             allow("dynamodb:UpdateItem", "aws_dynamodb_table.metric_names"),
@@ -155,6 +156,7 @@ pub const FUNCTIONS: &[FunctionManifest] = &[
             allow("dynamodb:DeleteItem", "aws_dynamodb_table.alerts"),
             allow("kinesis:PutRecords", "aws_kinesis_stream.alerts"),
             allow("secretsmanager:GetSecretValue", "var.kafka_secret_arn"),
+            allow("kms:Decrypt", "var.kafka_secret_kms_key_arn"),
             allow("sqs:SendMessage", "aws_sqs_queue.dead_letters"),
             allow("s3:PutObject", "aws_s3_bucket.dead_letters/dead-letters/*"),
         ],
@@ -162,7 +164,12 @@ pub const FUNCTIONS: &[FunctionManifest] = &[
     },
     FunctionManifest {
         name: "query-api",
-        ports: &[Port::Positions, Port::AlertRecords, Port::Archive],
+        ports: &[
+            Port::Positions,
+            Port::AlertRecords,
+            Port::Archive,
+            Port::Access,
+        ],
         operations: &[
             "GetItem",
             "Query",
@@ -203,6 +210,7 @@ pub const FUNCTIONS: &[FunctionManifest] = &[
 /// Kinesis stream, or the Kafka brokers' SASL secret, and to report failed batches.
 pub const TELEMETRY_READER_PERMISSIONS: &[Permission] = &[
     allow("secretsmanager:GetSecretValue", "var.kafka_secret_arn"),
+    allow("kms:Decrypt", "var.kafka_secret_kms_key_arn"),
     allow("kinesis:GetRecords", "aws_kinesis_stream.telemetry"),
     allow("kinesis:GetShardIterator", "aws_kinesis_stream.telemetry"),
     allow("kinesis:DescribeStream", "aws_kinesis_stream.telemetry"),

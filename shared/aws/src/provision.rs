@@ -76,6 +76,18 @@ impl ResourceNames {
             .set(settings::ALERTS_TABLE, &self.alerts_table)
             .set(settings::RULE_STATE_STORE, "dynamodb")
             .set(settings::METRIC_NAMES_TABLE, &self.metric_names_table)
+            .set(
+                settings::MAX_METRIC_NAMES,
+                geostream_shared::ports::DEFAULT_MAX_METRIC_NAMES.to_string(),
+            )
+            // Terraform says jwt; the runner's gateway verifies no tokens (yet), so its
+            // functions run open, and the tests of the Lambda binaries set jwt themselves.
+            .set(settings::AUTHORIZATION, "none")
+            .set(settings::DEVICE_CLAIM, "sub")
+            .set(settings::SCOPE_TELEMETRY_WRITE, "telemetry:write")
+            .set(settings::SCOPE_TELEMETRY_WRITE_ANY, "telemetry:write:any")
+            .set(settings::SCOPE_FLEET_READ, "fleet:read")
+            .set(settings::SCOPE_ALERTS_ACK, "alerts:ack")
             .set(settings::ARCHIVE, archive)
             .set(settings::RECENT_TRACKS, "none")
             .set(

@@ -5,6 +5,7 @@
 //! [`run_stream_function`]).
 
 pub mod http;
+pub mod identity;
 pub mod stream;
 
 /// Real Lambda events, recorded as Lambda sends them, for the handlers' tests.
@@ -12,6 +13,9 @@ pub mod stream;
 pub mod fixtures {
     /// A Kinesis event source mapping's event: one telemetry envelope.
     pub const KINESIS_EVENT: &str = include_str!("../tests/fixtures/kinesis-event.json");
+    /// An API Gateway HTTP API request through its JWT authorizer: a device token of
+    /// `truck-7` (`sub`) with the scope `telemetry:write`, posting one reading.
+    pub const APIGW_JWT: &str = include_str!("../tests/fixtures/apigw-jwt.json");
     /// A self-managed Kafka event source mapping's event: three envelopes on two partitions.
     pub const KAFKA_EVENT: &str = include_str!("../tests/fixtures/kafka-event.json");
 }
