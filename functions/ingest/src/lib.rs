@@ -253,9 +253,7 @@ impl Ingest {
             },
         )
     }
-}
 
-impl Ingest {
     /// The readings whose free metric names the registry admits. A reading with a name past
     /// the deployment's bound is refused (the name is the field); when the registry cannot
     /// answer, the readings that carry metrics are answered as failed, to be sent again.

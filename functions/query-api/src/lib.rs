@@ -126,14 +126,17 @@ impl QueryApi {
         let query = Params(&request.query_string_parameters);
         let caller = self.access.caller(request)?;
         let scopes = &self.access.scopes;
-        let route = format!("{method} {path}");
         match (&method, segments.as_slice()) {
-            (&Method::GET, ["v1", "vehicles", ..] | ["v1", "alerts"]) => {
-                self.access.require(&caller, &scopes.fleet_read, &route)?
-            }
-            (&Method::POST, ["v1", "alerts", _, "ack"]) => {
-                self.access.require(&caller, &scopes.alerts_ack, &route)?
-            }
+            (&Method::GET, ["v1", "vehicles", ..] | ["v1", "alerts"]) => self.access.require(
+                &caller,
+                &scopes.fleet_read,
+                &format_args!("{method} {path}"),
+            )?,
+            (&Method::POST, ["v1", "alerts", _, "ack"]) => self.access.require(
+                &caller,
+                &scopes.alerts_ack,
+                &format_args!("{method} {path}"),
+            )?,
             _ => {}
         }
         match (&method, segments.as_slice()) {

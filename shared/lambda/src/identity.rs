@@ -139,7 +139,13 @@ impl AccessPolicy {
     }
 
     /// Refuses a token without `scope` (what `route` needs); an open caller passes.
-    pub fn require(&self, caller: &Caller, scope: &str, route: &str) -> Result<(), Refusal> {
+    /// (`route` is only formatted for a refusal.)
+    pub fn require(
+        &self,
+        caller: &Caller,
+        scope: &str,
+        route: &dyn std::fmt::Display,
+    ) -> Result<(), Refusal> {
         match caller {
             Caller::Anyone => Ok(()),
             Caller::Token(token) if token.scopes.contains(scope) => Ok(()),
@@ -164,7 +170,7 @@ impl AccessPolicy {
         if token.scopes.contains(&self.scopes.telemetry_write_any) {
             return Ok(Poster::AnyVehicle);
         }
-        self.require(caller, &self.scopes.telemetry_write, route)?;
+        self.require(caller, &self.scopes.telemetry_write, &route)?;
         match &token.device {
             Some(device) => Ok(Poster::Vehicle(device.clone())),
             None => Err(Refusal {
@@ -230,11 +236,11 @@ mod tests {
             ))
             .unwrap();
         assert!(policy
-            .require(&caller, "fleet:read", "GET /v1/alerts")
+            .require(&caller, "fleet:read", &"GET /v1/alerts")
             .is_ok());
-        assert!(policy.require(&caller, "alerts:ack", "POST ack").is_ok());
+        assert!(policy.require(&caller, "alerts:ack", &"POST ack").is_ok());
         let refused = policy
-            .require(&caller, "telemetry:write", "POST /v1/telemetry")
+            .require(&caller, "telemetry:write", &"POST /v1/telemetry")
             .unwrap_err();
         assert_eq!(refused.status, 403);
         assert!(
