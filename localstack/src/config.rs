@@ -113,6 +113,18 @@ pub struct LocalConfig {
     /// batches: it writes one object per batch).
     pub archiver_mapping: Option<MappingConfig>,
     pub rules: RuleSet,
+    /// Bearer tokens verified as API Gateway's JWT authorizer does (`--jwks`); without it the
+    /// gateway is open: every caller may do everything.
+    pub tokens: Option<TokenVerification>,
+}
+
+/// What verifies the bearer tokens of requests to the local gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenVerification {
+    /// A JWKS document with the issuer's signing keys.
+    pub jwks: std::path::PathBuf,
+    pub issuer: String,
+    pub audiences: Vec<String>,
 }
 
 impl Default for LocalConfig {
@@ -129,6 +141,7 @@ impl Default for LocalConfig {
             mapping: MappingConfig::default(),
             archiver_mapping: None,
             rules: RuleSet::default_rules(),
+            tokens: None,
         }
     }
 }

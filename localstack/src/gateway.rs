@@ -15,7 +15,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use base64::Engine;
-use geostream_lambda::http::query_parameters;
+use geostream_lambda::http::{error_response, query_parameters};
 use geostream_shared::now_millis;
 
 use crate::Stack;
@@ -115,7 +115,12 @@ async fn api_gateway(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let event = build_event(&method, &uri, headers, &body, peer);
+    let mut event = build_event(&method, &uri, headers, &body, peer);
+    if let Some(tokens) = &stack.tokens {
+        if let Err(refusal) = tokens.authorize(&mut event).await {
+            return token_refused(refusal);
+        }
+    }
     let path = uri.path();
     let response = if path == geostream_ingest::TELEMETRY_PATH {
         stack.ingest.handle(event, stack.metrics.as_ref()).await
@@ -178,6 +183,23 @@ pub fn build_event(
         }
     }
     event
+}
+
+/// A request whose token did not pass: 401 with the reason, and the `WWW-Authenticate`
+/// challenge of RFC 6750 (503 when the keys could not be read).
+fn token_refused(refusal: geostream_lambda::identity::Refusal) -> Response {
+    let mut response = into_http_response(error_response(refusal.status, refusal.message.as_str()));
+    if refusal.status == 401 {
+        let description = refusal.message.replace(['"', '\\'], "'");
+        if let Ok(challenge) =
+            format!("Bearer error=\"invalid_token\", error_description=\"{description}\"").parse()
+        {
+            response
+                .headers_mut()
+                .insert(axum::http::header::WWW_AUTHENTICATE, challenge);
+        }
+    }
+    response
 }
 
 fn into_http_response(response: ApiGatewayV2httpResponse) -> Response {

@@ -41,12 +41,17 @@ use geostream_aws::provision::queue_url;
 use geostream_aws::redrive::{Redrive, RedriveReport};
 use geostream_geo_update::GeoUpdate;
 use geostream_ingest::Ingest;
+use geostream_lambda::identity::AccessPolicy;
+use geostream_lambda::jwt::{JwtVerifier, KeySource};
 use geostream_query_api::QueryApi;
 use geostream_shared::ports::{EventBus, PositionStore};
 use geostream_shared::stream::{RetryBudget, StreamFunction, WithRetryBudget};
 use tokio::sync::watch;
 
-pub use config::{ArchiveKind, AwsBackend, Backend, Bus, KafkaBusConfig, LocalConfig, StoreKind};
+pub use config::{
+    ArchiveKind, AwsBackend, Backend, Bus, KafkaBusConfig, LocalConfig, StoreKind,
+    TokenVerification,
+};
 pub use drain::KAFKA_QUIET;
 pub use stack::{RunningStack, Stack, StackStats};
 
@@ -173,13 +178,27 @@ pub async fn start(config: LocalConfig) -> Result<RunningStack, String> {
         tasks.extend(loops);
     }
 
+    // With token verification, the handlers require a verified token's claims, as on AWS.
+    let access = match config.tokens {
+        Some(_) => AccessPolicy::jwt(),
+        None => AccessPolicy::open(),
+    };
     let stack = Arc::new(Stack {
-        ingest: Ingest::new(ports.bus.clone(), ports.metric_names.clone()),
+        ingest: Ingest::new(ports.bus.clone(), ports.metric_names.clone())
+            .with_access(access.clone()),
         query_api: QueryApi::new(
             ports.query.positions.clone(),
             ports.query.archive.clone(),
             ports.query.alerts.clone(),
-        ),
+        )
+        .with_access(access),
+        tokens: config.tokens.as_ref().map(|tokens| {
+            JwtVerifier::new(
+                tokens.issuer.clone(),
+                tokens.audiences.clone(),
+                KeySource::File(tokens.jwks.clone()),
+            )
+        }),
         post_to_position,
         post_to_alert,
         latest_positions,

@@ -9,7 +9,7 @@ use geostream_local::cost::{self, Deployment, KinesisMode, Measured, PriceTable}
 use geostream_local::esm::MappingConfig;
 use geostream_local::{
     start, ArchiveKind, AwsBackend, Backend, Bus, KafkaBusConfig, LocalConfig, StoreKind,
-    KAFKA_QUIET,
+    TokenVerification, KAFKA_QUIET,
 };
 use geostream_shared::rules::RuleSet;
 use geostream_sim::SimOptions;
@@ -34,6 +34,18 @@ struct Cli {
     /// of its own (DNS rebinding); state-changing requests from another web origin are refused.
     #[arg(long = "allowed-host", value_name = "NAME")]
     allowed_hosts: Vec<String>,
+    /// Verify bearer tokens as API Gateway's JWT authorizer does: RS256 signatures by the keys
+    /// of this JWKS file (by `kid`; the file is read again for a `kid` it did not hold), with
+    /// --jwt-issuer and --jwt-audience. A request without a valid token is answered 401, and the
+    /// token's claims and scopes decide what it may do, as on AWS.
+    #[arg(long, value_name = "FILE", requires_all = ["jwt_issuer", "jwt_audience"])]
+    jwks: Option<PathBuf>,
+    /// The issuer (`iss`) tokens must name (with --jwks).
+    #[arg(long, value_name = "ISS", requires = "jwks")]
+    jwt_issuer: Option<String>,
+    /// An audience tokens may name in `aud` (or, without `aud`, in `client_id`); repeatable.
+    #[arg(long, value_name = "AUD", requires = "jwks")]
+    jwt_audience: Vec<String>,
     /// Where the bus and stores live: in this process, or AWS services through the AWS SDK.
     #[arg(long, value_enum, default_value_t = BackendKind::Embedded)]
     backend: BackendKind,
@@ -358,9 +370,14 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if !cli.listen.ip().is_loopback() {
+    let tokens = cli.jwks.clone().map(|jwks| TokenVerification {
+        jwks,
+        issuer: cli.jwt_issuer.clone().unwrap_or_default(),
+        audiences: cli.jwt_audience.clone(),
+    });
+    if !cli.listen.ip().is_loopback() && tokens.is_none() {
         eprintln!(
-            "geostream-local: WARNING: listening on {}, beyond this machine, and this runner verifies no tokens: anyone who can reach it can post telemetry as any vehicle, read the fleet and acknowledge alerts",
+            "geostream-local: WARNING: listening on {}, beyond this machine, and this runner verifies no tokens (see --jwks): anyone who can reach it can post telemetry as any vehicle, read the fleet and acknowledge alerts",
             cli.listen
         );
     }
@@ -375,6 +392,7 @@ async fn main() -> ExitCode {
         mapping: mapping.clone(),
         archiver_mapping: Some(archiver_mapping.clone()),
         rules,
+        tokens,
         ..LocalConfig::default()
     };
     if let Some(Command::Redrive) = cli.command {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use geostream_ingest::Ingest;
+use geostream_lambda::jwt::JwtVerifier;
 use geostream_query_api::QueryApi;
 use geostream_shared::model::Position;
 use geostream_shared::ports::AlertStore;
@@ -22,6 +23,8 @@ use crate::wiring::{AwsUsage, MemoryParts};
 pub struct Stack {
     pub ingest: Ingest,
     pub query_api: QueryApi,
+    /// Verifies bearer tokens before a request reaches a handler (`--jwks`).
+    pub tokens: Option<JwtVerifier>,
     pub post_to_position: Arc<SinceReading>,
     /// From a reading's event time to the alert transition it made, published.
     pub post_to_alert: Arc<SinceReading>,

@@ -6,6 +6,8 @@
 
 pub mod http;
 pub mod identity;
+#[cfg(feature = "jwt")]
+pub mod jwt;
 pub mod stream;
 
 /// Real Lambda events, recorded as Lambda sends them, for the handlers' tests.
