@@ -22,27 +22,32 @@ resource "aws_apigatewayv2_authorizer" "jwt" {
   }
 }
 
+locals {
+  # The functions API Gateway serves: ingest too, unless it is served by a Function URL.
+  api_functions = merge(var.ingress == "api_gateway" ? {
+    ingest = { invoke_arn = module.ingest.invoke_arn, name = module.ingest.function_name }
+    } : {}, {
+    "query-api" = { invoke_arn = module.query_api.invoke_arn, name = module.query_api.function_name }
+  })
+}
+
 resource "aws_apigatewayv2_integration" "function" {
-  for_each = {
-    ingest      = module.ingest.invoke_arn
-    "query-api" = module.query_api.invoke_arn
-  }
+  for_each = local.api_functions
 
   api_id                 = aws_apigatewayv2_api.http.id
   integration_type       = "AWS_PROXY"
-  integration_uri        = each.value
+  integration_uri        = each.value.invoke_arn
   payload_format_version = "2.0"
 }
 
 locals {
-  routes = {
-    "POST /v1/telemetry"             = "ingest"
+  routes = merge(var.ingress == "api_gateway" ? { "POST /v1/telemetry" = "ingest" } : {}, {
     "GET /v1/vehicles/near"          = "query-api"
     "GET /v1/vehicles/{id}"          = "query-api"
     "GET /v1/vehicles/{id}/track"    = "query-api"
     "GET /v1/alerts"                 = "query-api"
     "POST /v1/alerts/{alert_id}/ack" = "query-api"
-  }
+  })
 
   # The scopes a token needs per route (any one of them); the functions check them again.
   route_scopes = {
@@ -102,14 +107,50 @@ resource "aws_apigatewayv2_stage" "default" {
 }
 
 resource "aws_lambda_permission" "api" {
-  for_each = {
-    ingest      = module.ingest.function_name
-    "query-api" = module.query_api.function_name
-  }
+  for_each = local.api_functions
 
   statement_id  = "AllowApiGateway"
   action        = "lambda:InvokeFunction"
-  function_name = each.value
+  function_name = each.value.name
   principal     = "apigateway.amazonaws.com"
   source_arn    = "${aws_apigatewayv2_api.http.execution_arn}/*/*"
+}
+
+# ingress = "function_url": devices post to ingest's Lambda Function URL, which costs nothing
+# per request beyond the invocation (API Gateway HTTP API: $1.00 per million). The URL has no
+# authorizer (AuthType NONE): ingest verifies the bearer token itself as API Gateway would
+# (AUTHORIZATION=jwt_in_function: issuer, audiences, signature by the issuer's JWKS, fetched
+# once per execution environment and kept), and ingest_reserved_concurrency bounds what a flood
+# can take, as the stage's throttle does behind API Gateway. Queries stay on API Gateway.
+resource "aws_lambda_function_url" "ingest" {
+  count = var.ingress == "function_url" ? 1 : 0
+
+  function_name = module.ingest.function_name
+  #checkov:skip=CKV_AWS_258:the function verifies the bearer JWT itself (AUTHORIZATION=jwt_in_function); IAM auth would need AWS credentials on every device
+  authorization_type = "NONE"
+  invoke_mode        = "BUFFERED"
+}
+
+# A public URL needs both permissions (since October 2025). The second cannot carry the
+# lambda:InvokedViaFunctionUrl condition with the provider schema this is validated against
+# (6.25; later releases add invoked_via_function_url): a direct Invoke is then possible for any
+# AWS principal, and passes through the same token verification, since ingest drops any
+# authorizer claims in the event and verifies the Authorization header itself.
+resource "aws_lambda_permission" "function_url" {
+  count = var.ingress == "function_url" ? 1 : 0
+
+  statement_id           = "AllowPublicFunctionUrl"
+  action                 = "lambda:InvokeFunctionUrl"
+  function_name          = module.ingest.function_name
+  principal              = "*"
+  function_url_auth_type = "NONE"
+}
+
+resource "aws_lambda_permission" "function_url_invoke" {
+  count = var.ingress == "function_url" ? 1 : 0
+
+  statement_id  = "AllowPublicFunctionUrlInvoke"
+  action        = "lambda:InvokeFunction"
+  function_name = module.ingest.function_name
+  principal     = "*"
 }

@@ -146,6 +146,11 @@ module "ingest" {
   log_retention_days   = var.log_retention_days
   system_log_level     = var.lambda_system_log_level
   environment = merge(local.kafka_environment, local.access_environment, {
+    # Behind a Function URL no authorizer runs: ingest verifies the tokens itself.
+    AUTHORIZATION      = var.ingress == "function_url" ? "jwt_in_function" : "jwt"
+    JWT_ISSUER         = var.jwt_issuer
+    JWT_AUDIENCES      = join(",", var.jwt_audiences)
+    JWKS_URL           = var.jwks_url
     TELEMETRY_STREAM   = var.bus == "kinesis" ? aws_kinesis_stream.telemetry[0].name : ""
     TELEMETRY_TOPIC    = var.bus == "kafka" ? var.kafka_telemetry_topic : ""
     METRIC_NAMES_TABLE = aws_dynamodb_table.metric_names.name

@@ -1,6 +1,11 @@
 output "api_url" {
-  description = "Base URL of the API: POST $api_url/v1/telemetry with a bearer token."
+  description = "Base URL of the API: queries, and POST $api_url/v1/telemetry with a bearer token unless ingress = function_url."
   value       = aws_apigatewayv2_stage.default.invoke_url
+}
+
+output "telemetry_url" {
+  description = "Where devices POST telemetry with a bearer token: the API's /v1/telemetry, or ingest's Function URL with ingress = function_url."
+  value       = var.ingress == "function_url" ? "${trimsuffix(aws_lambda_function_url.ingest[0].function_url, "/")}/v1/telemetry" : "${aws_apigatewayv2_stage.default.invoke_url}/v1/telemetry"
 }
 
 output "telemetry_stream" {

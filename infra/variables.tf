@@ -236,6 +236,28 @@ variable "jwt_issuer" {
   }
 }
 
+variable "ingress" {
+  description = "How devices reach ingest: api_gateway (POST /v1/telemetry on the HTTP API, whose JWT authorizer verifies tokens; $1.00 per million requests) or function_url (ingest's Lambda Function URL, no per-request charge beyond the invocation; ingest verifies the tokens itself against the issuer's JWKS). Queries stay on the HTTP API either way."
+  type        = string
+  default     = "api_gateway"
+
+  validation {
+    condition     = contains(["api_gateway", "function_url"], var.ingress)
+    error_message = "ingress must be api_gateway or function_url."
+  }
+}
+
+variable "jwks_url" {
+  description = "With ingress = function_url: where the issuer's signing keys (JWKS) are. Empty: where the issuer's OpenID Connect discovery document ({jwt_issuer}/.well-known/openid-configuration) says, as API Gateway finds them."
+  type        = string
+  default     = ""
+
+  validation {
+    condition     = var.jwks_url == "" || can(regex("^https://", var.jwks_url))
+    error_message = "jwks_url must be empty or an https:// URL."
+  }
+}
+
 variable "device_claim" {
   description = "The token claim that names a device token's vehicle: a device may post that vehicle's readings only (Cognito client-credentials tokens carry the app client id in sub; a pre-token-generation trigger or another provider can put the vehicle id in a claim of its own)."
   type        = string

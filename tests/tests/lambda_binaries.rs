@@ -8,6 +8,8 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use geostream_aws::config::{sdk_config, Clients};
@@ -250,4 +252,140 @@ async fn a_function_without_a_variable_it_reads_fails_at_init() {
         ),
         "{error}"
     );
+}
+
+/// A token signed by the test key `test-key-1` with `claims` over an issuer, audience and
+/// lifetime that pass.
+fn signed_token(issuer: &str, claims: Value) -> String {
+    let now = jsonwebtoken::get_current_timestamp();
+    let mut all = json!({"iss": issuer, "aud": "geostream", "iat": now, "exp": now + 600});
+    for (name, value) in claims.as_object().unwrap() {
+        all[name] = value.clone();
+    }
+    let keys = repository().join("shared/lambda/tests/fixtures/jwt");
+    let pem = std::fs::read(keys.join("test-key-1.pem")).unwrap();
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    header.kid = Some("test-key-1".into());
+    jsonwebtoken::encode(
+        &header,
+        &all,
+        &jsonwebtoken::EncodingKey::from_rsa_pem(&pem).unwrap(),
+    )
+    .unwrap()
+}
+
+/// An issuer as an OpenID Connect provider publishes it: the discovery document and the
+/// JWKS it names, each GET counted.
+async fn serve_issuer(fetches: Arc<AtomicUsize>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let issuer = format!("http://{}", listener.local_addr().unwrap());
+    let jwks = std::fs::read_to_string(
+        repository().join("shared/lambda/tests/fixtures/jwt/test-key-1.jwks.json"),
+    )
+    .unwrap();
+    let discovery = json!({"issuer": issuer, "jwks_uri": format!("{issuer}/keys")}).to_string();
+    let (seen_discovery, seen_jwks) = (fetches.clone(), fetches);
+    let app = axum::Router::new()
+        .route(
+            "/.well-known/openid-configuration",
+            axum::routing::get(move || async move {
+                seen_discovery.fetch_add(1, Ordering::SeqCst);
+                discovery
+            }),
+        )
+        .route(
+            "/keys",
+            axum::routing::get(move || async move {
+                seen_jwks.fetch_add(1, Ordering::SeqCst);
+                jwks
+            }),
+        );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    issuer
+}
+
+/// ingest = "function_url": no authorizer runs before ingest, which verifies the bearer token
+/// itself, with the keys found through the issuer's discovery document, read once and kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_behind_a_function_url_verifies_tokens_itself() {
+    let Some(endpoint) = emulator() else { return };
+    let binaries = binaries();
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let issuer = serve_issuer(fetches.clone()).await;
+    let names = ResourceNames::with_prefix(&format!("gs-url-{}", std::process::id()));
+    let harness = Clients::new(&sdk_config(Some(&endpoint)).await);
+    let queue_url = create_resources(&harness, &names, 1)
+        .await
+        .expect("resources are created on the emulator");
+    use geostream_aws::compose::settings;
+    let deployment = names
+        .settings("s3", &queue_url)
+        .set(settings::AUTHORIZATION, "jwt_in_function")
+        .set(settings::JWT_ISSUER, &issuer)
+        .set(settings::JWT_AUDIENCES, "fleet-console, geostream");
+    let environment = lambda_environment("ingest", &endpoint, &deployment);
+    let mut ingest = FunctionProcess::spawn("geostream-ingest", &binaries["ingest"], &environment)
+        .await
+        .unwrap();
+    ingest
+        .wait_initialised(INIT_TIMEOUT)
+        .await
+        .unwrap_or_else(|error| panic!("{error}"));
+
+    let t0 = geostream_shared::now_millis() - 1_000;
+    let body =
+        json!([{"device_id": "url-truck-1", "ts": t0, "event_id": "u0", "lat": 52.5, "lon": 13.4}]);
+    // As a Function URL sends it: the payload of an HTTP API, no authorizer, the header as sent.
+    let post = |bearer: Option<String>| {
+        let mut event =
+            serde_json::to_value(request("POST", "/v1/telemetry", &[], Some(body.clone())))
+                .unwrap();
+        if let Some(token) = bearer {
+            event["headers"] = json!({"authorization": format!("Bearer {token}")});
+        }
+        event
+    };
+    let status = |answer: &Value| answer["statusCode"].as_u64().unwrap_or_default();
+
+    let answer = invoke(&ingest, post(None)).await;
+    assert_eq!(status(&answer), 401, "no token: {answer}");
+    // Claims put in the event by whoever invokes it directly count for nothing.
+    let forged = with_token(
+        &request("POST", "/v1/telemetry", &[], Some(body.clone())),
+        "url-truck-1",
+        "telemetry:write",
+    );
+    let answer = invoke(&ingest, forged).await;
+    assert_eq!(status(&answer), 401, "claims without a token: {answer}");
+    let expired = signed_token(
+        &issuer,
+        json!({"sub": "url-truck-1", "scope": "telemetry:write", "exp": jsonwebtoken::get_current_timestamp() - 60}),
+    );
+    let answer = invoke(&ingest, post(Some(expired))).await;
+    assert_eq!(status(&answer), 401, "an expired token: {answer}");
+    let other = signed_token(
+        &issuer,
+        json!({"sub": "url-truck-2", "scope": "telemetry:write"}),
+    );
+    let answer = invoke(&ingest, post(Some(other))).await;
+    assert_eq!(status(&answer), 403, "another device's token: {answer}");
+    for _ in 0..3 {
+        let own = signed_token(
+            &issuer,
+            json!({"sub": "url-truck-1", "scope": "telemetry:write"}),
+        );
+        let answer = invoke(&ingest, post(Some(own))).await;
+        assert_eq!(status(&answer), 202, "the device's own token: {answer}");
+    }
+    assert_eq!(
+        fetches.load(Ordering::SeqCst),
+        2,
+        "the discovery document and the JWKS, each read once for every request of this environment"
+    );
+    let records: usize = read_stream(&harness.kinesis, &names.telemetry_stream)
+        .await
+        .iter()
+        .map(|e| e.records.len())
+        .sum();
+    assert_eq!(records, 3, "the three accepted posts, and nothing else");
 }

@@ -16,6 +16,7 @@ use geostream_lambda::http::{
     error_response, json_response, measure_response, method_and_path, request_body,
 };
 use geostream_lambda::identity::{AccessPolicy, Poster};
+use geostream_lambda::jwt::JwtVerifier;
 use geostream_shared::envelope::{envelopes_by_device, split_to_fit, MAX_RECORD_BYTES};
 use geostream_shared::metrics::{Measurements, MetricName, MetricsSink};
 use geostream_shared::model::Reading;
@@ -31,6 +32,9 @@ pub struct Ingest {
     bus: Arc<dyn EventBus>,
     metric_names: Arc<dyn MetricNameRegistry>,
     access: AccessPolicy,
+    /// Verifies bearer tokens in the function (behind a Function URL); `None` behind API
+    /// Gateway, whose authorizer did.
+    tokens: Option<JwtVerifier>,
     policy: ValidationPolicy,
     clock: fn() -> EpochMillis,
 }
@@ -70,6 +74,7 @@ impl Ingest {
             bus,
             metric_names,
             access: AccessPolicy::open(),
+            tokens: None,
             policy: ValidationPolicy::default(),
             clock: now_millis,
         }
@@ -79,6 +84,13 @@ impl Ingest {
     /// verification, until given a policy).
     pub fn with_access(mut self, access: AccessPolicy) -> Self {
         self.access = access;
+        self
+    }
+
+    /// Verifies each request's bearer token itself before deciding (behind a Lambda Function
+    /// URL, where no API Gateway authorizer has).
+    pub fn with_token_verifier(mut self, tokens: Option<JwtVerifier>) -> Self {
+        self.tokens = tokens;
         self
     }
 
@@ -104,7 +116,7 @@ impl Ingest {
 
     async fn answer(
         &self,
-        request: ApiGatewayV2httpRequest,
+        mut request: ApiGatewayV2httpRequest,
         measurements: &mut Measurements,
     ) -> ApiGatewayV2httpResponse {
         let (method, path) = method_and_path(&request);
@@ -119,6 +131,11 @@ impl Ingest {
                 405,
                 format!("{method} is not allowed on {TELEMETRY_PATH}; use POST"),
             );
+        }
+        if let Some(tokens) = &self.tokens {
+            if let Err(refusal) = tokens.authorize(&mut request).await {
+                return error_response(refusal.status, refusal.message);
+            }
         }
         let poster = match self
             .access

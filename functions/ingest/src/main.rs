@@ -9,7 +9,8 @@ async fn main() -> Result<(), geostream_lambda::Error> {
     geostream_lambda::init_tracing();
     let ports = Composition::for_lambda(FUNCTION_NAME).await?;
     let ingest = Ingest::new(ports.telemetry_bus().await?, ports.metric_names()?)
-        .with_access(ports.access()?);
+        .with_access(ports.access()?)
+        .with_token_verifier(ports.token_verifier()?);
     let metrics = ports.metrics();
     geostream_lambda::run_http_function(|request| ingest.handle(request, &metrics)).await
 }

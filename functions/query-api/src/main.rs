@@ -7,6 +7,9 @@ use geostream_query_api::{QueryApi, FUNCTION_NAME};
 async fn main() -> Result<(), geostream_lambda::Error> {
     geostream_lambda::init_tracing();
     let ports = Composition::for_lambda(FUNCTION_NAME).await?;
+    if ports.token_verifier()?.is_some() {
+        return Err("query-api is served by API Gateway, whose JWT authorizer verifies tokens: AUTHORIZATION=jwt_in_function is for ingest behind its Function URL".into());
+    }
     let api = QueryApi::new(
         ports.positions().await?,
         ports.archive().await?,

@@ -20,6 +20,7 @@ use geostream_shared::rules::RuleSet;
 use geostream_shared::stream::{RetryBudget, WithRetryBudget};
 
 use geostream_lambda::identity::{AccessPolicy, ScopeNames};
+use geostream_lambda::jwt::{JwtVerifier, KeySource};
 
 use crate::config::Clients;
 use crate::dynamodb::{DynamoAlerts, DynamoPositions};
@@ -142,8 +143,23 @@ pub mod settings {
     };
     pub const AUTHORIZATION: Setting = setting(
         "AUTHORIZATION",
-        "jwt: every request must carry the claims of a token API Gateway's JWT authorizer verified (401 otherwise); none: open, for a runner without token verification",
+        "jwt: every request must carry the claims of a token API Gateway's JWT authorizer verified (401 otherwise); jwt_in_function: the function verifies the bearer token itself (behind a Lambda Function URL; JWT_ISSUER, JWT_AUDIENCES); none: open, for a runner without token verification",
     );
+    pub const JWT_ISSUER: Setting = Setting {
+        name: "JWT_ISSUER",
+        purpose: "with AUTHORIZATION=jwt_in_function: the issuer (iss) tokens must name; its OpenID Connect discovery document names the signing keys unless JWKS_URL does",
+        optional: true,
+    };
+    pub const JWT_AUDIENCES: Setting = Setting {
+        name: "JWT_AUDIENCES",
+        purpose: "with AUTHORIZATION=jwt_in_function: the accepted audiences, comma-separated (aud, or client_id in a token without aud)",
+        optional: true,
+    };
+    pub const JWKS_URL: Setting = Setting {
+        name: "JWKS_URL",
+        purpose: "with AUTHORIZATION=jwt_in_function: where the issuer's signing keys (a JWKS) are, when not where its discovery document says",
+        optional: true,
+    };
     pub const DEVICE_CLAIM: Setting = Setting {
         name: "DEVICE_CLAIM",
         purpose: "the token claim that names a device token's vehicle (default sub)",
@@ -175,6 +191,17 @@ pub mod settings {
         purpose: "a rules file (TOML) in place of the bundled default rules",
         optional: true,
     };
+}
+
+/// Who verifies the tokens of HTTP requests (`AUTHORIZATION`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Authorization {
+    /// API Gateway's JWT authorizer; the function reads the claims it put in the event.
+    ApiGateway,
+    /// The function itself (behind a Lambda Function URL).
+    InFunction,
+    /// Nobody: every caller may do everything.
+    Open,
 }
 
 /// What a function is built from. Each port names the settings it reads.
@@ -240,6 +267,9 @@ impl Port {
             Port::MetricNames => &[METRIC_NAMES_TABLE, MAX_METRIC_NAMES],
             Port::Access => &[
                 AUTHORIZATION,
+                JWT_ISSUER,
+                JWT_AUDIENCES,
+                JWKS_URL,
                 DEVICE_CLAIM,
                 SCOPE_TELEMETRY_WRITE,
                 SCOPE_TELEMETRY_WRITE_ANY,
@@ -703,20 +733,54 @@ impl Composition {
         ))
     }
 
-    /// Who may do what: `AUTHORIZATION` (`jwt` or `none`), the device claim and the scope
-    /// names (each with its default when unset).
-    pub fn access(&self) -> Result<AccessPolicy, ComposeError> {
-        let require_token = match self.required(settings::AUTHORIZATION)?.as_str() {
-            "jwt" => true,
-            "none" => false,
-            other => {
-                return Err(ComposeError::Invalid {
-                    name: settings::AUTHORIZATION.name,
-                    value: other.to_string(),
-                    expected: "jwt or none",
-                })
-            }
+    /// `AUTHORIZATION`: who verifies tokens, if anyone.
+    fn authorization(&self) -> Result<Authorization, ComposeError> {
+        match self.required(settings::AUTHORIZATION)?.as_str() {
+            "jwt" => Ok(Authorization::ApiGateway),
+            "jwt_in_function" => Ok(Authorization::InFunction),
+            "none" => Ok(Authorization::Open),
+            other => Err(ComposeError::Invalid {
+                name: settings::AUTHORIZATION.name,
+                value: other.to_string(),
+                expected: "jwt, jwt_in_function or none",
+            }),
+        }
+    }
+
+    /// What verifies bearer tokens in the function itself: with
+    /// `AUTHORIZATION=jwt_in_function` (behind a Lambda Function URL), a verifier for
+    /// `JWT_ISSUER` and `JWT_AUDIENCES` with the keys at `JWKS_URL` or where the issuer's
+    /// discovery document says; otherwise none (API Gateway verified them, or nobody does).
+    pub fn token_verifier(&self) -> Result<Option<JwtVerifier>, ComposeError> {
+        if self.authorization()? != Authorization::InFunction {
+            return Ok(None);
+        }
+        let issuer = self.required(settings::JWT_ISSUER)?;
+        let listed = self.required(settings::JWT_AUDIENCES)?;
+        let audiences: Vec<String> = listed
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(str::to_string)
+            .collect();
+        if audiences.is_empty() {
+            return Err(ComposeError::Invalid {
+                name: settings::JWT_AUDIENCES.name,
+                value: listed,
+                expected: "one audience or more, comma-separated",
+            });
+        }
+        let keys = match self.optional(settings::JWKS_URL)? {
+            Some(url) => KeySource::Url(url),
+            None => KeySource::Discovery,
         };
+        Ok(Some(JwtVerifier::new(issuer, audiences, keys)))
+    }
+
+    /// Who may do what: `AUTHORIZATION`, the device claim and the scope names (each with its
+    /// default when unset).
+    pub fn access(&self) -> Result<AccessPolicy, ComposeError> {
+        let require_token = self.authorization()? != Authorization::Open;
         let defaults = AccessPolicy::open();
         let or = |setting: Setting, default: String| -> Result<String, ComposeError> {
             Ok(self.optional(setting)?.unwrap_or(default))

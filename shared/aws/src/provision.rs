@@ -80,9 +80,12 @@ impl ResourceNames {
                 settings::MAX_METRIC_NAMES,
                 geostream_shared::ports::DEFAULT_MAX_METRIC_NAMES.to_string(),
             )
-            // Terraform says jwt; the runner's gateway verifies no tokens (yet), so its
-            // functions run open, and the tests of the Lambda binaries set jwt themselves.
+            // Terraform says jwt; the runner's gateway verifies tokens itself (--jwks) and sets
+            // its handlers' policy, and the tests of the Lambda binaries set jwt themselves.
             .set(settings::AUTHORIZATION, "none")
+            .set(settings::JWT_ISSUER, "")
+            .set(settings::JWT_AUDIENCES, "")
+            .set(settings::JWKS_URL, "")
             .set(settings::DEVICE_CLAIM, "sub")
             .set(settings::SCOPE_TELEMETRY_WRITE, "telemetry:write")
             .set(settings::SCOPE_TELEMETRY_WRITE_ANY, "telemetry:write:any")
