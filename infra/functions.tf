@@ -154,7 +154,10 @@ module "ingest" {
     TELEMETRY_STREAM   = var.bus == "kinesis" ? aws_kinesis_stream.telemetry[0].name : ""
     TELEMETRY_TOPIC    = var.bus == "kafka" ? var.kafka_telemetry_topic : ""
     METRIC_NAMES_TABLE = aws_dynamodb_table.metric_names.name
-    MAX_METRIC_NAMES   = tostring(var.max_metric_names)
+    # Per-device limits, counted in each execution environment.
+    DEVICE_RATE_PER_SECOND = tostring(var.device_rate_limit.per_second)
+    DEVICE_RATE_BURST      = tostring(var.device_rate_limit.burst)
+    MAX_METRIC_NAMES       = tostring(var.max_metric_names)
   })
   policy_statements = concat(var.bus == "kinesis" ? [
     {

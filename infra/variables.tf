@@ -319,6 +319,23 @@ variable "ingest_reserved_concurrency" {
   }
 }
 
+variable "device_rate_limit" {
+  description = "Requests one device (vehicle) may post a second on average, and at once above it. Past it ingest answers 429 with Retry-After (a gateway's items of that vehicle come back as failed, to retry). Counted per ingest execution environment: see docs/deploying.md, \"Per-device limits\"."
+  type = object({
+    per_second = number
+    burst      = number
+  })
+  default = {
+    per_second = 2
+    burst      = 20
+  }
+
+  validation {
+    condition     = var.device_rate_limit.per_second >= 0.001 && var.device_rate_limit.per_second <= 1000000 && var.device_rate_limit.burst >= 1 && floor(var.device_rate_limit.burst) == var.device_rate_limit.burst
+    error_message = "device_rate_limit needs per_second between 0.001 and 1000000 and a whole burst of 1 or more."
+  }
+}
+
 variable "max_metric_names" {
   description = "How many distinct free metric names (a reading's \"metrics\" keys) the deployment takes; ingest refuses a reading with a new name past it (400 for that item). The Timestream archive keeps each name as a measure, and a Timestream table holds at most 8,192."
   type        = number

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 
 use geostream_aws::provision::ResourceNames;
 use geostream_kafka::KafkaSettings;
+use geostream_shared::limits::DeviceRateLimit;
 use geostream_shared::rules::RuleSet;
 
 use crate::esm::MappingConfig;
@@ -116,6 +117,9 @@ pub struct LocalConfig {
     /// Bearer tokens verified as API Gateway's JWT authorizer does (`--jwks`); without it the
     /// gateway is open: every caller may do everything.
     pub tokens: Option<TokenVerification>,
+    /// Per-device request limits (`--device-rate`); none by default, so the simulator's
+    /// bench mode is not throttled.
+    pub device_limit: Option<DeviceRateLimit>,
 }
 
 /// What verifies the bearer tokens of requests to the local gateway.
@@ -142,6 +146,7 @@ impl Default for LocalConfig {
             archiver_mapping: None,
             rules: RuleSet::default_rules(),
             tokens: None,
+            device_limit: None,
         }
     }
 }

@@ -44,6 +44,7 @@ use geostream_ingest::Ingest;
 use geostream_lambda::identity::AccessPolicy;
 use geostream_lambda::jwt::{JwtVerifier, KeySource};
 use geostream_query_api::QueryApi;
+use geostream_shared::limits::LocalDeviceLimits;
 use geostream_shared::ports::{EventBus, PositionStore};
 use geostream_shared::stream::{RetryBudget, StreamFunction, WithRetryBudget};
 use tokio::sync::watch;
@@ -183,9 +184,13 @@ pub async fn start(config: LocalConfig) -> Result<RunningStack, String> {
         Some(_) => AccessPolicy::jwt(),
         None => AccessPolicy::open(),
     };
+    let mut ingest =
+        Ingest::new(ports.bus.clone(), ports.metric_names.clone()).with_access(access.clone());
+    if let Some(limit) = config.device_limit {
+        ingest = ingest.with_device_limits(Arc::new(LocalDeviceLimits::new(limit)));
+    }
     let stack = Arc::new(Stack {
-        ingest: Ingest::new(ports.bus.clone(), ports.metric_names.clone())
-            .with_access(access.clone()),
+        ingest,
         query_api: QueryApi::new(
             ports.query.positions.clone(),
             ports.query.archive.clone(),

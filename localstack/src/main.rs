@@ -11,6 +11,7 @@ use geostream_local::{
     start, ArchiveKind, AwsBackend, Backend, Bus, KafkaBusConfig, LocalConfig, StoreKind,
     TokenVerification, KAFKA_QUIET,
 };
+use geostream_shared::limits::DeviceRateLimit;
 use geostream_shared::rules::RuleSet;
 use geostream_sim::SimOptions;
 
@@ -40,6 +41,16 @@ struct Cli {
     /// token's claims and scopes decide what it may do, as on AWS.
     #[arg(long, value_name = "FILE", requires_all = ["jwt_issuer", "jwt_audience"])]
     jwks: Option<PathBuf>,
+    /// Limit each device (vehicle) to this many requests a second on average (fractions
+    /// allowed), with --device-burst more at once: past it a device is answered 429 with
+    /// Retry-After, and a gateway's items of that vehicle come back as failed, to retry. Off by
+    /// default (the simulator's bench mode posts each vehicle far faster); deployments on AWS
+    /// have it on (2 a second, burst 20).
+    #[arg(long, value_name = "PER_SECOND")]
+    device_rate: Option<f64>,
+    /// Requests a device may post at once above --device-rate.
+    #[arg(long, value_name = "N", default_value_t = 20, requires = "device_rate")]
+    device_burst: u32,
     /// The issuer (`iss`) tokens must name (with --jwks).
     #[arg(long, value_name = "ISS", requires = "jwks")]
     jwt_issuer: Option<String>,
@@ -375,6 +386,17 @@ async fn main() -> ExitCode {
         issuer: cli.jwt_issuer.clone().unwrap_or_default(),
         audiences: cli.jwt_audience.clone(),
     });
+    let device_limit = match cli
+        .device_rate
+        .map(|rate| DeviceRateLimit::new(rate, cli.device_burst))
+        .transpose()
+    {
+        Ok(limit) => limit,
+        Err(error) => {
+            eprintln!("geostream-local: --device-rate/--device-burst: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
     if !cli.listen.ip().is_loopback() && tokens.is_none() {
         eprintln!(
             "geostream-local: WARNING: listening on {}, beyond this machine, and this runner verifies no tokens (see --jwks): anyone who can reach it can post telemetry as any vehicle, read the fleet and acknowledge alerts",
@@ -393,6 +415,7 @@ async fn main() -> ExitCode {
         archiver_mapping: Some(archiver_mapping.clone()),
         rules,
         tokens,
+        device_limit,
         ..LocalConfig::default()
     };
     if let Some(Command::Redrive) = cli.command {

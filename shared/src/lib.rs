@@ -9,6 +9,7 @@
 
 pub mod envelope;
 pub mod geo;
+pub mod limits;
 pub mod memory;
 pub mod metrics;
 pub mod model;

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use aws_lambda_events::event::apigw::{ApiGatewayV2httpRequest, ApiGatewayV2httpResponse};
 use geostream_lambda::http::{
@@ -18,6 +18,7 @@ use geostream_lambda::http::{
 use geostream_lambda::identity::{AccessPolicy, Poster};
 use geostream_lambda::jwt::JwtVerifier;
 use geostream_shared::envelope::{envelopes_by_device, split_to_fit, MAX_RECORD_BYTES};
+use geostream_shared::limits::{retry_after_seconds, Admission, DeviceLimits, DeviceRateLimit};
 use geostream_shared::metrics::{Measurements, MetricName, MetricsSink};
 use geostream_shared::model::Reading;
 use geostream_shared::ports::{EventBus, MetricNameRegistry};
@@ -35,6 +36,8 @@ pub struct Ingest {
     /// Verifies bearer tokens in the function (behind a Function URL); `None` behind API
     /// Gateway, whose authorizer did.
     tokens: Option<JwtVerifier>,
+    /// Per-device request limits; none until given.
+    limits: Option<Arc<dyn DeviceLimits>>,
     policy: ValidationPolicy,
     clock: fn() -> EpochMillis,
 }
@@ -75,6 +78,7 @@ impl Ingest {
             metric_names,
             access: AccessPolicy::open(),
             tokens: None,
+            limits: None,
             policy: ValidationPolicy::default(),
             clock: now_millis,
         }
@@ -91,6 +95,13 @@ impl Ingest {
     /// URL, where no API Gateway authorizer has).
     pub fn with_token_verifier(mut self, tokens: Option<JwtVerifier>) -> Self {
         self.tokens = tokens;
+        self
+    }
+
+    /// Limits each device's requests: past its limit a device is answered 429 with
+    /// `Retry-After`, and a gateway's items of that device are answered as failed (retry).
+    pub fn with_device_limits(mut self, limits: Arc<dyn DeviceLimits>) -> Self {
+        self.limits = Some(limits);
         self
     }
 
@@ -145,6 +156,21 @@ impl Ingest {
             Ok(poster) => poster,
             Err(refusal) => return error_response(refusal.status, refusal.message),
         };
+        // A device token's requests are all its own vehicle's: refused before any work.
+        if let (Poster::Vehicle(own), Some(limits)) = (&poster, &self.limits) {
+            if let Admission::RetryAfter(wait) = limits.admit(own).await {
+                measurements.count(MetricName::DevicesThrottled, 1);
+                return throttled(
+                    429,
+                    &format!(
+                        "vehicle {own:?} is over its limit of {}: retry after {} s",
+                        describe_limit(limits.limit()),
+                        retry_after_seconds(wait)
+                    ),
+                    wait,
+                );
+            }
+        }
         let body = match request_body(&request) {
             Ok(body) => body,
             Err(message) => return error_response(400, message),
@@ -189,6 +215,13 @@ impl Ingest {
             };
         // Nothing of the token's own vehicle, and something of another's: not allowed at all.
         let forbidden = accepted.is_empty() && foreign > 0;
+        let (accepted, longest_wait) = match (&poster, &self.limits) {
+            (Poster::AnyVehicle, Some(limits)) => {
+                self.admit_devices(limits.as_ref(), accepted, &mut results, measurements)
+                    .await
+            }
+            _ => (accepted, None),
+        };
         let accepted = self.admit_metric_names(accepted, &mut results).await;
         let mut items_of_device: HashMap<String, Vec<(usize, String)>> = HashMap::new();
         let mut readings = Vec::with_capacity(accepted.len());
@@ -254,13 +287,15 @@ impl Ingest {
             _ if forbidden => 403,
             (_, 0, 0) => 202,
             (0, _, 0) => 400,
+            // Every valid item's device over its limit, and the bus never asked.
+            (0, 0, _) if longest_wait.is_some() && all_throttled(&results) => 429,
             (0, 0, _) => 503,
             _ => 207,
         };
         if status == 202 {
             results.clear();
         }
-        json_response(
+        let mut response = json_response(
             status,
             &IngestResponse {
                 accepted,
@@ -268,7 +303,48 @@ impl Ingest {
                 failed,
                 results,
             },
-        )
+        );
+        if let Some(wait) = longest_wait {
+            set_retry_after(&mut response, wait);
+        }
+        response
+    }
+
+    /// The readings of the devices within their limits; the items of the others are answered
+    /// as failed (retry after the wait), and the longest wait is returned with the readings.
+    async fn admit_devices(
+        &self,
+        limits: &dyn DeviceLimits,
+        accepted: Vec<(usize, Reading)>,
+        results: &mut Vec<ItemResult>,
+        measurements: &mut Measurements,
+    ) -> (Vec<(usize, Reading)>, Option<Duration>) {
+        let devices: BTreeSet<&str> = accepted.iter().map(|(_, r)| r.device_id.as_str()).collect();
+        let mut waits: HashMap<String, Duration> = HashMap::new();
+        for device in devices {
+            if let Admission::RetryAfter(wait) = limits.admit(device).await {
+                waits.insert(device.to_string(), wait);
+            }
+        }
+        if waits.is_empty() {
+            return (accepted, None);
+        }
+        measurements.count(MetricName::DevicesThrottled, waits.len());
+        let limit = describe_limit(limits.limit());
+        let mut admitted = Vec::with_capacity(accepted.len());
+        for (index, reading) in accepted {
+            match waits.get(&reading.device_id) {
+                Some(wait) => results.push(ItemResult::Failed {
+                    index,
+                    error: format!(
+                        "{THROTTLED_PREFIX} of {limit}: retry after {} s",
+                        retry_after_seconds(*wait)
+                    ),
+                }),
+                None => admitted.push((index, reading)),
+            }
+        }
+        (admitted, waits.into_values().max())
     }
 
     /// The readings whose free metric names the registry admits. A reading with a name past
@@ -331,15 +407,48 @@ impl Ingest {
     }
 }
 
+/// Whether every item was refused for its vehicle's limit.
+fn all_throttled(results: &[ItemResult]) -> bool {
+    results.iter().all(
+        |r| matches!(r, ItemResult::Failed { error, .. } if error.starts_with(THROTTLED_PREFIX)),
+    )
+}
+
+/// How a throttled item's error begins (the 429 decision looks for it).
+const THROTTLED_PREFIX: &str = "its vehicle is over its limit";
+
+fn describe_limit(limit: DeviceRateLimit) -> String {
+    format!(
+        "{} requests a second (burst {})",
+        limit.per_second, limit.burst
+    )
+}
+
+/// A refusal with a `Retry-After` header.
+fn throttled(status: u16, message: &str, wait: Duration) -> ApiGatewayV2httpResponse {
+    let mut response = error_response(status, message);
+    set_retry_after(&mut response, wait);
+    response
+}
+
+fn set_retry_after(response: &mut ApiGatewayV2httpResponse, wait: Duration) {
+    response.headers.insert(
+        http::header::RETRY_AFTER,
+        http::HeaderValue::from(retry_after_seconds(wait)),
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use async_trait::async_trait;
     use aws_lambda_events::encodings::Body;
     use geostream_shared::envelope::Envelope;
+    use geostream_shared::limits::LocalDeviceLimits;
     use geostream_shared::memory::{MemoryMetricNames, MemoryStream};
     use geostream_shared::metrics::RecordedMetrics;
     use geostream_shared::ports::{BusRecord, Published, StoreError};
+    use governor::clock::FakeRelativeClock;
     use serde_json::{json, Value};
 
     const NOW: EpochMillis = 1_763_900_000_000;
@@ -530,6 +639,107 @@ mod tests {
         event["requestContext"]["authorizer"]["jwt"]["scopes"] = json!(scopes);
         event["body"] = Value::String(body.to_string());
         serde_json::from_value(event).unwrap()
+    }
+
+    fn fake_clock_limits(
+        per_second: f64,
+        burst: u32,
+    ) -> (Arc<LocalDeviceLimits<FakeRelativeClock>>, FakeRelativeClock) {
+        let clock = FakeRelativeClock::default();
+        let limit = DeviceRateLimit::new(per_second, burst).unwrap();
+        (
+            Arc::new(LocalDeviceLimits::with_clock(limit, clock.clone())),
+            clock,
+        )
+    }
+
+    fn retry_after(response: &ApiGatewayV2httpResponse) -> Option<&str> {
+        response
+            .headers
+            .get(http::header::RETRY_AFTER)
+            .map(|v| v.to_str().unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_device_past_its_limit_is_answered_429_and_others_are_not() {
+        let stream = Arc::new(MemoryStream::new("t", 1, 100));
+        let (limits, clock) = fake_clock_limits(1.0, 3);
+        let ingest = Ingest::new(stream.clone(), names(64))
+            .with_access(AccessPolicy::jwt())
+            .with_device_limits(limits)
+            .with_clock(|| NOW);
+        let metrics = RecordedMetrics::new();
+        let post = |device: &str| {
+            ingest.handle(
+                token_request(
+                    json!({"sub": device, "scope": "telemetry:write"}),
+                    &["telemetry:write"],
+                    json!({"device_id": device, "ts": NOW, "lat": 52.5, "lon": 13.4}),
+                ),
+                &metrics,
+            )
+        };
+        for _ in 0..3 {
+            assert_eq!(post("flooder").await.status_code, 202);
+        }
+        let refused = post("flooder").await;
+        assert_eq!(refused.status_code, 429, "{}", body_json(&refused));
+        assert_eq!(retry_after(&refused), Some("1"));
+        let message = body_json(&refused)["error"].as_str().unwrap().to_string();
+        assert!(
+            message.contains("over its limit of 1 requests a second (burst 3)"),
+            "{message}"
+        );
+        assert_eq!(post("neighbour").await.status_code, 202);
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(post("flooder").await.status_code, 202);
+        assert_eq!(
+            stream_records(&stream).len(),
+            5,
+            "the 429 published nothing"
+        );
+        assert_eq!(
+            metrics.total(FUNCTION_NAME, MetricName::DevicesThrottled),
+            1.0
+        );
+    }
+
+    #[tokio::test]
+    async fn a_gateway_gets_its_throttled_vehicles_items_back_to_retry() {
+        let stream = Arc::new(MemoryStream::new("t", 1, 100));
+        let (limits, _clock) = fake_clock_limits(1.0, 2);
+        let ingest = Ingest::new(stream.clone(), names(64))
+            .with_access(AccessPolicy::jwt())
+            .with_device_limits(limits)
+            .with_clock(|| NOW);
+        let metrics = RecordedMetrics::new();
+        let gateway = json!({"sub": "depot-1", "scope": "telemetry:write:any"});
+        let reading =
+            |device: &str| json!({"device_id": device, "ts": NOW, "lat": 52.5, "lon": 13.4});
+        let post = |body: Value| {
+            ingest.handle(
+                token_request(gateway.clone(), &["telemetry:write:any"], body),
+                &metrics,
+            )
+        };
+        for _ in 0..2 {
+            assert_eq!(post(json!([reading("wild")])).await.status_code, 202);
+        }
+        let mixed = post(json!([reading("wild"), reading("calm"), reading("wild")])).await;
+        let answer = body_json(&mixed);
+        assert_eq!(mixed.status_code, 207, "{answer}");
+        assert_eq!(retry_after(&mixed), Some("1"));
+        assert_eq!(
+            (answer["accepted"].clone(), answer["failed"].clone()),
+            (json!(1), json!(2))
+        );
+        for index in [0, 2] {
+            let error = answer["results"][index]["error"].as_str().unwrap();
+            assert!(error.starts_with(THROTTLED_PREFIX), "{error}");
+        }
+        let only_wild = post(json!([reading("wild")])).await;
+        assert_eq!(only_wild.status_code, 429, "{}", body_json(&only_wild));
+        assert_eq!(retry_after(&only_wild), Some("1"));
     }
 
     #[tokio::test]

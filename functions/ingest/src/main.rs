@@ -10,7 +10,8 @@ async fn main() -> Result<(), geostream_lambda::Error> {
     let ports = Composition::for_lambda(FUNCTION_NAME).await?;
     let ingest = Ingest::new(ports.telemetry_bus().await?, ports.metric_names()?)
         .with_access(ports.access()?)
-        .with_token_verifier(ports.token_verifier()?);
+        .with_token_verifier(ports.token_verifier()?)
+        .with_device_limits(ports.device_limits()?);
     let metrics = ports.metrics();
     geostream_lambda::run_http_function(|request| ingest.handle(request, &metrics)).await
 }

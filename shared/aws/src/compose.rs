@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use geostream_shared::limits::{DeviceLimits, DeviceRateLimit, LocalDeviceLimits};
 use geostream_shared::metrics::EmfLog;
 use geostream_shared::ports::{
     AlertStore, Archive, DeadLetterSink, EventBus, MetricNameRegistry, PositionStore,
@@ -186,6 +187,16 @@ pub mod settings {
         purpose: "the scope that acknowledges alerts (default alerts:ack)",
         optional: true,
     };
+    pub const DEVICE_RATE_PER_SECOND: Setting = Setting {
+        name: "DEVICE_RATE_PER_SECOND",
+        purpose: "requests a second one device may post on average (default 2; fractions allowed); past it and its burst it is answered 429 with Retry-After",
+        optional: true,
+    };
+    pub const DEVICE_RATE_BURST: Setting = Setting {
+        name: "DEVICE_RATE_BURST",
+        purpose: "requests one device may post at once above its average rate (default 20)",
+        optional: true,
+    };
     pub const RULES_FILE: Setting = Setting {
         name: "RULES_FILE",
         purpose: "a rules file (TOML) in place of the bundled default rules",
@@ -225,6 +236,8 @@ pub enum Port {
     MetricNames,
     /// Who may do what: the token's claims and scopes (the HTTP functions).
     Access,
+    /// Per-device request limits (ingest).
+    DeviceLimits,
 }
 
 impl Port {
@@ -265,6 +278,7 @@ impl Port {
             Port::DeadLetters => &[DEAD_LETTER_QUEUE_URL, DEAD_LETTER_BUCKET],
             Port::Rules => &[RULES_FILE],
             Port::MetricNames => &[METRIC_NAMES_TABLE, MAX_METRIC_NAMES],
+            Port::DeviceLimits => &[DEVICE_RATE_PER_SECOND, DEVICE_RATE_BURST],
             Port::Access => &[
                 AUTHORIZATION,
                 JWT_ISSUER,
@@ -731,6 +745,44 @@ impl Composition {
             )
             .metered(self.clients.capacity.clone()),
         ))
+    }
+
+    /// Per-device request limits: `DEVICE_RATE_PER_SECOND` and `DEVICE_RATE_BURST` (each with
+    /// its default when unset), kept per execution environment.
+    pub fn device_limits(&self) -> Result<Arc<dyn DeviceLimits>, ComposeError> {
+        let defaults = DeviceRateLimit::default();
+        let invalid = |setting: Setting, value: String, expected| ComposeError::Invalid {
+            name: setting.name,
+            value,
+            expected,
+        };
+        let rate_expected =
+            "a number of requests a second between 0.001 and 1000000, such as 2 or 0.5";
+        let per_second = match self.optional(settings::DEVICE_RATE_PER_SECOND)? {
+            None => defaults.per_second,
+            Some(text) => text
+                .parse()
+                .map_err(|_| invalid(settings::DEVICE_RATE_PER_SECOND, text, rate_expected))?,
+        };
+        let burst_expected = "a whole number of requests, 1 or more";
+        let burst = match self.optional(settings::DEVICE_RATE_BURST)? {
+            None => defaults.burst,
+            Some(text) => text
+                .parse()
+                .map_err(|_| invalid(settings::DEVICE_RATE_BURST, text, burst_expected))?,
+        };
+        let limit = DeviceRateLimit::new(per_second, burst).map_err(|_| {
+            if burst == 0 {
+                invalid(settings::DEVICE_RATE_BURST, "0".into(), burst_expected)
+            } else {
+                invalid(
+                    settings::DEVICE_RATE_PER_SECOND,
+                    per_second.to_string(),
+                    rate_expected,
+                )
+            }
+        })?;
+        Ok(Arc::new(LocalDeviceLimits::new(limit)))
     }
 
     /// `AUTHORIZATION`: who verifies tokens, if anyone.

@@ -75,7 +75,12 @@ pub fn function(name: &str) -> Option<&'static FunctionManifest> {
 pub const FUNCTIONS: &[FunctionManifest] = &[
     FunctionManifest {
         name: "ingest",
-        ports: &[Port::TelemetryBus, Port::MetricNames, Port::Access],
+        ports: &[
+            Port::TelemetryBus,
+            Port::MetricNames,
+            Port::Access,
+            Port::DeviceLimits,
+        ],
         operations: &[
             "PutRecords",
             "GetSecretValue",

@@ -87,6 +87,8 @@ impl ResourceNames {
             .set(settings::JWT_AUDIENCES, "")
             .set(settings::JWKS_URL, "")
             .set(settings::DEVICE_CLAIM, "sub")
+            .set(settings::DEVICE_RATE_PER_SECOND, "2")
+            .set(settings::DEVICE_RATE_BURST, "20")
             .set(settings::SCOPE_TELEMETRY_WRITE, "telemetry:write")
             .set(settings::SCOPE_TELEMETRY_WRITE_ANY, "telemetry:write:any")
             .set(settings::SCOPE_FLEET_READ, "fleet:read")
