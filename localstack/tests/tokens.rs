@@ -5,37 +5,11 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use common::tokens::{now, runner_arguments, token};
 use common::Runner;
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
-
-const ISSUER: &str = "https://auth.fleet.example";
-const AUDIENCE: &str = "geostream";
-
-fn key_file(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/lambda/tests/fixtures/jwt")
-        .join(name)
-}
-
-fn now() -> i64 {
-    jsonwebtoken::get_current_timestamp() as i64
-}
-
-/// A token signed by the test key `key`, naming `kid`, with `claims` over sound defaults.
-fn token(key: &str, kid: &str, claims: Value) -> String {
-    let mut all = json!({"iss": ISSUER, "aud": AUDIENCE, "iat": now(), "exp": now() + 600});
-    for (name, value) in claims.as_object().unwrap() {
-        all[name] = value.clone();
-    }
-    let mut header = Header::new(Algorithm::RS256);
-    header.kid = Some(kid.into());
-    let pem = std::fs::read(key_file(&format!("{key}.pem"))).unwrap();
-    jsonwebtoken::encode(&header, &all, &EncodingKey::from_rsa_pem(&pem).unwrap()).unwrap()
-}
 
 fn signed(claims: Value) -> String {
     token("test-key-1", "test-key-1", claims)
@@ -47,15 +21,8 @@ fn reading(device: &str) -> Value {
 }
 
 async fn runner() -> Runner {
-    let jwks = key_file("test-key-1.jwks.json");
-    let args = [
-        "--jwks",
-        jwks.to_str().unwrap(),
-        "--jwt-issuer",
-        ISSUER,
-        "--jwt-audience",
-        AUDIENCE,
-    ];
+    let args = runner_arguments();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Runner::start(env!("CARGO_BIN_EXE_geostream-local"), &args, &[]).await
 }
 

@@ -120,3 +120,61 @@ impl Runner {
         runner
     }
 }
+
+/// Tokens signed by the test keys in shared/lambda/tests/fixtures/jwt, for a runner started
+/// with `--jwks` on their JWKS, `--jwt-issuer ISSUER` and `--jwt-audience AUDIENCE`.
+pub mod tokens {
+    use std::path::PathBuf;
+
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    use serde_json::{json, Value};
+
+    pub const ISSUER: &str = "https://auth.fleet.example";
+    pub const AUDIENCE: &str = "geostream";
+
+    pub fn key_file(name: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/lambda/tests/fixtures/jwt")
+            .join(name)
+    }
+
+    pub fn now() -> i64 {
+        jsonwebtoken::get_current_timestamp() as i64
+    }
+
+    /// A token signed by the test key `key`, naming `kid`, with `claims` over sound defaults.
+    pub fn token(key: &str, kid: &str, claims: Value) -> String {
+        let mut all = json!({"iss": ISSUER, "aud": AUDIENCE, "iat": now(), "exp": now() + 600});
+        for (name, value) in claims.as_object().unwrap() {
+            all[name] = value.clone();
+        }
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = Some(kid.into());
+        let pem = std::fs::read(key_file(&format!("{key}.pem"))).unwrap();
+        jsonwebtoken::encode(&header, &all, &EncodingKey::from_rsa_pem(&pem).unwrap()).unwrap()
+    }
+
+    /// A device token of `device` (scope telemetry:write) from the first test key.
+    pub fn device_token(device: &str) -> String {
+        token(
+            "test-key-1",
+            "test-key-1",
+            json!({"sub": device, "scope": "telemetry:write"}),
+        )
+    }
+
+    /// The runner's arguments that verify these tokens.
+    pub fn runner_arguments() -> Vec<String> {
+        let jwks = key_file("test-key-1.jwks.json");
+        [
+            "--jwks",
+            jwks.to_str().unwrap(),
+            "--jwt-issuer",
+            ISSUER,
+            "--jwt-audience",
+            AUDIENCE,
+        ]
+        .map(str::to_string)
+        .to_vec()
+    }
+}
