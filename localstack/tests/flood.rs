@@ -106,7 +106,7 @@ async fn report(
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         seen.latency_us.record(elapsed.as_micros() as u64).unwrap();
         *seen.statuses.entry(status).or_default() += 1;
-        if status == 429 && !retry_after.is_some_and(|s| s >= 1) {
+        if status == 429 && retry_after.is_none_or(|s| s < 1) {
             seen.bad_retry_after += 1;
         }
     }
