@@ -78,6 +78,17 @@ fn lambda_environment(
     environment
 }
 
+/// A deployment's resources on the emulator, named `PREFIX-PID-...`: their names, clients
+/// for the test's own reads, and the dead-letter queue's URL.
+async fn resources_on_emulator(endpoint: &str, prefix: &str) -> (ResourceNames, Clients, String) {
+    let names = ResourceNames::with_prefix(&format!("{prefix}-{}", std::process::id()));
+    let harness = Clients::new(&sdk_config(Some(endpoint)).await);
+    let queue_url = create_resources(&harness, &names, 1)
+        .await
+        .expect("resources are created on the emulator");
+    (names, harness, queue_url)
+}
+
 async fn invoke(function: &FunctionProcess, event: Value) -> Value {
     function
         .api
@@ -113,11 +124,7 @@ async fn get(query_api: &FunctionProcess, path: &str, query: &[(&str, String)]) 
 async fn the_lambda_binaries_run_the_pipeline_under_the_runtime_api() {
     let Some(endpoint) = emulator() else { return };
     let binaries = binaries();
-    let names = ResourceNames::with_prefix(&format!("gs-bin-{}", std::process::id()));
-    let harness = Clients::new(&sdk_config(Some(&endpoint)).await);
-    let queue_url = create_resources(&harness, &names, 1)
-        .await
-        .expect("resources are created on the emulator");
+    let (names, harness, queue_url) = resources_on_emulator(&endpoint, "gs-bin").await;
     // Terraform's defaults: the Kinesis bus, the S3 archive, tokens required.
     let deployment = names
         .settings("s3", &queue_url)
@@ -312,11 +319,7 @@ async fn ingest_behind_a_function_url_verifies_tokens_itself() {
     let binaries = binaries();
     let fetches = Arc::new(AtomicUsize::new(0));
     let issuer = serve_issuer(fetches.clone()).await;
-    let names = ResourceNames::with_prefix(&format!("gs-url-{}", std::process::id()));
-    let harness = Clients::new(&sdk_config(Some(&endpoint)).await);
-    let queue_url = create_resources(&harness, &names, 1)
-        .await
-        .expect("resources are created on the emulator");
+    let (names, harness, queue_url) = resources_on_emulator(&endpoint, "gs-url").await;
     use geostream_aws::compose::settings;
     let deployment = names
         .settings("s3", &queue_url)

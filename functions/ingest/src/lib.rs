@@ -160,8 +160,7 @@ impl Ingest {
         if let (Poster::Vehicle(own), Some(limits)) = (&poster, &self.limits) {
             if let Admission::RetryAfter(wait) = limits.admit(own).await {
                 measurements.count(MetricName::DevicesThrottled, 1);
-                return throttled(
-                    429,
+                return too_many_requests(
                     &format!(
                         "vehicle {own:?} is over its limit of {}: retry after {} s",
                         describe_limit(limits.limit()),
@@ -215,7 +214,7 @@ impl Ingest {
             };
         // Nothing of the token's own vehicle, and something of another's: not allowed at all.
         let forbidden = accepted.is_empty() && foreign > 0;
-        let (accepted, longest_wait) = match (&poster, &self.limits) {
+        let (accepted, throttled) = match (&poster, &self.limits) {
             (Poster::AnyVehicle, Some(limits)) => {
                 self.admit_devices(limits.as_ref(), accepted, &mut results, measurements)
                     .await
@@ -288,7 +287,7 @@ impl Ingest {
             (_, 0, 0) => 202,
             (0, _, 0) => 400,
             // Every valid item's device over its limit, and the bus never asked.
-            (0, 0, _) if longest_wait.is_some() && all_throttled(&results) => 429,
+            (0, 0, failed) if throttled.as_ref().is_some_and(|t| t.items == failed) => 429,
             (0, 0, _) => 503,
             _ => 207,
         };
@@ -304,21 +303,21 @@ impl Ingest {
                 results,
             },
         );
-        if let Some(wait) = longest_wait {
-            set_retry_after(&mut response, wait);
+        if let Some(throttled) = throttled {
+            set_retry_after(&mut response, throttled.longest_wait);
         }
         response
     }
 
     /// The readings of the devices within their limits; the items of the others are answered
-    /// as failed (retry after the wait), and the longest wait is returned with the readings.
+    /// as failed (retry after the wait), and how many they were is returned with the readings.
     async fn admit_devices(
         &self,
         limits: &dyn DeviceLimits,
         accepted: Vec<(usize, Reading)>,
         results: &mut Vec<ItemResult>,
         measurements: &mut Measurements,
-    ) -> (Vec<(usize, Reading)>, Option<Duration>) {
+    ) -> (Vec<(usize, Reading)>, Option<Throttled>) {
         let devices: BTreeSet<&str> = accepted.iter().map(|(_, r)| r.device_id.as_str()).collect();
         let mut waits: HashMap<String, Duration> = HashMap::new();
         for device in devices {
@@ -332,19 +331,30 @@ impl Ingest {
         measurements.count(MetricName::DevicesThrottled, waits.len());
         let limit = describe_limit(limits.limit());
         let mut admitted = Vec::with_capacity(accepted.len());
+        let mut items = 0;
         for (index, reading) in accepted {
             match waits.get(&reading.device_id) {
-                Some(wait) => results.push(ItemResult::Failed {
-                    index,
-                    error: format!(
-                        "{THROTTLED_PREFIX} of {limit}: retry after {} s",
-                        retry_after_seconds(*wait)
-                    ),
-                }),
+                Some(wait) => {
+                    items += 1;
+                    results.push(ItemResult::Failed {
+                        index,
+                        error: format!(
+                            "{THROTTLED_PREFIX} of {limit}: retry after {} s",
+                            retry_after_seconds(*wait)
+                        ),
+                    });
+                }
                 None => admitted.push((index, reading)),
             }
         }
-        (admitted, waits.into_values().max())
+        let longest_wait = waits.into_values().max().unwrap_or_default();
+        (
+            admitted,
+            Some(Throttled {
+                items,
+                longest_wait,
+            }),
+        )
     }
 
     /// The readings whose free metric names the registry admits. A reading with a name past
@@ -407,14 +417,13 @@ impl Ingest {
     }
 }
 
-/// Whether every item was refused for its vehicle's limit.
-fn all_throttled(results: &[ItemResult]) -> bool {
-    results.iter().all(
-        |r| matches!(r, ItemResult::Failed { error, .. } if error.starts_with(THROTTLED_PREFIX)),
-    )
+/// A gateway's items refused for their vehicles' limits.
+struct Throttled {
+    items: usize,
+    longest_wait: Duration,
 }
 
-/// How a throttled item's error begins (the 429 decision looks for it).
+/// How a throttled item's error begins.
 const THROTTLED_PREFIX: &str = "its vehicle is over its limit";
 
 fn describe_limit(limit: DeviceRateLimit) -> String {
@@ -424,9 +433,9 @@ fn describe_limit(limit: DeviceRateLimit) -> String {
     )
 }
 
-/// A refusal with a `Retry-After` header.
-fn throttled(status: u16, message: &str, wait: Duration) -> ApiGatewayV2httpResponse {
-    let mut response = error_response(status, message);
+/// A 429 with a `Retry-After` header.
+fn too_many_requests(message: &str, wait: Duration) -> ApiGatewayV2httpResponse {
+    let mut response = error_response(429, message);
     set_retry_after(&mut response, wait);
     response
 }

@@ -109,12 +109,8 @@ impl JwtVerifier {
     /// Gateway's JWT authorizer puts them; anything the event carried there before is dropped.
     pub async fn authorize(&self, request: &mut ApiGatewayV2httpRequest) -> Result<(), Refusal> {
         request.request_context.authorizer = None;
-        let token = bearer_token(request).ok_or(TokenError::Missing);
-        let verified = match token {
-            Ok(token) => self.verify(token).await,
-            Err(error) => Err(error),
-        };
-        let jwt = verified.map_err(|error| error.refusal())?;
+        let token = bearer_token(request).ok_or_else(|| TokenError::Missing.refusal())?;
+        let jwt = self.verify(token).await.map_err(|error| error.refusal())?;
         let mut authorizer = ApiGatewayRequestAuthorizer::default();
         authorizer.jwt = Some(jwt);
         request.request_context.authorizer = Some(authorizer);
