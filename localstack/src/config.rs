@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 
+pub use geostream_aws::provision::ArchiveKind;
 use geostream_aws::provision::ResourceNames;
 use geostream_kafka::KafkaSettings;
 use geostream_shared::limits::DeviceRateLimit;
@@ -45,25 +46,6 @@ pub enum StoreKind {
     DynamoDb,
     /// Valkey (ElastiCache Serverless) or Redis at this URL.
     Valkey { url: String },
-}
-
-/// Which archive the archiver writes and the query API reads, as `ARCHIVE` names it on Lambda.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum ArchiveKind {
-    #[default]
-    Timestream,
-    /// Hour-partitioned JSON Lines in S3 (the default on AWS, queried with Athena).
-    S3,
-}
-
-impl ArchiveKind {
-    /// As `ARCHIVE` names it.
-    pub fn setting(self) -> &'static str {
-        match self {
-            ArchiveKind::Timestream => "timestream",
-            ArchiveKind::S3 => "s3",
-        }
-    }
 }
 
 /// Which bus the pipeline runs on.

@@ -233,11 +233,11 @@ async fn aws_ports(aws: &AwsBackend, bus: &Bus, shards: usize) -> Result<Ports, 
     let setup = Clients::new(&sdk);
     let names = &aws.names;
     let queue_url = if aws.create_resources {
-        create_resources(&setup, names, shards.clamp(1, 64) as i32).await?
+        create_resources(&setup, names, shards.clamp(1, 64) as i32, aws.archive).await?
     } else {
         queue_url(&setup, &names.dead_letter_queue).await?
     };
-    let settings = names.settings(aws.archive.setting(), &queue_url);
+    let settings = names.settings(aws.archive, &queue_url);
     let settings = match &aws.position_store {
         StoreKind::DynamoDb => settings,
         StoreKind::Valkey { url } => settings

@@ -18,7 +18,7 @@ use common::Runner;
 use geostream_aws::compose::Composition;
 use geostream_aws::config::{sdk_config, Clients};
 use geostream_aws::manifest;
-use geostream_aws::provision::{queue_url, ResourceNames};
+use geostream_aws::provision::{queue_url, ArchiveKind, ResourceNames};
 use geostream_local::fault_proxy::{FaultPlan, FaultProxy};
 use geostream_shared::model::{Alert, AlertTransition, Reading};
 use geostream_shared::ports::AlertFilter;
@@ -312,7 +312,7 @@ async fn faults_and_two_crashes_end_where_an_uninterrupted_run_ends() {
     let reader = Composition::new(
         query.name,
         query.ports,
-        Box::new(names.settings("s3", &dead_letter_queue)),
+        Box::new(names.settings(ArchiveKind::S3, &dead_letter_queue)),
         Clients::new(&sdk_config(Some(&emulator)).await),
     );
     let positions = reader.positions().await.unwrap();

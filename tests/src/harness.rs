@@ -1,34 +1,113 @@
-//! What the end-to-end tests share: the emulator they run against, API Gateway v2 requests
+//! What the end-to-end tests share: the emulators they run against, API Gateway v2 requests
 //! as API Gateway sends them, and a stream read back as the `KinesisEvent`s Lambda would send.
 
 use aws_lambda_events::event::apigw::{ApiGatewayV2httpRequest, ApiGatewayV2httpResponse};
+use geostream_aws::provision::ArchiveKind;
 use geostream_lambda::stream::{KinesisEvent, KinesisEventRecord, KinesisRecord, RecordData};
 use serde_json::Value;
 
-/// The emulator's URL, or `None` (with a loud note) when it is not running; under
-/// `scripts/test` (GEOSTREAM_REQUIRE_EMULATOR=1) a missing emulator is a failure.
-pub fn emulator() -> Option<String> {
-    match std::env::var("GEOSTREAM_AWS_ENDPOINT") {
-        Ok(url) if !url.is_empty() => {
-            for (name, value) in [
-                ("AWS_ACCESS_KEY_ID", "testing"),
-                ("AWS_SECRET_ACCESS_KEY", "testing"),
-                ("AWS_REGION", "us-east-1"),
-            ] {
-                if std::env::var_os(name).is_none() {
-                    std::env::set_var(name, value);
-                }
-            }
-            Some(url)
-        }
-        _ if std::env::var_os("GEOSTREAM_REQUIRE_EMULATOR").is_some() => {
-            panic!("GEOSTREAM_AWS_ENDPOINT is not set but GEOSTREAM_REQUIRE_EMULATOR is: start moto with scripts/moto start")
-        }
-        _ => {
-            eprintln!("SKIPPED: emulator test needs GEOSTREAM_AWS_ENDPOINT (scripts/test starts moto server and sets it)");
-            None
+/// The AWS-API emulators the end-to-end tests run against; `scripts/test` starts both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EmulatorKind {
+    /// moto server: each service re-implemented in Python. Timestream writes work; its queries
+    /// return only results canned beforehand.
+    Moto,
+    /// LocalStack 4.9 (community tier) as a plain process, its DynamoDB on DynamoDB Local,
+    /// AWS's own engine. No Timestream.
+    LocalStack,
+}
+
+impl EmulatorKind {
+    /// The variable holding its endpoint URL.
+    pub fn variable(self) -> &'static str {
+        match self {
+            EmulatorKind::Moto => "GEOSTREAM_AWS_ENDPOINT",
+            EmulatorKind::LocalStack => "GEOSTREAM_LOCALSTACK_ENDPOINT",
         }
     }
+
+    fn script(self) -> &'static str {
+        match self {
+            EmulatorKind::Moto => "scripts/moto start",
+            EmulatorKind::LocalStack => "scripts/localstack start",
+        }
+    }
+}
+
+/// A running emulator: which one, and where.
+#[derive(Debug, Clone)]
+pub struct Emulator {
+    pub kind: EmulatorKind,
+    pub endpoint: String,
+}
+
+impl Emulator {
+    /// The emulator's URL from its variable, or `None` (with a loud note) when it is not
+    /// running; under `scripts/test` (GEOSTREAM_REQUIRE_EMULATOR=1) a missing one is a failure.
+    pub fn get(kind: EmulatorKind) -> Option<Emulator> {
+        let variable = kind.variable();
+        match std::env::var(variable) {
+            Ok(endpoint) if !endpoint.is_empty() => {
+                for (name, value) in [
+                    ("AWS_ACCESS_KEY_ID", "testing"),
+                    ("AWS_SECRET_ACCESS_KEY", "testing"),
+                    ("AWS_REGION", "us-east-1"),
+                ] {
+                    if std::env::var_os(name).is_none() {
+                        std::env::set_var(name, value);
+                    }
+                }
+                Some(Emulator { kind, endpoint })
+            }
+            _ if std::env::var_os("GEOSTREAM_REQUIRE_EMULATOR").is_some() => {
+                panic!(
+                    "{variable} is not set but GEOSTREAM_REQUIRE_EMULATOR is: start it with {}",
+                    kind.script()
+                )
+            }
+            _ => {
+                eprintln!(
+                    "SKIPPED: emulator test needs {variable} (scripts/test runs {} and sets it)",
+                    kind.script()
+                );
+                None
+            }
+        }
+    }
+
+    /// The archive a pipeline on this emulator writes: Timestream where the emulator has it
+    /// (moto), else the S3 archive (LocalStack's community tier has no Timestream).
+    pub fn archive(&self) -> ArchiveKind {
+        match self.kind {
+            EmulatorKind::Moto => ArchiveKind::Timestream,
+            EmulatorKind::LocalStack => ArchiveKind::S3,
+        }
+    }
+}
+
+/// Runs each named `async fn(Emulator)` as two tests, `NAME::moto` and `NAME::localstack`:
+/// the emulator suite is run against both.
+#[macro_export]
+macro_rules! on_each_emulator {
+    ($($test:ident),+ $(,)?) => {$(
+        mod $test {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn moto() {
+                use $crate::harness::{Emulator, EmulatorKind};
+                if let Some(emulator) = Emulator::get(EmulatorKind::Moto) {
+                    super::$test(emulator).await;
+                }
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn localstack() {
+                use $crate::harness::{Emulator, EmulatorKind};
+                if let Some(emulator) = Emulator::get(EmulatorKind::LocalStack) {
+                    super::$test(emulator).await;
+                }
+            }
+        }
+    )+};
 }
 
 /// The Redis/Valkey server's URL, or `None` (with a loud note) when it is not running; under

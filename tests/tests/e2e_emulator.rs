@@ -1,7 +1,9 @@
-//! The whole pipeline through the real AWS SDK adapters against an AWS-API emulator (moto
-//! server, started by `scripts/test`, which sets GEOSTREAM_AWS_ENDPOINT):
+//! The whole pipeline through the real AWS SDK adapters against the AWS-API emulators (moto
+//! server and LocalStack with DynamoDB Local, both started by `scripts/test`):
 //! POST -> ingest -> Kinesis -> geo-update / archiver / anomaly-inspector -> DynamoDB /
-//! Timestream / alerts stream, read back through query-api.
+//! Timestream or S3 / alerts stream, read back through query-api. Each test runs on both
+//! emulators (`NAME::moto`, `NAME::localstack`); LocalStack's community tier has no
+//! Timestream, so there the archive is S3.
 
 use std::collections::BTreeMap;
 
@@ -10,13 +12,14 @@ use geostream_archiver::Archiver;
 use geostream_aws::compose::Composition;
 use geostream_aws::config::{sdk_config, Clients};
 use geostream_aws::manifest::FUNCTIONS;
-use geostream_aws::provision::{create_resources, ResourceNames};
+use geostream_aws::provision::{create_resources, ArchiveKind, ResourceNames};
 use geostream_aws::timestream::TimestreamArchive;
-use geostream_e2e::harness::{emulator, json_of, read_stream, request};
+use geostream_e2e::harness::{json_of, read_stream, request, Emulator, EmulatorKind};
+use geostream_e2e::on_each_emulator;
 use geostream_geo_update::GeoUpdate;
 use geostream_ingest::Ingest;
 use geostream_lambda::stream::{handle_kinesis, KinesisEvent};
-use geostream_local::{ArchiveKind, AwsBackend, StoreKind};
+use geostream_local::{AwsBackend, StoreKind};
 use geostream_query_api::QueryApi;
 use geostream_shared::metrics::{MetricName, RecordedMetrics};
 use geostream_shared::stream::StreamFunction;
@@ -34,24 +37,22 @@ struct Pipeline {
     archiver: Archiver,
     inspector: AnomalyInspector,
     query_api: QueryApi,
-    /// For the Timestream SQL the query API sends (moto cannot run it).
-    archive: TimestreamArchive,
     queue_url: String,
     metrics: RecordedMetrics,
 }
 
-async fn pipeline(endpoint: &str, test: &str) -> Pipeline {
-    let sdk = sdk_config(Some(endpoint)).await;
+async fn pipeline(emulator: &Emulator, test: &str) -> Pipeline {
+    let sdk = sdk_config(Some(&emulator.endpoint)).await;
     let prefix = format!("gs-{test}-{}", std::process::id());
     let names = ResourceNames::with_prefix(&prefix);
     let setup = Clients::new(&sdk);
-    let queue_url = create_resources(&setup, &names, 2)
+    let queue_url = create_resources(&setup, &names, 2, emulator.archive())
         .await
         .expect("resources are created on the emulator");
     let ports: BTreeMap<&'static str, Composition> = FUNCTIONS
         .iter()
         .map(|function| {
-            let settings = names.settings("timestream", &queue_url);
+            let settings = names.settings(emulator.archive(), &queue_url);
             let composition = Composition::new(
                 function.name,
                 function.ports,
@@ -90,13 +91,6 @@ async fn pipeline(endpoint: &str, test: &str) -> Pipeline {
             query.positions().await.expect(built),
             query.archive().await.expect(built),
             query.alert_records().expect(built),
-        ),
-        archive: TimestreamArchive::new(
-            setup.timestream_write.clone(),
-            setup.timestream_query.clone(),
-            setup.timestream_discovery,
-            &names.timestream_database,
-            &names.timestream_table,
         ),
         metrics: RecordedMetrics::new(),
         names,
@@ -159,10 +153,18 @@ impl Pipeline {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pipeline_through_the_sdk_adapters_and_replay_changes_nothing() {
-    let Some(endpoint) = emulator() else { return };
-    let p = pipeline(&endpoint, "pipe").await;
+on_each_emulator!(
+    pipeline_through_the_sdk_adapters_and_replay_changes_nothing,
+    aws_calls_per_thousand_events,
+    the_local_runner_on_the_aws_backend_with_the_s3_archive,
+    the_local_runner_on_the_aws_backend_with_positions_and_rule_state_in_valkey,
+    the_s3_archive_partitions_by_hour_and_rewrites_on_replay,
+    dynamodb_radius_queries_equal_a_brute_force_scan_at_every_radius,
+    metric_names_are_bounded_across_instances,
+);
+
+async fn pipeline_through_the_sdk_adapters_and_replay_changes_nothing(emulator: Emulator) {
+    let p = pipeline(&emulator, "pipe").await;
     let t0 = geostream_shared::now_millis() - 60_000;
     let reading = |device: &str, n: i64, lat: f64, engine: f64| json!({"device_id": device, "ts": t0 + n * 1000, "event_id": format!("{device}-{n}"), "lat": lat, "lon": 13.405, "engine_temp_c": engine});
     p.post(json!([
@@ -251,37 +253,73 @@ async fn pipeline_through_the_sdk_adapters_and_replay_changes_nothing() {
         .await;
     assert_eq!(json_of(&response)["acknowledged_by"], "ops");
 
-    // Track reads: moto's Timestream query returns canned results only (it has no time-series
-    // engine), so the exact query is registered with a canned answer and the parsing is tested.
+    // Track reads, through the archive the pipeline wrote.
     let (from, to) = (t0, t0 + 10_000);
-    let sql = p.archive.track_query("aws-hot-1", from, to, 1000);
-    let canned = json!({"results": {sql: [{
-        "QueryId": "canned",
-        "ColumnInfo": [{"Name": "device_id", "Type": {"ScalarType": "VARCHAR"}}, {"Name": "measure_name", "Type": {"ScalarType": "VARCHAR"}},
-                       {"Name": "time", "Type": {"ScalarType": "TIMESTAMP"}}, {"Name": "event_id", "Type": {"ScalarType": "VARCHAR"}},
-                       {"Name": "engine_temp_c", "Type": {"ScalarType": "DOUBLE"}}],
-        "Rows": [{"Data": [{"ScalarValue": "aws-hot-1"}, {"ScalarValue": "reading"}, {"ScalarValue": "2025-11-23 12:13:20.000000000"},
-                           {"ScalarValue": "aws-hot-1-0"}, {"ScalarValue": "104.0"}]}]
-    }]}});
-    let client = reqwest::Client::new();
-    let posted = client
-        .post(format!(
-            "{endpoint}/moto-api/static/timestream/query-results"
-        ))
-        .json(&canned)
-        .send()
-        .await
-        .unwrap();
-    assert!(posted.status().is_success());
-    let (status, track) = p
-        .get(
-            "/v1/vehicles/aws-hot-1/track",
-            &[("from", from.to_string()), ("to", to.to_string())],
-        )
-        .await;
-    assert_eq!(status, 200, "{track}");
-    assert_eq!(track["readings"][0]["engine_temp_c"], 104.0);
-    assert_eq!(track["readings"][0]["ts"], 1_763_900_000_000i64);
+    match emulator.kind {
+        EmulatorKind::Moto => {
+            // moto's Timestream query returns canned results only (it has no time-series
+            // engine), so the exact query is registered with a canned answer and the parsing
+            // is tested.
+            let archive = TimestreamArchive::new(
+                p.harness.timestream_write.clone(),
+                p.harness.timestream_query.clone(),
+                p.harness.timestream_discovery,
+                &p.names.timestream_database,
+                &p.names.timestream_table,
+            );
+            let sql = archive.track_query("aws-hot-1", from, to, 1000);
+            let canned = json!({"results": {sql: [{
+                "QueryId": "canned",
+                "ColumnInfo": [{"Name": "device_id", "Type": {"ScalarType": "VARCHAR"}}, {"Name": "measure_name", "Type": {"ScalarType": "VARCHAR"}},
+                               {"Name": "time", "Type": {"ScalarType": "TIMESTAMP"}}, {"Name": "event_id", "Type": {"ScalarType": "VARCHAR"}},
+                               {"Name": "engine_temp_c", "Type": {"ScalarType": "DOUBLE"}}],
+                "Rows": [{"Data": [{"ScalarValue": "aws-hot-1"}, {"ScalarValue": "reading"}, {"ScalarValue": "2025-11-23 12:13:20.000000000"},
+                                   {"ScalarValue": "aws-hot-1-0"}, {"ScalarValue": "104.0"}]}]
+            }]}});
+            let posted = reqwest::Client::new()
+                .post(format!(
+                    "{}/moto-api/static/timestream/query-results",
+                    emulator.endpoint
+                ))
+                .json(&canned)
+                .send()
+                .await
+                .unwrap();
+            assert!(posted.status().is_success());
+            let (status, track) = p
+                .get(
+                    "/v1/vehicles/aws-hot-1/track",
+                    &[("from", from.to_string()), ("to", to.to_string())],
+                )
+                .await;
+            assert_eq!(status, 200, "{track}");
+            assert_eq!(track["readings"][0]["engine_temp_c"], 104.0);
+            assert_eq!(track["readings"][0]["ts"], 1_763_900_000_000i64);
+        }
+        EmulatorKind::LocalStack => {
+            // The S3 archive: the objects the archiver wrote (twice, the replay included),
+            // read back once each, in time order.
+            let (status, track) = p
+                .get(
+                    "/v1/vehicles/aws-hot-1/track",
+                    &[("from", from.to_string()), ("to", to.to_string())],
+                )
+                .await;
+            assert_eq!(status, 200, "{track}");
+            let readings: Vec<(i64, f64)> = track["readings"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| {
+                    (
+                        r["ts"].as_i64().unwrap(),
+                        r["engine_temp_c"].as_f64().unwrap(),
+                    )
+                })
+                .collect();
+            assert_eq!(readings, [(t0, 104.0), (t0 + 1000, 108.0)], "{track}");
+        }
+    }
 
     // A poison record goes to the SQS dead-letter queue with its reason.
     let mut poison = events[0].clone();
@@ -319,10 +357,8 @@ async fn pipeline_through_the_sdk_adapters_and_replay_changes_nothing() {
     p.assert_calls_are_declared();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn aws_calls_per_thousand_events() {
-    let Some(endpoint) = emulator() else { return };
-    let p = pipeline(&endpoint, "calls").await;
+async fn aws_calls_per_thousand_events(emulator: Emulator) {
+    let p = pipeline(&emulator, "calls").await;
     let t0 = geostream_shared::now_millis() - 120_000;
     // 100 vehicles x 10 readings, sent as two requests of 500 (5 readings per vehicle each).
     for half in 0..2 {
@@ -365,39 +401,42 @@ async fn aws_calls_per_thousand_events() {
     }
 }
 
+/// `geostream-local --backend aws --archive timestream`: on moto only (LocalStack's community
+/// tier has no Timestream).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_local_runner_on_the_aws_backend_serves_the_pipeline_over_http() {
-    let Some(endpoint) = emulator() else { return };
-    runner_on_the_aws_backend(&endpoint, ArchiveKind::Timestream, StoreKind::DynamoDb).await;
+async fn the_local_runner_on_the_aws_backend_with_the_timestream_archive() {
+    let Some(emulator) = Emulator::get(EmulatorKind::Moto) else {
+        return;
+    };
+    runner_on_the_aws_backend(&emulator, ArchiveKind::Timestream, StoreKind::DynamoDb).await;
 }
 
 /// `geostream-local --backend aws --archive s3`: the archive Terraform deploys by default,
 /// built by the same composition root as the Lambda mains, read back through the query API.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_local_runner_on_the_aws_backend_with_the_s3_archive() {
-    let Some(endpoint) = emulator() else { return };
-    runner_on_the_aws_backend(&endpoint, ArchiveKind::S3, StoreKind::DynamoDb).await;
+async fn the_local_runner_on_the_aws_backend_with_the_s3_archive(emulator: Emulator) {
+    runner_on_the_aws_backend(&emulator, ArchiveKind::S3, StoreKind::DynamoDb).await;
 }
 
 /// The runner with positions and rule state in Valkey (a real Redis server), the rest on the
 /// emulator: the configuration docs/cost.md recommends for fleets.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_local_runner_on_the_aws_backend_with_positions_and_rule_state_in_valkey() {
-    let Some(endpoint) = emulator() else { return };
+async fn the_local_runner_on_the_aws_backend_with_positions_and_rule_state_in_valkey(
+    emulator: Emulator,
+) {
     let Some(url) = geostream_e2e::harness::valkey() else {
         return;
     };
-    runner_on_the_aws_backend(&endpoint, ArchiveKind::S3, StoreKind::Valkey { url }).await;
+    runner_on_the_aws_backend(&emulator, ArchiveKind::S3, StoreKind::Valkey { url }).await;
 }
 
 async fn runner_on_the_aws_backend(
-    endpoint: &str,
+    emulator: &Emulator,
     archive: ArchiveKind,
     position_store: StoreKind,
 ) {
     let valkey = matches!(position_store, StoreKind::Valkey { .. });
     let prefix = format!(
-        "gs-runner-{archive:?}-{}-{}",
+        "gs-runner-{:?}-{archive:?}-{}-{}",
+        emulator.kind,
         if valkey { "valkey" } else { "ddb" },
         std::process::id()
     )
@@ -405,7 +444,7 @@ async fn runner_on_the_aws_backend(
     let config = geostream_local::LocalConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         backend: geostream_local::Backend::Aws(AwsBackend {
-            endpoint_url: Some(endpoint.to_string()),
+            endpoint_url: Some(emulator.endpoint.clone()),
             names: ResourceNames::with_prefix(&prefix),
             create_resources: true,
             archive,
@@ -571,12 +610,10 @@ async fn runner_on_the_aws_backend(
     running.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_s3_archive_partitions_by_hour_and_rewrites_on_replay() {
+async fn the_s3_archive_partitions_by_hour_and_rewrites_on_replay(emulator: Emulator) {
     use geostream_shared::model::Reading;
     use geostream_shared::ports::Archive;
-    let Some(endpoint) = emulator() else { return };
-    let clients = Clients::new(&sdk_config(Some(&endpoint)).await);
+    let clients = Clients::new(&sdk_config(Some(&emulator.endpoint)).await);
     let bucket = format!("gs-archive-{}", std::process::id());
     clients
         .s3
@@ -647,15 +684,13 @@ async fn the_s3_archive_partitions_by_hour_and_rewrites_on_replay() {
 /// scan), through the query API's own composition: 2, 30 and 100 km around a metro area at
 /// fleet A's density, rings just inside and outside each radius, and a circle around the pole
 /// (more index cells than a query reads: a Scan). Prints the store requests per query.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dynamodb_radius_queries_equal_a_brute_force_scan_at_every_radius() {
+async fn dynamodb_radius_queries_equal_a_brute_force_scan_at_every_radius(emulator: Emulator) {
     use futures::stream::{self, StreamExt};
     use geostream_e2e::fleet::{fleet, position, METRO, RADII_M};
     use geostream_shared::model::GeoPoint;
     use geostream_shared::ports::nearest;
 
-    let Some(endpoint) = emulator() else { return };
-    let p = pipeline(&endpoint, "radius").await;
+    let p = pipeline(&emulator, "radius").await;
     let writer = p.ports["geo-update"].positions().await.unwrap();
     let reader = &p.ports["query-api"];
     let store = reader.positions().await.unwrap();
@@ -709,16 +744,14 @@ async fn dynamodb_radius_queries_equal_a_brute_force_scan_at_every_radius() {
 /// The deployment's metric-name registry on DynamoDB: instances that share the table (each
 /// with its own memory of known names) never admit more names than the limit together, a name
 /// one admitted is admitted by all, and a known name costs no request.
-#[tokio::test]
-async fn metric_names_are_bounded_across_instances() {
+async fn metric_names_are_bounded_across_instances(emulator: Emulator) {
     use geostream_aws::metric_names::{DynamoMetricNames, COUNT_KEY};
     use geostream_shared::ports::MetricNameRegistry;
     use std::collections::BTreeSet;
 
-    let Some(endpoint) = emulator() else { return };
-    let sdk = sdk_config(Some(&endpoint)).await;
+    let sdk = sdk_config(Some(&emulator.endpoint)).await;
     let names = ResourceNames::with_prefix(&format!("gs-names-{}", std::process::id()));
-    create_resources(&Clients::new(&sdk), &names, 1)
+    create_resources(&Clients::new(&sdk), &names, 1, emulator.archive())
         .await
         .expect("resources are created on the emulator");
     let instance = || {
@@ -766,7 +799,7 @@ async fn metric_names_are_bounded_across_instances() {
     // Eight instances at once, each with a name of its own, on a fresh limit of five.
     let names_now = |n: usize| format!("concurrent_{n}");
     let fresh = ResourceNames::with_prefix(&format!("gs-names2-{}", std::process::id()));
-    create_resources(&Clients::new(&sdk), &fresh, 1)
+    create_resources(&Clients::new(&sdk), &fresh, 1, emulator.archive())
         .await
         .expect("resources are created on the emulator");
     let refused: usize = futures::future::join_all((0..8).map(|n| {

@@ -8,7 +8,8 @@ use geostream_aws::dynamodb::DynamoAlerts;
 use geostream_aws::provision::{create_resources, ResourceNames};
 use geostream_aws::valkey::{ValkeyPositions, ValkeyStateAlerts};
 use geostream_e2e::fleet::{fleet, position, METRO, RADII_M};
-use geostream_e2e::harness::{emulator, valkey};
+use geostream_e2e::harness::{valkey, Emulator};
+use geostream_e2e::on_each_emulator;
 use geostream_shared::geo::haversine_m;
 use geostream_shared::model::{Alert, AlertState, GeoPoint, Severity};
 use geostream_shared::ports::{
@@ -20,6 +21,8 @@ use geostream_shared::rules::{DeviceRuleStates, Phase, RuleState, Watermark};
 fn prefix(test: &str) -> String {
     format!("{test}-{}", geostream_shared::now_millis())
 }
+
+on_each_emulator!(alert_changes_follow_the_committed_rule_state_only);
 
 #[tokio::test]
 async fn positions_never_go_back_in_time_and_replays_change_nothing() {
@@ -233,14 +236,14 @@ fn touched(alert: &Alert) -> AlertChanges<'_> {
 /// go out through an outbox in the state, so a discarded evaluation writes no alert, a writer
 /// that stopped after its commit has its changes written by the next load, and an older
 /// version's changes never undo a newer one's.
-#[tokio::test]
-async fn alert_changes_follow_the_committed_rule_state_only() {
-    let (Some(url), Some(endpoint)) = (valkey(), emulator()) else {
+async fn alert_changes_follow_the_committed_rule_state_only(emulator: Emulator) {
+    let Some(url) = valkey() else {
         return;
     };
-    let sdk = sdk_config(Some(&endpoint)).await;
-    let names = ResourceNames::with_prefix(&prefix("outbox"));
-    create_resources(&Clients::new(&sdk), &names, 1)
+    let sdk = sdk_config(Some(&emulator.endpoint)).await;
+    let test = format!("outbox-{:?}", emulator.kind).to_lowercase();
+    let names = ResourceNames::with_prefix(&prefix(&test));
+    create_resources(&Clients::new(&sdk), &names, 1, emulator.archive())
         .await
         .expect("resources on the emulator");
     let records = || {
@@ -250,7 +253,7 @@ async fn alert_changes_follow_the_committed_rule_state_only() {
             &names.alerts_table,
         )
     };
-    let key_prefix = prefix("outbox");
+    let key_prefix = prefix(&test);
     let store = ValkeyStateAlerts::connect(&url, key_prefix.clone(), records())
         .await
         .unwrap();

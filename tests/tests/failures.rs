@@ -1,5 +1,5 @@
-//! Failure paths on the AWS adapters, through a fault-injecting proxy in front of the emulator
-//! (moto server, started by `scripts/test`): a store outage longer than the retry budget ends
+//! Failure paths on the AWS adapters, through a fault-injecting proxy in front of each emulator
+//! (moto server and LocalStack, started by `scripts/test`): a store outage longer than the retry budget ends
 //! in dead letters that a redrive replays into the state a run without the outage reaches, and
 //! Lambda's on-failure batches are read again from the stream and replayed.
 
@@ -9,9 +9,10 @@ use std::sync::Arc;
 use geostream_aws::compose::Composition;
 use geostream_aws::config::{sdk_config, Clients};
 use geostream_aws::manifest;
-use geostream_aws::provision::{create_resources, queue_url, ResourceNames};
+use geostream_aws::provision::{create_resources, queue_url, ArchiveKind, ResourceNames};
 use geostream_aws::redrive::Redrive;
-use geostream_e2e::harness::{emulator, json_of, read_stream, request};
+use geostream_e2e::harness::{json_of, read_stream, request, Emulator};
+use geostream_e2e::on_each_emulator;
 use geostream_geo_update::GeoUpdate;
 use geostream_ingest::Ingest;
 use geostream_lambda::stream::handle_kinesis;
@@ -36,14 +37,14 @@ async fn deployment(emulator: &str, endpoint: &str, test: &str) -> Deployment {
     let prefix = format!("gs-{test}-{}", std::process::id());
     let names = ResourceNames::with_prefix(&prefix);
     let setup = Clients::new(&sdk_config(Some(emulator)).await);
-    let dead_letter_queue = create_resources(&setup, &names, 2)
+    let dead_letter_queue = create_resources(&setup, &names, 2, ArchiveKind::S3)
         .await
         .expect("resources are created on the emulator");
     let sdk = sdk_config(Some(endpoint)).await;
     let ports = manifest::FUNCTIONS
         .iter()
         .map(|function| {
-            let settings = names.settings("s3", &dead_letter_queue);
+            let settings = names.settings(ArchiveKind::S3, &dead_letter_queue);
             let composition = Composition::new(
                 function.name,
                 function.ports,
@@ -149,9 +150,15 @@ async fn fleet_positions(store: &dyn PositionStore) -> BTreeMap<String, Position
     positions
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_position_store_outage_past_the_retry_budget_then_a_redrive_ends_as_without_it() {
-    let Some(emulator) = emulator() else { return };
+on_each_emulator!(
+    a_position_store_outage_past_the_retry_budget_then_a_redrive_ends_as_without_it,
+    batches_lambda_gave_up_on_are_read_again_from_the_stream_and_replayed,
+);
+
+async fn a_position_store_outage_past_the_retry_budget_then_a_redrive_ends_as_without_it(
+    emulator: Emulator,
+) {
+    let emulator = emulator.endpoint;
     let proxy = FaultProxy::start(&emulator, FaultPlan::none())
         .await
         .unwrap();
@@ -249,9 +256,8 @@ async fn a_position_store_outage_past_the_retry_budget_then_a_redrive_ends_as_wi
     assert_eq!(fleet_positions(positions.as_ref()).await, expected);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn batches_lambda_gave_up_on_are_read_again_from_the_stream_and_replayed() {
-    let Some(emulator) = emulator() else { return };
+async fn batches_lambda_gave_up_on_are_read_again_from_the_stream_and_replayed(emulator: Emulator) {
+    let emulator = emulator.endpoint;
     let deployment = deployment(&emulator, &emulator, "onfailure").await;
     let t0 = geostream_shared::now_millis() - 120_000;
     post_fleet(&deployment, t0).await;

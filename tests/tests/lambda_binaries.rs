@@ -1,8 +1,8 @@
 //! The real Lambda binaries, not only their handler libraries: each function's `main` is built
 //! for the host, started as Lambda starts a `bootstrap` (with the environment variables
 //! Terraform gives that function, read from `infra/`, and a Runtime API server of this test's
-//! own, `geostream_e2e::runtime_api`), against the AWS-API emulator (moto, started by
-//! `scripts/test`). Real API Gateway v2 and Kinesis events are driven through them: ingest to
+//! own, `geostream_e2e::runtime_api`), against each AWS-API emulator (moto and LocalStack,
+//! started by `scripts/test`). Real API Gateway v2 and Kinesis events are driven through them: ingest to
 //! Kinesis, the three stream functions to DynamoDB, S3 and the alerts stream, query-api back.
 //! A `main` that reads a variable Terraform does not set fails at init, and so fails here.
 
@@ -14,8 +14,9 @@ use std::time::Duration;
 
 use geostream_aws::config::{sdk_config, Clients};
 use geostream_aws::manifest::FUNCTIONS;
-use geostream_aws::provision::{create_resources, ResourceNames};
-use geostream_e2e::harness::{emulator, read_stream, request};
+use geostream_aws::provision::{create_resources, ArchiveKind, ResourceNames};
+use geostream_e2e::harness::{read_stream, request, Emulator, EmulatorKind};
+use geostream_e2e::on_each_emulator;
 use geostream_e2e::runtime_api::{build_function_binaries, FunctionProcess};
 use geostream_e2e::terraform_environment;
 use serde_json::{json, Value};
@@ -83,7 +84,7 @@ fn lambda_environment(
 async fn resources_on_emulator(endpoint: &str, prefix: &str) -> (ResourceNames, Clients, String) {
     let names = ResourceNames::with_prefix(&format!("{prefix}-{}", std::process::id()));
     let harness = Clients::new(&sdk_config(Some(endpoint)).await);
-    let queue_url = create_resources(&harness, &names, 1)
+    let queue_url = create_resources(&harness, &names, 1, ArchiveKind::S3)
         .await
         .expect("resources are created on the emulator");
     (names, harness, queue_url)
@@ -120,14 +121,18 @@ async fn get(query_api: &FunctionProcess, path: &str, query: &[(&str, String)]) 
     serde_json::from_str(answer["body"].as_str().unwrap_or("null")).unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_lambda_binaries_run_the_pipeline_under_the_runtime_api() {
-    let Some(endpoint) = emulator() else { return };
+on_each_emulator!(
+    the_lambda_binaries_run_the_pipeline_under_the_runtime_api,
+    ingest_behind_a_function_url_verifies_tokens_itself,
+);
+
+async fn the_lambda_binaries_run_the_pipeline_under_the_runtime_api(emulator: Emulator) {
+    let endpoint = emulator.endpoint;
     let binaries = binaries();
     let (names, harness, queue_url) = resources_on_emulator(&endpoint, "gs-bin").await;
     // Terraform's defaults: the Kinesis bus, the S3 archive, tokens required.
     let deployment = names
-        .settings("s3", &queue_url)
+        .settings(ArchiveKind::S3, &queue_url)
         .set(geostream_aws::compose::settings::AUTHORIZATION, "jwt");
 
     let mut functions: BTreeMap<&str, FunctionProcess> = BTreeMap::new();
@@ -234,12 +239,15 @@ async fn the_lambda_binaries_run_the_pipeline_under_the_runtime_api() {
     );
 }
 
+/// Fails before any AWS call: on one emulator.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_function_without_a_variable_it_reads_fails_at_init() {
-    let Some(endpoint) = emulator() else { return };
+    let Some(Emulator { endpoint, .. }) = Emulator::get(EmulatorKind::Moto) else {
+        return;
+    };
     let binaries = binaries();
     let names = ResourceNames::with_prefix("gs-bin-missing");
-    let deployment = names.settings("s3", "http://127.0.0.1:1/queue/unused");
+    let deployment = names.settings(ArchiveKind::S3, "http://127.0.0.1:1/queue/unused");
     let mut environment = lambda_environment("geo-update", &endpoint, &deployment);
     environment.remove("POSITIONS_TABLE");
     let mut process = FunctionProcess::spawn(
@@ -313,16 +321,15 @@ async fn serve_issuer(fetches: Arc<AtomicUsize>) -> String {
 
 /// ingest = "function_url": no authorizer runs before ingest, which verifies the bearer token
 /// itself, with the keys found through the issuer's discovery document, read once and kept.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ingest_behind_a_function_url_verifies_tokens_itself() {
-    let Some(endpoint) = emulator() else { return };
+async fn ingest_behind_a_function_url_verifies_tokens_itself(emulator: Emulator) {
+    let endpoint = emulator.endpoint;
     let binaries = binaries();
     let fetches = Arc::new(AtomicUsize::new(0));
     let issuer = serve_issuer(fetches.clone()).await;
     let (names, harness, queue_url) = resources_on_emulator(&endpoint, "gs-url").await;
     use geostream_aws::compose::settings;
     let deployment = names
-        .settings("s3", &queue_url)
+        .settings(ArchiveKind::S3, &queue_url)
         .set(settings::AUTHORIZATION, "jwt_in_function")
         .set(settings::JWT_ISSUER, &issuer)
         .set(settings::JWT_AUDIENCES, "fleet-console, geostream");

@@ -11,6 +11,25 @@ use crate::compose::{settings, SettingMap};
 use crate::config::Clients;
 use crate::manifest::{self, MAPPING_DEFAULTS, TABLES};
 
+/// Which archive the archiver writes and the query API reads, as `ARCHIVE` names it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ArchiveKind {
+    #[default]
+    Timestream,
+    /// Hour-partitioned JSON Lines in S3 (the default on AWS, queried with Athena).
+    S3,
+}
+
+impl ArchiveKind {
+    /// As `ARCHIVE` names it.
+    pub fn setting(self) -> &'static str {
+        match self {
+            ArchiveKind::Timestream => "timestream",
+            ArchiveKind::S3 => "s3",
+        }
+    }
+}
+
 /// The names of every resource GeoStream uses.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ResourceNames {
@@ -52,9 +71,9 @@ impl ResourceNames {
 
 impl ResourceNames {
     /// The settings Terraform gives the functions for these resources, on the Kinesis bus
-    /// with the archive `archive` (`timestream` or `s3`): the unused ones empty, as there.
-    pub fn settings(&self, archive: &str, dead_letter_queue_url: &str) -> SettingMap {
-        let if_archive = |kind: &str, value: &str| {
+    /// with the archive `archive`: the unused archive's settings empty, as there.
+    pub fn settings(&self, archive: ArchiveKind, dead_letter_queue_url: &str) -> SettingMap {
+        let if_archive = |kind: ArchiveKind, value: &str| {
             if archive == kind {
                 value.to_string()
             } else {
@@ -93,19 +112,19 @@ impl ResourceNames {
             .set(settings::SCOPE_TELEMETRY_WRITE_ANY, "telemetry:write:any")
             .set(settings::SCOPE_FLEET_READ, "fleet:read")
             .set(settings::SCOPE_ALERTS_ACK, "alerts:ack")
-            .set(settings::ARCHIVE, archive)
+            .set(settings::ARCHIVE, archive.setting())
             .set(settings::RECENT_TRACKS, "none")
             .set(
                 settings::ARCHIVE_BUCKET,
-                if_archive("s3", &self.archive_bucket),
+                if_archive(ArchiveKind::S3, &self.archive_bucket),
             )
             .set(
                 settings::TIMESTREAM_DATABASE,
-                if_archive("timestream", &self.timestream_database),
+                if_archive(ArchiveKind::Timestream, &self.timestream_database),
             )
             .set(
                 settings::TIMESTREAM_TABLE,
-                if_archive("timestream", &self.timestream_table),
+                if_archive(ArchiveKind::Timestream, &self.timestream_table),
             )
             .set(settings::DEAD_LETTER_QUEUE_URL, dead_letter_queue_url)
             .set(settings::DEAD_LETTER_BUCKET, &self.dead_letter_bucket)
@@ -182,12 +201,15 @@ fn index(schema: &manifest::IndexSchema) -> Result<GlobalSecondaryIndex, String>
         .map_err(|e| e.to_string())
 }
 
-/// Creates the streams, tables, Timestream database and table, the archive and dead-letter
-/// buckets and the dead-letter and stream-failures queues; returns the dead-letter queue URL. For emulators and tests.
+/// Creates the streams, tables, the archive (a Timestream database and table, or the bucket),
+/// the dead-letter bucket and the dead-letter and stream-failures queues; returns the
+/// dead-letter queue URL. For emulators and tests. The Timestream resources are made only for
+/// that archive: LocalStack's community tier has no Timestream.
 pub async fn create_resources(
     clients: &Clients,
     names: &ResourceNames,
     shards: i32,
+    archive: ArchiveKind,
 ) -> Result<String, String> {
     let context = |what: &str, e: &dyn std::fmt::Display| format!("creating {what}: {e}");
     for stream in [&names.telemetry_stream, &names.alerts_stream] {
@@ -236,32 +258,14 @@ pub async fn create_resources(
             .await
             .map_err(|e| context(table, &aws_sdk_dynamodb::error::DisplayErrorContext(&e)))?;
     }
-    clients
-        .timestream_write
-        .create_database()
-        .database_name(&names.timestream_database)
-        .send()
-        .await
-        .map_err(|e| {
-            context(
-                &names.timestream_database,
-                &aws_sdk_timestreamwrite::error::DisplayErrorContext(&e),
-            )
-        })?;
-    clients
-        .timestream_write
-        .create_table()
-        .database_name(&names.timestream_database)
-        .table_name(&names.timestream_table)
-        .send()
-        .await
-        .map_err(|e| {
-            context(
-                &names.timestream_table,
-                &aws_sdk_timestreamwrite::error::DisplayErrorContext(&e),
-            )
-        })?;
-    for bucket in [&names.archive_bucket, &names.dead_letter_bucket] {
+    if archive == ArchiveKind::Timestream {
+        create_timestream_table(clients, names).await?;
+    }
+    let buckets = match archive {
+        ArchiveKind::Timestream => vec![&names.dead_letter_bucket],
+        ArchiveKind::S3 => vec![&names.archive_bucket, &names.dead_letter_bucket],
+    };
+    for bucket in buckets {
         clients
             .s3
             .create_bucket()
@@ -298,6 +302,36 @@ pub async fn create_resources(
         .queue_url()
         .map(str::to_string)
         .ok_or_else(|| "CreateQueue answered without a queue URL".to_string())
+}
+
+async fn create_timestream_table(clients: &Clients, names: &ResourceNames) -> Result<(), String> {
+    let context = |what: &str, e: &dyn std::fmt::Display| format!("creating {what}: {e}");
+    clients
+        .timestream_write
+        .create_database()
+        .database_name(&names.timestream_database)
+        .send()
+        .await
+        .map_err(|e| {
+            context(
+                &names.timestream_database,
+                &aws_sdk_timestreamwrite::error::DisplayErrorContext(&e),
+            )
+        })?;
+    clients
+        .timestream_write
+        .create_table()
+        .database_name(&names.timestream_database)
+        .table_name(&names.timestream_table)
+        .send()
+        .await
+        .map_err(|e| {
+            context(
+                &names.timestream_table,
+                &aws_sdk_timestreamwrite::error::DisplayErrorContext(&e),
+            )
+        })?;
+    Ok(())
 }
 
 /// The URL of an existing queue, by name.
