@@ -178,3 +178,19 @@ pub mod tokens {
         .to_vec()
     }
 }
+
+/// An AWS-API emulator's endpoint from `variable` (GEOSTREAM_AWS_ENDPOINT for moto,
+/// GEOSTREAM_LOCALSTACK_ENDPOINT for LocalStack), or `None` with a loud note; under
+/// `scripts/test` (GEOSTREAM_REQUIRE_EMULATOR=1) a missing one is a failure.
+pub fn emulator(variable: &str) -> Option<String> {
+    match std::env::var(variable) {
+        Ok(endpoint) if !endpoint.is_empty() => Some(endpoint),
+        _ if std::env::var_os("GEOSTREAM_REQUIRE_EMULATOR").is_some() => {
+            panic!("{variable} is not set but GEOSTREAM_REQUIRE_EMULATOR is: run the test through scripts/test")
+        }
+        _ => {
+            eprintln!("SKIPPED: this test needs {variable} (scripts/test starts the emulators and sets it)");
+            None
+        }
+    }
+}
