@@ -5,12 +5,18 @@
 //! - an iterator Kinesis expired (a delivery took over five minutes) is replaced by a fresh one
 //!   after the last record read, and the shard goes on without a gap or a repeat.
 //!
+//! The second is shown twice: against the stand-in below, and against LocalStack's Kinesis
+//! (kinesis-mock), which expires an iterator 300 s after handing it out as Kinesis does
+//! (moto's iterators never expire): a function that takes five minutes over a batch.
+//!
 //! moto cannot show the first: its SplitShard moves the parent's records into the children (Kinesis
 //! keeps them in the closed parent until they expire) and its MergeShards copies them. So the
 //! real Kinesis client reads a small stand-in here that answers ListShards, GetShardIterator
 //! and GetRecords as Kinesis does after a split: sixty records of one device in the closed
 //! parent, the next sixty in the child that took the device's hash key, an empty sibling. The
 //! function must see all 120 in order.
+
+mod common;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -249,5 +255,170 @@ async fn an_expired_iterator_is_replaced_after_the_last_record_read() {
         stream.iterators_given.load(Ordering::Relaxed),
         4,
         "one iterator per shard, and one fresh one for the parent"
+    );
+}
+
+/// A function that takes `first_batch_takes` over its first batch, as a function stuck on a
+/// slow store would, and notes the data of every record it is given.
+struct SlowFirstBatch {
+    first_batch_takes: Duration,
+    seen: Mutex<Vec<u64>>,
+}
+
+#[async_trait]
+impl Invoke for SlowFirstBatch {
+    fn name(&self) -> &str {
+        "slow-first-batch"
+    }
+
+    async fn invoke(&self, event: Event) -> Result<Response, String> {
+        let Event::Kinesis(event) = event else {
+            return Err("a Kinesis mapping sent another event".into());
+        };
+        let first = self.seen.lock().unwrap().is_empty();
+        for record in event.records {
+            let text = String::from_utf8(record.kinesis.data.0).map_err(|e| e.to_string())?;
+            let number = text.parse().map_err(|e| format!("{text:?}: {e}"))?;
+            self.seen.lock().unwrap().push(number);
+        }
+        if first {
+            tokio::time::sleep(self.first_batch_takes).await;
+        }
+        Ok(Response::Kinesis(KinesisEventResponse::default()))
+    }
+}
+
+/// Kinesis expires a shard iterator five minutes after handing it out. The mapping holds the
+/// iterator of its next read while a batch is delivered; a delivery of over five minutes
+/// leaves it expired, and the shard must go on from the last record read. On LocalStack only:
+/// moto's iterators never expire. Takes a little over five minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_iterator_localstack_expired_during_a_five_minute_delivery_is_replaced() {
+    const EXPIRY: Duration = Duration::from_secs(300);
+    let Some(endpoint) = common::emulator("GEOSTREAM_LOCALSTACK_ENDPOINT") else {
+        return;
+    };
+    let config = aws_sdk_kinesis::Config::builder()
+        .behavior_version(aws_sdk_kinesis::config::BehaviorVersion::latest())
+        .region(aws_sdk_kinesis::config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_kinesis::config::Credentials::new(
+            "testing", "testing", None, None, "test",
+        ))
+        .endpoint_url(&endpoint)
+        .build();
+    let client = aws_sdk_kinesis::Client::from_conf(config);
+    let stream = format!("expiry-{}", std::process::id());
+    client
+        .create_stream()
+        .stream_name(&stream)
+        .shard_count(1)
+        .send()
+        .await
+        .expect("the stream is created");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let summary = client
+            .describe_stream_summary()
+            .stream_name(&stream)
+            .send()
+            .await
+            .expect("the stream is described");
+        let status = summary
+            .stream_description_summary()
+            .map(|s| s.stream_status().clone());
+        if status == Some(aws_sdk_kinesis::types::StreamStatus::Active) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stream is not active: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let put = |numbers: std::ops::Range<u64>| {
+        let client = client.clone();
+        let stream = stream.clone();
+        async move {
+            let entries = numbers
+                .map(|n| {
+                    aws_sdk_kinesis::types::PutRecordsRequestEntry::builder()
+                        .partition_key("truck-7")
+                        .data(aws_sdk_kinesis::primitives::Blob::new(n.to_string()))
+                        .build()
+                        .expect("an entry")
+                })
+                .collect();
+            let output = client
+                .put_records()
+                .stream_name(&stream)
+                .set_records(Some(entries))
+                .send()
+                .await
+                .expect("records are put");
+            assert_eq!(output.failed_record_count(), Some(0));
+        }
+    };
+    put(0..20).await;
+
+    // An iterator handed out now, to show the emulator does expire it.
+    let witness = client
+        .get_shard_iterator()
+        .stream_name(&stream)
+        .shard_id(PARENT)
+        .shard_iterator_type(aws_sdk_kinesis::types::ShardIteratorType::TrimHorizon)
+        .send()
+        .await
+        .expect("an iterator")
+        .shard_iterator()
+        .expect("an iterator")
+        .to_string();
+    let function = Arc::new(SlowFirstBatch {
+        first_batch_takes: EXPIRY + Duration::from_secs(5),
+        seen: Mutex::new(Vec::new()),
+    });
+    let sources = kinesis::shards(&client, &stream).await.expect("shards");
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let (mapping, tasks) = start_mapping(
+        function.clone(),
+        sources,
+        MappingConfig {
+            batch_size: 10,
+            ..MappingConfig::default()
+        },
+        Arc::new(MemoryDeadLetters::new(10)),
+        shutdown,
+    );
+    tokio::time::sleep(EXPIRY + Duration::from_secs(1)).await;
+    let expired = client.get_records().shard_iterator(&witness).send().await;
+    let code = expired
+        .as_ref()
+        .err()
+        .and_then(|e| e.as_service_error())
+        .map(|e| e.is_expired_iterator_exception());
+    assert_eq!(
+        code,
+        Some(true),
+        "LocalStack expires iterators after 300 s, as Kinesis does: {expired:?}"
+    );
+    put(20..30).await;
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while function.seen.lock().unwrap().len() < 30 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.send(true).expect("the loops listen");
+    for task in tasks {
+        task.await.expect("a mapping loop ends");
+    }
+    let seen = function.seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        (0..30).collect::<Vec<u64>>(),
+        "no record lost or repeated"
+    );
+    assert_eq!(
+        mapping.snapshot().read_errors,
+        1,
+        "the held iterator expired once and was replaced"
     );
 }
