@@ -163,8 +163,10 @@ async fn stand_in(stream: Arc<SplitStream>) -> String {
     format!("http://{address}")
 }
 
-/// A function that notes the data of every record it is given, in order.
+/// A function that notes the data of every record it is given, in order, and takes
+/// `first_batch_takes` over its first batch (as a function stuck on a slow store would).
 struct Recorder {
+    first_batch_takes: Duration,
     seen: Mutex<Vec<u64>>,
 }
 
@@ -178,10 +180,14 @@ impl Invoke for Recorder {
         let Event::Kinesis(event) = event else {
             return Err("a Kinesis mapping sent another event".into());
         };
+        let first = self.seen.lock().unwrap().is_empty();
         for record in event.records {
             let text = String::from_utf8(record.kinesis.data.0).map_err(|e| e.to_string())?;
             let number = text.parse().map_err(|e| format!("{text:?}: {e}"))?;
             self.seen.lock().unwrap().push(number);
+        }
+        if first {
+            tokio::time::sleep(self.first_batch_takes).await;
         }
         // A little work per batch, so that shards read side by side would interleave.
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -204,6 +210,7 @@ async fn deliver(stream: Arc<SplitStream>) -> Vec<u64> {
     assert_eq!(sources.len(), 3, "the closed parent and its two children");
 
     let recorder = Arc::new(Recorder {
+        first_batch_takes: Duration::ZERO,
         seen: Mutex::new(Vec::new()),
     });
     let (stop, shutdown) = tokio::sync::watch::channel(false);
@@ -256,36 +263,6 @@ async fn an_expired_iterator_is_replaced_after_the_last_record_read() {
         4,
         "one iterator per shard, and one fresh one for the parent"
     );
-}
-
-/// A function that takes `first_batch_takes` over its first batch, as a function stuck on a
-/// slow store would, and notes the data of every record it is given.
-struct SlowFirstBatch {
-    first_batch_takes: Duration,
-    seen: Mutex<Vec<u64>>,
-}
-
-#[async_trait]
-impl Invoke for SlowFirstBatch {
-    fn name(&self) -> &str {
-        "slow-first-batch"
-    }
-
-    async fn invoke(&self, event: Event) -> Result<Response, String> {
-        let Event::Kinesis(event) = event else {
-            return Err("a Kinesis mapping sent another event".into());
-        };
-        let first = self.seen.lock().unwrap().is_empty();
-        for record in event.records {
-            let text = String::from_utf8(record.kinesis.data.0).map_err(|e| e.to_string())?;
-            let number = text.parse().map_err(|e| format!("{text:?}: {e}"))?;
-            self.seen.lock().unwrap().push(number);
-        }
-        if first {
-            tokio::time::sleep(self.first_batch_takes).await;
-        }
-        Ok(Response::Kinesis(KinesisEventResponse::default()))
-    }
 }
 
 /// Kinesis expires a shard iterator five minutes after handing it out. The mapping holds the
@@ -372,7 +349,7 @@ async fn an_iterator_localstack_expired_during_a_five_minute_delivery_is_replace
         .shard_iterator()
         .expect("an iterator")
         .to_string();
-    let function = Arc::new(SlowFirstBatch {
+    let function = Arc::new(Recorder {
         first_batch_takes: EXPIRY + Duration::from_secs(5),
         seen: Mutex::new(Vec::new()),
     });

@@ -255,69 +255,60 @@ async fn pipeline_through_the_sdk_adapters_and_replay_changes_nothing(emulator: 
 
     // Track reads, through the archive the pipeline wrote.
     let (from, to) = (t0, t0 + 10_000);
+    if emulator.kind == EmulatorKind::Moto {
+        // moto's Timestream query returns canned results only (it has no time-series engine),
+        // so the exact query is registered with a canned answer and the parsing is tested.
+        let archive = TimestreamArchive::new(
+            p.harness.timestream_write.clone(),
+            p.harness.timestream_query.clone(),
+            p.harness.timestream_discovery,
+            &p.names.timestream_database,
+            &p.names.timestream_table,
+        );
+        let sql = archive.track_query("aws-hot-1", from, to, 1000);
+        let canned = json!({"results": {sql: [{
+            "QueryId": "canned",
+            "ColumnInfo": [{"Name": "device_id", "Type": {"ScalarType": "VARCHAR"}}, {"Name": "measure_name", "Type": {"ScalarType": "VARCHAR"}},
+                           {"Name": "time", "Type": {"ScalarType": "TIMESTAMP"}}, {"Name": "event_id", "Type": {"ScalarType": "VARCHAR"}},
+                           {"Name": "engine_temp_c", "Type": {"ScalarType": "DOUBLE"}}],
+            "Rows": [{"Data": [{"ScalarValue": "aws-hot-1"}, {"ScalarValue": "reading"}, {"ScalarValue": "2025-11-23 12:13:20.000000000"},
+                               {"ScalarValue": "aws-hot-1-0"}, {"ScalarValue": "104.0"}]}]
+        }]}});
+        let posted = reqwest::Client::new()
+            .post(format!(
+                "{}/moto-api/static/timestream/query-results",
+                emulator.endpoint
+            ))
+            .json(&canned)
+            .send()
+            .await
+            .unwrap();
+        assert!(posted.status().is_success());
+    }
+    let (status, track) = p
+        .get(
+            "/v1/vehicles/aws-hot-1/track",
+            &[("from", from.to_string()), ("to", to.to_string())],
+        )
+        .await;
+    assert_eq!(status, 200, "{track}");
+    let readings: Vec<(i64, f64)> = track["readings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["ts"].as_i64().unwrap(),
+                r["engine_temp_c"].as_f64().unwrap(),
+            )
+        })
+        .collect();
     match emulator.kind {
-        EmulatorKind::Moto => {
-            // moto's Timestream query returns canned results only (it has no time-series
-            // engine), so the exact query is registered with a canned answer and the parsing
-            // is tested.
-            let archive = TimestreamArchive::new(
-                p.harness.timestream_write.clone(),
-                p.harness.timestream_query.clone(),
-                p.harness.timestream_discovery,
-                &p.names.timestream_database,
-                &p.names.timestream_table,
-            );
-            let sql = archive.track_query("aws-hot-1", from, to, 1000);
-            let canned = json!({"results": {sql: [{
-                "QueryId": "canned",
-                "ColumnInfo": [{"Name": "device_id", "Type": {"ScalarType": "VARCHAR"}}, {"Name": "measure_name", "Type": {"ScalarType": "VARCHAR"}},
-                               {"Name": "time", "Type": {"ScalarType": "TIMESTAMP"}}, {"Name": "event_id", "Type": {"ScalarType": "VARCHAR"}},
-                               {"Name": "engine_temp_c", "Type": {"ScalarType": "DOUBLE"}}],
-                "Rows": [{"Data": [{"ScalarValue": "aws-hot-1"}, {"ScalarValue": "reading"}, {"ScalarValue": "2025-11-23 12:13:20.000000000"},
-                                   {"ScalarValue": "aws-hot-1-0"}, {"ScalarValue": "104.0"}]}]
-            }]}});
-            let posted = reqwest::Client::new()
-                .post(format!(
-                    "{}/moto-api/static/timestream/query-results",
-                    emulator.endpoint
-                ))
-                .json(&canned)
-                .send()
-                .await
-                .unwrap();
-            assert!(posted.status().is_success());
-            let (status, track) = p
-                .get(
-                    "/v1/vehicles/aws-hot-1/track",
-                    &[("from", from.to_string()), ("to", to.to_string())],
-                )
-                .await;
-            assert_eq!(status, 200, "{track}");
-            assert_eq!(track["readings"][0]["engine_temp_c"], 104.0);
-            assert_eq!(track["readings"][0]["ts"], 1_763_900_000_000i64);
-        }
+        EmulatorKind::Moto => assert_eq!(readings, [(1_763_900_000_000, 104.0)], "{track}"),
+        // The S3 archive: the objects the archiver wrote (twice, the replay included), read
+        // back once each, in time order.
         EmulatorKind::LocalStack => {
-            // The S3 archive: the objects the archiver wrote (twice, the replay included),
-            // read back once each, in time order.
-            let (status, track) = p
-                .get(
-                    "/v1/vehicles/aws-hot-1/track",
-                    &[("from", from.to_string()), ("to", to.to_string())],
-                )
-                .await;
-            assert_eq!(status, 200, "{track}");
-            let readings: Vec<(i64, f64)> = track["readings"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|r| {
-                    (
-                        r["ts"].as_i64().unwrap(),
-                        r["engine_temp_c"].as_f64().unwrap(),
-                    )
-                })
-                .collect();
-            assert_eq!(readings, [(t0, 104.0), (t0 + 1000, 108.0)], "{track}");
+            assert_eq!(readings, [(t0, 104.0), (t0 + 1000, 108.0)], "{track}")
         }
     }
 
