@@ -58,6 +58,9 @@ pub use stack::{RunningStack, Stack, StackStats};
 
 use esm::event::InProcess;
 use esm::start_mapping;
+
+/// How long the runner waits for its Kafka consumer groups' joins before serving anyway.
+const KAFKA_JOIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 use metrics::LocalMetrics;
 use positions::{LatestPositions, ObservedAlerts, ObservedPositions, SinceReading};
 
@@ -177,6 +180,22 @@ pub async fn start(config: LocalConfig) -> Result<RunningStack, String> {
         );
         mappings.push(mapping);
         tasks.extend(loops);
+    }
+
+    // On Kafka, a consumer group's join takes seconds (half the session timeout on Tansu):
+    // the runner serves once every group has its partitions, so the first readings do not
+    // wait out the join (as a Lambda mapping is enabled before traffic is sent to it). The
+    // mapping loops' reads drive the joins.
+    let joined_by = Instant::now() + KAFKA_JOIN_TIMEOUT;
+    while !mappings.iter().all(|m| m.ready()) {
+        if Instant::now() >= joined_by {
+            tracing::warn!(
+                "not every Kafka consumer group had its partitions after {} s; serving anyway",
+                KAFKA_JOIN_TIMEOUT.as_secs()
+            );
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 
     // With token verification, the handlers require a verified token's claims, as on AWS.

@@ -505,6 +505,15 @@ async fn main() -> ExitCode {
                             "function   {:<18} {} invocations, {} records, {} retried, {} dead-lettered",
                             mapping.function, mapping.invocations, mapping.records, mapping.retried_records, mapping.dead_lettered
                         );
+                        let (age, wait, invocation) = (
+                            &mapping.record_age_at_read,
+                            &mapping.read_to_invoke,
+                            &mapping.invocation,
+                        );
+                        println!(
+                            "           {:<18} record age at read p50 {} ms p99 {} ms; read to invocation p50 {} ms p99 {} ms; invocation p50 {} ms p99 {} ms",
+                            "", age.p50_ms, age.p99_ms, wait.p50_ms, wait.p99_ms, invocation.p50_ms, invocation.p99_ms
+                        );
                     }
                     if let (Some(prices), Some(usage)) = (&prices, &running.stack.aws_usage) {
                         let deployment = Deployment {

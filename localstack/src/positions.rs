@@ -16,7 +16,9 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 /// How long after a reading something it caused happened: its position applied (since the
-/// gateway received it), an alert transition published (since the reading's event time).
+/// gateway received it), an alert transition published (since the reading's event time), a
+/// record read by a mapping (since it was written to the stream).
+#[derive(Debug)]
 pub struct SinceReading {
     millis: Mutex<Histogram<u64>>,
 }
@@ -41,13 +43,18 @@ impl Default for SinceReading {
 }
 
 impl SinceReading {
-    fn record(&self, since: EpochMillis) {
-        let elapsed = (now_millis() - since).max(1) as u64;
-        // Beyond the histogram's hour the value is clamped by `saturating_record`.
-        self.millis
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .saturating_record(elapsed);
+    pub(crate) fn record(&self, since: EpochMillis) {
+        self.record_all([since]);
+    }
+
+    /// Records each of `times` (one lock for all).
+    pub(crate) fn record_all(&self, times: impl IntoIterator<Item = EpochMillis>) {
+        let now = now_millis();
+        let mut histogram = self.millis.lock().unwrap_or_else(|p| p.into_inner());
+        for since in times {
+            // Beyond the histogram's hour the value is clamped by `saturating_record`.
+            histogram.saturating_record((now - since).max(1) as u64);
+        }
     }
 
     pub fn snapshot(&self) -> LatencySnapshot {

@@ -19,6 +19,10 @@ use super::{Source, SourceRead, SourceRecord};
 const SESSION_TIMEOUT_MS: &str = "6000";
 const HEARTBEAT_INTERVAL_MS: &str = "500";
 
+/// How long the broker may hold a fetch that found no new record (librdkafka's default is
+/// 500 ms). EXPERIMENT.
+const FETCH_WAIT_MAX_MS: &str = "10";
+
 /// After the first record of a read, how long to gather what else is there: a burst becomes
 /// one batch rather than many.
 const GATHER: Duration = Duration::from_millis(5);
@@ -41,6 +45,7 @@ impl KafkaTopic {
             .set("session.timeout.ms", SESSION_TIMEOUT_MS)
             .set("heartbeat.interval.ms", HEARTBEAT_INTERVAL_MS)
             .set("enable.partition.eof", "false")
+            .set("fetch.wait.max.ms", FETCH_WAIT_MAX_MS)
             .create()
             .map_err(|e| format!("cannot create the Kafka consumer of {group}: {e}"))?;
         consumer
@@ -122,10 +127,13 @@ impl Source for KafkaTopic {
                 .add_partition_offset(topic, *partition, Offset::Offset(offset + 1))
                 .map_err(|e| format!("{id}: {e}"))?;
         }
-        // A failed commit (a rebalance moved the partition away) means the records are
-        // delivered again.
+        // Queued, not awaited: librdkafka sends the commit from its own thread, so the next
+        // batch is not held up by a broker round trip (a synchronous commit also blocked a
+        // runtime thread for it). A commit that fails or is lost (a rebalance moved the
+        // partition away, the runner stopped first) means the records are delivered again,
+        // to idempotent handlers.
         self.consumer
-            .commit(&offsets, CommitMode::Sync)
+            .commit(&offsets, CommitMode::Async)
             .map_err(|e| format!("committing {}: {e}", self.describe))
     }
 
@@ -151,5 +159,11 @@ impl Source for KafkaTopic {
 
     fn close(&self) {
         self.consumer.unsubscribe();
+    }
+
+    fn ready(&self) -> bool {
+        self.consumer
+            .assignment()
+            .is_ok_and(|assigned| assigned.count() > 0)
     }
 }

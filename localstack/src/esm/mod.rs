@@ -41,6 +41,8 @@ use rand::Rng;
 use serde::Serialize;
 use tokio::sync::watch;
 
+use crate::positions::{LatencySnapshot, SinceReading};
+
 use event::{failed_records, EventSource, Invoke};
 
 /// Event source mapping settings, named as in Lambda's API.
@@ -145,6 +147,11 @@ pub trait Source: Send + Sync {
     }
     /// Leaves the stream (a Kafka consumer leaves its group).
     fn close(&self) {}
+    /// Whether the reader has its partitions: a Kafka consumer only once its group gave it
+    /// some (a join takes seconds), every other source at once.
+    fn ready(&self) -> bool {
+        true
+    }
 }
 
 /// Counters of one mapping, shared with the stats endpoint.
@@ -159,6 +166,13 @@ pub struct MappingStats {
     pub dead_letter_failures: AtomicU64,
     pub read_errors: AtomicU64,
     pub checkpoint_errors: AtomicU64,
+    /// Each record's age when a read returned it: since it was written to the stream (Kinesis's
+    /// approximate arrival, Kafka's message timestamp), so producer, broker and fetch together.
+    pub record_age_at_read: SinceReading,
+    /// From a batch's read to the start of its first invocation: the batching window.
+    pub read_to_invoke: SinceReading,
+    /// Each invocation, from its start to the function's answer.
+    pub invocation: SinceReading,
 }
 
 #[derive(Debug, Serialize)]
@@ -174,6 +188,9 @@ pub struct MappingSnapshot {
     pub checkpoint_errors: u64,
     /// Records on the stream not yet processed, all shards together, when the sources can tell.
     pub lag: Option<u64>,
+    pub record_age_at_read: LatencySnapshot,
+    pub read_to_invoke: LatencySnapshot,
+    pub invocation: LatencySnapshot,
 }
 
 impl MappingStats {
@@ -209,7 +226,15 @@ impl Mapping {
             read_errors: load(&stats.read_errors),
             checkpoint_errors: load(&stats.checkpoint_errors),
             lag: self.sources.iter().map(|s| s.backlog()).sum(),
+            record_age_at_read: stats.record_age_at_read.snapshot(),
+            read_to_invoke: stats.read_to_invoke.snapshot(),
+            invocation: stats.invocation.snapshot(),
         }
+    }
+
+    /// Whether every reader of the mapping has its partitions (see [`Source::ready`]).
+    pub fn ready(&self) -> bool {
+        self.sources.iter().all(|s| s.ready())
     }
 
     /// Whether the mapping can tell when it has read everything (see [`Source::sees_stream_end`]).
@@ -273,6 +298,9 @@ impl MappingLoop {
             let mut read = match read {
                 Ok(read) => {
                     read_failures = 0;
+                    self.stats
+                        .record_age_at_read
+                        .record_all(read.records.iter().map(|r| r.arrival));
                     read
                 }
                 Err(error) => {
@@ -289,6 +317,7 @@ impl MappingLoop {
             if read.records.is_empty() {
                 continue;
             }
+            let read_at = now_millis();
             let wanted = self.config.batch_size.saturating_sub(read.records.len());
             if wanted > 0 && !self.config.batching_window.is_zero() {
                 // Batching window: gather more records until the batch is full or the window ends.
@@ -297,16 +326,17 @@ impl MappingLoop {
                     read.records.extend(more.records);
                 }
             }
-            self.deliver(read.records).await;
+            self.deliver(read.records, read_at).await;
         }
         self.source.close();
     }
 
     /// Invokes the function until every record is processed or dead-lettered, checkpointing
     /// what is done as it goes.
-    async fn deliver(&mut self, mut records: Vec<SourceRecord>) {
+    async fn deliver(&mut self, mut records: Vec<SourceRecord>, read_at: EpochMillis) {
         let name = self.function.name().to_string();
         let mut attempt: u32 = 0;
+        self.stats.read_to_invoke.record(read_at);
         loop {
             attempt += 1;
             if !self.keep_owned(&mut records) {
@@ -317,7 +347,10 @@ impl MappingLoop {
             let every_record = |records: &[SourceRecord]| -> Vec<RecordId> {
                 records.iter().map(|r| r.id.clone()).collect()
             };
-            let (failed, reason) = match self.function.invoke(event).await {
+            let invoked_at = now_millis();
+            let answer = self.function.invoke(event).await;
+            self.stats.invocation.record(invoked_at);
+            let (failed, reason) = match answer {
                 Ok(response) => match failed_records(&response, &records) {
                     Some(failed) => (failed, format!("{name} reported the record as failed")),
                     None => (
