@@ -195,17 +195,22 @@ impl Invoke for Recorder {
     }
 }
 
-/// Every record the mapping delivers from the stand-in, in delivery order.
-async fn deliver(stream: Arc<SplitStream>) -> Vec<u64> {
+/// A Kinesis client with test credentials for `endpoint` (the stand-in or an emulator).
+fn kinesis_client(endpoint: &str) -> aws_sdk_kinesis::Client {
     let config = aws_sdk_kinesis::Config::builder()
         .behavior_version(aws_sdk_kinesis::config::BehaviorVersion::latest())
         .region(aws_sdk_kinesis::config::Region::new("us-east-1"))
         .credentials_provider(aws_sdk_kinesis::config::Credentials::new(
             "testing", "testing", None, None, "test",
         ))
-        .endpoint_url(stand_in(stream).await)
+        .endpoint_url(endpoint)
         .build();
-    let client = aws_sdk_kinesis::Client::from_conf(config);
+    aws_sdk_kinesis::Client::from_conf(config)
+}
+
+/// Every record the mapping delivers from the stand-in, in delivery order.
+async fn deliver(stream: Arc<SplitStream>) -> Vec<u64> {
+    let client = kinesis_client(&stand_in(stream).await);
     let sources = kinesis::shards(&client, "telemetry").await.expect("shards");
     assert_eq!(sources.len(), 3, "the closed parent and its two children");
 
@@ -275,15 +280,7 @@ async fn an_iterator_localstack_expired_during_a_five_minute_delivery_is_replace
     let Some(endpoint) = common::emulator("GEOSTREAM_LOCALSTACK_ENDPOINT") else {
         return;
     };
-    let config = aws_sdk_kinesis::Config::builder()
-        .behavior_version(aws_sdk_kinesis::config::BehaviorVersion::latest())
-        .region(aws_sdk_kinesis::config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_kinesis::config::Credentials::new(
-            "testing", "testing", None, None, "test",
-        ))
-        .endpoint_url(&endpoint)
-        .build();
-    let client = aws_sdk_kinesis::Client::from_conf(config);
+    let client = kinesis_client(&endpoint);
     let stream = format!("expiry-{}", std::process::id());
     client
         .create_stream()
