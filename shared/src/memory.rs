@@ -3,7 +3,7 @@
 //! order) and bounds its memory, saying what it drops.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::sync::{Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use async_trait::async_trait;
 use tokio::sync::watch;
@@ -372,7 +372,8 @@ impl Archive for MemoryArchive {
 
 #[derive(Default)]
 struct AlertTables {
-    states: HashMap<String, DeviceRuleStates>,
+    /// Shared, so that a load copies the state outside the lock.
+    states: HashMap<String, Arc<DeviceRuleStates>>,
     alerts: HashMap<String, Alert>,
 }
 
@@ -392,11 +393,9 @@ impl MemoryAlertStore {
 #[async_trait]
 impl AlertStore for MemoryAlertStore {
     async fn load_rule_states(&self, device_id: &str) -> Result<DeviceRuleStates, StoreError> {
-        Ok(lock(&self.inner)
-            .states
-            .get(device_id)
-            .cloned()
-            .unwrap_or_default())
+        // The copy is made outside the store's one lock, which every device's batch takes.
+        let stored = lock(&self.inner).states.get(device_id).cloned();
+        Ok(stored.map(Arc::unwrap_or_clone).unwrap_or_default())
     }
 
     async fn commit_changes(
@@ -416,6 +415,8 @@ impl AlertStore for MemoryAlertStore {
                 ),
             ));
         }
+        let mut stored = states.clone();
+        stored.version = expected_version + 1;
         let mut inner = lock(&self.inner);
         let current = inner.states.get(device_id).map_or(0, |s| s.version);
         if current != expected_version {
@@ -426,9 +427,7 @@ impl AlertStore for MemoryAlertStore {
                 ),
             ));
         }
-        let mut stored = states.clone();
-        stored.version = expected_version + 1;
-        inner.states.insert(device_id.to_string(), stored);
+        inner.states.insert(device_id.to_string(), Arc::new(stored));
         for alert_id in changes.removed {
             inner.alerts.remove(alert_id);
         }

@@ -2,6 +2,7 @@
 //! stream function (`PREFIX-FUNCTION`), offsets committed by hand only for what is done, so a
 //! runner killed mid-batch has its uncommitted records delivered again to idempotent handlers.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -144,16 +145,23 @@ impl Source for KafkaTopic {
         None
     }
 
-    /// Whether the group still assigns `partition` (`topic-partition`) to this consumer. When
-    /// the assignment cannot be read, the partition is kept: a duplicate delivery is harmless
-    /// to idempotent handlers, a dropped one is not.
-    fn owns(&self, partition: &str) -> bool {
-        self.consumer.assignment().map_or(true, |assigned| {
-            assigned
-                .elements()
-                .iter()
-                .any(|e| partition.strip_prefix(e.topic()) == Some(&format!("-{}", e.partition())))
-        })
+    /// The partitions (`topic-partition`) the group no longer assigns to this consumer. When
+    /// the assignment cannot be read, none are released: a duplicate delivery is harmless to
+    /// idempotent handlers, a dropped one is not.
+    fn released(&self, partitions: &BTreeSet<&str>) -> BTreeSet<String> {
+        let Ok(assigned) = self.consumer.assignment() else {
+            return BTreeSet::new();
+        };
+        let assigned: BTreeSet<String> = assigned
+            .elements()
+            .iter()
+            .map(|e| format!("{}-{}", e.topic(), e.partition()))
+            .collect();
+        partitions
+            .iter()
+            .filter(|p| !assigned.contains(**p))
+            .map(|p| p.to_string())
+            .collect()
     }
 
     fn sees_stream_end(&self) -> bool {

@@ -28,7 +28,7 @@ pub mod kafka;
 pub mod kinesis;
 pub mod memory;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -139,11 +139,14 @@ pub trait Source: Send + Sync {
     /// Whether [`Source::backlog`] can ever tell (not on Kafka, whose consumer lag the broker's
     /// own tools report).
     fn sees_stream_end(&self) -> bool;
-    /// Whether the records of `partition` are still this reader's to deliver. A Kafka
+    /// Of `partitions`, the ones whose records are no longer this reader's to deliver. A Kafka
     /// rebalance can move a partition to another consumer of the group mid-retry; that one
-    /// delivers it from the committed offset, so this one must let go of it.
-    fn owns(&self, _partition: &str) -> bool {
-        true
+    /// delivers it from the committed offset, so this one must let go of it. Asked once per
+    /// delivery attempt with the batch's partitions, not per record: on Kafka the answer is a
+    /// round trip to librdkafka's main thread (per record, it took the burst bench from
+    /// 61,000 to 17,000 readings/s).
+    fn released(&self, _partitions: &BTreeSet<&str>) -> BTreeSet<String> {
+        BTreeSet::new()
     }
     /// Leaves the stream (a Kafka consumer leaves its group).
     fn close(&self) {}
@@ -417,8 +420,13 @@ impl MappingLoop {
     /// Lets go of the records of partitions this reader no longer owns (their new owner reads
     /// them again from the committed offset); whether any are left to deliver.
     fn keep_owned(&self, records: &mut Vec<SourceRecord>) -> bool {
+        let partitions: BTreeSet<&str> = records.iter().map(|r| r.partition.as_str()).collect();
+        let released = self.source.released(&partitions);
+        if released.is_empty() {
+            return !records.is_empty();
+        }
         let before = records.len();
-        records.retain(|r| self.source.owns(&r.partition));
+        records.retain(|r| !released.contains(&r.partition));
         if records.len() < before {
             tracing::info!(function = self.function.name(), source = self.source.describe(), released = before - records.len(), "a rebalance moved partitions away; their new owner delivers them from the committed offset");
         }

@@ -126,8 +126,13 @@ impl Source for FakeSource {
     fn sees_stream_end(&self) -> bool {
         false
     }
-    fn owns(&self, partition: &str) -> bool {
-        !self.revoked.lock().unwrap().contains(partition)
+    fn released(&self, partitions: &BTreeSet<&str>) -> BTreeSet<String> {
+        let revoked = self.revoked.lock().unwrap();
+        partitions
+            .iter()
+            .filter(|p| revoked.contains(**p))
+            .map(|p| p.to_string())
+            .collect()
     }
 }
 
