@@ -55,8 +55,14 @@ impl TelemetrySource {
             TelemetrySource::Kinesis { client, stream } => kinesis::shards(client, stream).await,
             TelemetrySource::Kafka(kafka) => {
                 let group = format!("{}-{function}", kafka.group_prefix);
-                let topic = KafkaTopic::subscribe(&kafka.settings, &kafka.telemetry_topic, &group)?;
-                Ok(vec![Arc::new(topic)])
+                let partitions =
+                    KafkaTopic::partition_count(&kafka.settings, &kafka.telemetry_topic).await?;
+                (0..partitions)
+                    .map(|_| {
+                        KafkaTopic::subscribe(&kafka.settings, &kafka.telemetry_topic, &group)
+                            .map(|topic| Arc::new(topic) as Arc<dyn Source>)
+                    })
+                    .collect()
             }
         }
     }

@@ -64,6 +64,31 @@ impl KafkaTopic {
         })
     }
 
+    /// How many partitions `topic` has: a group gets one consumer per partition, so that each
+    /// partition is read by its own loop (as a Kinesis mapping reads each shard), and one
+    /// partition's slow batch does not hold up the others'.
+    pub async fn partition_count(settings: &KafkaSettings, topic: &str) -> Result<usize, String> {
+        let settings = settings.clone();
+        let topic = topic.to_string();
+        tokio::task::spawn_blocking(move || {
+            let consumer: geostream_kafka::rdkafka::consumer::BaseConsumer = settings
+                .client_config()
+                .create()
+                .map_err(|e| format!("cannot create a Kafka client: {e}"))?;
+            let metadata = consumer
+                .fetch_metadata(Some(&topic), Duration::from_secs(10))
+                .map_err(|e| format!("reading the metadata of {topic}: {e}"))?;
+            metadata
+                .topics()
+                .first()
+                .map(|t| t.partitions().len())
+                .filter(|n| *n > 0)
+                .ok_or_else(|| format!("topic {topic} has no partitions"))
+        })
+        .await
+        .map_err(|e| format!("reading a Kafka topic's metadata: {e}"))?
+    }
+
     async fn receive(&self) -> Result<SourceRecord, String> {
         let message = self.consumer.recv().await.map_err(|e| e.to_string())?;
         let topic = message.topic().to_string();
