@@ -1,6 +1,7 @@
 //! A Kafka topic read as Lambda's self-managed Kafka trigger reads it: one consumer group per
-//! stream function (`PREFIX-FUNCTION`), offsets committed by hand only for what is done, so a
-//! runner killed mid-batch has its uncommitted records delivered again to idempotent handlers.
+//! stream function (`PREFIX-FUNCTION`) with one consumer, and one mapping loop, per partition;
+//! offsets committed by hand only for what is done, so a runner killed mid-batch has its
+//! uncommitted records delivered again to idempotent handlers.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
