@@ -58,11 +58,11 @@ pub use stack::{RunningStack, Stack, StackStats};
 
 use esm::event::InProcess;
 use esm::start_mapping;
+use metrics::LocalMetrics;
+use positions::{LatestPositions, ObservedAlerts, ObservedPositions, SinceReading};
 
 /// How long the runner waits for its Kafka consumer groups' joins before serving anyway.
 const KAFKA_JOIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-use metrics::LocalMetrics;
-use positions::{LatestPositions, ObservedAlerts, ObservedPositions, SinceReading};
 
 /// The three stream functions on a stack's ports (positions and the alerts bus as given, for
 /// the runner's observing wrappers).

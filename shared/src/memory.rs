@@ -395,7 +395,9 @@ impl AlertStore for MemoryAlertStore {
     async fn load_rule_states(&self, device_id: &str) -> Result<DeviceRuleStates, StoreError> {
         // The copy is made outside the store's one lock, which every device's batch takes.
         let stored = lock(&self.inner).states.get(device_id).cloned();
-        Ok(stored.map(Arc::unwrap_or_clone).unwrap_or_default())
+        Ok(stored
+            .map(|state| DeviceRuleStates::clone(&state))
+            .unwrap_or_default())
     }
 
     async fn commit_changes(
