@@ -356,8 +356,17 @@ impl Redrive<'_> {
                 if sequence > end {
                     return Ok(records);
                 }
+                let id = RecordId::Kinesis(sequence);
+                // A chain of Kinesis iterators never returns a record twice; kinesis-mock
+                // (LocalStack) at times does: a record at or before the last one is a repeat.
+                if records
+                    .last()
+                    .is_some_and(|last: &StreamRecord| last.id >= id)
+                {
+                    continue;
+                }
                 records.push(StreamRecord {
-                    id: RecordId::Kinesis(sequence),
+                    id,
                     partition_key: record.partition_key().unwrap_or_default().to_string(),
                     data: record.data().as_ref().to_vec(),
                     arrived_at: record
