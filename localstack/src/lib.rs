@@ -78,13 +78,40 @@ fn stream_functions(
             ports.archive.clone(),
             ports.dead_letters.clone(),
         )),
-        Arc::new(AnomalyInspector::new(
-            Arc::new(config.rules.clone()),
-            ports.alerts.clone(),
-            alert_bus,
-            ports.dead_letters.clone(),
-        )),
+        Arc::new(inspector(ports, alert_bus, config)),
     ]
+}
+
+/// The anomaly-inspector on a stack's ports, making fleet events where they have stores. The
+/// embedded geofence store answers its version from memory: the inspector looks at it on
+/// every batch, so a geofence written takes effect from the next batch.
+fn inspector(
+    ports: &wiring::Ports,
+    alert_bus: Arc<dyn EventBus>,
+    config: &LocalConfig,
+) -> AnomalyInspector {
+    let inspector = AnomalyInspector::new(
+        Arc::new(config.rules.clone()),
+        ports.alerts.clone(),
+        alert_bus,
+        ports.dead_letters.clone(),
+    );
+    match &ports.fleet {
+        Some(fleet) => inspector.with_fleet(
+            fleet.geofences.clone(),
+            fleet.events.clone(),
+            std::time::Duration::ZERO,
+        ),
+        None => inspector,
+    }
+}
+
+/// How often the embedded runner looks for vehicles gone silent: a tenth of the fleet rules'
+/// `offline_after_s`, between 1 and 30 s.
+fn offline_check_period(config: &LocalConfig) -> std::time::Duration {
+    std::time::Duration::from_millis(
+        (config.rules.fleet.offline_after_ms / 10).clamp(1_000, 30_000) as u64,
+    )
 }
 
 /// Replays what the stream functions gave up on, on the AWS backend: every letter on the
@@ -149,7 +176,7 @@ pub async fn start(config: LocalConfig) -> Result<RunningStack, String> {
         LocalMetrics::new()
     });
 
-    let stream_functions = stream_functions(&ports, positions.clone(), alert_bus, &config);
+    let stream_functions = stream_functions(&ports, positions.clone(), alert_bus.clone(), &config);
     let mut tasks = Vec::new();
     let mut mappings = Vec::new();
     for function in stream_functions {
@@ -198,6 +225,29 @@ pub async fn start(config: LocalConfig) -> Result<RunningStack, String> {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 
+    // device_offline for vehicles gone silent: the embedded stores are looked through in
+    // memory (on AWS this is a scheduled function's job).
+    if let Some(memory) = &ports.memory {
+        let alerts = memory.alerts.clone();
+        let inspector = inspector(&ports, alert_bus.clone(), &config);
+        let offline_after = config.rules.fleet.offline_after_ms;
+        let period = offline_check_period(&config);
+        let mut stop = shutdown_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(period) => {}
+                    _ = stop.wait_for(|stop| *stop) => return,
+                }
+                let now = geostream_shared::now_millis();
+                let silent = alerts.silent_devices(now - offline_after);
+                if let Err(error) = inspector.check_offline(&silent, now).await {
+                    tracing::warn!(%error, "the offline check failed; it runs again");
+                }
+            }
+        }));
+    }
+
     // With token verification, the handlers require a verified token's claims, as on AWS.
     let access = match config.tokens {
         Some(_) => AccessPolicy::jwt(),
@@ -208,14 +258,18 @@ pub async fn start(config: LocalConfig) -> Result<RunningStack, String> {
     if let Some(limit) = config.device_limit {
         ingest = ingest.with_device_limits(Arc::new(LocalDeviceLimits::new(limit)));
     }
+    let mut query_api = QueryApi::new(
+        ports.query.positions.clone(),
+        ports.query.archive.clone(),
+        ports.query.alerts.clone(),
+    )
+    .with_access(access);
+    if let Some(fleet) = &ports.fleet {
+        query_api = query_api.with_fleet(fleet.geofences.clone(), fleet.events.clone());
+    }
     let stack = Arc::new(Stack {
         ingest,
-        query_api: QueryApi::new(
-            ports.query.positions.clone(),
-            ports.query.archive.clone(),
-            ports.query.alerts.clone(),
-        )
-        .with_access(access),
+        query_api,
         tokens: config.tokens.as_ref().map(|tokens| {
             JwtVerifier::new(
                 tokens.issuer.clone(),

@@ -13,12 +13,12 @@ use geostream_aws::counting::CallCounter;
 use geostream_aws::manifest;
 use geostream_aws::provision::{create_resources, queue_url};
 use geostream_shared::memory::{
-    MemoryAlertStore, MemoryArchive, MemoryDeadLetters, MemoryMetricNames, MemoryPositionStore,
-    MemoryStream,
+    MemoryAlertStore, MemoryArchive, MemoryDeadLetters, MemoryFleetEvents, MemoryGeofences,
+    MemoryMetricNames, MemoryPositionStore, MemoryStream,
 };
 use geostream_shared::ports::{
-    AlertStore, Archive, DeadLetterSink, EventBus, MetricNameRegistry, PositionStore,
-    DEFAULT_MAX_METRIC_NAMES,
+    AlertStore, Archive, DeadLetterSink, EventBus, FleetEventStore, GeofenceStore,
+    MetricNameRegistry, PositionStore, DEFAULT_MAX_METRIC_NAMES,
 };
 
 use crate::config::{AwsBackend, Backend, Bus, KafkaBusConfig, LocalConfig, StoreKind};
@@ -34,6 +34,15 @@ pub struct MemoryParts {
     pub archive: Arc<MemoryArchive>,
     pub alerts: Arc<MemoryAlertStore>,
     pub dead_letters: Arc<MemoryDeadLetters>,
+    pub geofences: Arc<MemoryGeofences>,
+    pub fleet_events: Arc<MemoryFleetEvents>,
+}
+
+/// The stores of fleet events: geofences, and the events made.
+#[derive(Clone)]
+pub struct FleetPorts {
+    pub geofences: Arc<dyn GeofenceStore>,
+    pub events: Arc<dyn FleetEventStore>,
 }
 
 /// Where the stream functions' event source mappings read telemetry from.
@@ -91,6 +100,9 @@ pub struct Ports {
     /// so that what it costs is counted apart; the same stores otherwise.
     pub query: QueryPorts,
     pub telemetry: TelemetrySource,
+    /// Set where fleet events have stores: the embedded backend (the AWS adapters of
+    /// geofences and events are not built yet).
+    pub fleet: Option<FleetPorts>,
     /// Set on the embedded backend.
     pub memory: Option<MemoryParts>,
     /// Set on the AWS backend: what each function's clients have called and consumed.
@@ -167,6 +179,9 @@ pub async fn ports(config: &LocalConfig) -> Result<Ports, String> {
     }
 }
 
+/// The fleet events the embedded backend keeps (the oldest dropped beyond).
+const FLEET_EVENT_CAPACITY: usize = 100_000;
+
 fn embedded_ports(config: &LocalConfig) -> Ports {
     let memory = MemoryParts {
         telemetry: Arc::new(MemoryStream::new(
@@ -183,6 +198,8 @@ fn embedded_ports(config: &LocalConfig) -> Ports {
         archive: Arc::new(MemoryArchive::new(config.archive_per_device)),
         alerts: Arc::new(MemoryAlertStore::new()),
         dead_letters: Arc::new(MemoryDeadLetters::new(config.dead_letter_capacity)),
+        geofences: Arc::new(MemoryGeofences::new()),
+        fleet_events: Arc::new(MemoryFleetEvents::new(FLEET_EVENT_CAPACITY)),
     };
     Ports {
         bus: memory.telemetry.clone(),
@@ -198,6 +215,10 @@ fn embedded_ports(config: &LocalConfig) -> Ports {
             alerts: memory.alerts.clone(),
         },
         telemetry: TelemetrySource::Memory(memory.telemetry.clone()),
+        fleet: Some(FleetPorts {
+            geofences: memory.geofences.clone(),
+            events: memory.fleet_events.clone(),
+        }),
         memory: Some(memory),
         aws_usage: None,
     }
@@ -306,6 +327,7 @@ async fn aws_ports(aws: &AwsBackend, bus: &Bus, shards: usize) -> Result<Ports, 
             alerts: query_api.alert_records().map_err(composed)?,
         },
         telemetry,
+        fleet: None,
         memory: None,
         aws_usage: Some(usage),
     })

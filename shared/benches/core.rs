@@ -1,5 +1,5 @@
 //! Benchmarks of the domain core's hot paths: validating a full request, the bus codec, radius
-//! queries over 100,000 vehicles, and rule evaluation.
+//! queries over 100,000 vehicles, rule evaluation, and fleet events against 10,000 geofences.
 //!
 //! Run: `cargo bench -p geostream-shared --bench core`
 
@@ -7,7 +7,8 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use geostream_shared::envelope::{envelopes_by_device, Envelope};
-use geostream_shared::geo::cover_circle;
+use geostream_shared::fleet::{FleetRules, FleetState, Geofence, GeofenceIndex};
+use geostream_shared::geo::{cover_circle, destination};
 use geostream_shared::memory::MemoryPositionStore;
 use geostream_shared::model::{GeoPoint, Position, Reading};
 use geostream_shared::ports::PositionStore;
@@ -153,5 +154,103 @@ fn rules(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, validation_and_codec, radius_queries, rules);
+/// 10,000 geofences over a 100 km square (an 8-corner polygon or a circle each, 150-1,500 m
+/// across, a limit on a third), and 100 vehicles' readings spread over it: what one reading
+/// costs the anomaly-inspector's fleet step (index lookup, exact tests, state).
+fn fleet_events(c: &mut Criterion) {
+    let mut rng = SmallRng::seed_from_u64(16);
+    let center = GeoPoint {
+        lat: 48.137,
+        lon: 11.575,
+    };
+    let geofences: Vec<Geofence> = (0..10_000)
+        .map(|n| {
+            let at = destination(
+                center,
+                rng.random_range(0.0..360.0),
+                rng.random_range(0.0..50_000.0),
+            );
+            let size_m = rng.random_range(75.0..750.0);
+            let geometry = if n % 2 == 0 {
+                serde_json::json!({"type": "Point", "coordinates": [at.lon, at.lat], "radius_m": size_m})
+            } else {
+                let mut ring: Vec<serde_json::Value> = (0..8)
+                    .map(|i| {
+                        let p = destination(at, i as f64 * 45.0, size_m);
+                        serde_json::json!([p.lon, p.lat])
+                    })
+                    .collect();
+                ring.push(ring[0].clone());
+                serde_json::json!({"type": "Polygon", "coordinates": [ring]})
+            };
+            Geofence {
+                geofence_id: format!("zone-{n}"),
+                name: format!("zone {n}"),
+                geometry,
+                speed_limit_kmh: (n % 3 == 0).then_some(50.0),
+                dwell_s: None,
+                exit_margin_m: None,
+                updated_at: 0,
+            }
+        })
+        .collect();
+    let rules = FleetRules {
+        speed_limit_kmh: Some(110.0),
+        ..FleetRules::default()
+    };
+    let (index, refused) = GeofenceIndex::build(&geofences, &rules);
+    assert!(refused.is_empty(), "{refused:?}");
+    let readings: Vec<Reading> = (0..1_000)
+        .map(|n| {
+            let at = destination(
+                center,
+                rng.random_range(0.0..360.0),
+                rng.random_range(0.0..50_000.0),
+            );
+            Reading {
+                device_id: format!("veh-{}", n % 100),
+                ts: NOW + (n / 100) * 1000,
+                event_id: format!("e{n}"),
+                lat: Some(at.lat),
+                lon: Some(at.lon),
+                speed_kmh: Some(rng.random_range(0.0..130.0)),
+                ..Default::default()
+            }
+        })
+        .collect();
+    let mut group = c.benchmark_group("fleet");
+    group.throughput(Throughput::Elements(readings.len() as u64));
+    group.bench_function("evaluate 1,000 readings x 10,000 geofences", |b| {
+        b.iter_batched(
+            || vec![FleetState::default(); 100],
+            |mut states| {
+                let mut events = 0;
+                for (n, reading) in readings.iter().enumerate() {
+                    events += rules
+                        .evaluate(
+                            &index,
+                            &reading.device_id,
+                            &mut states[n % 100],
+                            std::slice::from_ref(black_box(reading)),
+                        )
+                        .len();
+                }
+                events
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    group.bench_function("build the index of 10,000 geofences", |b| {
+        b.iter(|| GeofenceIndex::build(black_box(&geofences), &rules).0.len())
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    validation_and_codec,
+    radius_queries,
+    rules,
+    fleet_events
+);
 criterion_main!(benches);

@@ -1,13 +1,14 @@
 //! GeoStream's domain core.
 //!
 //! Pure code only: the telemetry model and its validation, the versioned bus envelope, the geo
-//! index math, the rules engine, the ports the handlers talk to, the neutral stream batch, and
+//! index math, the rules engine, fleet events (geofences, overspeed, offline), the ports the handlers talk to, the neutral stream batch, and
 //! the in-memory adapters used by the embedded runner and the tests. No AWS SDK and no Lambda
 //! event types in here: Lambda's events are turned into these types by `geostream-lambda`, and
 //! the SDK adapters live in `geostream-aws`, so that most tests compile fast. The map of the
 //! crates is `docs/architecture.md`.
 
 pub mod envelope;
+pub mod fleet;
 pub mod geo;
 pub mod limits;
 pub mod memory;

@@ -2,17 +2,19 @@
 //! Each keeps the semantics the AWS adapters promise (conditional writes, upserts, per-shard
 //! order) and bounds its memory, saying what it drops.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use async_trait::async_trait;
 use tokio::sync::watch;
 
+use crate::fleet::{FleetEvent, FleetEventType, Geofence};
 use crate::model::{Alert, GeoPoint, Position, Reading};
 use crate::ports::{nearest_of, with_geohash, NearbyVehicle, RejectedReading};
 use crate::ports::{
     AlertChanges, AlertFilter, AlertStore, Archive, BusRecord, DeadLetter, DeadLetterSink,
-    EventBus, MetricNameRegistry, PositionStore, Published, StoreError, UpsertOutcome,
+    EventBus, EventFilter, FleetEventStore, GeofenceStore, MetricNameRegistry, Occupant,
+    PositionStore, Published, StoreError, UpsertOutcome,
 };
 use crate::rules::DeviceRuleStates;
 use crate::{now_millis, EpochMillis};
@@ -387,6 +389,166 @@ pub struct MemoryAlertStore {
 impl MemoryAlertStore {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The devices whose newest reading (as fleet events saw it) is older than `before` and
+    /// that are not offline yet: the ones the offline check looks at.
+    pub fn silent_devices(&self, before: EpochMillis) -> Vec<String> {
+        lock(&self.inner)
+            .states
+            .iter()
+            .filter(|(_, state)| {
+                state.fleet.offline_since.is_none()
+                    && state
+                        .fleet
+                        .mark
+                        .as_ref()
+                        .is_some_and(|(ts, _)| *ts < before)
+            })
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+}
+
+/// Geofences in memory, versioned.
+#[derive(Default)]
+pub struct MemoryGeofences {
+    inner: RwLock<(u64, BTreeMap<String, Geofence>)>,
+}
+
+impl MemoryGeofences {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+#[async_trait]
+impl GeofenceStore for MemoryGeofences {
+    async fn put(&self, geofence: &Geofence) -> Result<(), StoreError> {
+        let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        inner.0 += 1;
+        inner
+            .1
+            .insert(geofence.geofence_id.clone(), geofence.clone());
+        Ok(())
+    }
+
+    async fn get(&self, geofence_id: &str) -> Result<Option<Geofence>, StoreError> {
+        let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        Ok(inner.1.get(geofence_id).cloned())
+    }
+
+    async fn list(&self) -> Result<Vec<Geofence>, StoreError> {
+        let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        Ok(inner.1.values().cloned().collect())
+    }
+
+    async fn delete(&self, geofence_id: &str) -> Result<bool, StoreError> {
+        let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        let existed = inner.1.remove(geofence_id).is_some();
+        if existed {
+            inner.0 += 1;
+        }
+        Ok(existed)
+    }
+
+    async fn version(&self) -> Result<u64, StoreError> {
+        Ok(self.inner.read().unwrap_or_else(|p| p.into_inner()).0)
+    }
+}
+
+#[derive(Default)]
+struct FleetEventTables {
+    /// In the order recorded, oldest dropped first beyond the capacity.
+    events: VecDeque<FleetEvent>,
+    ids: HashSet<String>,
+    /// Per geofence, the devices inside and since when.
+    occupants: HashMap<String, BTreeMap<String, EpochMillis>>,
+}
+
+/// Fleet events in memory: the newest `capacity` kept (the oldest dropped, counted), and
+/// who is inside each geofence.
+pub struct MemoryFleetEvents {
+    inner: Mutex<FleetEventTables>,
+    capacity: usize,
+    dropped: std::sync::atomic::AtomicU64,
+}
+
+impl MemoryFleetEvents {
+    pub fn new(capacity: usize) -> Self {
+        MemoryFleetEvents {
+            inner: Mutex::new(FleetEventTables::default()),
+            capacity: capacity.max(1),
+            dropped: Default::default(),
+        }
+    }
+
+    /// Events dropped to keep within the capacity.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+#[async_trait]
+impl FleetEventStore for MemoryFleetEvents {
+    async fn record(&self, events: &[FleetEvent]) -> Result<(), StoreError> {
+        let mut inner = lock(&self.inner);
+        for event in events {
+            if !inner.ids.insert(event.event_id.clone()) {
+                continue;
+            }
+            if let Some(geofence_id) = &event.geofence_id {
+                let occupants = inner.occupants.entry(geofence_id.clone()).or_default();
+                match event.kind {
+                    FleetEventType::GeofenceEnter => {
+                        occupants.insert(event.device_id.clone(), event.ts);
+                    }
+                    // An exit ends the stay it follows, not a later one.
+                    FleetEventType::GeofenceExit
+                        if occupants
+                            .get(&event.device_id)
+                            .is_some_and(|since| *since <= event.ts) =>
+                    {
+                        occupants.remove(&event.device_id);
+                    }
+                    _ => {}
+                }
+            }
+            inner.events.push_back(event.clone());
+            if inner.events.len() > self.capacity {
+                if let Some(oldest) = inner.events.pop_front() {
+                    inner.ids.remove(&oldest.event_id);
+                    self.dropped
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn list(&self, filter: &EventFilter) -> Result<Vec<FleetEvent>, StoreError> {
+        let inner = lock(&self.inner);
+        let mut events: Vec<&FleetEvent> =
+            inner.events.iter().filter(|e| filter.matches(e)).collect();
+        events.sort_by(|a, b| b.ts.cmp(&a.ts).then_with(|| a.event_id.cmp(&b.event_id)));
+        Ok(events.into_iter().take(filter.limit).cloned().collect())
+    }
+
+    async fn occupants(&self, geofence_id: &str) -> Result<Vec<Occupant>, StoreError> {
+        let inner = lock(&self.inner);
+        Ok(inner
+            .occupants
+            .get(geofence_id)
+            .map(|devices| {
+                devices
+                    .iter()
+                    .map(|(device_id, since)| Occupant {
+                        device_id: device_id.clone(),
+                        since: *since,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
     }
 }
 

@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+use crate::fleet::{FleetEvent, FleetEventType, Geofence};
 use crate::model::{Alert, AlertState, Position, Reading};
 use crate::rules::DeviceRuleStates;
 use crate::EpochMillis;
@@ -212,6 +213,68 @@ pub trait AlertStore: Send + Sync {
         by: &str,
         at: EpochMillis,
     ) -> Result<Option<Alert>, StoreError>;
+}
+
+/// Geofences, as `PUT`, `GET` and `DELETE /v1/geofences/{geofence_id}` write and read them.
+#[async_trait]
+pub trait GeofenceStore: Send + Sync {
+    /// Writes the geofence whole (a PUT replaces it).
+    async fn put(&self, geofence: &Geofence) -> Result<(), StoreError>;
+    async fn get(&self, geofence_id: &str) -> Result<Option<Geofence>, StoreError>;
+    /// Every geofence, by id.
+    async fn list(&self) -> Result<Vec<Geofence>, StoreError>;
+    /// Whether there was one to delete.
+    async fn delete(&self, geofence_id: &str) -> Result<bool, StoreError>;
+    /// A number that changes with every write and delete: the stream functions' cached
+    /// geofences are built again when it does.
+    async fn version(&self) -> Result<u64, StoreError>;
+}
+
+/// Which fleet events to list.
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    pub device_id: Option<String>,
+    pub kind: Option<FleetEventType>,
+    pub geofence_id: Option<String>,
+    /// `from <= ts < to`.
+    pub from: Option<EpochMillis>,
+    pub to: Option<EpochMillis>,
+    pub limit: usize,
+}
+
+impl EventFilter {
+    pub fn matches(&self, event: &FleetEvent) -> bool {
+        self.device_id
+            .as_deref()
+            .is_none_or(|d| event.device_id == d)
+            && self.kind.is_none_or(|k| event.kind == k)
+            && self
+                .geofence_id
+                .as_deref()
+                .is_none_or(|g| event.geofence_id.as_deref() == Some(g))
+            && self.from.is_none_or(|from| event.ts >= from)
+            && self.to.is_none_or(|to| event.ts < to)
+    }
+}
+
+/// A vehicle inside a geofence, since its enter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Occupant {
+    pub device_id: String,
+    pub since: EpochMillis,
+}
+
+/// Fleet events, as the anomaly-inspector records them and `GET /v1/events` lists them, and
+/// who is inside each geofence, as their enters and exits tell.
+#[async_trait]
+pub trait FleetEventStore: Send + Sync {
+    /// Stores events, in the order made (idempotent: an event id stored before changes
+    /// nothing).
+    async fn record(&self, events: &[FleetEvent]) -> Result<(), StoreError>;
+    /// Newest first (ties by event id), at most `filter.limit`.
+    async fn list(&self, filter: &EventFilter) -> Result<Vec<FleetEvent>, StoreError>;
+    /// The vehicles inside a geofence now (entered, not exited), by device id.
+    async fn occupants(&self, geofence_id: &str) -> Result<Vec<Occupant>, StoreError>;
 }
 
 /// A record a stream function gave up on, whole, with where it sat and why: what a redrive

@@ -43,6 +43,8 @@ struct RawRuleFile {
     /// How late (event time, behind the newest reading of the device) a reading may come and
     /// still be evaluated in its place.
     lateness_s: Option<f64>,
+    /// Fleet events' settings (overspeed, offline, geofence defaults).
+    fleet: Option<crate::fleet::RawFleetRules>,
     #[serde(default, rename = "rule")]
     rules: Vec<RawRule>,
 }
@@ -92,6 +94,8 @@ pub struct RuleSet {
     /// (and among its last [`MAX_WINDOW_READINGS`]) is evaluated in event-time order, as if it
     /// had come in order; an older one is reported in [`Evaluation::too_late`]. 0 turns it off.
     pub lateness_ms: EpochMillis,
+    /// The `[fleet]` table: fleet events' limits and durations.
+    pub fleet: crate::fleet::FleetRules,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -125,6 +129,11 @@ impl RuleSet {
                 )))
             }
         };
+        let fleet = raw
+            .fleet
+            .unwrap_or_default()
+            .compile()
+            .map_err(RuleError::Syntax)?;
         let mut rules: Vec<Rule> = Vec::new();
         for (index, raw) in raw.rules.into_iter().enumerate() {
             let index = index + 1;
@@ -146,7 +155,11 @@ impl RuleSet {
             }
             rules.push(rule);
         }
-        Ok(RuleSet { rules, lateness_ms })
+        Ok(RuleSet {
+            rules,
+            lateness_ms,
+            fleet,
+        })
     }
 
     /// Evaluates a device's readings against every rule, updating `state`, as if every
@@ -574,6 +587,17 @@ pub struct DeviceRuleStates {
     /// behind the lateness bound in a record at or before it is a replay, not a late reading.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub evaluated_through: Option<String>,
+    /// Fleet events' state (geofences, overspeed, offline).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub fleet: crate::fleet::FleetState,
+    /// Fleet events committed with this state, not yet known to be stored and published (an
+    /// outbox, as `outbox` is for alert transitions).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fleet_outbox: Vec<crate::fleet::FleetEvent>,
+}
+
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -8,17 +8,25 @@
 //! or a bus failure after the commit leaves it in the outbox, published before anything newer
 //! on the next attempt (at least once, deduplicated by `transition_id`). The watermark in the
 //! committed state makes a replayed batch a no-op.
+//!
+//! With geofence and event stores ([`AnomalyInspector::with_fleet`]) it also makes fleet
+//! events (geofence enters and exits, overspeed, online again) from the same readings, kept
+//! in the same state and committed in the same write: no store request per reading more. The
+//! events go out through an outbox as transitions do: recorded in the event store, then
+//! published on the alerts bus. [`AnomalyInspector::check_offline`] makes `device_offline`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::stream::{self, StreamExt};
+use geostream_shared::fleet::{FleetEvent, GeofenceCache};
 use geostream_shared::metrics::{Measurements, MetricName};
 use geostream_shared::model::{AlertTransition, Reading, TransitionKind};
 use geostream_shared::ports::{
-    AlertChanges, AlertStore, BusRecord, DeadLetterSink, ErrorKind, EventBus, StoreError,
-    MAX_ALERTS_PER_COMMIT,
+    AlertChanges, AlertStore, BusRecord, DeadLetterSink, ErrorKind, EventBus, FleetEventStore,
+    GeofenceStore, StoreError, MAX_ALERTS_PER_COMMIT,
 };
 use geostream_shared::rules::{DeviceRuleStates, Evaluation, RuleSet};
 use geostream_shared::stream::{
@@ -38,6 +46,7 @@ struct Inspected {
     retracted: usize,
     /// Readings behind the lateness bound that were news (not replays).
     too_late: usize,
+    fleet_events: usize,
 }
 
 impl Inspected {
@@ -46,6 +55,7 @@ impl Inspected {
         self.cleared += other.cleared;
         self.retracted += other.retracted;
         self.too_late += other.too_late;
+        self.fleet_events += other.fleet_events;
     }
 
     fn count(&mut self, transitions: &[AlertTransition]) {
@@ -64,6 +74,13 @@ pub struct AnomalyInspector {
     alerts: Arc<dyn AlertStore>,
     alert_bus: Arc<dyn EventBus>,
     dead_letters: Arc<dyn DeadLetterSink>,
+    fleet: Option<Fleet>,
+}
+
+/// Where fleet events come from and go.
+struct Fleet {
+    geofences: GeofenceCache,
+    events: Arc<dyn FleetEventStore>,
 }
 
 impl AnomalyInspector {
@@ -78,7 +95,62 @@ impl AnomalyInspector {
             alerts,
             alert_bus,
             dead_letters,
+            fleet: None,
         }
+    }
+
+    /// Makes fleet events too, against the geofences of `geofences` (looked at again every
+    /// `refresh`), recording them in `events`.
+    pub fn with_fleet(
+        mut self,
+        geofences: Arc<dyn GeofenceStore>,
+        events: Arc<dyn FleetEventStore>,
+        refresh: Duration,
+    ) -> Self {
+        self.fleet = Some(Fleet {
+            geofences: GeofenceCache::new(geofences, self.rules.fleet.clone(), refresh),
+            events,
+        });
+        self
+    }
+
+    /// `device_offline` for each of `device_ids` whose newest reading is older than the fleet
+    /// rules' `offline_after_s` at `now` (once; a state that moved on in the meantime is left
+    /// to the next check); answers how many went offline. Without fleet stores, nothing.
+    pub async fn check_offline(
+        &self,
+        device_ids: &[String],
+        now: geostream_shared::EpochMillis,
+    ) -> Result<usize, StoreError> {
+        if self.fleet.is_none() {
+            return Ok(0);
+        }
+        let mut offline = 0;
+        for device_id in device_ids {
+            let mut state = self.alerts.load_rule_states(device_id).await?;
+            let version = state.version;
+            let Some(event) = self
+                .rules
+                .fleet
+                .check_offline(device_id, &mut state.fleet, now)
+            else {
+                continue;
+            };
+            state.fleet_outbox.push(event);
+            match self
+                .alerts
+                .commit_changes(device_id, version, &state, AlertChanges::NONE)
+                .await
+            {
+                Ok(()) => {}
+                // A batch of the device's committed meanwhile: it is not silent.
+                Err(error) if error.kind == ErrorKind::Conflict => continue,
+                Err(error) => return Err(error),
+            }
+            offline += 1;
+            self.publish_outbox(device_id, version + 1, state).await?;
+        }
+        Ok(offline)
     }
 
     /// Evaluates the longest prefix of `readings` (in event-time order) whose touched alerts
@@ -129,6 +201,10 @@ impl AnomalyInspector {
         }
         let readings: Vec<&Reading> = readings.into_iter().map(|(r, _)| r).collect();
         let mut made = Inspected::default();
+        let geofences = match &self.fleet {
+            Some(fleet) => Some(fleet.geofences.index().await?),
+            None => None,
+        };
         let mut start = 0;
         let mut attempt = 0;
         loop {
@@ -137,6 +213,16 @@ impl AnomalyInspector {
             let expected_version = loaded.version;
             let (evaluation, mut state, taken) =
                 self.evaluate_fitting(device_id, &loaded, &readings[start..])?;
+            let fleet_events: Vec<FleetEvent> = match &geofences {
+                Some(index) => self.rules.fleet.evaluate(
+                    index,
+                    device_id,
+                    &mut state.fleet,
+                    &readings[start..start + taken],
+                ),
+                None => Vec::new(),
+            };
+            let fleet_moved = state.fleet != loaded.fleet;
             let evaluated_through = loaded.evaluated_through.as_deref().map(RecordId::parse);
             let too_late: Vec<&(i64, String)> = evaluation
                 .too_late
@@ -159,13 +245,15 @@ impl AnomalyInspector {
             if newest_record > evaluated_through.as_ref() {
                 state.evaluated_through = newest_record.map(RecordId::to_string);
             }
-            if evaluation.readings_evaluated == 0 && too_late == 0 {
+            if evaluation.readings_evaluated == 0 && too_late == 0 && !fleet_moved {
                 // Nothing new; what an earlier attempt committed may still wait to go out.
                 self.publish_outbox(device_id, expected_version, state)
                     .await?;
                 return Ok(made);
             }
             state.outbox.extend(evaluation.transitions.iter().cloned());
+            let fleet_made = fleet_events.len();
+            state.fleet_outbox.extend(fleet_events);
             match self
                 .alerts
                 .commit_changes(
@@ -187,6 +275,7 @@ impl AnomalyInspector {
             }
             made.count(&evaluation.transitions);
             made.too_late += too_late;
+            made.fleet_events += fleet_made;
             self.publish_outbox(device_id, expected_version + 1, state)
                 .await?;
             start += taken;
@@ -199,23 +288,36 @@ impl AnomalyInspector {
 
     /// Publishes the committed outbox, in order, then empties it (a version-checked write of
     /// the state alone). An empty that fails is no loss: the next evaluation publishes the
-    /// outbox again, and consumers deduplicate on `transition_id`.
+    /// outbox again, and consumers deduplicate on `transition_id`. Fleet events are recorded
+    /// in the event store (idempotent by `event_id`) before they are published.
     async fn publish_outbox(
         &self,
         device_id: &str,
         version: u64,
         mut state: DeviceRuleStates,
     ) -> Result<(), StoreError> {
-        if state.outbox.is_empty() {
+        if state.outbox.is_empty() && state.fleet_outbox.is_empty() {
             return Ok(());
         }
+        if !state.fleet_outbox.is_empty() {
+            if let Some(fleet) = &self.fleet {
+                fleet.events.record(&state.fleet_outbox).await?;
+            }
+        }
+        let record = |data: Vec<u8>| BusRecord {
+            partition_key: device_id.to_string(),
+            data,
+        };
         let records = state
             .outbox
             .iter()
-            .map(|t| BusRecord {
-                partition_key: device_id.to_string(),
-                data: serde_json::to_vec(t).unwrap_or_default(),
-            })
+            .map(|t| record(serde_json::to_vec(t).unwrap_or_default()))
+            .chain(
+                state
+                    .fleet_outbox
+                    .iter()
+                    .map(|e| record(serde_json::to_vec(e).unwrap_or_default())),
+            )
             .collect();
         if let Some(Err(error)) = self
             .alert_bus
@@ -229,7 +331,11 @@ impl AnomalyInspector {
         for t in &state.outbox {
             tracing::info!(function = FUNCTION_NAME, device_id, alert_id = %t.alert.alert_id, kind = ?t.kind, rule = %t.alert.rule, "alert transition");
         }
+        for event in &state.fleet_outbox {
+            tracing::debug!(function = FUNCTION_NAME, device_id, event_id = %event.event_id, "fleet event");
+        }
         let published: Vec<AlertTransition> = std::mem::take(&mut state.outbox);
+        state.fleet_outbox.clear();
         if let Err(error) = self
             .alerts
             .commit_changes(device_id, version, &state, AlertChanges::NONE)

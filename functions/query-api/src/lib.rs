@@ -7,9 +7,15 @@
 //! - `POST /v1/alerts/{alert_id}/ack`: acknowledge an alert, recorded under the token's subject
 //!   (on an open runner without tokens, under the body's optional `{"by": "name"}`)
 //!
+//! With fleet stores ([`QueryApi::with_fleet`]):
+//!
+//! - `PUT /v1/geofences/{geofence_id}`, `GET /v1/geofences`, `GET|DELETE
+//!   /v1/geofences/{geofence_id}`, `GET /v1/geofences/{geofence_id}/vehicles` (who is inside)
+//! - `GET /v1/events?device_id=&type=&geofence_id=&from=&to=&limit=`: fleet events, newest first
+//!
 //! It routes on the request path itself, so it serves both per-route integrations and a
-//! `$default` route. Reads need the `fleet:read` scope, acknowledging `alerts:ack`
-//! ([`geostream_lambda::identity`]).
+//! `$default` route. Reads need the `fleet:read` scope, acknowledging `alerts:ack`, writing
+//! geofences `geofences:write` ([`geostream_lambda::identity`]).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -19,11 +25,13 @@ use geostream_lambda::http::{
     error_response, json_response, measure_response, method_and_path, request_body,
 };
 use geostream_lambda::identity::{AccessPolicy, Caller, Refusal};
+use geostream_shared::fleet::{is_valid_geofence_id, FleetEventType, Geofence};
 use geostream_shared::geo::MAX_QUERY_RADIUS_M;
 use geostream_shared::metrics::{Measurements, MetricsSink};
 use geostream_shared::model::{AlertState, GeoPoint};
 use geostream_shared::ports::{
-    AlertFilter, AlertStore, Archive, ErrorKind, PositionStore, StoreError,
+    AlertFilter, AlertStore, Archive, ErrorKind, EventFilter, FleetEventStore, GeofenceStore,
+    PositionStore, StoreError,
 };
 use geostream_shared::validation::{is_valid_device_id, parse_timestamp};
 use geostream_shared::{now_millis, EpochMillis};
@@ -36,13 +44,21 @@ const DEFAULT_RADIUS_M: f64 = 1_000.0;
 const MAX_NEAR_LIMIT: usize = 1_000;
 const MAX_TRACK_LIMIT: usize = 10_000;
 const MAX_ALERT_LIMIT: usize = 1_000;
+const MAX_EVENT_LIMIT: usize = 1_000;
 const DEFAULT_TRACK_SPAN_MS: EpochMillis = 3_600_000;
 
 pub struct QueryApi {
     positions: Arc<dyn PositionStore>,
     archive: Arc<dyn Archive>,
     alerts: Arc<dyn AlertStore>,
+    fleet: Option<FleetStores>,
     access: AccessPolicy,
+}
+
+/// The stores behind the geofence and event routes.
+struct FleetStores {
+    geofences: Arc<dyn GeofenceStore>,
+    events: Arc<dyn FleetEventStore>,
 }
 
 /// A failed request: status and message.
@@ -86,8 +102,28 @@ impl QueryApi {
             positions,
             archive,
             alerts,
+            fleet: None,
             access: AccessPolicy::open(),
         }
+    }
+
+    /// Serves the geofence and event routes from these stores.
+    pub fn with_fleet(
+        mut self,
+        geofences: Arc<dyn GeofenceStore>,
+        events: Arc<dyn FleetEventStore>,
+    ) -> Self {
+        self.fleet = Some(FleetStores { geofences, events });
+        self
+    }
+
+    fn fleet(&self) -> Result<&FleetStores, Reject> {
+        self.fleet.as_ref().ok_or_else(|| {
+            Reject(
+                404,
+                "fleet events (geofences, events) are not set up on this deployment".into(),
+            )
+        })
     }
 
     /// Who may read and acknowledge (open, as the local runner without token verification,
@@ -127,7 +163,13 @@ impl QueryApi {
         let caller = self.access.caller(request)?;
         let scopes = &self.access.scopes;
         match (&method, segments.as_slice()) {
-            (&Method::GET, ["v1", "vehicles", ..] | ["v1", "alerts"]) => self.access.require(
+            (
+                &Method::GET,
+                ["v1", "vehicles", ..]
+                | ["v1", "alerts"]
+                | ["v1", "geofences", ..]
+                | ["v1", "events"],
+            ) => self.access.require(
                 &caller,
                 &scopes.fleet_read,
                 &format_args!("{method} {path}"),
@@ -135,6 +177,11 @@ impl QueryApi {
             (&Method::POST, ["v1", "alerts", _, "ack"]) => self.access.require(
                 &caller,
                 &scopes.alerts_ack,
+                &format_args!("{method} {path}"),
+            )?,
+            (&Method::PUT | &Method::DELETE, ["v1", "geofences", _]) => self.access.require(
+                &caller,
+                &scopes.geofences_write,
                 &format_args!("{method} {path}"),
             )?,
             _ => {}
@@ -147,9 +194,48 @@ impl QueryApi {
             (&Method::POST, ["v1", "alerts", id, "ack"]) => {
                 self.acknowledge(id, request, &caller).await
             }
-            (_, ["v1", "vehicles", ..] | ["v1", "alerts", ..]) => {
-                Err(Reject(405, format!("{method} {path} is not a route")))
+            (&Method::GET, ["v1", "geofences"]) => {
+                let geofences = self.fleet()?.geofences.list().await?;
+                Ok(json!({ "count": geofences.len(), "geofences": geofences }))
             }
+            (&Method::GET, ["v1", "geofences", id]) => {
+                valid_geofence(id)?;
+                match self.fleet()?.geofences.get(id).await? {
+                    Some(geofence) => Ok(json!(geofence)),
+                    None => Err(Reject(404, format!("no geofence {id:?}"))),
+                }
+            }
+            (&Method::PUT, ["v1", "geofences", id]) => {
+                let body = request_body(request).map_err(bad)?;
+                let geofence = Geofence::from_request(id, &body, now_millis()).map_err(bad)?;
+                self.fleet()?.geofences.put(&geofence).await?;
+                Ok(json!(geofence))
+            }
+            (&Method::DELETE, ["v1", "geofences", id]) => {
+                valid_geofence(id)?;
+                if self.fleet()?.geofences.delete(id).await? {
+                    Ok(json!({ "deleted": id }))
+                } else {
+                    Err(Reject(404, format!("no geofence {id:?}")))
+                }
+            }
+            (&Method::GET, ["v1", "geofences", id, "vehicles"]) => {
+                valid_geofence(id)?;
+                let fleet = self.fleet()?;
+                if fleet.geofences.get(id).await?.is_none() {
+                    return Err(Reject(404, format!("no geofence {id:?}")));
+                }
+                let vehicles = fleet.events.occupants(id).await?;
+                Ok(json!({ "geofence_id": id, "count": vehicles.len(), "vehicles": vehicles }))
+            }
+            (&Method::GET, ["v1", "events"]) => self.list_events(&query).await,
+            (
+                _,
+                ["v1", "vehicles", ..]
+                | ["v1", "alerts", ..]
+                | ["v1", "geofences", ..]
+                | ["v1", "events"],
+            ) => Err(Reject(405, format!("{method} {path} is not a route"))),
             _ => Err(Reject(404, format!("no route {path}"))),
         }
     }
@@ -216,6 +302,38 @@ impl QueryApi {
         Ok(json!({ "count": alerts.len(), "alerts": alerts }))
     }
 
+    async fn list_events(&self, query: &Params<'_>) -> Result<Value, Reject> {
+        let device_id = query.get("device_id");
+        if let Some(id) = &device_id {
+            valid_device(id)?;
+        }
+        let geofence_id = query.get("geofence_id");
+        if let Some(id) = &geofence_id {
+            valid_geofence(id)?;
+        }
+        let kind = match query.get("type") {
+            None => None,
+            Some(text) => Some(text.parse::<FleetEventType>().map_err(bad)?),
+        };
+        let from = time(query, "from")?;
+        let to = time(query, "to")?;
+        if let (Some(from), Some(to)) = (from, to) {
+            if from >= to {
+                return Err(bad(format!("from ({from}) must be before to ({to})")));
+            }
+        }
+        let filter = EventFilter {
+            device_id,
+            kind,
+            geofence_id,
+            from,
+            to,
+            limit: limit(query, 100, MAX_EVENT_LIMIT)?,
+        };
+        let events = self.fleet()?.events.list(&filter).await?;
+        Ok(json!({ "count": events.len(), "events": events }))
+    }
+
     async fn acknowledge(
         &self,
         alert_id: &str,
@@ -270,6 +388,16 @@ fn valid_device(id: &str) -> Result<(), Reject> {
     } else {
         Err(bad(format!(
             "{id:?} is not a device id (1-64 of A-Z a-z 0-9 _ . : -)"
+        )))
+    }
+}
+
+fn valid_geofence(id: &str) -> Result<(), Reject> {
+    if is_valid_geofence_id(id) {
+        Ok(())
+    } else {
+        Err(bad(format!(
+            "{id:?} is not a geofence id (1-128 of A-Z a-z 0-9 _ . : -)"
         )))
     }
 }

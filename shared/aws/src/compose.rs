@@ -851,6 +851,7 @@ impl Composition {
                 )?,
                 fleet_read: or(settings::SCOPE_FLEET_READ, defaults.scopes.fleet_read)?,
                 alerts_ack: or(settings::SCOPE_ALERTS_ACK, defaults.scopes.alerts_ack)?,
+                geofences_write: defaults.scopes.geofences_write,
             },
         })
     }

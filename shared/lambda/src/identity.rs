@@ -26,6 +26,8 @@ pub struct ScopeNames {
     pub telemetry_write_any: String,
     pub fleet_read: String,
     pub alerts_ack: String,
+    /// Writing and deleting geofences.
+    pub geofences_write: String,
 }
 
 impl Default for ScopeNames {
@@ -35,6 +37,7 @@ impl Default for ScopeNames {
             telemetry_write_any: "telemetry:write:any".into(),
             fleet_read: "fleet:read".into(),
             alerts_ack: "alerts:ack".into(),
+            geofences_write: "geofences:write".into(),
         }
     }
 }
