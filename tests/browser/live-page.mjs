@@ -78,6 +78,14 @@ try {
     executablePath: options.chromium,
     args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking'],
   });
+  // A geofence where the simulated fleet drives (it starts around Berlin's centre): drawn on
+  // the map, and its enters listed among the fleet events.
+  const geofence = await fetch(`${base}/v1/geofences/mitte`, {
+    method: 'PUT', headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ name: 'Mitte', geometry: { type: 'Point', coordinates: [13.405, 52.52], radius_m: 3000 },
+      speed_limit_kmh: 50, dwell_s: 0 }),
+  });
+  check(geofence.ok, `a geofence is stored (${geofence.status})`);
   const page = await browser.newPage({ viewport: { width: 1440, height: 1000 } });
   const pageErrors = [];
   page.on('pageerror', error => pageErrors.push(String(error)));
@@ -101,6 +109,13 @@ try {
   const acknowledged = stored.alerts.find(a => a.alert_id === alertId);
   check(!acknowledged || acknowledged.acknowledged_by === 'operator',
     'acknowledging in the page acknowledges the alert in the store (or it has cleared meanwhile)');
+
+  await page.waitForFunction(() => window.geostreamLive.geofences !== undefined, null, { timeout: 15_000 });
+  const shapes = await page.evaluate(() => window.geostreamLive.geofenceShapes);
+  check(shapes === 1, `the map draws the geofence (${shapes} shape)`);
+  await page.waitForSelector('#fleet-events li', { timeout: 30_000 });
+  const firstEvent = (await page.locator('#fleet-events li').first().innerText()).replace(/\s+/g, ' ');
+  check(/entered mitte|left mitte|speeding/.test(firstEvent), `fleet events are listed beside the alerts: ${firstEvent}`);
 
   // Charts: one per widget of the dashboard definition, with data.
   const definition = await (await fetch(`${base}/local/dashboard.json`)).json();
@@ -146,6 +161,13 @@ try {
   await page.waitForSelector('#details dl', { timeout: 10_000 });
   const details = await page.locator('#details dl').innerText();
   check(/track \(1 h\)\s+\d+ readings/.test(details), 'vehicle details show its recent track');
+  // Open a vehicle from the fleet events: its details list them.
+  const eventItem = page.locator('#fleet-events li').first();
+  const eventDevice = await eventItem.getAttribute('data-device');
+  await eventItem.click();
+  await page.waitForFunction(id => (document.querySelector('#details dl') || {}).innerText?.includes(id), eventDevice, { timeout: 10_000 });
+  const eventDetails = await page.locator('#details dl').innerText();
+  check(/events\s+[^\n]*mitte/.test(eventDetails), `vehicle details list its fleet events (${eventDevice})`);
 
   await page.screenshot({ path: options.screenshot, fullPage: true });
   check(pageErrors.length === 0, `no script errors in the page${pageErrors.length ? ': ' + pageErrors.join('; ') : ''}`);
