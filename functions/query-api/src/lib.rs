@@ -706,6 +706,90 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn geofences_are_written_with_their_scope_and_read_with_fleet_read() {
+        let (api, _) = api().await;
+        let geofences = Arc::new(geostream_shared::memory::MemoryGeofences::new());
+        let events = Arc::new(geostream_shared::memory::MemoryFleetEvents::new(10));
+        let api = api
+            .with_fleet(geofences.clone(), events)
+            .with_access(AccessPolicy::jwt());
+        let metrics = RecordedMetrics::new();
+        // A token with exactly `scopes` (in the claims, as API Gateway matched them).
+        let operator = |scopes: &[&str], method: &str, path: &str, body: Option<Value>| {
+            let claims = json!({"sub": "ops-ana", "scope": scopes.join(" ")});
+            token_request(claims, scopes, method, path, body)
+        };
+        let body = json!({"name": "Yard", "geometry": {"type": "Point", "coordinates": [13.4, 52.5], "radius_m": 120}});
+        let put = |scopes: &[&str], body: Value| {
+            operator(scopes, "PUT", "/v1/geofences/yard", Some(body))
+        };
+        let refused = api
+            .handle(put(&["fleet:read"], body.clone()), &metrics)
+            .await;
+        assert_eq!(refused.status_code, 403, "{}", json_of(&refused));
+        assert!(geofences.get("yard").await.unwrap().is_none());
+        let stored = api
+            .handle(put(&["geofences:write"], body.clone()), &metrics)
+            .await;
+        assert_eq!(stored.status_code, 200, "{}", json_of(&stored));
+        let mut open_ring = json!({"geometry": {"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [1, 1], [0, 1]]]}});
+        let invalid = api
+            .handle(put(&["geofences:write"], open_ring.take()), &metrics)
+            .await;
+        assert_eq!(invalid.status_code, 400);
+        assert!(json_of(&invalid)["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not closed")));
+        for (scopes, path, status) in [
+            (&["fleet:read"][..], "/v1/geofences", 200),
+            (&["fleet:read"], "/v1/geofences/yard", 200),
+            (&["fleet:read"], "/v1/geofences/yard/vehicles", 200),
+            (&["fleet:read"], "/v1/geofences/gone", 404),
+            (&["fleet:read"], "/v1/events", 200),
+            (&["geofences:write"], "/v1/events", 403),
+        ] {
+            let response = api
+                .handle(operator(scopes, "GET", path, None), &metrics)
+                .await;
+            assert_eq!(response.status_code, status, "GET {path} with {scopes:?}");
+        }
+        let delete = |scopes: &[&str]| operator(scopes, "DELETE", "/v1/geofences/yard", None);
+        assert_eq!(
+            api.handle(delete(&["fleet:read"]), &metrics)
+                .await
+                .status_code,
+            403
+        );
+        assert_eq!(
+            api.handle(delete(&["geofences:write"]), &metrics)
+                .await
+                .status_code,
+            200
+        );
+        assert_eq!(
+            api.handle(delete(&["geofences:write"]), &metrics)
+                .await
+                .status_code,
+            404
+        );
+    }
+
+    #[tokio::test]
+    async fn without_fleet_stores_the_fleet_routes_say_so() {
+        let (api, _) = api().await;
+        let response = api
+            .handle(
+                request("GET", "/v1/events", &[], None),
+                &RecordedMetrics::new(),
+            )
+            .await;
+        assert_eq!(response.status_code, 404);
+        assert!(json_of(&response)["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not set up")));
+    }
+
+    #[tokio::test]
     async fn alerts_list_and_acknowledge() {
         let (api, store) = api().await;
         let response = api

@@ -7,8 +7,9 @@
 //!   default, `DEVICE_CLAIM`): it may post that vehicle's readings and no other's.
 //! - A **gateway token** carries `telemetry:write:any`: a depot gateway or a telematics
 //!   provider forwarding for many vehicles may post readings of any of them.
-//! - An **operator token** carries `fleet:read` (vehicles, radius queries, tracks, alerts)
-//!   and/or `alerts:ack` (acknowledging, recorded under the token's subject).
+//! - An **operator token** carries `fleet:read` (vehicles, radius queries, tracks, alerts,
+//!   geofences, fleet events), `alerts:ack` (acknowledging, recorded under the token's
+//!   subject) and/or `geofences:write` (writing and deleting geofences).
 //!
 //! Scope names are settings (`SCOPE_*`): Cognito resource-server scopes look like
 //! `geostream/telemetry.write`. A deployment with an authorizer sets `AUTHORIZATION=jwt`, and
