@@ -5,7 +5,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-const EARTH_RADIUS_M: f64 = 6_371_008.8;
+pub(crate) const EARTH_RADIUS_M: f64 = 6_371_008.8;
 
 /// The kinds of anomaly the simulator injects, each meant to trip one default rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -300,14 +300,14 @@ fn random_point(rng: &mut SmallRng, center: (f64, f64), radius_m: f64) -> (f64, 
     destination(center, rng.random_range(0.0..360.0), distance)
 }
 
-fn haversine_m(a: (f64, f64), b: (f64, f64)) -> f64 {
+pub(crate) fn haversine_m(a: (f64, f64), b: (f64, f64)) -> f64 {
     let (lat1, lat2) = (a.0.to_radians(), b.0.to_radians());
     let h = ((lat2 - lat1) / 2.0).sin().powi(2)
         + lat1.cos() * lat2.cos() * ((b.1 - a.1).to_radians() / 2.0).sin().powi(2);
     2.0 * EARTH_RADIUS_M * h.sqrt().min(1.0).asin()
 }
 
-fn bearing_deg(from: (f64, f64), to: (f64, f64)) -> f64 {
+pub(crate) fn bearing_deg(from: (f64, f64), to: (f64, f64)) -> f64 {
     let (lat1, lat2) = (from.0.to_radians(), to.0.to_radians());
     let dlon = (to.1 - from.1).to_radians();
     let y = dlon.sin() * lat2.cos();
@@ -315,7 +315,7 @@ fn bearing_deg(from: (f64, f64), to: (f64, f64)) -> f64 {
     (y.atan2(x).to_degrees() + 360.0) % 360.0
 }
 
-fn destination(from: (f64, f64), bearing_deg: f64, distance_m: f64) -> (f64, f64) {
+pub(crate) fn destination(from: (f64, f64), bearing_deg: f64, distance_m: f64) -> (f64, f64) {
     let angle = distance_m / EARTH_RADIUS_M;
     let (lat1, lon1, bearing) = (
         from.0.to_radians(),

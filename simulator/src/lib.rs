@@ -6,6 +6,7 @@
 //! and request latency percentiles.
 
 pub mod fleet;
+pub mod geofence_routes;
 
 use std::io::Write;
 use std::path::PathBuf;

@@ -286,3 +286,106 @@ async fn geofence_overspeed_and_offline_events_over_http() {
     assert_eq!(status, 404);
     running.shutdown().await;
 }
+
+/// The simulator's routes across a grid of geofences (zigzags at boundaries, speeding on the
+/// road), posted as a fleet posts them (each vehicle once per request, in time order): the
+/// fleet events equal the ground truth the routes were designed with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulated_routes_make_exactly_their_ground_truth_events() {
+    use geostream_sim::geofence_routes::{self, RouteSpec};
+    let mut rules = RuleSet::default_rules();
+    rules.fleet.speed_limit_kmh = Some(geofence_routes::SPEED_LIMIT_KMH);
+    rules.fleet.overspeed_min_duration_ms =
+        (geofence_routes::OVERSPEED_MIN_DURATION_S * 1000.0) as i64;
+    rules.fleet.overspeed_clear_duration_ms =
+        (geofence_routes::OVERSPEED_CLEAR_DURATION_S * 1000.0) as i64;
+    rules.fleet.overspeed_hysteresis_kmh = geofence_routes::OVERSPEED_HYSTERESIS_KMH;
+    let running = start(LocalConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        rules,
+        ..LocalConfig::default()
+    })
+    .await
+    .expect("the embedded stack starts");
+    let client = Client {
+        http: reqwest::Client::new(),
+        base: format!("http://{}", running.addr),
+    };
+    let mut spec = RouteSpec {
+        seed: 16,
+        vehicles: 20,
+        visits: 4,
+        grid: 4,
+        origin: (48.10, 11.50),
+        start_ts: 0,
+    };
+    let longest = geofence_routes::routes(&spec)
+        .readings
+        .iter()
+        .map(Vec::len)
+        .max()
+        .unwrap() as i64;
+    // Every reading in the past, the newest 5 s ago.
+    spec.start_ts = geostream_shared::now_millis() - 5_000 - longest * 2_000;
+    let routes = geofence_routes::routes(&spec);
+    for geofence in &routes.geofences {
+        let (status, body) = client
+            .send(
+                reqwest::Method::PUT,
+                &format!("/v1/geofences/{}", geofence.geofence_id),
+                Some(&geofence.body),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    for tick in 0..longest as usize {
+        let batch: Vec<Value> = routes
+            .readings
+            .iter()
+            .filter_map(|readings| readings.get(tick))
+            .map(|reading| serde_json::to_value(reading).unwrap())
+            .collect();
+        let (status, answer) = client
+            .send(reqwest::Method::POST, "/v1/telemetry", Some(&Value::Array(batch)))
+            .await;
+        assert_eq!(status, 202, "{answer}");
+    }
+    assert!(running.wait_drained(Duration::from_secs(60)).await);
+
+    let key = |device: &str, kind: &str, ts: i64, geofence: Option<&str>, value: Option<f64>| {
+        format!(
+            "{device} {kind} {ts} {} {}",
+            geofence.unwrap_or("-"),
+            value.map_or("-".to_string(), |v| format!("{v:.3}"))
+        )
+    };
+    let mut expected: Vec<String> = routes
+        .truth
+        .iter()
+        .map(|e| key(&e.device_id, e.kind, e.ts, e.geofence_id.as_deref(), e.value))
+        .collect();
+    expected.sort();
+    let mut made = Vec::new();
+    for vehicle in 0..spec.vehicles {
+        let device = format!("route-{vehicle:04}");
+        for event in client.events(&format!("device_id={device}&limit=1000")).await {
+            let kind = event["type"].as_str().unwrap_or_default();
+            // The readings are minutes old: the vehicles go offline and come back as they are
+            // posted; those events are the other test's.
+            if kind.starts_with("device_") {
+                continue;
+            }
+            made.push(key(
+                &device,
+                kind,
+                event["ts"].as_i64().unwrap_or_default(),
+                event["geofence_id"].as_str(),
+                event["value"].as_f64(),
+            ));
+        }
+    }
+    made.sort();
+    assert!(expected.len() > 150, "a scenario worth the name: {}", expected.len());
+    assert_eq!(made, expected);
+    running.shutdown().await;
+}
