@@ -42,21 +42,33 @@ resource "aws_apigatewayv2_integration" "function" {
 
 locals {
   routes = merge(var.ingress == "api_gateway" ? { "POST /v1/telemetry" = "ingest" } : {}, {
-    "GET /v1/vehicles/near"          = "query-api"
-    "GET /v1/vehicles/{id}"          = "query-api"
-    "GET /v1/vehicles/{id}/track"    = "query-api"
-    "GET /v1/alerts"                 = "query-api"
-    "POST /v1/alerts/{alert_id}/ack" = "query-api"
+    "GET /v1/vehicles/near"                    = "query-api"
+    "GET /v1/vehicles/{id}"                    = "query-api"
+    "GET /v1/vehicles/{id}/track"              = "query-api"
+    "GET /v1/alerts"                           = "query-api"
+    "POST /v1/alerts/{alert_id}/ack"           = "query-api"
+    "GET /v1/geofences"                        = "query-api"
+    "GET /v1/geofences/{geofence_id}"          = "query-api"
+    "PUT /v1/geofences/{geofence_id}"          = "query-api"
+    "DELETE /v1/geofences/{geofence_id}"       = "query-api"
+    "GET /v1/geofences/{geofence_id}/vehicles" = "query-api"
+    "GET /v1/events"                           = "query-api"
   })
 
   # The scopes a token needs per route (any one of them); the functions check them again.
   route_scopes = {
-    "POST /v1/telemetry"             = [var.scopes.telemetry_write, var.scopes.telemetry_write_any]
-    "GET /v1/vehicles/near"          = [var.scopes.fleet_read]
-    "GET /v1/vehicles/{id}"          = [var.scopes.fleet_read]
-    "GET /v1/vehicles/{id}/track"    = [var.scopes.fleet_read]
-    "GET /v1/alerts"                 = [var.scopes.fleet_read]
-    "POST /v1/alerts/{alert_id}/ack" = [var.scopes.alerts_ack]
+    "POST /v1/telemetry"                       = [var.scopes.telemetry_write, var.scopes.telemetry_write_any]
+    "GET /v1/vehicles/near"                    = [var.scopes.fleet_read]
+    "GET /v1/vehicles/{id}"                    = [var.scopes.fleet_read]
+    "GET /v1/vehicles/{id}/track"              = [var.scopes.fleet_read]
+    "GET /v1/alerts"                           = [var.scopes.fleet_read]
+    "POST /v1/alerts/{alert_id}/ack"           = [var.scopes.alerts_ack]
+    "GET /v1/geofences"                        = [var.scopes.fleet_read]
+    "GET /v1/geofences/{geofence_id}"          = [var.scopes.fleet_read]
+    "PUT /v1/geofences/{geofence_id}"          = [var.scopes.geofences_write]
+    "DELETE /v1/geofences/{geofence_id}"       = [var.scopes.geofences_write]
+    "GET /v1/geofences/{geofence_id}/vehicles" = [var.scopes.fleet_read]
+    "GET /v1/events"                           = [var.scopes.fleet_read]
   }
 }
 

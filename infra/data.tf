@@ -151,6 +151,130 @@ resource "aws_dynamodb_table" "alerts" {
   }
 }
 
+# Fleet events (docs/fleet-events.md): geofences, with a version item bumped with every write
+# (the anomaly-inspector's cache reads it, not the table); the events, kept
+# var.fleet_event_retention_days by DynamoDB's TTL, written once and never changed (so their
+# indexes hold whole items at no later cost); who is inside each geofence.
+resource "aws_dynamodb_table" "geofences" {
+  name         = "${var.name_prefix}-geofences"
+  billing_mode = "PAY_PER_REQUEST"
+  hash_key     = "geofence_id"
+
+  attribute {
+    name = "geofence_id"
+    type = "S"
+  }
+
+  point_in_time_recovery {
+    enabled = true
+  }
+
+  server_side_encryption {
+    enabled = true
+  }
+}
+
+resource "aws_dynamodb_table" "fleet_events" {
+  name         = "${var.name_prefix}-fleet-events"
+  billing_mode = "PAY_PER_REQUEST"
+  hash_key     = "event_id"
+
+  attribute {
+    name = "event_id"
+    type = "S"
+  }
+
+  attribute {
+    name = "device_id"
+    type = "S"
+  }
+
+  attribute {
+    name = "day"
+    type = "S"
+  }
+
+  attribute {
+    name = "geofence_id"
+    type = "S"
+  }
+
+  attribute {
+    name = "ts"
+    type = "N"
+  }
+
+  global_secondary_index {
+    name            = "by-device"
+    hash_key        = "device_id"
+    range_key       = "ts"
+    projection_type = "ALL"
+  }
+
+  global_secondary_index {
+    name            = "by-day"
+    hash_key        = "day"
+    range_key       = "ts"
+    projection_type = "ALL"
+  }
+
+  global_secondary_index {
+    name            = "by-geofence"
+    hash_key        = "geofence_id"
+    range_key       = "ts"
+    projection_type = "ALL"
+  }
+
+  ttl {
+    attribute_name = "expires_at"
+    enabled        = true
+  }
+
+  point_in_time_recovery {
+    enabled = true
+  }
+
+  server_side_encryption {
+    enabled = true
+  }
+}
+
+resource "aws_dynamodb_table" "geofence_occupants" {
+  name         = "${var.name_prefix}-geofence-occupants"
+  billing_mode = "PAY_PER_REQUEST"
+  hash_key     = "occupant_id"
+
+  attribute {
+    name = "occupant_id"
+    type = "S"
+  }
+
+  attribute {
+    name = "geofence_id"
+    type = "S"
+  }
+
+  attribute {
+    name = "device_id"
+    type = "S"
+  }
+
+  global_secondary_index {
+    name            = "by-geofence"
+    hash_key        = "geofence_id"
+    range_key       = "device_id"
+    projection_type = "ALL"
+  }
+
+  point_in_time_recovery {
+    enabled = true
+  }
+
+  server_side_encryption {
+    enabled = true
+  }
+}
+
 resource "aws_timestreamwrite_database" "archive" {
   count         = var.archive == "timestream" ? 1 : 0
   database_name = "${var.name_prefix}-archive"

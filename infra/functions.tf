@@ -52,6 +52,15 @@ locals {
     SCOPE_TELEMETRY_WRITE_ANY = var.scopes.telemetry_write_any
     SCOPE_FLEET_READ          = var.scopes.fleet_read
     SCOPE_ALERTS_ACK          = var.scopes.alerts_ack
+    SCOPE_GEOFENCES_WRITE     = var.scopes.geofences_write
+  }
+
+  # Fleet events' stores (docs/fleet-events.md), for the anomaly-inspector and the query API.
+  fleet_environment = {
+    GEOFENCES_TABLE            = aws_dynamodb_table.geofences.name
+    FLEET_EVENTS_TABLE         = aws_dynamodb_table.fleet_events.name
+    GEOFENCE_OCCUPANTS_TABLE   = aws_dynamodb_table.geofence_occupants.name
+    FLEET_EVENT_RETENTION_DAYS = tostring(var.fleet_event_retention_days)
   }
 
   # The bus the deployment chose (variable bus), for every function that reads it.
@@ -217,7 +226,7 @@ module "anomaly_inspector" {
   log_retention_days = var.log_retention_days
   system_log_level   = var.lambda_system_log_level
   vpc                = local.rule_state_vpc
-  environment = merge(local.kafka_environment, local.rule_state_environment, local.dead_letter_environment, {
+  environment = merge(local.kafka_environment, local.rule_state_environment, local.dead_letter_environment, local.fleet_environment, {
     ALERTS_TABLE  = aws_dynamodb_table.alerts.name
     ALERTS_STREAM = var.bus == "kinesis" ? aws_kinesis_stream.alerts[0].name : ""
     ALERTS_TOPIC  = var.bus == "kafka" ? var.kafka_alerts_topic : ""
@@ -237,6 +246,22 @@ module "anomaly_inspector" {
       actions   = ["dynamodb:UpdateItem", "dynamodb:DeleteItem"]
       resources = [aws_dynamodb_table.alerts.arn]
     },
+    {
+      # The geofence cache: the version item every 30 s, the table when it changed.
+      sid       = "ReadGeofences"
+      actions   = ["dynamodb:GetItem", "dynamodb:Scan"]
+      resources = [aws_dynamodb_table.geofences.arn]
+    },
+    {
+      sid       = "RecordFleetEvents"
+      actions   = ["dynamodb:PutItem"]
+      resources = [aws_dynamodb_table.fleet_events.arn]
+    },
+    {
+      sid       = "GeofenceOccupants"
+      actions   = ["dynamodb:PutItem", "dynamodb:DeleteItem"]
+      resources = [aws_dynamodb_table.geofence_occupants.arn]
+    },
     ], local.dead_letter_statements, var.bus == "kinesis" ? [
     {
       sid       = "PublishAlerts"
@@ -254,7 +279,7 @@ module "query_api" {
   log_retention_days = var.log_retention_days
   system_log_level   = var.lambda_system_log_level
   vpc                = local.query_api_vpc
-  environment = merge(local.archive_environment, local.position_environment, local.access_environment, {
+  environment = merge(local.archive_environment, local.position_environment, local.access_environment, local.fleet_environment, {
     ALERT_STATE_TABLE = aws_dynamodb_table.alert_state.name
     ALERTS_TABLE      = aws_dynamodb_table.alerts.name
   })
@@ -281,6 +306,18 @@ module "query_api" {
       sid       = "ListAlerts"
       actions   = ["dynamodb:Query"]
       resources = ["${aws_dynamodb_table.alerts.arn}/index/by-state", "${aws_dynamodb_table.alerts.arn}/index/by-device"]
+    },
+    {
+      # A write or delete is one TransactWriteItems with the version item's UpdateItem,
+      # authorised as the PutItem or DeleteItem and the UpdateItem inside it.
+      sid       = "Geofences"
+      actions   = ["dynamodb:GetItem", "dynamodb:Scan", "dynamodb:PutItem", "dynamodb:DeleteItem", "dynamodb:UpdateItem"]
+      resources = [aws_dynamodb_table.geofences.arn]
+    },
+    {
+      sid       = "ListFleetEvents"
+      actions   = ["dynamodb:Query"]
+      resources = ["${aws_dynamodb_table.fleet_events.arn}/index/by-device", "${aws_dynamodb_table.fleet_events.arn}/index/by-day", "${aws_dynamodb_table.fleet_events.arn}/index/by-geofence", "${aws_dynamodb_table.geofence_occupants.arn}/index/by-geofence"]
     },
   ], local.archive_read_statements)
 }

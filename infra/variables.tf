@@ -265,18 +265,31 @@ variable "device_claim" {
 }
 
 variable "scopes" {
-  description = "Scope names per permission, as the token issuer writes them (Cognito resource-server scopes look like geostream/telemetry.write): telemetry_write posts the token's own vehicle, telemetry_write_any any vehicle (a gateway forwarding for many), fleet_read reads vehicles, tracks and alerts, alerts_ack acknowledges."
+  description = "Scope names per permission, as the token issuer writes them (Cognito resource-server scopes look like geostream/telemetry.write): telemetry_write posts the token's own vehicle, telemetry_write_any any vehicle (a gateway forwarding for many), fleet_read reads vehicles, tracks, alerts, geofences and fleet events, alerts_ack acknowledges, geofences_write writes and deletes geofences."
   type = object({
     telemetry_write     = string
     telemetry_write_any = string
     fleet_read          = string
     alerts_ack          = string
+    geofences_write     = string
   })
   default = {
     telemetry_write     = "telemetry:write"
     telemetry_write_any = "telemetry:write:any"
     fleet_read          = "fleet:read"
     alerts_ack          = "alerts:ack"
+    geofences_write     = "geofences:write"
+  }
+}
+
+variable "fleet_event_retention_days" {
+  description = "How many days fleet events (geofence enters and exits, overspeed, offline) are kept: DynamoDB's TTL removes older ones (within a few days of expiry)."
+  type        = number
+  default     = 30
+
+  validation {
+    condition     = var.fleet_event_retention_days >= 1 && var.fleet_event_retention_days <= 3650 && floor(var.fleet_event_retention_days) == var.fleet_event_retention_days
+    error_message = "fleet_event_retention_days must be a whole number of days from 1 to 3650."
   }
 }
 

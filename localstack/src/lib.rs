@@ -82,9 +82,7 @@ fn stream_functions(
     ]
 }
 
-/// The anomaly-inspector on a stack's ports, making fleet events where they have stores. The
-/// embedded geofence store answers its version from memory: the inspector looks at it on
-/// every batch, so a geofence written takes effect from the next batch.
+/// The anomaly-inspector on a stack's ports, making fleet events where they have stores.
 fn inspector(
     ports: &wiring::Ports,
     alert_bus: Arc<dyn EventBus>,
@@ -100,7 +98,7 @@ fn inspector(
         Some(fleet) => inspector.with_fleet(
             fleet.geofences.clone(),
             fleet.events.clone(),
-            std::time::Duration::ZERO,
+            ports.geofence_refresh,
         ),
         None => inspector,
     }
@@ -264,7 +262,7 @@ pub async fn start(config: LocalConfig) -> Result<RunningStack, String> {
         ports.query.alerts.clone(),
     )
     .with_access(access);
-    if let Some(fleet) = &ports.fleet {
+    if let Some(fleet) = &ports.query.fleet {
         query_api = query_api.with_fleet(fleet.geofences.clone(), fleet.events.clone());
     }
     let stack = Arc::new(Stack {

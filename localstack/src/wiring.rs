@@ -100,9 +100,10 @@ pub struct Ports {
     /// so that what it costs is counted apart; the same stores otherwise.
     pub query: QueryPorts,
     pub telemetry: TelemetrySource,
-    /// Set where fleet events have stores: the embedded backend (the AWS adapters of
-    /// geofences and events are not built yet).
+    /// The anomaly-inspector's fleet-event stores.
     pub fleet: Option<FleetPorts>,
+    /// How often the inspector looks whether the geofences changed.
+    pub geofence_refresh: std::time::Duration,
     /// Set on the embedded backend.
     pub memory: Option<MemoryParts>,
     /// Set on the AWS backend: what each function's clients have called and consumed.
@@ -113,6 +114,7 @@ pub struct QueryPorts {
     pub positions: Arc<dyn PositionStore>,
     pub archive: Arc<dyn Archive>,
     pub alerts: Arc<dyn AlertStore>,
+    pub fleet: Option<FleetPorts>,
 }
 
 /// What one function's AWS clients did: requests per operation and capacity units.
@@ -213,12 +215,18 @@ fn embedded_ports(config: &LocalConfig) -> Ports {
             positions: memory.positions.clone(),
             archive: memory.archive.clone(),
             alerts: memory.alerts.clone(),
+            fleet: Some(FleetPorts {
+                geofences: memory.geofences.clone(),
+                events: memory.fleet_events.clone(),
+            }),
         },
         telemetry: TelemetrySource::Memory(memory.telemetry.clone()),
         fleet: Some(FleetPorts {
             geofences: memory.geofences.clone(),
             events: memory.fleet_events.clone(),
         }),
+        // The embedded store answers its version from memory: looked at on every batch.
+        geofence_refresh: std::time::Duration::ZERO,
         memory: Some(memory),
         aws_usage: None,
     }
@@ -325,9 +333,17 @@ async fn aws_ports(aws: &AwsBackend, bus: &Bus, shards: usize) -> Result<Ports, 
             positions: query_api.positions().await.map_err(composed)?,
             archive: query_api.archive().await.map_err(composed)?,
             alerts: query_api.alert_records().map_err(composed)?,
+            fleet: Some(FleetPorts {
+                geofences: query_api.geofences().map_err(composed)?,
+                events: query_api.fleet_events().map_err(composed)?,
+            }),
         },
         telemetry,
-        fleet: None,
+        fleet: Some(FleetPorts {
+            geofences: inspector.geofences().map_err(composed)?,
+            events: inspector.fleet_events().map_err(composed)?,
+        }),
+        geofence_refresh: geostream_anomaly_inspector::GEOFENCE_REFRESH,
         memory: None,
         aws_usage: Some(usage),
     })

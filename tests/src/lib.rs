@@ -329,6 +329,9 @@ pub fn check(
             "positions" => &names.positions_table,
             "alert_state" => &names.alert_state_table,
             "metric_names" => &names.metric_names_table,
+            "geofences" => &names.geofences_table,
+            "fleet_events" => &names.fleet_events_table,
+            "geofence_occupants" => &names.geofence_occupants_table,
             _ => &names.alerts_table,
         };
         let name = attribute(body, "name").map(reference).unwrap_or_default();

@@ -346,7 +346,11 @@ async fn simulated_routes_make_exactly_their_ground_truth_events() {
             .map(|reading| serde_json::to_value(reading).unwrap())
             .collect();
         let (status, answer) = client
-            .send(reqwest::Method::POST, "/v1/telemetry", Some(&Value::Array(batch)))
+            .send(
+                reqwest::Method::POST,
+                "/v1/telemetry",
+                Some(&Value::Array(batch)),
+            )
             .await;
         assert_eq!(status, 202, "{answer}");
     }
@@ -362,13 +366,24 @@ async fn simulated_routes_make_exactly_their_ground_truth_events() {
     let mut expected: Vec<String> = routes
         .truth
         .iter()
-        .map(|e| key(&e.device_id, e.kind, e.ts, e.geofence_id.as_deref(), e.value))
+        .map(|e| {
+            key(
+                &e.device_id,
+                e.kind,
+                e.ts,
+                e.geofence_id.as_deref(),
+                e.value,
+            )
+        })
         .collect();
     expected.sort();
     let mut made = Vec::new();
     for vehicle in 0..spec.vehicles {
         let device = format!("route-{vehicle:04}");
-        for event in client.events(&format!("device_id={device}&limit=1000")).await {
+        for event in client
+            .events(&format!("device_id={device}&limit=1000"))
+            .await
+        {
             let kind = event["type"].as_str().unwrap_or_default();
             // The readings are minutes old: the vehicles go offline and come back as they are
             // posted; those events are the other test's.
@@ -385,7 +400,11 @@ async fn simulated_routes_make_exactly_their_ground_truth_events() {
         }
     }
     made.sort();
-    assert!(expected.len() > 150, "a scenario worth the name: {}", expected.len());
+    assert!(
+        expected.len() > 150,
+        "a scenario worth the name: {}",
+        expected.len()
+    );
     assert_eq!(made, expected);
     running.shutdown().await;
 }

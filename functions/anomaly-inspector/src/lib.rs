@@ -35,6 +35,9 @@ use geostream_shared::stream::{
 };
 
 pub const FUNCTION_NAME: &str = "anomaly-inspector";
+/// How often a Lambda execution environment looks whether the geofences changed (one read of
+/// the store's version): a geofence written takes effect within this and one batch.
+pub const GEOFENCE_REFRESH: Duration = Duration::from_secs(30);
 /// Commits that lose a version race are retried this many times before the records fail.
 const COMMIT_ATTEMPTS: usize = 5;
 

@@ -1,7 +1,8 @@
 //! The anomaly-inspector Lambda: the telemetry bus (Kinesis or Kafka) -> rules -> DynamoDB
-//! alerts + the alerts bus (Kafka with `BUS=kafka` in a build with `--features kafka`).
+//! alerts + the alerts bus (Kafka with `BUS=kafka` in a build with `--features kafka`), and
+//! fleet events against the geofences.
 
-use geostream_anomaly_inspector::{AnomalyInspector, FUNCTION_NAME};
+use geostream_anomaly_inspector::{AnomalyInspector, FUNCTION_NAME, GEOFENCE_REFRESH};
 use geostream_aws::compose::Composition;
 
 #[tokio::main]
@@ -13,6 +14,7 @@ async fn main() -> Result<(), geostream_lambda::Error> {
         ports.alerts().await?,
         ports.alerts_bus().await?,
         ports.dead_letters()?,
-    );
+    )
+    .with_fleet(ports.geofences()?, ports.fleet_events()?, GEOFENCE_REFRESH);
     ports.run_stream_function(handler).await
 }

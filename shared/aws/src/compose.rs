@@ -14,8 +14,8 @@ use std::sync::Arc;
 use geostream_shared::limits::{DeviceLimits, DeviceRateLimit, LocalDeviceLimits};
 use geostream_shared::metrics::EmfLog;
 use geostream_shared::ports::{
-    AlertStore, Archive, DeadLetterSink, EventBus, MetricNameRegistry, PositionStore,
-    DEFAULT_MAX_METRIC_NAMES,
+    AlertStore, Archive, DeadLetterSink, EventBus, FleetEventStore, GeofenceStore,
+    MetricNameRegistry, PositionStore, DEFAULT_MAX_METRIC_NAMES,
 };
 use geostream_shared::rules::RuleSet;
 use geostream_shared::stream::{RetryBudget, WithRetryBudget};
@@ -25,6 +25,7 @@ use geostream_lambda::jwt::{JwtVerifier, KeySource};
 
 use crate::config::Clients;
 use crate::dynamodb::{DynamoAlerts, DynamoPositions};
+use crate::fleet::{DynamoFleetEvents, DynamoGeofences};
 use crate::kinesis::KinesisBus;
 use crate::metric_names::DynamoMetricNames;
 use crate::s3archive::S3Archive;
@@ -187,6 +188,26 @@ pub mod settings {
         purpose: "the scope that acknowledges alerts (default alerts:ack)",
         optional: true,
     };
+    pub const SCOPE_GEOFENCES_WRITE: Setting = Setting {
+        name: "SCOPE_GEOFENCES_WRITE",
+        purpose: "the scope that writes and deletes geofences (default geofences:write)",
+        optional: true,
+    };
+    pub const GEOFENCES_TABLE: Setting =
+        setting("GEOFENCES_TABLE", "the DynamoDB table of geofences");
+    pub const FLEET_EVENTS_TABLE: Setting = setting(
+        "FLEET_EVENTS_TABLE",
+        "the DynamoDB table of fleet events (geofence enters and exits, overspeed, offline)",
+    );
+    pub const GEOFENCE_OCCUPANTS_TABLE: Setting = setting(
+        "GEOFENCE_OCCUPANTS_TABLE",
+        "the DynamoDB table of who is inside each geofence",
+    );
+    pub const FLEET_EVENT_RETENTION_DAYS: Setting = Setting {
+        name: "FLEET_EVENT_RETENTION_DAYS",
+        purpose: "how many days fleet events are kept (DynamoDB TTL; default 30)",
+        optional: true,
+    };
     pub const DEVICE_RATE_PER_SECOND: Setting = Setting {
         name: "DEVICE_RATE_PER_SECOND",
         purpose: "requests a second one device may post on average (default 2; fractions allowed); past it and its burst it is answered 429 with Retry-After",
@@ -238,6 +259,10 @@ pub enum Port {
     Access,
     /// Per-device request limits (ingest).
     DeviceLimits,
+    /// Geofences: written and read (the query API), cached (the anomaly-inspector).
+    Geofences,
+    /// Fleet events and geofence occupants.
+    FleetEvents,
 }
 
 impl Port {
@@ -279,6 +304,12 @@ impl Port {
             Port::Rules => &[RULES_FILE],
             Port::MetricNames => &[METRIC_NAMES_TABLE, MAX_METRIC_NAMES],
             Port::DeviceLimits => &[DEVICE_RATE_PER_SECOND, DEVICE_RATE_BURST],
+            Port::Geofences => &[GEOFENCES_TABLE],
+            Port::FleetEvents => &[
+                FLEET_EVENTS_TABLE,
+                GEOFENCE_OCCUPANTS_TABLE,
+                FLEET_EVENT_RETENTION_DAYS,
+            ],
             Port::Access => &[
                 AUTHORIZATION,
                 JWT_ISSUER,
@@ -289,6 +320,7 @@ impl Port {
                 SCOPE_TELEMETRY_WRITE_ANY,
                 SCOPE_FLEET_READ,
                 SCOPE_ALERTS_ACK,
+                SCOPE_GEOFENCES_WRITE,
             ],
         }
     }
@@ -617,6 +649,43 @@ impl Composition {
         }
     }
 
+    /// Geofences in DynamoDB (`GEOFENCES_TABLE`).
+    pub fn geofences(&self) -> Result<Arc<dyn GeofenceStore>, ComposeError> {
+        Ok(Arc::new(
+            DynamoGeofences::new(
+                self.clients.dynamodb.clone(),
+                self.required(settings::GEOFENCES_TABLE)?,
+            )
+            .metered(self.clients.capacity.clone()),
+        ))
+    }
+
+    /// Fleet events and geofence occupants in DynamoDB (`FLEET_EVENTS_TABLE`,
+    /// `GEOFENCE_OCCUPANTS_TABLE`), kept `FLEET_EVENT_RETENTION_DAYS`.
+    pub fn fleet_events(&self) -> Result<Arc<dyn FleetEventStore>, ComposeError> {
+        let retention_days = match self.optional(settings::FLEET_EVENT_RETENTION_DAYS)? {
+            None => crate::fleet::DEFAULT_EVENT_RETENTION_DAYS,
+            Some(text) => text
+                .parse::<u32>()
+                .ok()
+                .filter(|days| (1..=3_650).contains(days))
+                .ok_or(ComposeError::Invalid {
+                    name: settings::FLEET_EVENT_RETENTION_DAYS.name,
+                    value: text,
+                    expected: "a whole number of days from 1 to 3650",
+                })?,
+        };
+        Ok(Arc::new(
+            DynamoFleetEvents::new(
+                self.clients.dynamodb.clone(),
+                self.required(settings::FLEET_EVENTS_TABLE)?,
+                self.required(settings::GEOFENCE_OCCUPANTS_TABLE)?,
+                retention_days,
+            )
+            .metered(self.clients.capacity.clone()),
+        ))
+    }
+
     /// Alert records for listing, reading and acknowledging (the rule state is not touched).
     pub fn alert_records(&self) -> Result<Arc<dyn AlertStore>, ComposeError> {
         Ok(Arc::new(self.dynamo_alerts()?))
@@ -851,7 +920,10 @@ impl Composition {
                 )?,
                 fleet_read: or(settings::SCOPE_FLEET_READ, defaults.scopes.fleet_read)?,
                 alerts_ack: or(settings::SCOPE_ALERTS_ACK, defaults.scopes.alerts_ack)?,
-                geofences_write: defaults.scopes.geofences_write,
+                geofences_write: or(
+                    settings::SCOPE_GEOFENCES_WRITE,
+                    defaults.scopes.geofences_write,
+                )?,
             },
         })
     }

@@ -48,11 +48,11 @@ const GEOHASH_ALPHABET: &str = "0123456789bcdefghjkmnpqrstuvwxyz";
 
 type Item = HashMap<String, AttributeValue>;
 
-fn s(value: impl Into<String>) -> AttributeValue {
+pub(crate) fn s(value: impl Into<String>) -> AttributeValue {
     AttributeValue::S(value.into())
 }
 
-fn n(value: impl ToString) -> AttributeValue {
+pub(crate) fn n(value: impl ToString) -> AttributeValue {
     AttributeValue::N(value.to_string())
 }
 
@@ -917,13 +917,13 @@ fn versioned_update(expression: &str) -> String {
 }
 
 /// Whether a call failed only its condition (DynamoDB's ConditionalCheckFailedException).
-fn is_conditional_failure<E: ProvideErrorMetadata, R>(error: &SdkError<E, R>) -> bool {
+pub(crate) fn is_conditional_failure<E: ProvideErrorMetadata, R>(error: &SdkError<E, R>) -> bool {
     error.as_service_error().and_then(|e| e.code()) == Some("ConditionalCheckFailedException")
 }
 
 /// Whether a transaction was cancelled because one of its conditions failed (DynamoDB names
 /// the reason per item), as opposed to a conflict with another transaction or throttling.
-fn failed_a_condition(error: &TransactWriteItemsError) -> bool {
+pub(crate) fn failed_a_condition(error: &TransactWriteItemsError) -> bool {
     match error {
         TransactWriteItemsError::TransactionCanceledException(cancelled) => cancelled
             .cancellation_reasons()

@@ -8,6 +8,8 @@
 //! - [`timestream::TimestreamArchive`]: `Archive` over WriteRecords (multi-measure, batches of
 //!   100, rejected records reported per reading) and track reads over Timestream queries.
 //! - [`sqs::SqsDeadLetters`]: `DeadLetterSink` over SendMessageBatch.
+//! - [`fleet::DynamoGeofences`], [`fleet::DynamoFleetEvents`]: geofences (versioned), fleet
+//!   events (with a TTL) and who is inside each geofence.
 //!
 //! [`compose::Composition`] builds them from settings, for the Lambda mains and the local
 //! runner alike. Every client carries a [`counting::CallCounter`] so tests and benches can count API
@@ -19,6 +21,7 @@ pub mod config;
 pub mod counting;
 pub mod dynamodb;
 pub mod errors;
+pub mod fleet;
 pub mod kinesis;
 pub mod manifest;
 pub mod metric_names;

@@ -139,6 +139,8 @@ pub const FUNCTIONS: &[FunctionManifest] = &[
             Port::Alerts,
             Port::AlertsBus,
             Port::DeadLetters,
+            Port::Geofences,
+            Port::FleetEvents,
         ],
         operations: &[
             "GetItem",
@@ -146,6 +148,7 @@ pub const FUNCTIONS: &[FunctionManifest] = &[
             "TransactWriteItems",
             "UpdateItem",
             "DeleteItem",
+            "Scan",
             "PutRecords",
             "GetSecretValue",
             "SendMessageBatch",
@@ -159,6 +162,15 @@ pub const FUNCTIONS: &[FunctionManifest] = &[
             allow("dynamodb:PutItem", "aws_dynamodb_table.alert_state"),
             allow("dynamodb:UpdateItem", "aws_dynamodb_table.alerts"),
             allow("dynamodb:DeleteItem", "aws_dynamodb_table.alerts"),
+            // The geofence cache: the version item, and the table when it changed.
+            allow("dynamodb:GetItem", "aws_dynamodb_table.geofences"),
+            allow("dynamodb:Scan", "aws_dynamodb_table.geofences"),
+            allow("dynamodb:PutItem", "aws_dynamodb_table.fleet_events"),
+            allow("dynamodb:PutItem", "aws_dynamodb_table.geofence_occupants"),
+            allow(
+                "dynamodb:DeleteItem",
+                "aws_dynamodb_table.geofence_occupants",
+            ),
             allow("kinesis:PutRecords", "aws_kinesis_stream.alerts"),
             allow("secretsmanager:GetSecretValue", "var.kafka_secret_arn"),
             allow("kms:Decrypt", "var.kafka_secret_kms_key_arn"),
@@ -174,6 +186,8 @@ pub const FUNCTIONS: &[FunctionManifest] = &[
             Port::AlertRecords,
             Port::Archive,
             Port::Access,
+            Port::Geofences,
+            Port::FleetEvents,
         ],
         operations: &[
             "GetItem",
@@ -181,6 +195,7 @@ pub const FUNCTIONS: &[FunctionManifest] = &[
             "Scan",
             "BatchGetItem",
             "UpdateItem",
+            "TransactWriteItems",
             "DescribeEndpoints",
             "ListObjectsV2",
             "GetObject",
@@ -201,6 +216,29 @@ pub const FUNCTIONS: &[FunctionManifest] = &[
             allow(
                 "dynamodb:Query",
                 "aws_dynamodb_table.alerts/index/by-device",
+            ),
+            // A geofence written or deleted is one TransactWriteItems with the version item's
+            // UpdateItem, authorised as the PutItem or DeleteItem and the UpdateItem inside it.
+            allow("dynamodb:GetItem", "aws_dynamodb_table.geofences"),
+            allow("dynamodb:Scan", "aws_dynamodb_table.geofences"),
+            allow("dynamodb:PutItem", "aws_dynamodb_table.geofences"),
+            allow("dynamodb:DeleteItem", "aws_dynamodb_table.geofences"),
+            allow("dynamodb:UpdateItem", "aws_dynamodb_table.geofences"),
+            allow(
+                "dynamodb:Query",
+                "aws_dynamodb_table.fleet_events/index/by-device",
+            ),
+            allow(
+                "dynamodb:Query",
+                "aws_dynamodb_table.fleet_events/index/by-day",
+            ),
+            allow(
+                "dynamodb:Query",
+                "aws_dynamodb_table.fleet_events/index/by-geofence",
+            ),
+            allow(
+                "dynamodb:Query",
+                "aws_dynamodb_table.geofence_occupants/index/by-geofence",
             ),
             allow("timestream:Select", "aws_timestreamwrite_table.readings"),
             allow("timestream:DescribeEndpoints", "*"),
@@ -318,5 +356,46 @@ pub const TABLES: &[TableSchema] = &[
                 projection: IndexProjection::KeysOnly,
             },
         ],
+    },
+    TableSchema {
+        label: "geofences",
+        hash_key: ("geofence_id", KeyType::String),
+        indexes: &[],
+    },
+    TableSchema {
+        label: "fleet_events",
+        hash_key: ("event_id", KeyType::String),
+        // Events are written once and never changed: whole items in every index cost no
+        // later write, and a listing needs no second read.
+        indexes: &[
+            IndexSchema {
+                name: crate::fleet::EVENTS_BY_DEVICE_INDEX,
+                hash_key: ("device_id", KeyType::String),
+                range_key: ("ts", KeyType::Number),
+                projection: IndexProjection::All,
+            },
+            IndexSchema {
+                name: crate::fleet::EVENTS_BY_DAY_INDEX,
+                hash_key: ("day", KeyType::String),
+                range_key: ("ts", KeyType::Number),
+                projection: IndexProjection::All,
+            },
+            IndexSchema {
+                name: crate::fleet::EVENTS_BY_GEOFENCE_INDEX,
+                hash_key: ("geofence_id", KeyType::String),
+                range_key: ("ts", KeyType::Number),
+                projection: IndexProjection::All,
+            },
+        ],
+    },
+    TableSchema {
+        label: "geofence_occupants",
+        hash_key: ("occupant_id", KeyType::String),
+        indexes: &[IndexSchema {
+            name: crate::fleet::OCCUPANTS_BY_GEOFENCE_INDEX,
+            hash_key: ("geofence_id", KeyType::String),
+            range_key: ("device_id", KeyType::String),
+            projection: IndexProjection::All,
+        }],
     },
 ];

@@ -39,6 +39,9 @@ pub struct ResourceNames {
     pub alert_state_table: String,
     pub alerts_table: String,
     pub metric_names_table: String,
+    pub geofences_table: String,
+    pub fleet_events_table: String,
+    pub geofence_occupants_table: String,
     pub timestream_database: String,
     pub timestream_table: String,
     pub archive_bucket: String,
@@ -59,6 +62,9 @@ impl ResourceNames {
             alert_state_table: format!("{prefix}-alert-state"),
             alerts_table: format!("{prefix}-alerts"),
             metric_names_table: format!("{prefix}-metric-names"),
+            geofences_table: format!("{prefix}-geofences"),
+            fleet_events_table: format!("{prefix}-fleet-events"),
+            geofence_occupants_table: format!("{prefix}-geofence-occupants"),
             timestream_database: format!("{prefix}-archive"),
             timestream_table: "readings".to_string(),
             archive_bucket: format!("{prefix}-archive"),
@@ -112,6 +118,17 @@ impl ResourceNames {
             .set(settings::SCOPE_TELEMETRY_WRITE_ANY, "telemetry:write:any")
             .set(settings::SCOPE_FLEET_READ, "fleet:read")
             .set(settings::SCOPE_ALERTS_ACK, "alerts:ack")
+            .set(settings::SCOPE_GEOFENCES_WRITE, "geofences:write")
+            .set(settings::GEOFENCES_TABLE, &self.geofences_table)
+            .set(settings::FLEET_EVENTS_TABLE, &self.fleet_events_table)
+            .set(
+                settings::GEOFENCE_OCCUPANTS_TABLE,
+                &self.geofence_occupants_table,
+            )
+            .set(
+                settings::FLEET_EVENT_RETENTION_DAYS,
+                crate::fleet::DEFAULT_EVENT_RETENTION_DAYS.to_string(),
+            )
             .set(settings::ARCHIVE, archive.setting())
             .set(settings::RECENT_TRACKS, "none")
             .set(
@@ -234,6 +251,9 @@ pub async fn create_resources(
         &names.metric_names_table,
         &names.alert_state_table,
         &names.alerts_table,
+        &names.geofences_table,
+        &names.fleet_events_table,
+        &names.geofence_occupants_table,
     ];
     for (schema, table) in TABLES.iter().zip(table_names) {
         let mut attributes = vec![attribute(schema.hash_key)?];
