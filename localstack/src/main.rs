@@ -260,8 +260,11 @@ fn store_kind(choice: StoreChoice, valkey_url: &Option<String>) -> StoreKind {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    // --quiet: the report only; the runner's own lines (an alert transition each, the serving
+    // address) give way to warnings and errors, unless RUST_LOG asks for them.
+    let default_level = if cli.sim.quiet { "warn" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| default_level.into());
     if cli.log_json {
         tracing_subscriber::fmt()
             .json()
@@ -448,7 +451,9 @@ async fn main() -> ExitCode {
     // Machine-readable, and printed before anything else on stdout (see --listen): a parent
     // that passed port 0 learns the port from it, with no race over a port chosen beforehand.
     println!("listening on {base}");
-    eprintln!("geostream-local: API and status page at {base}/  (Ctrl-C stops)");
+    if !cli.sim.quiet {
+        eprintln!("geostream-local: API and status page at {base}/  (Ctrl-C stops)");
+    }
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let bounded_run =

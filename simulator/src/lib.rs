@@ -67,7 +67,8 @@ pub struct SimOptions {
     /// Write the ground truth of injected anomalies here, one JSON object per line.
     #[arg(long)]
     pub ground_truth: Option<PathBuf>,
-    /// No progress bar.
+    /// No progress bar; with geostream-local, no log lines below warnings either (RUST_LOG
+    /// still chooses): the closing report only.
     #[arg(long)]
     pub quiet: bool,
 }
