@@ -315,6 +315,12 @@ module "query_api" {
       resources = [aws_dynamodb_table.geofences.arn]
     },
     {
+      # A deleted geofence's occupants are forgotten.
+      sid       = "ForgetOccupants"
+      actions   = ["dynamodb:DeleteItem"]
+      resources = [aws_dynamodb_table.geofence_occupants.arn]
+    },
+    {
       sid       = "ListFleetEvents"
       actions   = ["dynamodb:Query"]
       resources = ["${aws_dynamodb_table.fleet_events.arn}/index/by-device", "${aws_dynamodb_table.fleet_events.arn}/index/by-day", "${aws_dynamodb_table.fleet_events.arn}/index/by-geofence", "${aws_dynamodb_table.geofence_occupants.arn}/index/by-geofence"]

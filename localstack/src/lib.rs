@@ -239,9 +239,7 @@ pub async fn start(config: LocalConfig) -> Result<RunningStack, String> {
                 }
                 let now = geostream_shared::now_millis();
                 let silent = alerts.silent_devices(now - offline_after);
-                if let Err(error) = inspector.check_offline(&silent, now).await {
-                    tracing::warn!(%error, "the offline check failed; it runs again");
-                }
+                inspector.check_offline(&silent, now).await;
             }
         }));
     }

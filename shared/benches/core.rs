@@ -232,6 +232,7 @@ fn fleet_events(c: &mut Criterion) {
                             &reading.device_id,
                             &mut states[n % 100],
                             std::slice::from_ref(black_box(reading)),
+                            reading.ts,
                         )
                         .len();
                 }

@@ -33,6 +33,9 @@ use crate::EpochMillis;
 /// The most vertices a geofence may have (all rings of all polygons together): the stored
 /// geofence stays far under DynamoDB's 400 KB item, and a point-in-polygon test stays cheap.
 pub const MAX_GEOFENCE_VERTICES: usize = 5_000;
+/// The most bytes of JSON a geofence's geometry may take (foreign members included): with the
+/// vertex limit, a stored geofence stays far under DynamoDB's 400 KB item.
+pub const MAX_GEOMETRY_BYTES: usize = 256 * 1024;
 /// The largest circle radius, and the largest exit margin, in metres.
 pub const MAX_GEOFENCE_RADIUS_M: f64 = 100_000.0;
 pub const MAX_EXIT_MARGIN_M: f64 = 10_000.0;
@@ -214,6 +217,12 @@ impl Geofence {
         let geometry = request.geometry.ok_or(
             "geometry is required: a GeoJSON Polygon, MultiPolygon, or a Point with radius_m",
         )?;
+        let size = geometry.to_string().len();
+        if size > MAX_GEOMETRY_BYTES {
+            return Err(format!(
+                "geometry: {size} bytes of JSON; at most {MAX_GEOMETRY_BYTES} (simplify it)"
+            ));
+        }
         if let Some(v) = request.speed_limit_kmh {
             if !(v.is_finite() && v > 0.0 && v <= MAX_SPEED_LIMIT_KMH) {
                 return Err(format!(
@@ -556,12 +565,6 @@ impl GeofenceIndex {
             .locate_all_at_point(&[point.lon, point.lat])
             .map(|entry| &self.fences[entry.data])
     }
-
-    /// The geofences that hold `point`.
-    pub fn containing(&self, point: GeoPoint) -> impl Iterator<Item = &CompiledGeofence> {
-        self.candidates(point)
-            .filter(move |fence| fence.shape.contains(point))
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -632,6 +635,34 @@ pub struct FleetEvent {
     pub lat: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lon: Option<f64>,
+}
+
+/// A fleet event as the alerts bus carries it, beside alert transitions: `transition_id` (the
+/// event id) for consumers to deduplicate on, `kind` `fleet_event` to tell it from a raise or
+/// a clear, `at` the event's time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetTransition {
+    pub transition_id: String,
+    pub kind: FleetTransitionKind,
+    pub at: EpochMillis,
+    pub event: FleetEvent,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FleetTransitionKind {
+    FleetEvent,
+}
+
+impl From<&FleetEvent> for FleetTransition {
+    fn from(event: &FleetEvent) -> Self {
+        FleetTransition {
+            transition_id: event.event_id.clone(),
+            kind: FleetTransitionKind::FleetEvent,
+            at: event.ts,
+            event: event.clone(),
+        }
+    }
 }
 
 impl FleetEvent {
@@ -720,6 +751,11 @@ pub struct FleetState {
     /// Set when `device_offline` was made, until a newer reading comes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub offline_since: Option<EpochMillis>,
+    /// When a new reading of the vehicle was last evaluated, by the evaluating function's
+    /// clock: silence is judged on it, not on event time, so a device whose clock lags or that
+    /// uploads old readings is not taken for silent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seen_at: Option<EpochMillis>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_position: Option<GeoPoint>,
 }
@@ -728,25 +764,17 @@ fn is_normal(overspeed: &Overspeed) -> bool {
     *overspeed == Overspeed::Normal
 }
 
-impl FleetState {
-    /// The geofences the vehicle is in (entered and not exited).
-    pub fn inside(&self) -> impl Iterator<Item = &str> {
-        self.geofences
-            .iter()
-            .filter(|(_, m)| matches!(m, Membership::Inside | Membership::Leaving { .. }))
-            .map(|(id, _)| id.as_str())
-    }
-}
-
 impl FleetRules {
-    /// Steps `state` through `readings` (any order; sorted here) and answers the events made.
-    /// Readings at or before the state's mark change nothing.
+    /// Steps `state` through `readings` (any order; sorted here) and answers the events made;
+    /// `now` is the evaluating function's clock. Readings at or before the state's mark change
+    /// nothing.
     pub fn evaluate<R: std::borrow::Borrow<Reading>>(
         &self,
         index: &GeofenceIndex,
         device_id: &str,
         state: &mut FleetState,
         readings: &[R],
+        now: EpochMillis,
     ) -> Vec<FleetEvent> {
         let mut fresh: Vec<&Reading> = readings
             .iter()
@@ -761,6 +789,9 @@ impl FleetRules {
         fresh.sort_by(|a, b| a.order_key().cmp(&b.order_key()));
         fresh.dedup_by(|a, b| a.order_key() == b.order_key());
         let mut events = Vec::new();
+        if !fresh.is_empty() {
+            state.seen_at = Some(now);
+        }
         for reading in fresh {
             self.step(index, device_id, state, reading, &mut events);
             state.mark = Some((reading.ts, reading.event_id.clone()));
@@ -780,11 +811,13 @@ impl FleetRules {
         let point = reading
             .position()
             .filter(|p| p.lat.is_finite() && p.lon.is_finite());
-        if state.offline_since.take().is_some() {
+        if let Some(offline_since) = state.offline_since.take() {
+            // A reading the device had kept through the silence is older than the offline:
+            // it is back when it is heard from again, not before it went offline.
             events.push(FleetEvent::new(
                 device_id,
                 FleetEventType::DeviceOnline,
-                ts,
+                ts.max(offline_since),
                 None,
                 point,
             ));
@@ -838,6 +871,15 @@ impl FleetRules {
                 }
             }
             state.last_position = Some(point);
+        } else if let Some(last) = state.last_position {
+            // No fix (a tunnel): the zone the vehicle was last seen in still sets its limit.
+            for fence in index.candidates(last) {
+                if let Some(limit) = fence.speed_limit_kmh {
+                    if fence.shape.contains(last) && zone_limit.is_none_or(|(l, _)| limit < l) {
+                        zone_limit = Some((limit, &fence.geofence_id));
+                    }
+                }
+            }
         }
         if let Some(speed) = reading.speed_kmh.filter(|v| v.is_finite()) {
             let limit = match (self.speed_limit_kmh, zone_limit) {
@@ -1076,20 +1118,20 @@ impl FleetRules {
         state.overspeed = next;
     }
 
-    /// `device_offline` for a vehicle whose newest reading is `offline_after_s` older than
-    /// `now` (once, until it reports again); its `ts` is when the vehicle became offline: the
-    /// newest reading's time plus `offline_after_s`.
+    /// `device_offline` for a vehicle last heard from (a new reading evaluated, by the
+    /// evaluating function's clock) `offline_after_s` before `now`, once until it reports
+    /// again; its `ts` is when the vehicle became offline: that moment plus `offline_after_s`.
     pub fn check_offline(
         &self,
         device_id: &str,
         state: &mut FleetState,
         now: EpochMillis,
     ) -> Option<FleetEvent> {
-        let (newest, _) = state.mark.as_ref()?;
-        if state.offline_since.is_some() || now - newest < self.offline_after_ms {
+        let seen = state.seen_at.or(state.mark.as_ref().map(|(ts, _)| *ts))?;
+        if state.offline_since.is_some() || now - seen < self.offline_after_ms {
             return None;
         }
-        let since = newest + self.offline_after_ms;
+        let since = seen + self.offline_after_ms;
         state.offline_since = Some(since);
         Some(FleetEvent::new(
             device_id,
@@ -1133,18 +1175,19 @@ impl GeofenceCache {
 
     pub async fn index(&self) -> Result<Arc<GeofenceIndex>, StoreError> {
         let mut cached = self.cached.lock().await;
-        if let Some(current) = cached.as_mut() {
+        if let Some(current) = cached.as_ref() {
             if current.checked.elapsed() < self.refresh {
-                return Ok(current.index.clone());
-            }
-            let version = self.store.version().await?;
-            current.checked = Instant::now();
-            if version == current.version {
                 return Ok(current.index.clone());
             }
         }
         // The version is read before the list: a write between the two is built next time.
         let version = self.store.version().await?;
+        if let Some(current) = cached.as_mut() {
+            if version == current.version {
+                current.checked = Instant::now();
+                return Ok(current.index.clone());
+            }
+        }
         let geofences = self.store.list().await?;
         let (index, refused) = GeofenceIndex::build(&geofences, &self.rules);
         for problem in refused {

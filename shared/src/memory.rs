@@ -391,19 +391,17 @@ impl MemoryAlertStore {
         Self::default()
     }
 
-    /// The devices whose newest reading (as fleet events saw it) is older than `before` and
-    /// that are not offline yet: the ones the offline check looks at.
+    /// What the offline check looks at: the devices last heard from before `before` and not
+    /// offline yet, and those with fleet events committed but not yet known to be out.
     pub fn silent_devices(&self, before: EpochMillis) -> Vec<String> {
         lock(&self.inner)
             .states
             .iter()
             .filter(|(_, state)| {
-                state.fleet.offline_since.is_none()
-                    && state
-                        .fleet
-                        .mark
-                        .as_ref()
-                        .is_some_and(|(ts, _)| *ts < before)
+                let fleet = &state.fleet;
+                let seen = fleet.seen_at.or(fleet.mark.as_ref().map(|(ts, _)| *ts));
+                (fleet.offline_since.is_none() && seen.is_some_and(|seen| seen < before))
+                    || !state.fleet_outbox.is_empty()
             })
             .map(|(id, _)| id.clone())
             .collect()
@@ -466,12 +464,11 @@ struct FleetEventTables {
     occupants: HashMap<String, BTreeMap<String, EpochMillis>>,
 }
 
-/// Fleet events in memory: the newest `capacity` kept (the oldest dropped, counted), and
-/// who is inside each geofence.
+/// Fleet events in memory: the newest `capacity` kept (the oldest dropped first), and who is
+/// inside each geofence.
 pub struct MemoryFleetEvents {
     inner: Mutex<FleetEventTables>,
     capacity: usize,
-    dropped: std::sync::atomic::AtomicU64,
 }
 
 impl MemoryFleetEvents {
@@ -479,13 +476,7 @@ impl MemoryFleetEvents {
         MemoryFleetEvents {
             inner: Mutex::new(FleetEventTables::default()),
             capacity: capacity.max(1),
-            dropped: Default::default(),
         }
-    }
-
-    /// Events dropped to keep within the capacity.
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -518,8 +509,6 @@ impl FleetEventStore for MemoryFleetEvents {
             if inner.events.len() > self.capacity {
                 if let Some(oldest) = inner.events.pop_front() {
                     inner.ids.remove(&oldest.event_id);
-                    self.dropped
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
             }
         }
@@ -532,6 +521,11 @@ impl FleetEventStore for MemoryFleetEvents {
             inner.events.iter().filter(|e| filter.matches(e)).collect();
         events.sort_by(|a, b| b.ts.cmp(&a.ts).then_with(|| a.event_id.cmp(&b.event_id)));
         Ok(events.into_iter().take(filter.limit).cloned().collect())
+    }
+
+    async fn clear_occupants(&self, geofence_id: &str) -> Result<(), StoreError> {
+        lock(&self.inner).occupants.remove(geofence_id);
+        Ok(())
     }
 
     async fn occupants(&self, geofence_id: &str) -> Result<Vec<Occupant>, StoreError> {

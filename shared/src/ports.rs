@@ -275,6 +275,8 @@ pub trait FleetEventStore: Send + Sync {
     async fn list(&self, filter: &EventFilter) -> Result<Vec<FleetEvent>, StoreError>;
     /// The vehicles inside a geofence now (entered, not exited), by device id.
     async fn occupants(&self, geofence_id: &str) -> Result<Vec<Occupant>, StoreError>;
+    /// Forgets who is inside a geofence (it was deleted: its memberships end without exits).
+    async fn clear_occupants(&self, geofence_id: &str) -> Result<(), StoreError>;
 }
 
 /// A record a stream function gave up on, whole, with where it sat and why: what a redrive

@@ -8,6 +8,7 @@
 //! references are compared as text (`aws_dynamodb_table.positions/index/geo-index`).
 
 pub mod fleet;
+pub mod fleet_events;
 pub mod harness;
 pub mod runtime_api;
 

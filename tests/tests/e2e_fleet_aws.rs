@@ -10,7 +10,6 @@ use geostream_aws::provision::{ArchiveKind, ResourceNames};
 use geostream_e2e::harness::Emulator;
 use geostream_e2e::on_each_emulator;
 use geostream_local::{AwsBackend, StoreKind};
-use geostream_shared::rules::RuleSet;
 use geostream_sim::geofence_routes::{self, RouteSpec};
 use serde_json::{json, Value};
 
@@ -18,13 +17,7 @@ on_each_emulator!(fleet_events_through_the_aws_adapters_equal_the_ground_truth);
 
 async fn fleet_events_through_the_aws_adapters_equal_the_ground_truth(emulator: Emulator) {
     let prefix = format!("gs-fleet-{:?}-{}", emulator.kind, std::process::id()).to_lowercase();
-    let mut rules = RuleSet::default_rules();
-    rules.fleet.speed_limit_kmh = Some(geofence_routes::SPEED_LIMIT_KMH);
-    rules.fleet.overspeed_min_duration_ms =
-        (geofence_routes::OVERSPEED_MIN_DURATION_S * 1000.0) as i64;
-    rules.fleet.overspeed_clear_duration_ms =
-        (geofence_routes::OVERSPEED_CLEAR_DURATION_S * 1000.0) as i64;
-    rules.fleet.overspeed_hysteresis_kmh = geofence_routes::OVERSPEED_HYSTERESIS_KMH;
+    let rules = geostream_e2e::fleet_events::route_rules();
     let config = geostream_local::LocalConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         backend: geostream_local::Backend::Aws(AwsBackend {
@@ -116,27 +109,7 @@ async fn fleet_events_through_the_aws_adapters_equal_the_ground_truth(emulator: 
         assert_eq!(status, 202, "{answer}");
     }
 
-    let key = |device: &str, kind: &str, ts: i64, geofence: Option<&str>, value: Option<f64>| {
-        format!(
-            "{device} {kind} {ts} {} {}",
-            geofence.unwrap_or("-"),
-            value.map_or("-".to_string(), |v| format!("{v:.3}"))
-        )
-    };
-    let mut expected: Vec<String> = routes
-        .truth
-        .iter()
-        .map(|e| {
-            key(
-                &e.device_id,
-                e.kind,
-                e.ts,
-                e.geofence_id.as_deref(),
-                e.value,
-            )
-        })
-        .collect();
-    expected.sort();
+    let expected = geostream_e2e::fleet_events::truth_keys(&routes);
     // The mappings poll the stream: poll the events, with a deadline that only bounds a
     // failure.
     let deadline = Instant::now() + Duration::from_secs(180);
@@ -151,15 +124,12 @@ async fn fleet_events_through_the_aws_adapters_equal_the_ground_truth(emulator: 
             )
             .await;
             assert_eq!(status, 200, "{body}");
-            for event in body["events"].as_array().cloned().unwrap_or_default() {
-                made.push(key(
-                    &device,
-                    event["type"].as_str().unwrap_or_default(),
-                    event["ts"].as_i64().unwrap_or_default(),
-                    event["geofence_id"].as_str(),
-                    event["value"].as_f64(),
-                ));
-            }
+            let events = body["events"].as_array().cloned().unwrap_or_default();
+            made.extend(
+                events
+                    .iter()
+                    .filter_map(geostream_e2e::fleet_events::event_key),
+            );
         }
         made.sort();
         if made.len() >= expected.len() || Instant::now() > deadline {

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::stream::{self, StreamExt};
-use geostream_shared::fleet::{FleetEvent, GeofenceCache};
+use geostream_shared::fleet::{FleetEvent, FleetTransition, GeofenceCache};
 use geostream_shared::metrics::{Measurements, MetricName};
 use geostream_shared::model::{AlertTransition, Reading, TransitionKind};
 use geostream_shared::ports::{
@@ -49,7 +49,6 @@ struct Inspected {
     retracted: usize,
     /// Readings behind the lateness bound that were news (not replays).
     too_late: usize,
-    fleet_events: usize,
 }
 
 impl Inspected {
@@ -58,7 +57,6 @@ impl Inspected {
         self.cleared += other.cleared;
         self.retracted += other.retracted;
         self.too_late += other.too_late;
-        self.fleet_events += other.fleet_events;
     }
 
     fn count(&mut self, transitions: &[AlertTransition]) {
@@ -117,43 +115,60 @@ impl AnomalyInspector {
         self
     }
 
-    /// `device_offline` for each of `device_ids` whose newest reading is older than the fleet
+    /// `device_offline` for each of `device_ids` last heard from longer ago than the fleet
     /// rules' `offline_after_s` at `now` (once; a state that moved on in the meantime is left
-    /// to the next check); answers how many went offline. Without fleet stores, nothing.
+    /// to the next check), and the fleet events of any of them committed but not yet out;
+    /// answers how many went offline. A device that fails is logged and left to the next
+    /// check. Without fleet stores, nothing.
     pub async fn check_offline(
         &self,
         device_ids: &[String],
         now: geostream_shared::EpochMillis,
-    ) -> Result<usize, StoreError> {
+    ) -> usize {
         if self.fleet.is_none() {
-            return Ok(0);
+            return 0;
         }
         let mut offline = 0;
         for device_id in device_ids {
-            let mut state = self.alerts.load_rule_states(device_id).await?;
-            let version = state.version;
-            let Some(event) = self
-                .rules
-                .fleet
-                .check_offline(device_id, &mut state.fleet, now)
-            else {
-                continue;
-            };
-            state.fleet_outbox.push(event);
-            match self
-                .alerts
-                .commit_changes(device_id, version, &state, AlertChanges::NONE)
-                .await
-            {
-                Ok(()) => {}
-                // A batch of the device's committed meanwhile: it is not silent.
-                Err(error) if error.kind == ErrorKind::Conflict => continue,
-                Err(error) => return Err(error),
+            match self.check_device_offline(device_id, now).await {
+                Ok(went) => offline += usize::from(went),
+                Err(error) => {
+                    tracing::warn!(function = FUNCTION_NAME, device_id, %error, "the offline check failed for this device; the next one tries again");
+                }
             }
-            offline += 1;
-            self.publish_outbox(device_id, version + 1, state).await?;
         }
-        Ok(offline)
+        offline
+    }
+
+    async fn check_device_offline(
+        &self,
+        device_id: &str,
+        now: geostream_shared::EpochMillis,
+    ) -> Result<bool, StoreError> {
+        let mut state = self.alerts.load_rule_states(device_id).await?;
+        let version = state.version;
+        let Some(event) = self
+            .rules
+            .fleet
+            .check_offline(device_id, &mut state.fleet, now)
+        else {
+            // Events committed earlier whose publishing failed go out now.
+            self.publish_outbox(device_id, version, state).await?;
+            return Ok(false);
+        };
+        state.fleet_outbox.push(event);
+        match self
+            .alerts
+            .commit_changes(device_id, version, &state, AlertChanges::NONE)
+            .await
+        {
+            Ok(()) => {}
+            // A batch of the device's committed meanwhile: it is not silent.
+            Err(error) if error.kind == ErrorKind::Conflict => return Ok(false),
+            Err(error) => return Err(error),
+        }
+        self.publish_outbox(device_id, version + 1, state).await?;
+        Ok(true)
     }
 
     /// Evaluates the longest prefix of `readings` (in event-time order) whose touched alerts
@@ -222,6 +237,7 @@ impl AnomalyInspector {
                     device_id,
                     &mut state.fleet,
                     &readings[start..start + taken],
+                    geostream_shared::now_millis(),
                 ),
                 None => Vec::new(),
             };
@@ -255,7 +271,6 @@ impl AnomalyInspector {
                 return Ok(made);
             }
             state.outbox.extend(evaluation.transitions.iter().cloned());
-            let fleet_made = fleet_events.len();
             state.fleet_outbox.extend(fleet_events);
             match self
                 .alerts
@@ -278,7 +293,6 @@ impl AnomalyInspector {
             }
             made.count(&evaluation.transitions);
             made.too_late += too_late;
-            made.fleet_events += fleet_made;
             self.publish_outbox(device_id, expected_version + 1, state)
                 .await?;
             start += taken;
@@ -311,17 +325,15 @@ impl AnomalyInspector {
             partition_key: device_id.to_string(),
             data,
         };
-        let records = state
-            .outbox
-            .iter()
-            .map(|t| record(serde_json::to_vec(t).unwrap_or_default()))
-            .chain(
-                state
-                    .fleet_outbox
-                    .iter()
-                    .map(|e| record(serde_json::to_vec(e).unwrap_or_default())),
-            )
-            .collect();
+        let records =
+            state
+                .outbox
+                .iter()
+                .map(|t| record(serde_json::to_vec(t).unwrap_or_default()))
+                .chain(state.fleet_outbox.iter().map(|e| {
+                    record(serde_json::to_vec(&FleetTransition::from(e)).unwrap_or_default())
+                }))
+                .collect();
         if let Some(Err(error)) = self
             .alert_bus
             .publish(records)

@@ -213,7 +213,9 @@ impl QueryApi {
             }
             (&Method::DELETE, ["v1", "geofences", id]) => {
                 valid_geofence(id)?;
-                if self.fleet()?.geofences.delete(id).await? {
+                let fleet = self.fleet()?;
+                if fleet.geofences.delete(id).await? {
+                    fleet.events.clear_occupants(id).await?;
                     Ok(json!({ "deleted": id }))
                 } else {
                     Err(Reject(404, format!("no geofence {id:?}")))

@@ -132,13 +132,15 @@ impl GeofenceStore for DynamoGeofences {
                 .client
                 .scan()
                 .table_name(&self.table)
+                // Read after the version that told of the change: the change must be in it.
+                .consistent_read(true)
                 .set_exclusive_start_key(start.take())
                 .send()
                 .await
                 .map_err(|e| store_error("Scan geofences", e))?;
             let bytes: usize = output.items().iter().map(capacity::item_size).sum();
             self.meter
-                .add(Unit::DynamoReadUnits, capacity::read_units(bytes, false));
+                .add(Unit::DynamoReadUnits, capacity::read_units(bytes, true));
             for item in output.items() {
                 if item.get("geofence_id") != Some(&s(VERSION_ITEM)) {
                     geofences.push(geofence_from_item(item)?);
@@ -182,11 +184,14 @@ impl GeofenceStore for DynamoGeofences {
             .get_item()
             .table_name(&self.table)
             .key("geofence_id", s(VERSION_ITEM))
+            // A replica behind the write would tell the old version: the change would go
+            // unseen until the next one.
+            .consistent_read(true)
             .send()
             .await
             .map_err(|e| store_error("GetItem geofences", e))?;
         self.meter
-            .add(Unit::DynamoReadUnits, capacity::read_units(0, false));
+            .add(Unit::DynamoReadUnits, capacity::read_units(0, true));
         Ok(output
             .item()
             .and_then(|item| item.get("version"))
@@ -409,7 +414,10 @@ impl FleetEventStore for DynamoFleetEvents {
         } else {
             // Day by day, newest first, back to `from` or the retention.
             let now = geostream_shared::now_millis();
-            let last = filter.to.map_or(now, |to| to - 1).min(now + DAY_MS);
+            let last = filter
+                .to
+                .map_or(now, |to| to.saturating_sub(1))
+                .min(now + DAY_MS);
             let oldest = filter
                 .from
                 .unwrap_or(0)
@@ -425,6 +433,23 @@ impl FleetEventStore for DynamoFleetEvents {
         found.sort_by(|a, b| b.ts.cmp(&a.ts).then_with(|| a.event_id.cmp(&b.event_id)));
         found.truncate(filter.limit);
         Ok(found)
+    }
+
+    async fn clear_occupants(&self, geofence_id: &str) -> Result<(), StoreError> {
+        for occupant in self.occupants(geofence_id).await? {
+            self.client
+                .delete_item()
+                .table_name(&self.occupants_table)
+                .key(
+                    "occupant_id",
+                    s(format!("{geofence_id}|{}", occupant.device_id)),
+                )
+                .send()
+                .await
+                .map_err(|e| store_error("DeleteItem occupants", e))?;
+            self.meter.add(Unit::DynamoWriteUnits, 2.0);
+        }
+        Ok(())
     }
 
     async fn occupants(&self, geofence_id: &str) -> Result<Vec<Occupant>, StoreError> {

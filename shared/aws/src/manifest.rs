@@ -196,6 +196,7 @@ pub const FUNCTIONS: &[FunctionManifest] = &[
             "BatchGetItem",
             "UpdateItem",
             "TransactWriteItems",
+            "DeleteItem",
             "DescribeEndpoints",
             "ListObjectsV2",
             "GetObject",
@@ -239,6 +240,11 @@ pub const FUNCTIONS: &[FunctionManifest] = &[
             allow(
                 "dynamodb:Query",
                 "aws_dynamodb_table.geofence_occupants/index/by-geofence",
+            ),
+            // A deleted geofence's occupants are forgotten.
+            allow(
+                "dynamodb:DeleteItem",
+                "aws_dynamodb_table.geofence_occupants",
             ),
             allow("timestream:Select", "aws_timestreamwrite_table.readings"),
             allow("timestream:DescribeEndpoints", "*"),

@@ -47,6 +47,17 @@ fn off_west_edge(metres: f64) -> GeoPoint {
     )
 }
 
+/// Evaluates as the anomaly-inspector does, its clock at the newest reading's time.
+fn eval<R: std::borrow::Borrow<Reading>>(
+    rules: &FleetRules,
+    index: &GeofenceIndex,
+    state: &mut FleetState,
+    readings: &[R],
+) -> Vec<FleetEvent> {
+    let now = readings.iter().map(|r| r.borrow().ts).max().unwrap_or(0);
+    rules.evaluate(index, "truck-1", state, readings, now)
+}
+
 fn kinds(events: &[FleetEvent]) -> Vec<(FleetEventType, EpochMillis)> {
     events.iter().map(|e| (e.kind, e.ts)).collect()
 }
@@ -83,7 +94,7 @@ fn jitter_at_the_boundary_makes_one_enter_and_one_exit() {
     assert!(refused.is_empty());
     let readings = drive_in_zigzag_stay_and_out();
     let mut state = FleetState::default();
-    let events = rules.evaluate(&index, "truck-1", &mut state, &readings);
+    let events = eval(&rules, &index, &mut state, &readings);
     let geofence: Vec<_> = events
         .iter()
         .filter(|e| {
@@ -122,9 +133,7 @@ fn jitter_at_the_boundary_makes_one_enter_and_one_exit() {
     // A replay, or the same readings again in another order, makes nothing.
     let mut shuffled = readings.clone();
     shuffled.reverse();
-    assert!(rules
-        .evaluate(&index, "truck-1", &mut state, &shuffled)
-        .is_empty());
+    assert!(eval(&rules, &index, &mut state, &shuffled).is_empty());
 }
 
 #[test]
@@ -133,12 +142,12 @@ fn the_same_readings_in_batches_of_any_size_make_the_same_events() {
     let (index, _) = GeofenceIndex::build(&[depot()], &rules);
     let readings = drive_in_zigzag_stay_and_out();
     let mut whole = FleetState::default();
-    let expected = rules.evaluate(&index, "truck-1", &mut whole, &readings);
+    let expected = eval(&rules, &index, &mut whole, &readings);
     for size in [1, 7, 50] {
         let mut state = FleetState::default();
         let events: Vec<FleetEvent> = readings
             .chunks(size)
-            .flat_map(|chunk| rules.evaluate(&index, "truck-1", &mut state, chunk))
+            .flat_map(|chunk| eval(&rules, &index, &mut state, chunk))
             .collect();
         assert_eq!(events, expected, "batches of {size}");
         assert_eq!(state, whole);
@@ -167,7 +176,7 @@ fn overspeed_in_a_zone_starts_once_and_ends_once_with_the_peak() {
         .map(|(i, v)| reading(2_000_000 + i as i64 * 2_000, inside, *v))
         .collect();
     let mut state = FleetState::default();
-    let events = rules.evaluate(&index, "truck-1", &mut state, &readings);
+    let events = eval(&rules, &index, &mut state, &readings);
     let overspeed: Vec<&FleetEvent> = events
         .iter()
         .filter(|e| {
@@ -197,9 +206,7 @@ fn overspeed_in_a_zone_starts_once_and_ends_once_with_the_peak() {
     let fast: Vec<Reading> = (0..10)
         .map(|i| reading(3_000_000 + i * 2_000, far, 60.0))
         .collect();
-    assert!(rules
-        .evaluate(&index, "truck-1", &mut outside, &fast)
-        .is_empty());
+    assert!(eval(&rules, &index, &mut outside, &fast).is_empty());
 }
 
 #[test]
@@ -214,7 +221,7 @@ fn a_silent_vehicle_goes_offline_once_and_its_next_reading_brings_it_online() {
         lat: 48.2,
         lon: 11.7,
     };
-    rules.evaluate(&index, "truck-1", &mut state, &[reading(1_000, far, 0.0)]);
+    eval(&rules, &index, &mut state, &[reading(1_000, far, 0.0)]);
     assert_eq!(rules.check_offline("truck-1", &mut state, 600_999), None);
     let offline = rules.check_offline("truck-1", &mut state, 601_000).unwrap();
     assert_eq!(
@@ -223,12 +230,10 @@ fn a_silent_vehicle_goes_offline_once_and_its_next_reading_brings_it_online() {
     );
     assert_eq!(offline.lat, Some(48.2));
     assert_eq!(rules.check_offline("truck-1", &mut state, 900_000), None);
-    let back = rules.evaluate(&index, "truck-1", &mut state, &[reading(900_000, far, 0.0)]);
+    let back = eval(&rules, &index, &mut state, &[reading(900_000, far, 0.0)]);
     assert_eq!(kinds(&back), [(FleetEventType::DeviceOnline, 900_000)]);
     // A replay of the reading that brought it back makes nothing.
-    assert!(rules
-        .evaluate(&index, "truck-1", &mut state, &[reading(900_000, far, 0.0)])
-        .is_empty());
+    assert!(eval(&rules, &index, &mut state, &[reading(900_000, far, 0.0)]).is_empty());
 }
 
 #[test]
@@ -249,9 +254,9 @@ fn a_circle_geofence_and_a_deleted_one() {
         lon: 11.6,
     };
     let mut state = FleetState::default();
-    let events = rules.evaluate(
+    let events = eval(
+        &rules,
         &index,
-        "truck-1",
         &mut state,
         &[
             reading(1_000, destination(center, 0.0, 400.0), 10.0),
@@ -267,23 +272,11 @@ fn a_circle_geofence_and_a_deleted_one() {
             (FleetEventType::GeofenceExit, 3_000)
         ]
     );
-    rules.evaluate(
-        &index,
-        "truck-1",
-        &mut state,
-        &[reading(5_000, center, 10.0)],
-    );
-    assert_eq!(state.inside().collect::<Vec<_>>(), ["yard"]);
+    eval(&rules, &index, &mut state, &[reading(5_000, center, 10.0)]);
+    assert_eq!(state.geofences.get("yard"), Some(&Membership::Inside));
     // Deleted: the membership ends without an exit.
     let empty = GeofenceIndex::default();
-    assert!(rules
-        .evaluate(
-            &empty,
-            "truck-1",
-            &mut state,
-            &[reading(6_000, center, 10.0)]
-        )
-        .is_empty());
+    assert!(eval(&rules, &empty, &mut state, &[reading(6_000, center, 10.0)]).is_empty());
     assert!(state.geofences.is_empty());
 }
 
@@ -395,4 +388,75 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn silence_is_judged_by_when_readings_arrive_and_kept_readings_do_not_come_back_early() {
+    let rules = FleetRules::default();
+    let index = GeofenceIndex::default();
+    let far = GeoPoint {
+        lat: 48.2,
+        lon: 11.7,
+    };
+    let mut state = FleetState::default();
+    // A device uploading readings an hour old is heard from now: not silent.
+    let now = 10_000_000;
+    rules.evaluate(
+        &index,
+        "truck-1",
+        &mut state,
+        &[reading(now - 3_600_000, far, 0.0)],
+        now,
+    );
+    assert_eq!(
+        rules.check_offline("truck-1", &mut state, now + 1_000),
+        None
+    );
+    let offline = rules
+        .check_offline("truck-1", &mut state, now + 600_000)
+        .unwrap();
+    assert_eq!(offline.ts, now + 600_000);
+    // Back with a reading it kept from before it went offline: online when heard from, not
+    // before the offline.
+    let back = rules.evaluate(
+        &index,
+        "truck-1",
+        &mut state,
+        &[reading(now - 3_500_000, far, 0.0)],
+        now + 700_000,
+    );
+    assert_eq!(
+        kinds(&back),
+        [(FleetEventType::DeviceOnline, now + 600_000)]
+    );
+}
+
+#[test]
+fn a_reading_without_a_fix_keeps_the_zone_limit_it_was_last_seen_in() {
+    let rules = FleetRules {
+        speed_limit_kmh: Some(90.0),
+        ..FleetRules::default()
+    };
+    let (index, _) = GeofenceIndex::build(&[depot()], &rules);
+    let inside = off_west_edge(500.0);
+    let mut readings: Vec<Reading> = (0..8)
+        .map(|i| reading(1_000_000 + i * 2_000, inside, 45.0))
+        .collect();
+    // Into a tunnel in the depot's 30 km/h zone: no position, still 45 km/h.
+    readings.extend((8..14).map(|i| Reading {
+        lat: None,
+        lon: None,
+        ..reading(1_000_000 + i * 2_000, inside, 45.0)
+    }));
+    let events = eval(&rules, &index, &mut FleetState::default(), &readings);
+    let overspeed: Vec<_> = kinds(&events)
+        .into_iter()
+        .filter(|(kind, _)| {
+            matches!(
+                kind,
+                FleetEventType::OverspeedStart | FleetEventType::OverspeedEnd
+            )
+        })
+        .collect();
+    assert_eq!(overspeed, [(FleetEventType::OverspeedStart, 1_000_000)]);
 }
