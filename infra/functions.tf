@@ -1,9 +1,9 @@
-# The five functions, each with only the actions it calls on only its resources, and the event
+# The six functions, each with only the actions it calls on only its resources, and the event
 # source mappings (Kinesis, or self-managed Kafka with bus = kafka) of the three stream
 # functions.
 
 locals {
-  artifact = { for f in ["ingest", "geo-update", "archiver", "anomaly-inspector", "query-api"] : f => "${var.lambda_artifacts_dir}/geostream-${f}/bootstrap.zip" }
+  artifact = { for f in ["ingest", "geo-update", "archiver", "anomaly-inspector", "query-api", "offline-check"] : f => "${var.lambda_artifacts_dir}/geostream-${f}/bootstrap.zip" }
 
   # The SASL/SCRAM secret of the Kafka brokers, for the event source mappings and the
   # functions that produce (none when the brokers need no authentication), and the
@@ -62,6 +62,21 @@ locals {
     GEOFENCE_OCCUPANTS_TABLE   = aws_dynamodb_table.geofence_occupants.name
     FLEET_EVENT_RETENTION_DAYS = tostring(var.fleet_event_retention_days)
   }
+
+  # What a function that makes fleet events writes: the events, and who is inside (an enter
+  # puts, an exit deletes).
+  fleet_event_statements = [
+    {
+      sid       = "RecordFleetEvents"
+      actions   = ["dynamodb:PutItem"]
+      resources = [aws_dynamodb_table.fleet_events.arn]
+    },
+    {
+      sid       = "GeofenceOccupants"
+      actions   = ["dynamodb:PutItem", "dynamodb:DeleteItem"]
+      resources = [aws_dynamodb_table.geofence_occupants.arn]
+    },
+  ]
 
   # The bus the deployment chose (variable bus), for every function that reads it.
   kafka_environment = {
@@ -252,17 +267,7 @@ module "anomaly_inspector" {
       actions   = ["dynamodb:GetItem", "dynamodb:Scan"]
       resources = [aws_dynamodb_table.geofences.arn]
     },
-    {
-      sid       = "RecordFleetEvents"
-      actions   = ["dynamodb:PutItem"]
-      resources = [aws_dynamodb_table.fleet_events.arn]
-    },
-    {
-      sid       = "GeofenceOccupants"
-      actions   = ["dynamodb:PutItem", "dynamodb:DeleteItem"]
-      resources = [aws_dynamodb_table.geofence_occupants.arn]
-    },
-    ], local.dead_letter_statements, var.bus == "kinesis" ? [
+    ], local.fleet_event_statements, local.dead_letter_statements, var.bus == "kinesis" ? [
     {
       sid       = "PublishAlerts"
       actions   = ["kinesis:PutRecords"]
@@ -326,6 +331,69 @@ module "query_api" {
       resources = ["${aws_dynamodb_table.fleet_events.arn}/index/by-device", "${aws_dynamodb_table.fleet_events.arn}/index/by-day", "${aws_dynamodb_table.fleet_events.arn}/index/by-geofence", "${aws_dynamodb_table.geofence_occupants.arn}/index/by-geofence"]
     },
   ], local.archive_read_statements)
+}
+
+# device_offline for vehicles gone silent (docs/fleet-events.md): every minute, a Scan of the
+# positions table for the candidates, each checked and committed against its own rule state.
+# With positions in Valkey there is no table to scan: not deployed.
+module "offline_check" {
+  count              = var.position_store == "dynamodb" ? 1 : 0
+  source             = "./modules/function"
+  name               = "${var.name_prefix}-offline-check"
+  description        = "Every minute: device_offline for vehicles gone silent"
+  zip_path           = local.artifact["offline-check"]
+  log_retention_days = var.log_retention_days
+  system_log_level   = var.lambda_system_log_level
+  vpc                = local.rule_state_vpc
+  timeout_seconds    = 60
+  environment = merge(local.kafka_environment, local.rule_state_environment, local.position_environment, local.fleet_environment, {
+    ALERTS_TABLE          = aws_dynamodb_table.alerts.name
+    ALERTS_STREAM         = var.bus == "kinesis" ? aws_kinesis_stream.alerts[0].name : ""
+    ALERTS_TOPIC          = var.bus == "kafka" ? var.kafka_alerts_topic : ""
+    DEAD_LETTER_QUEUE_URL = aws_sqs_queue.dead_letters.url
+    DEAD_LETTER_BUCKET    = aws_s3_bucket.dead_letters.bucket
+  })
+  policy_statements = concat(var.rule_state_store == "dynamodb" ? [
+    {
+      sid       = "RuleState"
+      actions   = ["dynamodb:GetItem", "dynamodb:PutItem"]
+      resources = [aws_dynamodb_table.alert_state.arn]
+    },
+    ] : [], [
+    {
+      sid       = "ScanPositions"
+      actions   = ["dynamodb:Scan"]
+      resources = [aws_dynamodb_table.positions.arn]
+    },
+    ], local.fleet_event_statements, local.dead_letter_statements, var.bus == "kinesis" ? [
+    {
+      sid       = "PublishAlerts"
+      actions   = ["kinesis:PutRecords"]
+      resources = [aws_kinesis_stream.alerts[0].arn]
+    },
+  ] : local.kafka_secret_statements)
+}
+
+resource "aws_cloudwatch_event_rule" "offline_check" {
+  count               = var.position_store == "dynamodb" ? 1 : 0
+  name                = "${var.name_prefix}-offline-check"
+  description         = "Runs the offline check: device_offline for vehicles gone silent"
+  schedule_expression = var.offline_check_schedule
+}
+
+resource "aws_cloudwatch_event_target" "offline_check" {
+  count = var.position_store == "dynamodb" ? 1 : 0
+  rule  = aws_cloudwatch_event_rule.offline_check[0].name
+  arn   = module.offline_check[0].arn
+}
+
+resource "aws_lambda_permission" "offline_check" {
+  count         = var.position_store == "dynamodb" ? 1 : 0
+  statement_id  = "AllowTheOfflineCheckSchedule"
+  action        = "lambda:InvokeFunction"
+  function_name = module.offline_check[0].function_name
+  principal     = "events.amazonaws.com"
+  source_arn    = aws_cloudwatch_event_rule.offline_check[0].arn
 }
 
 locals {

@@ -10,6 +10,10 @@ locals {
     "anomaly-inspector" = module.anomaly_inspector.function_name
     "query-api"         = module.query_api.function_name
   }
+  # Errors and throttles are watched for the offline check too, where it is deployed.
+  alarmed_functions = merge(local.all_functions, var.position_store == "dynamodb" ? {
+    "offline-check" = module.offline_check[0].function_name
+  } : {})
 }
 
 # On Kinesis, how old the records are when read (ms); on Kafka, how many records the consumer
@@ -34,7 +38,7 @@ resource "aws_cloudwatch_metric_alarm" "iterator_age" {
 # Errors and throttles of every function: any at all, three minutes running.
 resource "aws_cloudwatch_metric_alarm" "function_health" {
   for_each = {
-    for pair in setproduct(keys(local.all_functions), ["Errors", "Throttles"]) :
+    for pair in setproduct(keys(local.alarmed_functions), ["Errors", "Throttles"]) :
     "${pair[0]}-${lower(pair[1])}" => { function = pair[0], metric = pair[1] }
   }
 
@@ -42,7 +46,7 @@ resource "aws_cloudwatch_metric_alarm" "function_health" {
   alarm_description   = "${each.value.function}: ${lower(each.value.metric)} in its invocations"
   namespace           = "AWS/Lambda"
   metric_name         = each.value.metric
-  dimensions          = { FunctionName = local.all_functions[each.value.function] }
+  dimensions          = { FunctionName = local.alarmed_functions[each.value.function] }
   statistic           = "Sum"
   period              = 60
   evaluation_periods  = 3

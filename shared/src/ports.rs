@@ -230,6 +230,14 @@ pub trait GeofenceStore: Send + Sync {
     async fn version(&self) -> Result<u64, StoreError>;
 }
 
+/// Where the offline check finds the vehicles that may have gone silent: those whose newest
+/// position arrived before a time. A superset: each is checked against its own state, which
+/// knows when a reading of it was last evaluated.
+#[async_trait]
+pub trait SilentCandidates: Send + Sync {
+    async fn heard_from_before(&self, before: EpochMillis) -> Result<Vec<String>, StoreError>;
+}
+
 /// Which fleet events to list.
 #[derive(Debug, Clone, Default)]
 pub struct EventFilter {

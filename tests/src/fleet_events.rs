@@ -3,7 +3,7 @@
 //! keys.
 
 use geostream_shared::rules::RuleSet;
-use geostream_sim::geofence_routes::{self, Routes};
+use geostream_sim::geofence_routes::{self, RouteSpec, Routes};
 use serde_json::Value;
 
 /// The default rules with the `[fleet]` settings the routes' ground truth assumes.
@@ -58,4 +58,31 @@ pub fn event_key(event: &Value) -> Option<String> {
             event["value"].as_f64(),
         )
     })
+}
+
+/// The routes of `seed` (`vehicles` vehicles visiting `visits` geofences each on a `grid` x
+/// `grid` grid in Munich), timed so that every reading is in the past, the newest 5 s ago;
+/// and the most readings one vehicle has.
+pub fn routes_ending_now(
+    seed: u64,
+    vehicles: usize,
+    visits: usize,
+    grid: usize,
+) -> (Routes, usize) {
+    let mut spec = RouteSpec {
+        seed,
+        vehicles,
+        visits,
+        grid,
+        origin: (48.10, 11.50),
+        start_ts: 0,
+    };
+    let longest = geofence_routes::routes(&spec)
+        .readings
+        .iter()
+        .map(Vec::len)
+        .max()
+        .unwrap_or(0);
+    spec.start_ts = geostream_shared::now_millis() - 5_000 - longest as i64 * 2_000;
+    (geofence_routes::routes(&spec), longest)
 }

@@ -641,8 +641,8 @@ mod tests {
     fn a_missing_iam_action_is_caught() {
         let problems = problems_with(
             "functions.tf",
-            r#"actions   = ["dynamodb:PutItem"]"#,
-            r#"actions   = ["dynamodb:UpdateItem"]"#,
+            "sid       = \"WritePositions\"\n      actions   = [\"dynamodb:PutItem\"]",
+            "sid       = \"WritePositions\"\n      actions   = [\"dynamodb:UpdateItem\"]",
         );
         assert!(
             problems.contains(&"function geo-update: its role does not allow dynamodb:PutItem on aws_dynamodb_table.positions".to_string()),

@@ -303,7 +303,6 @@ async fn geofence_overspeed_and_offline_events_over_http() {
 /// fleet events equal the ground truth the routes were designed with.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simulated_routes_make_exactly_their_ground_truth_events() {
-    use geostream_sim::geofence_routes::{self, RouteSpec};
     let rules = geostream_e2e::fleet_events::route_rules();
     let running = start(LocalConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -316,23 +315,7 @@ async fn simulated_routes_make_exactly_their_ground_truth_events() {
         http: reqwest::Client::new(),
         base: format!("http://{}", running.addr),
     };
-    let mut spec = RouteSpec {
-        seed: 16,
-        vehicles: 20,
-        visits: 4,
-        grid: 4,
-        origin: (48.10, 11.50),
-        start_ts: 0,
-    };
-    let longest = geofence_routes::routes(&spec)
-        .readings
-        .iter()
-        .map(Vec::len)
-        .max()
-        .unwrap() as i64;
-    // Every reading in the past, the newest 5 s ago.
-    spec.start_ts = geostream_shared::now_millis() - 5_000 - longest * 2_000;
-    let routes = geofence_routes::routes(&spec);
+    let (routes, longest) = geostream_e2e::fleet_events::routes_ending_now(16, 20, 4, 4);
     for geofence in &routes.geofences {
         let (status, body) = client
             .send(
@@ -343,7 +326,7 @@ async fn simulated_routes_make_exactly_their_ground_truth_events() {
             .await;
         assert_eq!(status, 200, "{body}");
     }
-    for tick in 0..longest as usize {
+    for tick in 0..longest {
         let batch: Vec<Value> = routes
             .readings
             .iter()
@@ -363,7 +346,7 @@ async fn simulated_routes_make_exactly_their_ground_truth_events() {
 
     let expected = geostream_e2e::fleet_events::truth_keys(&routes);
     let mut made = Vec::new();
-    for vehicle in 0..spec.vehicles {
+    for vehicle in 0..20 {
         let device = format!("route-{vehicle:04}");
         for event in client
             .events(&format!("device_id={device}&limit=1000"))

@@ -10,7 +10,6 @@ use geostream_aws::provision::{ArchiveKind, ResourceNames};
 use geostream_e2e::harness::Emulator;
 use geostream_e2e::on_each_emulator;
 use geostream_local::{AwsBackend, StoreKind};
-use geostream_sim::geofence_routes::{self, RouteSpec};
 use serde_json::{json, Value};
 
 on_each_emulator!(fleet_events_through_the_aws_adapters_equal_the_ground_truth);
@@ -53,22 +52,7 @@ async fn fleet_events_through_the_aws_adapters_equal_the_ground_truth(emulator: 
         }
     };
 
-    let mut spec = RouteSpec {
-        seed: 23,
-        vehicles: 2,
-        visits: 2,
-        grid: 3,
-        origin: (48.10, 11.50),
-        start_ts: 0,
-    };
-    let longest = geofence_routes::routes(&spec)
-        .readings
-        .iter()
-        .map(Vec::len)
-        .max()
-        .unwrap() as i64;
-    spec.start_ts = geostream_shared::now_millis() - 5_000 - longest * 2_000;
-    let routes = geofence_routes::routes(&spec);
+    let (routes, longest) = geostream_e2e::fleet_events::routes_ending_now(23, 2, 2, 3);
     for geofence in &routes.geofences {
         let (status, body) = send(
             reqwest::Method::PUT,
@@ -92,22 +76,38 @@ async fn fleet_events_through_the_aws_adapters_equal_the_ground_truth(emulator: 
     .await;
     assert_eq!(status, 400, "{refused}");
 
-    // Ten seconds of the fleet per request: each vehicle's readings of those ticks.
-    for ticks in (0..longest as usize).collect::<Vec<_>>().chunks(5) {
-        let batch: Vec<Value> = routes
-            .readings
-            .iter()
-            .flat_map(|readings| ticks.iter().filter_map(|tick| readings.get(*tick)))
-            .map(|reading| serde_json::to_value(reading).unwrap())
-            .collect();
-        let (status, answer) = send(
-            reqwest::Method::POST,
-            "/v1/telemetry".into(),
-            Some(Value::Array(batch)),
-        )
-        .await;
-        assert_eq!(status, 202, "{answer}");
-    }
+    // Ten seconds of the fleet per request: each vehicle's readings of those ticks (one bus
+    // record per vehicle in a request).
+    let batches: Vec<(Vec<Value>, u64)> = (0..longest)
+        .collect::<Vec<_>>()
+        .chunks(5)
+        .map(|ticks| {
+            let mut vehicles = 0;
+            let mut batch = Vec::new();
+            for readings in &routes.readings {
+                let of_vehicle: Vec<Value> = ticks
+                    .iter()
+                    .filter_map(|tick| readings.get(*tick))
+                    .map(|reading| serde_json::to_value(reading).unwrap())
+                    .collect();
+                vehicles += u64::from(!of_vehicle.is_empty());
+                batch.extend(of_vehicle);
+            }
+            (batch, vehicles)
+        })
+        .collect();
+    let post_all = || async {
+        for (batch, _) in &batches {
+            let (status, answer) = send(
+                reqwest::Method::POST,
+                "/v1/telemetry".into(),
+                Some(Value::Array(batch.clone())),
+            )
+            .await;
+            assert_eq!(status, 202, "{answer}");
+        }
+    };
+    post_all().await;
 
     let expected = geostream_e2e::fleet_events::truth_keys(&routes);
     // The mappings poll the stream: poll the events, with a deadline that only bounds a
@@ -115,7 +115,7 @@ async fn fleet_events_through_the_aws_adapters_equal_the_ground_truth(emulator: 
     let deadline = Instant::now() + Duration::from_secs(180);
     let made = loop {
         let mut made = Vec::new();
-        for vehicle in 0..spec.vehicles {
+        for vehicle in 0..2 {
             let device = format!("route-{vehicle:04}");
             let (status, body) = send(
                 reqwest::Method::GET,
@@ -142,6 +142,47 @@ async fn fleet_events_through_the_aws_adapters_equal_the_ground_truth(emulator: 
         "a scenario worth the name: {expected:?}"
     );
     assert_eq!(made, expected);
+
+    // All of it again (a client's retry, a redrive): once the inspector has taken every
+    // record of it, no event more.
+    let inspected = || -> u64 {
+        running
+            .stack
+            .stats()
+            .mappings
+            .iter()
+            .filter(|m| m.function == geostream_anomaly_inspector::FUNCTION_NAME)
+            .map(|m| m.records)
+            .sum()
+    };
+    let before = inspected();
+    post_all().await;
+    let replayed: u64 = batches.iter().map(|(_, records)| records).sum();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while inspected() < before + replayed && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        inspected() >= before + replayed,
+        "the replay was not taken in time"
+    );
+    let mut after_replay = Vec::new();
+    for vehicle in 0..2 {
+        let (_, body) = send(
+            reqwest::Method::GET,
+            format!("/v1/events?device_id=route-{vehicle:04}&limit=1000"),
+            None,
+        )
+        .await;
+        let events = body["events"].as_array().cloned().unwrap_or_default();
+        after_replay.extend(
+            events
+                .iter()
+                .filter_map(geostream_e2e::fleet_events::event_key),
+        );
+    }
+    after_replay.sort();
+    assert_eq!(after_replay, expected, "a replay adds nothing");
 
     // The fleet-wide listing (the by-day index) and one geofence's (the by-geofence index).
     let enters = routes
@@ -200,5 +241,134 @@ async fn fleet_events_through_the_aws_adapters_equal_the_ground_truth(emulator: 
     )
     .await;
     assert_eq!(status, 404, "a second delete finds nothing");
+    running.shutdown().await;
+}
+
+on_each_emulator!(a_silent_vehicle_is_found_by_the_scheduled_offline_check);
+
+/// The offline-check function as its Lambda main builds it, on the runner's tables: a vehicle
+/// heard from once, silent past `offline_after_s`, goes offline once; its next reading brings
+/// it back online.
+async fn a_silent_vehicle_is_found_by_the_scheduled_offline_check(emulator: Emulator) {
+    use geostream_anomaly_inspector::{AnomalyInspector, GEOFENCE_REFRESH};
+    use geostream_aws::compose::Composition;
+    use geostream_aws::config::{sdk_config, Clients};
+    use geostream_offline_check::OfflineCheck;
+
+    let prefix = format!("gs-offline-{:?}-{}", emulator.kind, std::process::id()).to_lowercase();
+    let names = ResourceNames::with_prefix(&prefix);
+    let config = geostream_local::LocalConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        backend: geostream_local::Backend::Aws(AwsBackend {
+            endpoint_url: Some(emulator.endpoint.clone()),
+            names: names.clone(),
+            create_resources: true,
+            archive: ArchiveKind::S3,
+            rule_state_store: StoreKind::DynamoDb,
+            recent_tracks: None,
+            position_store: StoreKind::DynamoDb,
+        }),
+        shards: 1,
+        ..Default::default()
+    };
+    let running = geostream_local::start(config)
+        .await
+        .expect("the runner starts on the emulator");
+    let base = format!("http://{}", running.addr);
+    let http = reqwest::Client::new();
+    let post = |ts: i64| {
+        http.post(format!("{base}/v1/telemetry"))
+            .json(&json!({"device_id": "quiet-1", "ts": ts, "lat": 48.1, "lon": 11.5, "speed_kmh": 30.0}))
+            .send()
+    };
+    assert_eq!(
+        post(geostream_shared::now_millis())
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        202
+    );
+
+    // The function's ports, built as its main builds them, from the settings Terraform gives it.
+    let sdk = sdk_config(Some(&emulator.endpoint)).await;
+    let clients = Clients::new(&sdk);
+    let queue = geostream_aws::provision::queue_url(&clients, &names.dead_letter_queue)
+        .await
+        .unwrap();
+    let manifest =
+        geostream_aws::manifest::function(geostream_offline_check::FUNCTION_NAME).unwrap();
+    let ports = Composition::new(
+        manifest.name,
+        manifest.ports,
+        Box::new(names.settings(ArchiveKind::S3, &queue)),
+        clients,
+    );
+    let mut rules = geostream_shared::rules::RuleSet::default_rules();
+    rules.fleet.offline_after_ms = 1_500;
+    let alerts = ports.alerts().await.unwrap();
+    let inspector = AnomalyInspector::new(
+        std::sync::Arc::new(rules),
+        alerts.clone(),
+        ports.alerts_bus().await.unwrap(),
+        ports.dead_letters().unwrap(),
+    )
+    .with_fleet(
+        ports.geofences().unwrap(),
+        ports.fleet_events().unwrap(),
+        GEOFENCE_REFRESH,
+    );
+    let check = OfflineCheck::new(inspector, ports.silent_candidates().unwrap(), 1_500);
+
+    // Wait until the runner's inspector has heard from the vehicle (a deadline that only
+    // bounds a failure), then for the silence.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let heard_at = loop {
+        let state = alerts.load_rule_states("quiet-1").await.unwrap();
+        if let Some(seen) = state.fleet.seen_at {
+            break seen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the inspector never evaluated the reading"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let report = loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let report = check.run(geostream_shared::now_millis()).await.unwrap();
+        if report["offline"] == 1 || Instant::now() > deadline {
+            break report;
+        }
+    };
+    assert_eq!(report["offline"], 1, "{report}");
+    let again = check.run(geostream_shared::now_millis()).await.unwrap();
+    assert_eq!(again["offline"], 0, "once: {again}");
+    let events = |kind: &'static str| {
+        let url = format!("{base}/v1/events?device_id=quiet-1&type={kind}");
+        let http = http.clone();
+        async move {
+            let body: Value = http.get(url).send().await.unwrap().json().await.unwrap();
+            body["events"].as_array().cloned().unwrap_or_default()
+        }
+    };
+    let offline = events("device_offline").await;
+    assert_eq!(offline.len(), 1, "{offline:?}");
+    assert_eq!(offline[0]["ts"].as_i64(), Some(heard_at + 1_500));
+
+    // Back: its next reading, through the runner's inspector.
+    let back_at = geostream_shared::now_millis();
+    assert_eq!(post(back_at).await.unwrap().status().as_u16(), 202);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let online = loop {
+        let online = events("device_online").await;
+        if !online.is_empty() || Instant::now() > deadline {
+            break online;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(online.len(), 1, "{online:?}");
+    assert_eq!(online[0]["ts"].as_i64(), Some(back_at));
     running.shutdown().await;
 }

@@ -15,7 +15,7 @@ use geostream_shared::limits::{DeviceLimits, DeviceRateLimit, LocalDeviceLimits}
 use geostream_shared::metrics::EmfLog;
 use geostream_shared::ports::{
     AlertStore, Archive, DeadLetterSink, EventBus, FleetEventStore, GeofenceStore,
-    MetricNameRegistry, PositionStore, DEFAULT_MAX_METRIC_NAMES,
+    MetricNameRegistry, PositionStore, SilentCandidates, DEFAULT_MAX_METRIC_NAMES,
 };
 use geostream_shared::rules::RuleSet;
 use geostream_shared::stream::{RetryBudget, WithRetryBudget};
@@ -645,6 +645,25 @@ impl Composition {
                 name: settings::RULE_STATE_STORE.name,
                 value: other.to_string(),
                 expected: "dynamodb or valkey",
+            }),
+        }
+    }
+
+    /// The vehicles the offline check looks at: a Scan of the DynamoDB positions table. With
+    /// positions in Valkey there is no such table to scan: the offline check is not deployed.
+    pub fn silent_candidates(&self) -> Result<Arc<dyn SilentCandidates>, ComposeError> {
+        match self.optional(settings::POSITION_STORE)?.as_deref() {
+            None | Some("dynamodb") => Ok(Arc::new(
+                DynamoPositions::new(
+                    self.clients.dynamodb.clone(),
+                    self.required(settings::POSITIONS_TABLE)?,
+                )
+                .metered(self.clients.capacity.clone()),
+            )),
+            Some(other) => Err(ComposeError::Invalid {
+                name: settings::POSITION_STORE.name,
+                value: other.to_string(),
+                expected: "dynamodb: the offline check scans the DynamoDB positions table",
             }),
         }
     }

@@ -253,6 +253,48 @@ pub const FUNCTIONS: &[FunctionManifest] = &[
         ],
         reads_telemetry: false,
     },
+    FunctionManifest {
+        name: "offline-check",
+        ports: &[
+            Port::Rules,
+            Port::Alerts,
+            Port::AlertsBus,
+            Port::DeadLetters,
+            Port::Geofences,
+            Port::FleetEvents,
+            Port::Positions,
+        ],
+        operations: &[
+            "Scan",
+            "GetItem",
+            "PutItem",
+            "DeleteItem",
+            "PutRecords",
+            "GetSecretValue",
+            "SendMessageBatch",
+            "PutObject",
+        ],
+        permissions: &[
+            // The candidates: a parallel Scan of the positions.
+            allow("dynamodb:Scan", "aws_dynamodb_table.positions"),
+            // device_offline committed to the rule state alone: a conditional PutItem.
+            allow("dynamodb:GetItem", "aws_dynamodb_table.alert_state"),
+            allow("dynamodb:PutItem", "aws_dynamodb_table.alert_state"),
+            allow("dynamodb:PutItem", "aws_dynamodb_table.fleet_events"),
+            // A state's outbox may still hold an enter or exit a failed store left behind.
+            allow("dynamodb:PutItem", "aws_dynamodb_table.geofence_occupants"),
+            allow(
+                "dynamodb:DeleteItem",
+                "aws_dynamodb_table.geofence_occupants",
+            ),
+            allow("kinesis:PutRecords", "aws_kinesis_stream.alerts"),
+            allow("secretsmanager:GetSecretValue", "var.kafka_secret_arn"),
+            allow("kms:Decrypt", "var.kafka_secret_kms_key_arn"),
+            allow("sqs:SendMessage", "aws_sqs_queue.dead_letters"),
+            allow("s3:PutObject", "aws_s3_bucket.dead_letters/dead-letters/*"),
+        ],
+        reads_telemetry: false,
+    },
 ];
 
 /// What an event source mapping needs from the role of a function it invokes: to read the

@@ -82,6 +82,20 @@ pub async fn run_stream_function(
     }
 }
 
+/// Runs a scheduled function (an EventBridge rule's invocation, whatever its event) on the
+/// Lambda runtime: the handler's report is the answer, its error the invocation's error.
+pub async fn run_scheduled_function<F, Fut>(handler: F) -> Result<(), Error>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<serde_json::Value, String>>,
+{
+    let handler = &handler;
+    run(service_fn(
+        move |_: LambdaEvent<serde_json::Value>| async move { handler().await.map_err(Error::from) },
+    ))
+    .await
+}
+
 /// Runs an HTTP function (API Gateway HTTP API, payload v2) on the Lambda runtime.
 pub async fn run_http_function<F, Fut>(handler: F) -> Result<(), Error>
 where
