@@ -112,26 +112,30 @@ async fn fleet_events_through_the_aws_adapters_equal_the_ground_truth(emulator: 
     let expected = geostream_e2e::fleet_events::truth_keys(&routes);
     // The mappings poll the stream: poll the events, with a deadline that only bounds a
     // failure.
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let made = loop {
-        let mut made = Vec::new();
+    // Every vehicle's events, as keys comparable with the truth, sorted.
+    let event_keys = || async {
+        let mut keys = Vec::new();
         for vehicle in 0..2 {
-            let device = format!("route-{vehicle:04}");
             let (status, body) = send(
                 reqwest::Method::GET,
-                format!("/v1/events?device_id={device}&limit=1000"),
+                format!("/v1/events?device_id=route-{vehicle:04}&limit=1000"),
                 None,
             )
             .await;
             assert_eq!(status, 200, "{body}");
             let events = body["events"].as_array().cloned().unwrap_or_default();
-            made.extend(
+            keys.extend(
                 events
                     .iter()
                     .filter_map(geostream_e2e::fleet_events::event_key),
             );
         }
-        made.sort();
+        keys.sort();
+        keys
+    };
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let made = loop {
+        let made = event_keys().await;
         if made.len() >= expected.len() || Instant::now() > deadline {
             break made;
         }
@@ -166,22 +170,7 @@ async fn fleet_events_through_the_aws_adapters_equal_the_ground_truth(emulator: 
         inspected() >= before + replayed,
         "the replay was not taken in time"
     );
-    let mut after_replay = Vec::new();
-    for vehicle in 0..2 {
-        let (_, body) = send(
-            reqwest::Method::GET,
-            format!("/v1/events?device_id=route-{vehicle:04}&limit=1000"),
-            None,
-        )
-        .await;
-        let events = body["events"].as_array().cloned().unwrap_or_default();
-        after_replay.extend(
-            events
-                .iter()
-                .filter_map(geostream_e2e::fleet_events::event_key),
-        );
-    }
-    after_replay.sort();
+    let after_replay = event_keys().await;
     assert_eq!(after_replay, expected, "a replay adds nothing");
 
     // The fleet-wide listing (the by-day index) and one geofence's (the by-geofence index).

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::stream::{self, StreamExt};
-use geostream_shared::fleet::{FleetEvent, FleetTransition, GeofenceCache};
+use geostream_shared::fleet::{FleetEvent, FleetTransition, GeofenceCache, GeofenceIndex};
 use geostream_shared::metrics::{Measurements, MetricName};
 use geostream_shared::model::{AlertTransition, Reading, TransitionKind};
 use geostream_shared::ports::{
@@ -201,7 +201,11 @@ impl AnomalyInspector {
         }
     }
 
-    async fn inspect_device(&self, group: &DeviceRecords) -> Result<Inspected, StoreError> {
+    async fn inspect_device(
+        &self,
+        group: &DeviceRecords,
+        geofences: Option<&GeofenceIndex>,
+    ) -> Result<Inspected, StoreError> {
         let device_id = group.device_id.as_str();
         // Each reading with the newest record that carried it (a client's retry sends one
         // again in a later record).
@@ -219,10 +223,6 @@ impl AnomalyInspector {
         }
         let readings: Vec<&Reading> = readings.into_iter().map(|(r, _)| r).collect();
         let mut made = Inspected::default();
-        let geofences = match &self.fleet {
-            Some(fleet) => Some(fleet.geofences.index().await?),
-            None => None,
-        };
         let mut start = 0;
         let mut attempt = 0;
         loop {
@@ -231,7 +231,7 @@ impl AnomalyInspector {
             let expected_version = loaded.version;
             let (evaluation, mut state, taken) =
                 self.evaluate_fitting(device_id, &loaded, &readings[start..])?;
-            let fleet_events: Vec<FleetEvent> = match &geofences {
+            let fleet_events: Vec<FleetEvent> = match geofences {
                 Some(index) => self.rules.fleet.evaluate(
                     index,
                     device_id,
@@ -373,8 +373,18 @@ impl StreamFunction for AnomalyInspector {
         let mut failed = decoded.retry;
         let mut dead_lettered = decoded.dead_lettered;
         let groups = group_by_device(decoded.records);
+        // The geofences once per batch, not per device; a failure to have them fails every
+        // device's records as a store failure does.
+        let geofences = match &self.fleet {
+            Some(fleet) => fleet.geofences.index().await.map(Some),
+            None => Ok(None),
+        };
+        let geofences = &geofences;
         let mut results = stream::iter(groups.into_iter().map(|group| async move {
-            let result = self.inspect_device(&group).await;
+            let result = match geofences {
+                Ok(index) => self.inspect_device(&group, index.as_deref()).await,
+                Err(error) => Err(error.clone()),
+            };
             (group, result)
         }))
         .buffer_unordered(DEVICE_CONCURRENCY);
