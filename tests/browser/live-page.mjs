@@ -162,9 +162,12 @@ try {
   const details = await page.locator('#details dl').innerText();
   check(/track \(1 h\)\s+\d+ readings/.test(details), 'vehicle details show its recent track');
   // Open a vehicle from the fleet events: its details list them.
-  const eventItem = page.locator('#fleet-events li').first();
-  const eventDevice = await eventItem.getAttribute('data-device');
-  await eventItem.click();
+  // Read and click the item in one step: the list is redrawn every 2 s.
+  const eventDevice = await page.evaluate(() => {
+    const item = document.querySelector('#fleet-events li');
+    item.click();
+    return item.dataset.device;
+  });
   await page.waitForFunction(id => (document.querySelector('#details dl') || {}).innerText?.includes(id), eventDevice, { timeout: 10_000 });
   const eventDetails = await page.locator('#details dl').innerText();
   check(/events\s+[^\n]*mitte/.test(eventDetails), `vehicle details list its fleet events (${eventDevice})`);
