@@ -90,6 +90,8 @@ pub struct LocalConfig {
     pub shards: usize,
     pub retention_per_shard: usize,
     pub archive_per_device: usize,
+    /// What the embedded stores and bus may hold (the embedded backend only).
+    pub memory_budget: MemoryBudget,
     pub dead_letter_capacity: usize,
     pub mapping: MappingConfig,
     /// The archiver's mapping where it differs from `mapping` (on Lambda it takes larger
@@ -102,6 +104,51 @@ pub struct LocalConfig {
     /// Per-device request limits (`--device-rate`); none by default, so the simulator's
     /// bench mode is not throttled.
     pub device_limit: Option<DeviceRateLimit>,
+}
+
+/// What the embedded backend's stores and bus may hold in memory, shared out as fixed parts:
+/// half to the archive, an eighth to the telemetry stream, a thirty-second to the alert stream.
+/// The rest (about a third) is left for what is not evicted (latest positions, rule states,
+/// fleet events, dead letters, the live page) and for the process itself. The archive evicts
+/// its oldest readings and the streams trim their oldest records (a reader that had not read
+/// them is told how many it missed) to stay within their parts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryBudget {
+    pub bytes: usize,
+}
+
+impl MemoryBudget {
+    pub fn from_mib(mib: usize) -> Self {
+        MemoryBudget {
+            bytes: mib.saturating_mul(1 << 20),
+        }
+    }
+
+    /// A quarter of the machine's physical memory, at least 256 MiB (2 GiB when the machine
+    /// does not say).
+    pub fn for_this_machine() -> Self {
+        let system = sysinfo::System::new_with_specifics(
+            sysinfo::RefreshKind::nothing()
+                .with_memory(sysinfo::MemoryRefreshKind::nothing().with_ram()),
+        );
+        let total = usize::try_from(system.total_memory()).unwrap_or(usize::MAX);
+        let bytes = if total == 0 { 2 << 30 } else { total / 4 };
+        MemoryBudget {
+            bytes: bytes.max(256 << 20),
+        }
+    }
+
+    pub fn archive(&self) -> usize {
+        self.bytes / 2
+    }
+
+    pub fn telemetry_stream(&self) -> usize {
+        self.bytes / 8
+    }
+
+    pub fn alert_stream(&self) -> usize {
+        self.bytes / 32
+    }
 }
 
 /// What verifies the bearer tokens of requests to the local gateway.
@@ -123,6 +170,7 @@ impl Default for LocalConfig {
             shards: 4,
             retention_per_shard: 250_000,
             archive_per_device: 2_000,
+            memory_budget: MemoryBudget::for_this_machine(),
             dead_letter_capacity: 10_000,
             mapping: MappingConfig::default(),
             archiver_mapping: None,

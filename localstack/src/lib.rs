@@ -50,7 +50,7 @@ use geostream_shared::stream::{RetryBudget, StreamFunction, WithRetryBudget};
 use tokio::sync::watch;
 
 pub use config::{
-    ArchiveKind, AwsBackend, Backend, Bus, KafkaBusConfig, LocalConfig, StoreKind,
+    ArchiveKind, AwsBackend, Backend, Bus, KafkaBusConfig, LocalConfig, MemoryBudget, StoreKind,
     TokenVerification,
 };
 pub use drain::KAFKA_QUIET;
@@ -279,6 +279,7 @@ pub async fn start(config: LocalConfig) -> Result<RunningStack, String> {
         mappings,
         bus: ports.telemetry.bus_name(),
         memory: ports.memory,
+        memory_budget: config.memory_budget,
         aws_usage: ports.aws_usage,
         metrics,
         alerts: ports.alerts.clone(),

@@ -8,8 +8,8 @@ use geostream_aws::provision::ResourceNames;
 use geostream_local::cost::{self, Deployment, KinesisMode, Measured, PriceTable};
 use geostream_local::esm::MappingConfig;
 use geostream_local::{
-    start, ArchiveKind, AwsBackend, Backend, Bus, KafkaBusConfig, LocalConfig, StoreKind,
-    TokenVerification, KAFKA_QUIET,
+    start, ArchiveKind, AwsBackend, Backend, Bus, KafkaBusConfig, LocalConfig, MemoryBudget,
+    StoreKind, TokenVerification, KAFKA_QUIET,
 };
 use geostream_shared::limits::DeviceRateLimit;
 use geostream_shared::rules::RuleSet;
@@ -112,6 +112,12 @@ struct Cli {
     /// Readings kept per vehicle in the in-memory archive.
     #[arg(long, default_value_t = 2_000)]
     archive_per_device: usize,
+    /// MiB the embedded stores and bus may hold: half for the archive (oldest readings evicted
+    /// first), an eighth for the telemetry stream, a thirty-second for the alert stream (oldest
+    /// records trimmed), the rest left for positions, rule states and the process [default: a
+    /// quarter of the machine's memory].
+    #[arg(long)]
+    memory_budget_mb: Option<usize>,
     /// Event source mapping: records per invocation [default: 100].
     #[arg(long)]
     esm_batch_size: Option<usize>,
@@ -414,6 +420,9 @@ async fn main() -> ExitCode {
         shards: cli.shards,
         retention_per_shard: cli.retention_per_shard,
         archive_per_device: cli.archive_per_device,
+        memory_budget: cli
+            .memory_budget_mb
+            .map_or_else(MemoryBudget::for_this_machine, MemoryBudget::from_mib),
         mapping: mapping.clone(),
         archiver_mapping: Some(archiver_mapping.clone()),
         rules,

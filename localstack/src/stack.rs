@@ -14,6 +14,7 @@ use geostream_shared::ports::AlertStore;
 use serde::Serialize;
 use tokio::sync::watch;
 
+use crate::config::MemoryBudget;
 use crate::esm::{Mapping, MappingSnapshot};
 use crate::metrics::LocalMetrics;
 use crate::positions::{LatencySnapshot, LatestPositions, SinceReading};
@@ -34,6 +35,7 @@ pub struct Stack {
     pub mappings: Vec<Mapping>,
     /// Set on the embedded backend.
     pub memory: Option<MemoryParts>,
+    pub memory_budget: MemoryBudget,
     /// Set on the AWS backend: each function's API calls and capacity units so far.
     pub aws_usage: Option<AwsUsage>,
     /// Which bus the stack runs on: memory, kinesis or kafka.
@@ -56,11 +58,63 @@ pub struct StackStats {
     pub alert_transitions: Option<u64>,
     pub positions: Option<usize>,
     pub archived_readings: Option<usize>,
+    /// The embedded backend's memory: its budget, what each bounded part holds, what was
+    /// evicted or trimmed to stay within it.
+    pub memory: Option<MemoryStats>,
     pub dead_letters: Option<u64>,
     pub mappings: Vec<MappingSnapshot>,
     pub post_to_position: LatencySnapshot,
     pub post_to_alert: LatencySnapshot,
     pub aws_calls: Option<BTreeMap<String, u64>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MemoryStats {
+    pub budget_bytes: usize,
+    /// The process's resident memory, as the operating system counts it.
+    pub resident_bytes: Option<u64>,
+    pub archive_bytes: usize,
+    pub archive_max_bytes: usize,
+    /// The archive's bytes per reading held (readings, eviction queue and per-vehicle tracks).
+    pub archive_bytes_per_reading: Option<f64>,
+    /// Readings evicted, oldest first, to keep the archive within its part of the budget.
+    pub evicted_readings: u64,
+    pub telemetry_stream_bytes: usize,
+    pub alert_stream_bytes: usize,
+    /// Stream records trimmed by retention (records or bytes), read or not; a reader that had
+    /// not read them counts them as expired in its mapping's read errors.
+    pub trimmed_stream_records: u64,
+}
+
+impl MemoryStats {
+    fn of(memory: &MemoryParts, budget: MemoryBudget) -> MemoryStats {
+        let archived = memory.archive.len();
+        let archive_bytes = memory.archive.bytes();
+        MemoryStats {
+            budget_bytes: budget.bytes,
+            resident_bytes: resident_bytes(),
+            archive_bytes,
+            archive_max_bytes: memory.archive.max_bytes(),
+            archive_bytes_per_reading: (archived > 0)
+                .then(|| ((archive_bytes as f64 / archived as f64) * 10.0).round() / 10.0),
+            evicted_readings: memory.archive.evicted(),
+            telemetry_stream_bytes: memory.telemetry.bytes(),
+            alert_stream_bytes: memory.alert_stream.bytes(),
+            trimmed_stream_records: memory.telemetry.trimmed() + memory.alert_stream.trimmed(),
+        }
+    }
+}
+
+/// This process's resident set size.
+pub fn resident_bytes() -> Option<u64> {
+    let pid = sysinfo::get_current_pid().ok()?;
+    let mut system = sysinfo::System::new();
+    system.refresh_processes_specifics(
+        sysinfo::ProcessesToUpdate::Some(&[pid]),
+        false,
+        sysinfo::ProcessRefreshKind::nothing().with_memory(),
+    );
+    system.process(pid).map(sysinfo::Process::memory)
 }
 
 impl Stack {
@@ -79,6 +133,7 @@ impl Stack {
                 .map(|m| m.alert_stream.tips().iter().sum()),
             positions: memory.map(|m| m.positions.len()),
             archived_readings: memory.map(|m| m.archive.len()),
+            memory: memory.map(|m| MemoryStats::of(m, self.memory_budget)),
             dead_letters: memory.map(|m| m.dead_letters.snapshot().1),
             mappings: self.mappings.iter().map(Mapping::snapshot).collect(),
             post_to_position: self.post_to_position.snapshot(),

@@ -186,18 +186,23 @@ const FLEET_EVENT_CAPACITY: usize = 100_000;
 
 fn embedded_ports(config: &LocalConfig) -> Ports {
     let memory = MemoryParts {
-        telemetry: Arc::new(MemoryStream::new(
+        telemetry: Arc::new(MemoryStream::with_byte_limit(
             "geostream-telemetry",
             config.shards,
             config.retention_per_shard,
+            config.memory_budget.telemetry_stream(),
         )),
-        alert_stream: Arc::new(MemoryStream::new(
+        alert_stream: Arc::new(MemoryStream::with_byte_limit(
             "geostream-alerts",
             config.shards,
             config.retention_per_shard,
+            config.memory_budget.alert_stream(),
         )),
         positions: Arc::new(MemoryPositionStore::new()),
-        archive: Arc::new(MemoryArchive::new(config.archive_per_device)),
+        archive: Arc::new(MemoryArchive::with_byte_limit(
+            config.archive_per_device,
+            config.memory_budget.archive(),
+        )),
         alerts: Arc::new(MemoryAlertStore::new()),
         dead_letters: Arc::new(MemoryDeadLetters::new(config.dead_letter_capacity)),
         geofences: Arc::new(MemoryGeofences::new()),

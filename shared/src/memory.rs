@@ -3,21 +3,25 @@
 //! order) and bounds its memory, saying what it drops.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use async_trait::async_trait;
 use tokio::sync::watch;
 
 use crate::fleet::{FleetEvent, FleetEventType, Geofence};
-use crate::model::{Alert, GeoPoint, Position, Reading};
-use crate::ports::{nearest_of, with_geohash, NearbyVehicle, RejectedReading};
+use crate::model::{Alert, GeoPoint, Position};
+use crate::ports::{nearest_of, with_geohash, NearbyVehicle};
 use crate::ports::{
-    AlertChanges, AlertFilter, AlertStore, Archive, BusRecord, DeadLetter, DeadLetterSink,
-    EventBus, EventFilter, FleetEventStore, GeofenceStore, MetricNameRegistry, Occupant,
-    PositionStore, Published, StoreError, UpsertOutcome,
+    AlertChanges, AlertFilter, AlertStore, BusRecord, DeadLetter, DeadLetterSink, EventBus,
+    EventFilter, FleetEventStore, GeofenceStore, MetricNameRegistry, Occupant, PositionStore,
+    Published, StoreError, UpsertOutcome,
 };
 use crate::rules::DeviceRuleStates;
 use crate::{now_millis, EpochMillis};
+
+mod archive;
+pub use archive::MemoryArchive;
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it: every writer here
 /// leaves the data consistent before anything that could panic.
@@ -36,8 +40,21 @@ pub struct StoredRecord {
     pub arrival: EpochMillis,
 }
 
+impl StoredRecord {
+    /// What the record takes in memory, by the stream's count.
+    fn bytes(&self) -> usize {
+        std::mem::size_of::<StoredRecord>() + self.partition_key.len() + self.data.len()
+    }
+}
+
+#[derive(Default)]
+struct ShardRecords {
+    records: VecDeque<StoredRecord>,
+    bytes: usize,
+}
+
 struct Shard {
-    records: Mutex<VecDeque<StoredRecord>>,
+    records: Mutex<ShardRecords>,
     /// The sequence number of the newest record; readers wait on it.
     tip: watch::Sender<u64>,
 }
@@ -52,18 +69,33 @@ pub struct ShardRead {
 
 /// An in-memory stream with Kinesis semantics: records are routed to shards by the MD5 of
 /// their partition key (so one device always lands on one shard, in order), and each shard
-/// keeps at most `retention` records, oldest trimmed first.
+/// keeps at most `retention` records and its share of `max_bytes`, oldest trimmed first (a
+/// reader asking for a trimmed record is told how many it missed).
 pub struct MemoryStream {
     name: String,
     shards: Vec<Shard>,
     retention: usize,
+    max_bytes_per_shard: usize,
+    trimmed: AtomicU64,
 }
 
 impl MemoryStream {
+    /// A stream bounded in records per shard only.
     pub fn new(name: impl Into<String>, shard_count: usize, retention_per_shard: usize) -> Self {
-        let shards = (0..shard_count.max(1))
+        Self::with_byte_limit(name, shard_count, retention_per_shard, usize::MAX)
+    }
+
+    /// A stream bounded in records per shard and in bytes (split evenly between the shards).
+    pub fn with_byte_limit(
+        name: impl Into<String>,
+        shard_count: usize,
+        retention_per_shard: usize,
+        max_bytes: usize,
+    ) -> Self {
+        let shard_count = shard_count.max(1);
+        let shards = (0..shard_count)
             .map(|_| Shard {
-                records: Mutex::new(VecDeque::new()),
+                records: Mutex::new(ShardRecords::default()),
                 tip: watch::channel(0).0,
             })
             .collect();
@@ -71,7 +103,19 @@ impl MemoryStream {
             name: name.into(),
             shards,
             retention: retention_per_shard.max(1),
+            max_bytes_per_shard: max_bytes / shard_count,
+            trimmed: AtomicU64::new(0),
         }
+    }
+
+    /// The bytes its records take, by its own count.
+    pub fn bytes(&self) -> usize {
+        self.shards.iter().map(|s| lock(&s.records).bytes).sum()
+    }
+
+    /// Records trimmed by retention so far, read or not.
+    pub fn trimmed(&self) -> u64 {
+        self.trimmed.load(Ordering::Relaxed)
     }
 
     pub fn name(&self) -> &str {
@@ -99,7 +143,8 @@ impl MemoryStream {
         let Some(shard) = self.shards.get(shard) else {
             return ShardRead::default();
         };
-        let records = lock(&shard.records);
+        let shard = lock(&shard.records);
+        let records = &shard.records;
         let Some(first) = records.front().map(|r| r.sequence) else {
             return ShardRead::default();
         };
@@ -124,16 +169,27 @@ impl MemoryStream {
     fn append(&self, record: BusRecord) -> Published {
         let shard_index = self.shard_of(&record.partition_key);
         let shard = &self.shards[shard_index];
-        let mut records = lock(&shard.records);
-        let sequence = records.back().map_or(1, |r| r.sequence + 1);
-        records.push_back(StoredRecord {
+        let mut stored = lock(&shard.records);
+        let sequence = stored.records.back().map_or(1, |r| r.sequence + 1);
+        let record = StoredRecord {
             sequence,
             partition_key: record.partition_key,
             data: record.data,
             arrival: now_millis(),
-        });
-        while records.len() > self.retention {
-            records.pop_front();
+        };
+        stored.bytes += record.bytes();
+        stored.records.push_back(record);
+        let mut trimmed = 0;
+        while stored.records.len() > self.retention
+            || (stored.bytes > self.max_bytes_per_shard && stored.records.len() > 1)
+        {
+            if let Some(oldest) = stored.records.pop_front() {
+                stored.bytes -= oldest.bytes();
+                trimmed += 1;
+            }
+        }
+        if trimmed > 0 {
+            self.trimmed.fetch_add(trimmed, Ordering::Relaxed);
         }
         shard.tip.send_replace(sequence);
         Published {
@@ -300,75 +356,6 @@ impl MemoryPositionStore {
             }
         }
         found
-    }
-}
-
-/// Every reading, per device ordered by time, keeping the newest `max_per_device` readings of
-/// each device (the in-memory stand-in for Timestream's retention).
-/// One device's readings keyed by (ts, event id).
-type Track = BTreeMap<(EpochMillis, String), Reading>;
-
-pub struct MemoryArchive {
-    inner: RwLock<HashMap<String, Track>>,
-    max_per_device: usize,
-}
-
-impl MemoryArchive {
-    pub fn new(max_per_device: usize) -> Self {
-        MemoryArchive {
-            inner: RwLock::new(HashMap::new()),
-            max_per_device: max_per_device.max(1),
-        }
-    }
-
-    /// Number of readings held.
-    pub fn len(&self) -> usize {
-        self.inner
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .map(BTreeMap::len)
-            .sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-#[async_trait]
-impl Archive for MemoryArchive {
-    async fn write(&self, readings: &[Reading]) -> Result<Vec<RejectedReading>, StoreError> {
-        let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
-        for reading in readings {
-            let track = inner.entry(reading.device_id.clone()).or_default();
-            track.insert((reading.ts, reading.event_id.clone()), reading.clone());
-            while track.len() > self.max_per_device {
-                track.pop_first();
-            }
-        }
-        Ok(Vec::new())
-    }
-
-    async fn track(
-        &self,
-        device_id: &str,
-        from: EpochMillis,
-        to: EpochMillis,
-        limit: usize,
-    ) -> Result<Vec<Reading>, StoreError> {
-        let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
-        let Some(track) = inner.get(device_id) else {
-            return Ok(Vec::new());
-        };
-        if from >= to {
-            return Ok(Vec::new());
-        }
-        Ok(track
-            .range((from, String::new())..(to, String::new()))
-            .take(limit)
-            .map(|(_, r)| r.clone())
-            .collect())
     }
 }
 
@@ -783,6 +770,41 @@ mod tests {
         );
         assert_eq!(stream.read(shard, 5, 10).records.len(), 1);
         assert!(stream.read(shard, 6, 10).records.is_empty());
+        assert_eq!(stream.trimmed(), 2);
+    }
+
+    #[tokio::test]
+    async fn stream_over_its_bytes_trims_the_oldest_and_says_so() {
+        let record = |n: u8| BusRecord {
+            partition_key: "truck-1".into(),
+            data: vec![n; 1_000],
+        };
+        let one = StoredRecord {
+            sequence: 1,
+            partition_key: "truck-1".into(),
+            data: vec![0; 1_000],
+            arrival: 0,
+        }
+        .bytes();
+        // Two shards, room for three records in each.
+        let stream = MemoryStream::with_byte_limit("t", 2, 1_000, one * 3 * 2 + 1);
+        stream.publish((0..5).map(record).collect()).await;
+        let shard = stream.shard_of("truck-1");
+        let read = stream.read(shard, 1, 10);
+        assert_eq!(read.expired, 2, "the reader is told what it missed");
+        assert_eq!(
+            read.records.iter().map(|r| r.data[0]).collect::<Vec<_>>(),
+            [2, 3, 4]
+        );
+        assert_eq!(stream.trimmed(), 2);
+        assert_eq!(stream.bytes(), one * 3);
+        // A record larger than the whole share is still kept, alone.
+        let big = BusRecord {
+            partition_key: "truck-1".into(),
+            data: vec![9; one * 10],
+        };
+        stream.publish(vec![big]).await;
+        assert_eq!(stream.read(shard, 1, 10).records.len(), 1);
     }
 
     #[tokio::test]

@@ -408,3 +408,98 @@ async fn every_dashboard_metric_is_emitted_by_its_function() {
     assert!(total("geo-update", "PositionsUpdated").unwrap() >= 1.0);
     running.shutdown().await;
 }
+
+/// Under a small memory budget the archive evicts its oldest readings and stays within its
+/// part; nothing else is lost: every position, the newest part of each track, no dead letter,
+/// and `/local/stats` counts what was evicted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_memory_budget_evicts_the_oldest_readings_and_serves_the_rest() {
+    let running = start(LocalConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        // Half a MiB for the archive: about 3,000 of the 6,000 readings posted.
+        memory_budget: geostream_local::MemoryBudget::from_mib(1),
+        ..LocalConfig::default()
+    })
+    .await
+    .expect("the embedded stack starts");
+    let client = Client::new(&running);
+    let (vehicles, rounds) = (200, 30);
+    let t0 = now_ms() - 120_000;
+    for round in 0..rounds {
+        let items: Vec<Value> = (0..vehicles)
+            .map(|v| {
+                json!({
+                    "device_id": format!("mem-{v:03}"), "ts": t0 + round * 1000,
+                    "event_id": format!("mem-{v:03}-{round}"),
+                    "lat": 52.5 + v as f64 * 1e-3, "lon": 13.4 + round as f64 * 1e-4,
+                    "speed_kmh": 30.0, "heading_deg": 90.0, "engine_temp_c": 85.0,
+                    "fuel_pct": 50.0
+                })
+            })
+            .collect();
+        let (status, body) = client.post("/v1/telemetry", &Value::from(items)).await;
+        assert_eq!(
+            (status, body["accepted"].as_u64()),
+            (202, Some(vehicles as u64)),
+            "{body}"
+        );
+        // One request at a time, each taken by every function before the next: the stream's
+        // own part of the budget trims only records already read.
+        drained(&running).await;
+    }
+
+    let (_, stats) = client.get("/local/stats").await;
+    let memory = &stats["memory"];
+    let archive_bytes = memory["archive_bytes"].as_u64().unwrap();
+    assert!(
+        archive_bytes <= memory["archive_max_bytes"].as_u64().unwrap(),
+        "{memory}"
+    );
+    let evicted = memory["evicted_readings"].as_u64().unwrap();
+    let archived = stats["archived_readings"].as_u64().unwrap();
+    assert!(evicted > 1_000, "{memory}");
+    assert_eq!(archived + evicted, (vehicles * rounds) as u64, "{stats}");
+    assert!(
+        memory["archive_bytes_per_reading"].as_f64().unwrap() < 200.0,
+        "{memory}"
+    );
+    assert_eq!(stats["positions"], vehicles);
+    assert_eq!(stats["dead_letters"], 0);
+    for mapping in stats["mappings"].as_array().unwrap() {
+        assert_eq!(
+            mapping["read_errors"], 0,
+            "nothing unread was trimmed: {mapping}"
+        );
+    }
+
+    // Every vehicle's newest readings are still served, newest last; the evicted were the oldest.
+    let mut oldest_kept = i64::MAX;
+    for v in [0, 99, 199] {
+        let (status, track) = client
+            .get(&format!(
+                "/v1/vehicles/mem-{v:03}/track?from={t0}&limit=1000"
+            ))
+            .await;
+        assert_eq!(status, 200, "{track}");
+        let ts: Vec<i64> = track["readings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["ts"].as_i64().unwrap())
+            .collect();
+        assert_eq!(ts.last(), Some(&(t0 + (rounds - 1) * 1000)), "{track}");
+        assert!(
+            ts.len() < rounds as usize,
+            "some of mem-{v:03}'s readings were evicted"
+        );
+        assert!(
+            ts.windows(2).all(|w| w[1] == w[0] + 1000),
+            "contiguous: {ts:?}"
+        );
+        assert_eq!(track["readings"][0]["fuel_pct"], 50.0);
+        oldest_kept = oldest_kept.min(ts[0]);
+    }
+    let (_, position) = client.get("/v1/vehicles/mem-000").await;
+    assert_eq!(position["ts"], t0 + (rounds - 1) * 1000);
+    assert!(oldest_kept > t0);
+}
