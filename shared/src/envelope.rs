@@ -68,10 +68,13 @@ impl Envelope {
         Ok(envelope)
     }
 
-    pub fn to_bus_record(&self) -> BusRecord {
+    /// The record that carries this envelope: its encoding, and the envelope itself for a
+    /// bus that can hand it on as it is.
+    pub fn into_bus_record(self) -> BusRecord {
         BusRecord {
             partition_key: self.device_id.clone(),
             data: self.encode(),
+            decoded: Some(std::sync::Arc::new(self)),
         }
     }
 }
@@ -182,7 +185,7 @@ mod tests {
                 .collect::<Vec<_>>(),
             [1, 3]
         );
-        assert_eq!(envelopes[1].to_bus_record().partition_key, "b");
+        assert_eq!(envelopes[1].clone().into_bus_record().partition_key, "b");
     }
 
     #[test]
@@ -256,7 +259,7 @@ mod tests {
             let envelopes = envelopes_by_device(readings.clone(), NOW);
             let mut decoded: Vec<Reading> = Vec::new();
             for envelope in &envelopes {
-                let record = envelope.to_bus_record();
+                let record = envelope.clone().into_bus_record();
                 let back = Envelope::decode(&record.data).unwrap();
                 prop_assert_eq!(&back, envelope);
                 prop_assert_eq!(&record.partition_key, &back.device_id);

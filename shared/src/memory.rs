@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use async_trait::async_trait;
 use tokio::sync::watch;
 
+use crate::envelope::Envelope;
 use crate::fleet::{FleetEvent, FleetEventType, Geofence};
 use crate::model::{Alert, GeoPoint, Position};
 use crate::ports::{nearest_of, with_geohash, NearbyVehicle};
@@ -37,13 +38,17 @@ pub struct StoredRecord {
     pub sequence: u64,
     pub partition_key: String,
     pub data: Vec<u8>,
+    /// The envelope `data` encodes, as the publisher handed it over.
+    pub decoded: Option<Arc<Envelope>>,
     pub arrival: EpochMillis,
 }
 
 impl StoredRecord {
-    /// What the record takes in memory, by the stream's count.
+    /// What the record takes in memory, by the stream's count: a decoded envelope is counted
+    /// as the size of its encoding again (its readings' fields and strings take about as much).
     fn bytes(&self) -> usize {
-        std::mem::size_of::<StoredRecord>() + self.partition_key.len() + self.data.len()
+        let decoded = self.decoded.as_ref().map_or(0, |_| self.data.len());
+        std::mem::size_of::<StoredRecord>() + self.partition_key.len() + self.data.len() + decoded
     }
 }
 
@@ -175,6 +180,7 @@ impl MemoryStream {
             sequence,
             partition_key: record.partition_key,
             data: record.data,
+            decoded: record.decoded,
             arrival: now_millis(),
         };
         stored.bytes += record.bytes();
@@ -755,6 +761,7 @@ mod tests {
             .map(|n| BusRecord {
                 partition_key: "truck-1".into(),
                 data: vec![n],
+                decoded: None,
             })
             .collect();
         let published = stream.publish(records).await;
@@ -778,11 +785,13 @@ mod tests {
         let record = |n: u8| BusRecord {
             partition_key: "truck-1".into(),
             data: vec![n; 1_000],
+            decoded: None,
         };
         let one = StoredRecord {
             sequence: 1,
             partition_key: "truck-1".into(),
             data: vec![0; 1_000],
+            decoded: None,
             arrival: 0,
         }
         .bytes();
@@ -802,6 +811,7 @@ mod tests {
         let big = BusRecord {
             partition_key: "truck-1".into(),
             data: vec![9; one * 10],
+            decoded: None,
         };
         stream.publish(vec![big]).await;
         assert_eq!(stream.read(shard, 1, 10).records.len(), 1);

@@ -71,6 +71,9 @@ impl StoreError {
 pub struct BusRecord {
     pub partition_key: String,
     pub data: Vec<u8>,
+    /// The envelope `data` encodes, when the publisher has it. The in-process bus hands it to
+    /// its readers so that they need not parse `data` again; Kinesis and Kafka send `data` only.
+    pub decoded: Option<std::sync::Arc<crate::envelope::Envelope>>,
 }
 
 /// Where a published record landed.

@@ -6,6 +6,7 @@
 use std::cmp::Ordering;
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::envelope::Envelope;
@@ -134,6 +135,9 @@ pub struct StreamRecord {
     pub data: Vec<u8>,
     /// When the bus took the record (Kinesis' approximate arrival time, Kafka's timestamp).
     pub arrived_at: Option<EpochMillis>,
+    /// The envelope `data` encodes, when the bus handed it over decoded (the embedded runner's
+    /// in-process bus): taken as it is instead of parsing `data` again.
+    pub decoded: Option<Arc<Envelope>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -233,8 +237,8 @@ impl BatchOutcome {
     }
 }
 
-/// A decoded record: its id and its envelope.
-pub type DecodedRecord = (RecordId, Envelope);
+/// A decoded record: its id and its envelope (shared with the bus that handed it over decoded).
+pub type DecodedRecord = (RecordId, Arc<Envelope>);
 
 /// A batch after decoding.
 pub struct DecodedBatch {
@@ -250,7 +254,7 @@ pub struct DecodedBatch {
 pub struct DeviceRecords {
     pub device_id: String,
     pub record_ids: Vec<RecordId>,
-    pub envelopes: Vec<Envelope>,
+    pub envelopes: Vec<Arc<Envelope>>,
 }
 
 /// Groups decoded records by device, devices in the order they first appear. Devices are
@@ -281,7 +285,7 @@ pub fn group_by_device(records: Vec<DecodedRecord>) -> Vec<DeviceRecords> {
 pub async fn dead_letter_refused(
     function: &str,
     record_ids: &[RecordId],
-    envelopes: &[Envelope],
+    envelopes: &[Arc<Envelope>],
     error: &StoreError,
     dead_letters: &dyn DeadLetterSink,
     failed: &mut Vec<Retry>,
@@ -331,8 +335,12 @@ pub async fn decode_batch(
     let mut poison = Vec::new();
     let mut poison_ids = Vec::new();
     for record in &batch.records {
+        if let Some(envelope) = &record.decoded {
+            decoded.push((record.id.clone(), envelope.clone()));
+            continue;
+        }
         match Envelope::decode(&record.data) {
-            Ok(envelope) => decoded.push((record.id.clone(), envelope)),
+            Ok(envelope) => decoded.push((record.id.clone(), Arc::new(envelope))),
             Err(error) => {
                 tracing::warn!(function, record_id = %record.id, %error, "undecodable record sent to dead letters");
                 let refusal = StoreError::permanent("decode", error.to_string());
@@ -556,6 +564,7 @@ mod tests {
             partition_key: "truck-1".into(),
             data: data.to_vec(),
             arrived_at,
+            decoded: None,
         }
     }
 

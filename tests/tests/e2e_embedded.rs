@@ -357,6 +357,7 @@ async fn every_dashboard_metric_is_emitted_by_its_function() {
     let poison = BusRecord {
         partition_key: "dash-1".into(),
         data: b"not an envelope".to_vec(),
+        decoded: None,
     };
     assert!(memory.telemetry.publish(vec![poison]).await[0].is_ok());
     drained(&running).await;
@@ -416,14 +417,15 @@ async fn every_dashboard_metric_is_emitted_by_its_function() {
 async fn a_small_memory_budget_evicts_the_oldest_readings_and_serves_the_rest() {
     let running = start(LocalConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
-        // Half a MiB for the archive: about 3,000 of the 6,000 readings posted.
-        memory_budget: geostream_local::MemoryBudget::from_mib(1),
+        // A MiB for the archive: about 7,000 of the 12,000 readings posted; 64 KiB per shard
+        // of the telemetry stream, room for two requests' records.
+        memory_budget: geostream_local::MemoryBudget::from_mib(2),
         ..LocalConfig::default()
     })
     .await
     .expect("the embedded stack starts");
     let client = Client::new(&running);
-    let (vehicles, rounds) = (200, 30);
+    let (vehicles, rounds) = (200, 60);
     let t0 = now_ms() - 120_000;
     for round in 0..rounds {
         let items: Vec<Value> = (0..vehicles)
@@ -465,11 +467,14 @@ async fn a_small_memory_budget_evicts_the_oldest_readings_and_serves_the_rest() 
     );
     assert_eq!(stats["positions"], vehicles);
     assert_eq!(stats["dead_letters"], 0);
+    // The stream trimmed records to stay within its part, none of them unread (an unread
+    // record trimmed would be dead-lettered by every function).
+    assert!(
+        memory["trimmed_stream_records"].as_u64().unwrap() > 0,
+        "{memory}"
+    );
     for mapping in stats["mappings"].as_array().unwrap() {
-        assert_eq!(
-            mapping["read_errors"], 0,
-            "nothing unread was trimmed: {mapping}"
-        );
+        assert_eq!(mapping["records"], vehicles * rounds, "{mapping}");
     }
 
     // Every vehicle's newest readings are still served, newest last; the evicted were the oldest.
@@ -502,4 +507,8 @@ async fn a_small_memory_budget_evicts_the_oldest_readings_and_serves_the_rest() 
     let (_, position) = client.get("/v1/vehicles/mem-000").await;
     assert_eq!(position["ts"], t0 + (rounds - 1) * 1000);
     assert!(oldest_kept > t0);
+    assert!(
+        memory["archive_bytes_per_reading"].as_f64().unwrap() > 50.0,
+        "{memory}"
+    );
 }

@@ -45,11 +45,13 @@ async fn put_records_stays_within_what_kinesis_takes(emulator: Emulator) {
         .map(|n| BusRecord {
             partition_key: format!("truck-{n}"),
             data: format!("reading {n}").into_bytes(),
+            decoded: None,
         })
         .collect();
     records.push(BusRecord {
         partition_key: "truck-big".into(),
         data: vec![b'x'; 1024 * 1024 + 1],
+        decoded: None,
     });
     let results = bus.publish(records).await;
     assert_eq!(results.len(), 1_202);
@@ -86,6 +88,7 @@ async fn sequence_numbers_order_as_numbers_whatever_their_length(emulator: Emula
         .map(|n| BusRecord {
             partition_key: "truck-7".into(),
             data: n.to_string().into_bytes(),
+            decoded: None,
         })
         .collect();
     let published: Vec<String> = bus

@@ -324,6 +324,7 @@ impl AnomalyInspector {
         let record = |data: Vec<u8>| BusRecord {
             partition_key: device_id.to_string(),
             data,
+            decoded: None,
         };
         let records =
             state
@@ -454,6 +455,7 @@ mod tests {
                     partition_key: e.device_id.clone(),
                     data: e.encode(),
                     arrived_at: None,
+                    decoded: None,
                 })
                 .collect(),
         }

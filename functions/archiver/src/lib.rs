@@ -120,7 +120,7 @@ impl StreamFunction for Archiver {
 /// refused readings (a redrive replays those, not the ones already archived).
 fn refused_letters(
     record_ids: &[RecordId],
-    envelopes: &[Envelope],
+    envelopes: &[Arc<Envelope>],
     source: &[usize],
     readings: &[Reading],
     rejected: Vec<RejectedReading>,

@@ -92,7 +92,7 @@ impl StreamFunction for GeoUpdate {
 
 /// A device's newest reading with a position, and when the gateway received it (the first of
 /// equals wins).
-fn newest_positioned(envelopes: &[Envelope]) -> Option<(Reading, i64)> {
+fn newest_positioned(envelopes: &[Arc<Envelope>]) -> Option<(Reading, i64)> {
     let mut newest: Option<(&Reading, i64)> = None;
     for envelope in envelopes {
         for reading in &envelope.readings {
@@ -271,6 +271,7 @@ mod refusal_tests {
                     partition_key: device.to_string(),
                     data: envelope.encode(),
                     arrived_at: None,
+                    decoded: None,
                 }
             })
             .collect();

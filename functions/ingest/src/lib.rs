@@ -17,7 +17,7 @@ use geostream_lambda::http::{
 };
 use geostream_lambda::identity::{AccessPolicy, Poster};
 use geostream_lambda::jwt::JwtVerifier;
-use geostream_shared::envelope::{envelopes_by_device, split_to_fit, MAX_RECORD_BYTES};
+use geostream_shared::envelope::{envelopes_by_device, split_to_fit, Envelope, MAX_RECORD_BYTES};
 use geostream_shared::limits::{retry_after_seconds, Admission, DeviceLimits, DeviceRateLimit};
 use geostream_shared::metrics::{Measurements, MetricName, MetricsSink};
 use geostream_shared::model::Reading;
@@ -250,7 +250,12 @@ impl Ingest {
             Vec::new()
         } else {
             self.bus
-                .publish(envelopes.iter().map(|e| e.to_bus_record()).collect())
+                .publish(
+                    envelopes
+                        .into_iter()
+                        .map(Envelope::into_bus_record)
+                        .collect(),
+                )
                 .await
         };
         for ((device, items), outcome) in devices.iter().zip(items_of_envelope).zip(outcomes) {

@@ -100,6 +100,7 @@ impl KafkaTopic {
             partition_key: String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
             data: message.payload().unwrap_or_default().to_vec(),
             arrival: message.timestamp().to_millis().unwrap_or(0),
+            decoded: None,
         })
     }
 }

@@ -219,6 +219,7 @@ impl Source for KinesisShard {
                     arrival: r
                         .approximate_arrival_timestamp()
                         .map_or(0, |t| t.to_millis().unwrap_or(0)),
+                    decoded: None,
                 })
                 .collect();
             let next = output.next_shard_iterator().map(str::to_string);

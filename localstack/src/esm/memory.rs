@@ -34,13 +34,7 @@ impl MemoryShard {
                     stream: stream.clone(),
                     shard,
                     describe: format!("{}/{shard_id}", stream.name()),
-                    event_source: EventSource::Kinesis {
-                        stream_arn: format!(
-                            "arn:aws:kinesis:local:000000000000:stream/{}",
-                            stream.name()
-                        ),
-                        shard_id: shard_id.clone(),
-                    },
+                    event_source: EventSource::InProcess,
                     shard_id,
                     next_read: AtomicU64::new(1),
                     next_undone: AtomicU64::new(1),
@@ -83,6 +77,7 @@ impl Source for MemoryShard {
                     partition_key: r.partition_key,
                     data: r.data,
                     arrival: r.arrival,
+                    decoded: r.decoded,
                 })
                 .collect(),
             expired: read.expired,

@@ -34,6 +34,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use geostream_shared::envelope::Envelope;
 use geostream_shared::ports::{DeadLetter, DeadLetterSink, ErrorKind};
 use geostream_shared::stream::RecordId;
 use geostream_shared::{now_millis, EpochMillis};
@@ -112,6 +113,8 @@ pub struct SourceRecord {
     pub partition_key: String,
     pub data: Vec<u8>,
     pub arrival: EpochMillis,
+    /// The envelope `data` encodes, when the source has it decoded (the in-memory stream).
+    pub decoded: Option<Arc<Envelope>>,
 }
 
 /// What one read returned.

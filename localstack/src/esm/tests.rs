@@ -1,5 +1,6 @@
-//! The mapping policy against a fake source, in both flavours (Kinesis-like shards and
-//! Kafka-like partitions) and on tokio's paused clock, so backoff is observed, not waited for.
+//! The mapping policy against a fake source, in every flavour (Kinesis-like shards, Kafka-like
+//! partitions, the in-memory stream's in-process batches) and on tokio's paused clock, so
+//! backoff is observed, not waited for.
 
 use std::sync::Mutex;
 
@@ -18,9 +19,10 @@ use super::*;
 enum Flavour {
     Kinesis,
     Kafka,
+    InProcess,
 }
 
-const FLAVOURS: [Flavour; 2] = [Flavour::Kinesis, Flavour::Kafka];
+const FLAVOURS: [Flavour; 3] = [Flavour::Kinesis, Flavour::Kafka, Flavour::InProcess];
 
 /// Records with data `[0]`, `[1]`, ... spread round-robin over `partitions` partitions.
 struct FakeSource {
@@ -39,7 +41,7 @@ impl FakeSource {
             .map(|n| {
                 let partition = n % partitions;
                 let (id, partition_name) = match flavour {
-                    Flavour::Kinesis => (
+                    Flavour::Kinesis | Flavour::InProcess => (
                         RecordId::kinesis(format!("{}", 1000 + u32::from(n))),
                         format!("shardId-{partition}"),
                     ),
@@ -54,6 +56,7 @@ impl FakeSource {
                     partition_key: format!("device-{partition}"),
                     data: vec![n],
                     arrival: 1,
+                    decoded: None,
                 }
             })
             .collect();
@@ -65,6 +68,7 @@ impl FakeSource {
             Flavour::Kafka => EventSource::Kafka {
                 bootstrap_servers: "localhost:9092".into(),
             },
+            Flavour::InProcess => EventSource::InProcess,
         };
         Arc::new(FakeSource {
             records,
@@ -180,6 +184,7 @@ impl Invoke for Flaky {
     async fn invoke(&self, event: Event) -> Result<Response, String> {
         self.invoked_at.lock().unwrap().push(Instant::now());
         Ok(match event {
+            Event::InProcess(batch) => Response::InProcess(self.failed(batch)),
             Event::Kinesis(event) => {
                 Response::Kinesis(kinesis_response(self.failed(batch_from_kinesis(event))))
             }

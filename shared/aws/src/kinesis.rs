@@ -237,6 +237,7 @@ mod tests {
             .map(|key| BusRecord {
                 partition_key: key.to_string(),
                 data: vec![1],
+                decoded: None,
             })
             .collect();
         let all: Vec<usize> = (0..records.len()).collect();
@@ -249,6 +250,7 @@ mod tests {
             .map(|n| BusRecord {
                 partition_key: format!("d{n}"),
                 data: vec![1],
+                decoded: None,
             })
             .collect();
         assert_eq!(KinesisBus::rounds(&one_each, &all_of(&one_each)).len(), 1);
@@ -264,6 +266,7 @@ mod tests {
             .map(|n| BusRecord {
                 partition_key: format!("d{n}"),
                 data: vec![0; 10],
+                decoded: None,
             })
             .collect();
         let sizes: Vec<usize> = KinesisBus::chunks(&small, &(0..small.len()).collect::<Vec<_>>())
@@ -275,6 +278,7 @@ mod tests {
             .map(|_| BusRecord {
                 partition_key: "k".into(),
                 data: vec![0; 1_000_000],
+                decoded: None,
             })
             .collect();
         let sizes: Vec<usize> = KinesisBus::chunks(&big, &(0..big.len()).collect::<Vec<_>>())

@@ -171,6 +171,7 @@ impl Redrive<'_> {
                                 partition_key: letter.partition_key,
                                 data: letter.data,
                                 arrived_at: letter.arrived_at,
+                                decoded: None,
                             }],
                         }),
                     Err(error) => round.not_replayable.push(error),
@@ -372,6 +373,7 @@ impl Redrive<'_> {
                     arrived_at: record
                         .approximate_arrival_timestamp()
                         .and_then(|t| t.to_millis().ok()),
+                    decoded: None,
                 });
             }
             let caught_up = read.is_empty() && output.millis_behind_latest() == Some(0);
@@ -506,6 +508,7 @@ mod tests {
                     partition_key: String::new(),
                     data: Vec::new(),
                     arrived_at: None,
+                    decoded: None,
                 },
             )
         };

@@ -116,6 +116,7 @@ pub fn batch_from_kinesis(event: KinesisEvent) -> StreamBatch {
                     // Before 2001 or past year 5000: not a time Kinesis stamps.
                     .filter(|millis| (1e12..1e14).contains(millis))
                     .map(|millis| millis as i64),
+                decoded: None,
             })
             .collect(),
     }
@@ -207,6 +208,7 @@ pub fn batch_from_kafka(event: KafkaEvent) -> StreamBatch {
                 partition_key,
                 data,
                 arrived_at: message.timestamp.filter(|millis| *millis > 0),
+                decoded: None,
             });
         }
     }
