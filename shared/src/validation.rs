@@ -1,12 +1,16 @@
 //! Validation of device payloads (`POST /v1/telemetry`, docs/architecture.md, "Contracts").
 //!
-//! The body is parsed once into JSON values so that every item can be checked on its own: a
-//! bad item is reported by index and field, and its valid neighbours are kept.
+//! Every item is checked on its own: a bad item is reported by index and field, and its valid
+//! neighbours are kept. An array body is split into its items' raw JSON first; an item made of
+//! the contract's fields only is read straight into them ([`ItemFields`], no map of keys
+//! built), any other item into a JSON value whose every key is looked at. Both are checked by
+//! the same code, so they answer alike.
 
 use std::collections::BTreeMap;
 
 use chrono::DateTime;
-use serde::Serialize;
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::model::{Reading, READING_FIELDS};
@@ -105,6 +109,9 @@ pub fn validate_body(
     if body.iter().all(|b| b.is_ascii_whitespace()) {
         return Err(BodyError::Empty);
     }
+    if let Ok(items) = serde_json::from_slice::<Vec<&RawValue>>(body) {
+        return validate_raw_items(&items, now, policy);
+    }
     let parsed: Value =
         serde_json::from_slice(body).map_err(|e| BodyError::NotJson(e.to_string()))?;
     let items = match parsed {
@@ -131,6 +138,119 @@ pub fn validate_body(
         }
     }
     Ok(batch)
+}
+
+/// The items of an array body, each read into [`ItemFields`] when it is made of the contract's
+/// fields only (the common case: no map of keys is built), else into a JSON value.
+fn validate_raw_items(
+    items: &[&RawValue],
+    now: EpochMillis,
+    policy: &ValidationPolicy,
+) -> Result<ValidatedBatch, BodyError> {
+    if items.is_empty() {
+        return Err(BodyError::NoItems);
+    }
+    if items.len() > policy.max_items {
+        return Err(BodyError::TooManyItems {
+            count: items.len(),
+            limit: policy.max_items,
+        });
+    }
+    let mut batch = ValidatedBatch::default();
+    for (index, item) in items.iter().enumerate() {
+        let checked = match serde_json::from_str::<ItemFields>(item.get()) {
+            Ok(fields) => check_fields(&fields, now, policy),
+            // Unknown or repeated keys, or not an object: the value says which.
+            Err(_) => match serde_json::from_str::<Value>(item.get()) {
+                Ok(value) => validate_item(&value, now, policy),
+                // The whole body parsed as JSON, so each of its items does.
+                Err(error) => Err(vec![FieldError {
+                    field: String::new(),
+                    message: format!("item is not valid JSON: {error}"),
+                }]),
+            },
+        };
+        match checked {
+            Ok(reading) => batch.accepted.push((index, reading)),
+            Err(errors) => batch.rejected.push(ItemRejection { index, errors }),
+        }
+    }
+    Ok(batch)
+}
+
+/// An item's fields as the contract names them, each the JSON value sent (a `null` sent is
+/// kept as a value, as a map of the item would keep it). Refuses any other key.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ItemFields {
+    #[serde(default, deserialize_with = "sent")]
+    device_id: Option<Value>,
+    #[serde(default, deserialize_with = "sent")]
+    ts: Option<Value>,
+    #[serde(default, deserialize_with = "sent")]
+    event_id: Option<Value>,
+    #[serde(default, deserialize_with = "sent")]
+    lat: Option<Value>,
+    #[serde(default, deserialize_with = "sent")]
+    lon: Option<Value>,
+    #[serde(default, deserialize_with = "sent")]
+    speed_kmh: Option<Value>,
+    #[serde(default, deserialize_with = "sent")]
+    heading_deg: Option<Value>,
+    #[serde(default, deserialize_with = "sent")]
+    engine_temp_c: Option<Value>,
+    #[serde(default, deserialize_with = "sent")]
+    battery_temp_c: Option<Value>,
+    #[serde(default, deserialize_with = "sent")]
+    battery_soc_pct: Option<Value>,
+    #[serde(default, deserialize_with = "sent")]
+    tire_pressure_psi: Option<Value>,
+    #[serde(default, deserialize_with = "sent")]
+    fuel_pct: Option<Value>,
+    #[serde(default, deserialize_with = "sent")]
+    temperature_c: Option<Value>,
+    #[serde(default, deserialize_with = "sent")]
+    humidity_pct: Option<Value>,
+    #[serde(default, deserialize_with = "sent")]
+    metrics: Option<Value>,
+}
+
+fn sent<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(deserializer).map(Some)
+}
+
+/// An item's fields by name, however the item was read.
+trait Fields {
+    fn field(&self, name: &str) -> Option<&Value>;
+}
+
+impl Fields for Map<String, Value> {
+    fn field(&self, name: &str) -> Option<&Value> {
+        self.get(name)
+    }
+}
+
+impl Fields for ItemFields {
+    fn field(&self, name: &str) -> Option<&Value> {
+        match name {
+            "device_id" => self.device_id.as_ref(),
+            "ts" => self.ts.as_ref(),
+            "event_id" => self.event_id.as_ref(),
+            "lat" => self.lat.as_ref(),
+            "lon" => self.lon.as_ref(),
+            "speed_kmh" => self.speed_kmh.as_ref(),
+            "heading_deg" => self.heading_deg.as_ref(),
+            "engine_temp_c" => self.engine_temp_c.as_ref(),
+            "battery_temp_c" => self.battery_temp_c.as_ref(),
+            "battery_soc_pct" => self.battery_soc_pct.as_ref(),
+            "tire_pressure_psi" => self.tire_pressure_psi.as_ref(),
+            "fuel_pct" => self.fuel_pct.as_ref(),
+            "temperature_c" => self.temperature_c.as_ref(),
+            "humidity_pct" => self.humidity_pct.as_ref(),
+            "metrics" => self.metrics.as_ref(),
+            _ => None,
+        }
+    }
 }
 
 fn json_kind(value: &Value) -> &'static str {
@@ -182,8 +302,30 @@ pub fn validate_item(
             err(key, "unknown field".to_string());
         }
     }
+    match check_fields(object, now, policy) {
+        Ok(reading) if errors.is_empty() => Ok(reading),
+        Ok(_) => Err(errors),
+        Err(more) => {
+            errors.extend(more);
+            Err(errors)
+        }
+    }
+}
 
-    let device_id = match object.get("device_id") {
+/// Checks an item's fields; on failure returns every problem found.
+fn check_fields(
+    object: &impl Fields,
+    now: EpochMillis,
+    policy: &ValidationPolicy,
+) -> Result<Reading, Vec<FieldError>> {
+    let mut errors = Vec::new();
+    let mut err = |field: &str, message: String| {
+        errors.push(FieldError {
+            field: field.to_string(),
+            message,
+        })
+    };
+    let device_id = match object.field("device_id") {
         None => {
             err("device_id", "is required".to_string());
             None
@@ -205,7 +347,7 @@ pub fn validate_item(
         }
     };
 
-    let ts = match object.get("ts") {
+    let ts = match object.field("ts") {
         None => {
             err(
                 "ts",
@@ -244,7 +386,7 @@ pub fn validate_item(
         },
     };
 
-    let event_id = match object.get("event_id") {
+    let event_id = match object.field("event_id") {
         None | Some(Value::Null) => None,
         Some(Value::String(id))
             if (1..=128).contains(&id.len()) && !id.chars().any(char::is_control) =>
@@ -270,7 +412,7 @@ pub fn validate_item(
     let mut reading = Reading::default();
     let lat = number_in_range(object, "lat", -90.0, 90.0, &mut err);
     let lon = number_in_range(object, "lon", -180.0, 180.0, &mut err);
-    match (object.contains_key("lat"), object.contains_key("lon")) {
+    match (object.field("lat").is_some(), object.field("lon").is_some()) {
         (true, false) => err("lon", "is required when lat is given".to_string()),
         (false, true) => err("lat", "is required when lon is given".to_string()),
         _ => {}
@@ -282,7 +424,7 @@ pub fn validate_item(
             reading.set_value(name, value);
         }
     }
-    reading.metrics = validate_metrics(object.get("metrics"), policy, &mut err);
+    reading.metrics = validate_metrics(object.field("metrics"), policy, &mut err);
 
     match (device_id, ts) {
         (Some(device_id), Some(ts)) if errors.is_empty() => {
@@ -296,13 +438,13 @@ pub fn validate_item(
 }
 
 fn number_in_range(
-    object: &Map<String, Value>,
+    object: &impl Fields,
     field: &str,
     min: f64,
     max: f64,
     err: &mut impl FnMut(&str, String),
 ) -> Option<f64> {
-    let value = object.get(field)?;
+    let value = object.field(field)?;
     match value.as_f64() {
         None => {
             err(
@@ -570,5 +712,173 @@ mod tests {
         );
         assert!(parse_timestamp(&json!(1.5)).is_err());
         assert!(parse_timestamp(&json!("yesterday")).is_err());
+    }
+}
+
+#[cfg(test)]
+mod equivalence {
+    use super::*;
+    use proptest::prelude::*;
+
+    const NOW: EpochMillis = 1_763_900_000_000;
+
+    /// A value for a field: right, wrong in kind, null, out of range.
+    fn field_value(name: &'static str) -> impl Strategy<Value = Value> {
+        let right: BoxedStrategy<Value> = match name {
+            "device_id" => prop_oneof![6 => "[a-z0-9_.:-]{1,10}", 1 => "[ -~]{0,70}"]
+                .prop_map(Value::from)
+                .boxed(),
+            "ts" => prop_oneof![
+                6 => (NOW - 600_000_000..NOW + 20_000).prop_map(Value::from),
+                1 => Just(Value::from("2025-11-23T12:00:00Z")),
+                1 => Just(Value::from("yesterday")),
+                1 => Just(Value::from(1.5)),
+            ]
+            .boxed(),
+            "event_id" => "[ -~]{0,130}".prop_map(Value::from).boxed(),
+            "metrics" => proptest::collection::btree_map(
+                prop_oneof![6 => "[a-z]{1,6}", 1 => "[a-z!]{1,6}"],
+                prop_oneof![
+                    6 => (-1e9..1e9f64).prop_map(Value::from),
+                    1 => Just(Value::from("x")),
+                ],
+                0..4,
+            )
+            .prop_map(|m| Value::Object(m.into_iter().collect()))
+            .boxed(),
+            _ => {
+                let (min, max) = match name {
+                    "lat" => (-90.0, 90.0),
+                    "lon" => (-180.0, 180.0),
+                    _ => READING_FIELDS
+                        .iter()
+                        .find(|(field, _, _)| *field == name)
+                        .map(|(_, min, max)| (*min, *max))
+                        .unwrap_or((0.0, 1.0)),
+                };
+                // Mostly in range, sometimes just outside it.
+                prop_oneof![
+                    16 => (min..=max).prop_map(Value::from),
+                    3 => (min as i64..=max as i64).prop_map(Value::from),
+                    1 => (max..max + 10.0).prop_map(Value::from),
+                ]
+                .boxed()
+            }
+        };
+        prop_oneof![
+            150 => right,
+            1 => Just(Value::Null),
+            1 => Just(Value::from(true)),
+            1 => Just(Value::from("text")),
+            1 => Just(Value::Array(vec![])),
+        ]
+    }
+
+    fn item() -> impl Strategy<Value = Value> {
+        let names: Vec<&'static str> = ["device_id", "ts", "event_id", "lat", "lon", "metrics"]
+            .into_iter()
+            .chain(READING_FIELDS.iter().map(|(name, _, _)| *name))
+            .collect();
+        let fields: Vec<_> = names
+            .into_iter()
+            .map(|name| {
+                // The required fields and the position are mostly there; the others often not.
+                let present = if matches!(name, "device_id" | "ts" | "lat" | "lon") {
+                    0.97
+                } else {
+                    0.7
+                };
+                proptest::option::weighted(present, field_value(name)).prop_map(move |v| (name, v))
+            })
+            .collect();
+        (
+            fields,
+            proptest::option::weighted(0.1, "[a-z]{1,8}"),
+            0..20u8,
+        )
+            .prop_map(|(fields, unknown, shape)| {
+                if shape == 0 {
+                    return Value::from(42);
+                }
+                let mut object: Map<String, Value> = fields
+                    .into_iter()
+                    .filter_map(|(name, value)| value.map(|v| (name.to_string(), v)))
+                    .collect();
+                if let Some(key) = unknown {
+                    object.insert(key, Value::from(1));
+                }
+                Value::Object(object)
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        /// Reading items straight into their fields answers exactly what reading each into a
+        /// JSON value and checking every key does: the same readings, the same errors.
+        #[test]
+        fn items_read_into_their_fields_answer_as_json_values_do(
+            items in proptest::collection::vec(item(), 1..20)
+        ) {
+            let body = serde_json::to_vec(&items).unwrap();
+            let batch = validate_body(&body, NOW, &ValidationPolicy::default()).unwrap();
+            let mut accepted = Vec::new();
+            let mut rejected = Vec::new();
+            for (index, item) in items.iter().enumerate() {
+                match validate_item(item, NOW, &ValidationPolicy::default()) {
+                    Ok(reading) => accepted.push((index, reading)),
+                    Err(errors) => rejected.push(ItemRejection { index, errors }),
+                }
+            }
+            prop_assert_eq!(batch.accepted, accepted);
+            prop_assert_eq!(batch.rejected, rejected);
+
+        }
+    }
+
+    /// The generated items are both accepted and rejected, in both ways of reading them, so
+    /// the property above compares readings as well as errors.
+    #[test]
+    fn the_generated_items_cover_both_outcomes_and_both_readings() {
+        use proptest::strategy::ValueTree;
+        let mut runner = proptest::test_runner::TestRunner::deterministic();
+        let items: Vec<Value> = (0..300)
+            .map(|_| item().new_tree(&mut runner).unwrap().current())
+            .collect();
+        let typed = items
+            .iter()
+            .filter(|i| serde_json::from_value::<ItemFields>((*i).clone()).is_ok())
+            .count();
+        let body = serde_json::to_vec(&items).unwrap();
+        let batch = validate_body(&body, NOW, &ValidationPolicy::default()).unwrap();
+        assert!(
+            batch.accepted.len() > 20,
+            "{} accepted",
+            batch.accepted.len()
+        );
+        assert!(
+            batch.rejected.len() > 20,
+            "{} rejected",
+            batch.rejected.len()
+        );
+        assert!(typed > 100 && typed < 300, "{typed} read into their fields");
+    }
+
+    #[test]
+    fn every_reading_field_is_a_field_of_an_item() {
+        for (name, _, _) in READING_FIELDS {
+            let body = format!("{{\"{name}\": 1}}");
+            let fields: ItemFields =
+                serde_json::from_str(&body).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(fields.field(name), Some(&Value::from(1)), "{name}");
+        }
+        assert!(serde_json::from_str::<ItemFields>("{\"lat\": 1, \"lat\": 2}").is_err());
+        assert!(serde_json::from_str::<ItemFields>("{\"speed\": 1}").is_err());
+        assert_eq!(
+            serde_json::from_str::<ItemFields>("{\"lat\": null}")
+                .unwrap()
+                .lat,
+            Some(Value::Null),
+            "a null sent is a value, not an absent field"
+        );
     }
 }
