@@ -56,10 +56,15 @@ impl StoredRecord {
 struct ShardRecords {
     records: VecDeque<StoredRecord>,
     bytes: usize,
+    /// The newest record's sequence number (kept when every record is gone).
+    last_sequence: u64,
 }
 
 struct Shard {
     records: Mutex<ShardRecords>,
+    /// Each registered reader's first sequence number not yet done with: records before all of
+    /// them are done with and dropped (nothing in this process reads a record again).
+    readers: Mutex<Vec<Arc<AtomicU64>>>,
     /// The sequence number of the newest record; readers wait on it.
     tip: watch::Sender<u64>,
 }
@@ -101,6 +106,7 @@ impl MemoryStream {
         let shards = (0..shard_count)
             .map(|_| Shard {
                 records: Mutex::new(ShardRecords::default()),
+                readers: Mutex::new(Vec::new()),
                 tip: watch::channel(0).0,
             })
             .collect();
@@ -111,6 +117,17 @@ impl MemoryStream {
             max_bytes_per_shard: max_bytes / shard_count,
             trimmed: AtomicU64::new(0),
         }
+    }
+
+    /// Registers a reader of `shard`: it stores there the first sequence number it is not done
+    /// with (starting at 1), and once every registered reader of the shard is done with a
+    /// record, the record is dropped rather than kept until retention trims it.
+    pub fn register_reader(&self, shard: usize) -> Arc<AtomicU64> {
+        let cursor = Arc::new(AtomicU64::new(1));
+        if let Some(shard) = self.shards.get(shard) {
+            lock(&shard.readers).push(cursor.clone());
+        }
+        cursor
     }
 
     /// The bytes its records take, by its own count.
@@ -175,7 +192,8 @@ impl MemoryStream {
         let shard_index = self.shard_of(&record.partition_key);
         let shard = &self.shards[shard_index];
         let mut stored = lock(&shard.records);
-        let sequence = stored.records.back().map_or(1, |r| r.sequence + 1);
+        stored.last_sequence += 1;
+        let sequence = stored.last_sequence;
         let record = StoredRecord {
             sequence,
             partition_key: record.partition_key,
@@ -185,6 +203,22 @@ impl MemoryStream {
         };
         stored.bytes += record.bytes();
         stored.records.push_back(record);
+        // Records every registered reader is done with go first; they are not counted as trimmed.
+        let done_with = lock(&shard.readers)
+            .iter()
+            .map(|cursor| cursor.load(Ordering::Acquire))
+            .min();
+        if let Some(done_with) = done_with {
+            while stored
+                .records
+                .front()
+                .is_some_and(|r| r.sequence < done_with)
+            {
+                if let Some(done) = stored.records.pop_front() {
+                    stored.bytes -= done.bytes();
+                }
+            }
+        }
         let mut trimmed = 0;
         while stored.records.len() > self.retention
             || (stored.bytes > self.max_bytes_per_shard && stored.records.len() > 1)
@@ -778,6 +812,51 @@ mod tests {
         assert_eq!(stream.read(shard, 5, 10).records.len(), 1);
         assert!(stream.read(shard, 6, 10).records.is_empty());
         assert_eq!(stream.trimmed(), 2);
+    }
+
+    #[tokio::test]
+    async fn stream_drops_what_every_reader_is_done_with_and_keeps_numbering() {
+        let record = |n: u8| BusRecord {
+            partition_key: "truck-1".into(),
+            data: vec![n],
+            decoded: None,
+        };
+        let stream = MemoryStream::new("t", 1, 1_000);
+        let (first, second) = (stream.register_reader(0), stream.register_reader(0));
+        stream.publish((1..=4).map(record).collect()).await;
+        // The first reader is done with 1-3, the second with 1 only: 2-4 stay.
+        first.store(4, Ordering::Release);
+        second.store(2, Ordering::Release);
+        stream.publish(vec![record(5)]).await;
+        let read = stream.read(0, 2, 10);
+        assert_eq!(read.expired, 0);
+        assert_eq!(
+            read.records.iter().map(|r| r.sequence).collect::<Vec<_>>(),
+            [2, 3, 4, 5]
+        );
+        // Both done with everything: nothing is kept, and numbering goes on.
+        first.store(6, Ordering::Release);
+        second.store(6, Ordering::Release);
+        let published = stream.publish(vec![record(6)]).await;
+        assert_eq!(
+            published[0].as_ref().unwrap().sequence_number,
+            format_sequence(6)
+        );
+        assert_eq!(
+            stream
+                .read(0, 6, 10)
+                .records
+                .iter()
+                .map(|r| r.data[0])
+                .collect::<Vec<_>>(),
+            [6]
+        );
+        assert_eq!(
+            stream.trimmed(),
+            0,
+            "records done with are not trimmed by retention"
+        );
+        assert_eq!(stream.tips(), [6]);
     }
 
     #[tokio::test]

@@ -20,8 +20,9 @@ pub struct MemoryShard {
     event_source: EventSource,
     /// The next sequence number to read.
     next_read: AtomicU64,
-    /// The first sequence number not yet done with.
-    next_undone: AtomicU64,
+    /// The first sequence number not yet done with, registered with the stream (which drops
+    /// what every reader is done with).
+    next_undone: Arc<AtomicU64>,
 }
 
 impl MemoryShard {
@@ -37,7 +38,7 @@ impl MemoryShard {
                     event_source: EventSource::InProcess,
                     shard_id,
                     next_read: AtomicU64::new(1),
-                    next_undone: AtomicU64::new(1),
+                    next_undone: stream.register_reader(shard),
                 }) as Arc<dyn Source>
             })
             .collect()
