@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use rpds::QueueSync;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{
@@ -96,6 +97,8 @@ pub struct RuleSet {
     pub lateness_ms: EpochMillis,
     /// The `[fleet]` table: fleet events' limits and durations.
     pub fleet: crate::fleet::FleetRules,
+    /// The metrics the rules read, each once, in rule order (found once, not per evaluation).
+    metrics: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -155,10 +158,17 @@ impl RuleSet {
             }
             rules.push(rule);
         }
+        let mut metrics: Vec<String> = Vec::new();
+        for rule in &rules {
+            if !metrics.contains(&rule.metric) {
+                metrics.push(rule.metric.clone());
+            }
+        }
         Ok(RuleSet {
             rules,
             lateness_ms,
             fleet,
+            metrics,
         })
     }
 
@@ -177,7 +187,9 @@ impl RuleSet {
         state: &mut DeviceRuleStates,
         readings: &[R],
     ) -> Evaluation {
-        let metrics = self.metrics();
+        let metrics = &self.metrics;
+        // A shared window (the store keeps the state it handed out) is copied here; its
+        // readings are a persistent queue, so the copy does not copy them.
         let mut window = state
             .window
             .take()
@@ -186,9 +198,9 @@ impl RuleSet {
                 base: state.rules.clone(),
                 base_mark: state.watermark.clone(),
                 metrics: metrics.clone(),
-                readings: Vec::new(),
+                readings: QueueSync::new_sync(),
             });
-        window.align(&metrics);
+        window.align(metrics);
         let after = |mark: &Option<Watermark>, key: (EpochMillis, &str)| match mark {
             Some(mark) => key > (mark.ts, mark.event_id.as_str()),
             None => true,
@@ -199,7 +211,7 @@ impl RuleSet {
         for reading in readings.iter().map(R::borrow) {
             let key = reading.order_key();
             if after(&state.watermark, key) {
-                fresh.push(WindowReading::of(reading, &metrics));
+                fresh.push(WindowReading::of(reading, metrics));
             } else if !after(&window.base_mark, key) {
                 let at_mark = window
                     .base_mark
@@ -210,26 +222,32 @@ impl RuleSet {
                         .too_late
                         .push((reading.ts, reading.event_id.clone()));
                 }
-            } else if window.position(key).is_err() {
-                late.push(WindowReading::of(reading, &metrics));
+            } else if !window.holds(key) {
+                late.push(WindowReading::of(reading, metrics));
             }
         }
         sort_dedup(&mut fresh);
         sort_dedup(&mut late);
         evaluation.readings_evaluated = fresh.len() + late.len();
-        if late.is_empty() {
+        let newest = if late.is_empty() {
             let mut touched = BTreeMap::new();
             evaluation.transitions =
-                self.run(device_id, &mut state.rules, &fresh, &metrics, &mut touched);
+                self.run(device_id, &mut state.rules, &fresh, metrics, &mut touched);
             evaluation.touched_alerts = touched.into_values().collect();
-            window.readings.extend(fresh);
+            let newest = fresh.last().map(WindowReading::watermark);
+            for reading in fresh {
+                window.readings.enqueue_mut(reading);
+            }
+            newest
         } else {
-            self.evaluate_again(device_id, state, &mut window, late, fresh, &mut evaluation);
+            self.evaluate_again(device_id, state, &mut window, late, fresh, &mut evaluation)
+        };
+        if let Some(newest) = newest {
+            state.watermark = Some(newest);
         }
-        if let Some(last) = window.readings.last() {
-            state.watermark = Some(last.watermark());
+        if let Some(newest) = &state.watermark {
+            self.fold_old_readings(device_id, &mut window, newest.ts, metrics);
         }
-        self.fold_old_readings(device_id, &mut window, &metrics);
         if !window.readings.is_empty() {
             state.window = Some(Arc::new(window));
         }
@@ -237,7 +255,8 @@ impl RuleSet {
     }
 
     /// Puts `late` readings in their place in the window and evaluates it again from its base
-    /// state, then tells what differs from the evaluation that was made (and published).
+    /// state, then tells what differs from the evaluation that was made (and published). The
+    /// newest reading of the window is returned.
     fn evaluate_again(
         &self,
         device_id: &str,
@@ -246,31 +265,28 @@ impl RuleSet {
         late: Vec<WindowReading>,
         fresh: Vec<WindowReading>,
         evaluation: &mut Evaluation,
-    ) {
-        let metrics = window.metrics.clone();
+    ) -> Option<Watermark> {
+        let metrics = &self.metrics;
         let retracted_at = late[0].0;
+        let mut readings: Vec<WindowReading> = window.readings.iter().cloned().collect();
         let mut made_rules = window.base.clone();
         let mut made_touched = BTreeMap::new();
         let made = self.run(
             device_id,
             &mut made_rules,
-            &window.readings,
-            &metrics,
+            &readings,
+            metrics,
             &mut made_touched,
         );
-        window.readings.extend(late);
-        window.readings.extend(fresh);
-        sort_dedup(&mut window.readings);
+        readings.extend(late);
+        readings.extend(fresh);
+        sort_dedup(&mut readings);
         let mut rules = window.base.clone();
         let mut touched = BTreeMap::new();
-        let now = self.run(
-            device_id,
-            &mut rules,
-            &window.readings,
-            &metrics,
-            &mut touched,
-        );
+        let now = self.run(device_id, &mut rules, &readings, metrics, &mut touched);
         state.rules = rules;
+        let newest = readings.last().map(WindowReading::watermark);
+        window.readings = readings.into_iter().collect();
 
         // Undo first (newest first), then what in-order delivery makes, in order. A transition
         // that in-order delivery makes differently (a clear that counts one more reading) is
@@ -295,30 +311,32 @@ impl RuleSet {
             .filter(|(id, alert)| made_touched.get(id) != Some(alert))
             .map(|(_, alert)| alert)
             .collect();
+        newest
     }
 
     /// Moves readings out of the window into its base state once they are behind the lateness
-    /// bound (or beyond the window's size).
-    fn fold_old_readings(&self, device_id: &str, window: &mut LatenessWindow, metrics: &[String]) {
-        let Some(newest) = window.readings.last().map(|r| r.0) else {
-            return;
-        };
-        let keep_from = window
-            .readings
-            .iter()
-            .position(|r| r.0 > newest - self.lateness_ms)
-            .unwrap_or(window.readings.len())
-            .max(window.readings.len().saturating_sub(MAX_WINDOW_READINGS));
-        if keep_from == 0 {
+    /// bound from the `newest` reading (or beyond the window's size).
+    fn fold_old_readings(
+        &self,
+        device_id: &str,
+        window: &mut LatenessWindow,
+        newest: EpochMillis,
+        metrics: &[String],
+    ) {
+        let beyond_size = window.readings.len().saturating_sub(MAX_WINDOW_READINGS);
+        let mut folded = Vec::new();
+        while let Some(oldest) = window.readings.peek() {
+            if folded.len() >= beyond_size && oldest.0 > newest - self.lateness_ms {
+                break;
+            }
+            folded.push(oldest.clone());
+            window.readings.dequeue_mut();
+        }
+        if folded.is_empty() || window.readings.is_empty() {
+            // Nothing behind the bound; or all of it: then the window goes, and its base is the
+            // device's rule state.
             return;
         }
-        if keep_from == window.readings.len() {
-            // All behind the bound: the window goes, and its base is the device's rule state.
-            window.readings.clear();
-            return;
-        }
-        let kept = window.readings.split_off(keep_from);
-        let folded = std::mem::replace(&mut window.readings, kept);
         self.run(
             device_id,
             &mut window.base,
@@ -327,17 +345,6 @@ impl RuleSet {
             &mut BTreeMap::new(),
         );
         window.base_mark = folded.last().map(WindowReading::watermark);
-    }
-
-    /// The metrics the rules read, each once, in rule order.
-    fn metrics(&self) -> Vec<String> {
-        let mut metrics: Vec<String> = Vec::new();
-        for rule in &self.rules {
-            if !metrics.contains(&rule.metric) {
-                metrics.push(rule.metric.clone());
-            }
-        }
-        metrics
     }
 
     /// Steps every rule through `readings` (in order), from `rules`; the transitions made,
@@ -395,8 +402,35 @@ pub struct LatenessWindow {
     pub base_mark: Option<Watermark>,
     /// What each value of a window reading is (the rules' metrics when it was stored).
     pub metrics: Vec<String>,
-    /// In [`Reading::order_key`] order.
-    pub readings: Vec<WindowReading>,
+    /// In [`Reading::order_key`] order, oldest first. A persistent queue: a copy of the window
+    /// shares its readings, and an evaluation adds the newest and drops the oldest without
+    /// copying the rest (a copied list of 64 readings was an eighth of the embedded pipeline's
+    /// time). Serialized as a plain list.
+    #[serde(with = "reading_queue")]
+    pub readings: QueueSync<WindowReading>,
+}
+
+/// A window's readings (de)serialized as the list they were stored as before they were a queue.
+mod reading_queue {
+    use rpds::QueueSync;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::WindowReading;
+
+    pub fn serialize<S: Serializer>(
+        readings: &QueueSync<WindowReading>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(readings.iter())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<QueueSync<WindowReading>, D::Error> {
+        Ok(Vec::<WindowReading>::deserialize(deserializer)?
+            .into_iter()
+            .collect())
+    }
 }
 
 impl LatenessWindow {
@@ -405,22 +439,29 @@ impl LatenessWindow {
         if self.metrics == metrics {
             return;
         }
-        for reading in &mut self.readings {
-            reading.2 = metrics
-                .iter()
-                .map(|m| {
-                    self.metrics
-                        .iter()
-                        .position(|stored| stored == m)
-                        .and_then(|i| reading.2.get(i).copied().flatten())
-                })
-                .collect();
-        }
+        let realigned = self
+            .readings
+            .iter()
+            .map(|reading| {
+                let values = metrics
+                    .iter()
+                    .map(|m| {
+                        self.metrics
+                            .iter()
+                            .position(|stored| stored == m)
+                            .and_then(|i| reading.2.get(i).copied().flatten())
+                    })
+                    .collect();
+                WindowReading(reading.0, reading.1.clone(), values)
+            })
+            .collect();
+        self.readings = realigned;
         self.metrics = metrics.to_vec();
     }
 
-    fn position(&self, key: (EpochMillis, &str)) -> Result<usize, usize> {
-        self.readings.binary_search_by(|r| r.key().cmp(&key))
+    /// Whether a reading of this key is in the window.
+    fn holds(&self, key: (EpochMillis, &str)) -> bool {
+        self.readings.iter().any(|r| r.key() == key)
     }
 }
 
@@ -1088,6 +1129,24 @@ mod tests {
         assert_eq!(state.watermark, in_order_state.watermark);
     }
 
+    /// A state's window is stored as a plain list of `[ts, event id, values]`, oldest first,
+    /// and read back equal (stores keep rule states as JSON).
+    #[test]
+    fn a_window_is_stored_as_a_list_and_read_back_equal() {
+        let rules = RuleSet::default_rules();
+        let mut state = DeviceRuleStates::default();
+        let readings: Vec<Reading> = (0..3).map(|i| engine(i * 1_000, 90.0)).collect();
+        rules.evaluate("truck-1", &mut state, &readings);
+        let stored = serde_json::to_value(&state).unwrap();
+        let listed = &stored["window"]["readings"];
+        assert_eq!(listed.as_array().map(Vec::len), Some(3), "{stored}");
+        assert_eq!(listed[0][0], 0);
+        assert_eq!(listed[0][1], "truck-1@0");
+        assert_eq!(listed[2][0], 2_000);
+        let read_back: DeviceRuleStates = serde_json::from_value(stored).unwrap();
+        assert_eq!(read_back, state);
+    }
+
     /// Behind the bound, a reading is reported, not evaluated; a replay of one seen is neither.
     #[test]
     fn readings_behind_the_bound_are_reported() {
@@ -1097,7 +1156,7 @@ mod tests {
         rules.evaluate("truck-1", &mut state, &readings);
         // The window holds the last 60 s: 40 s .. 99 s.
         let window = state.window.as_ref().unwrap();
-        assert_eq!(window.readings.first().map(|r| r.0), Some(40_000));
+        assert_eq!(window.readings.peek().map(|r| r.0), Some(40_000));
         let stale = engine(10_500, 130.0);
         let ev = rules.evaluate("truck-1", &mut state, &[stale, readings[39].clone()]);
         assert_eq!(ev.too_late, [(10_500, "truck-1@10500".to_string())]);
