@@ -10,6 +10,7 @@
 pub mod envelope;
 pub mod fleet;
 pub mod geo;
+pub mod history;
 pub mod limits;
 pub mod memory;
 pub mod metrics;

@@ -46,6 +46,8 @@ struct RawRuleFile {
     lateness_s: Option<f64>,
     /// Fleet events' settings (overspeed, offline, geofence defaults).
     fleet: Option<crate::fleet::RawFleetRules>,
+    /// How trips and stops are told apart.
+    trips: Option<crate::history::RawTripRules>,
     #[serde(default, rename = "rule")]
     rules: Vec<RawRule>,
 }
@@ -97,6 +99,8 @@ pub struct RuleSet {
     pub lateness_ms: EpochMillis,
     /// The `[fleet]` table: fleet events' limits and durations.
     pub fleet: crate::fleet::FleetRules,
+    /// The `[trips]` table: how trips and stops are told apart.
+    pub trips: crate::history::TripRules,
     /// The metrics the rules read, each once, in rule order (found once, not per evaluation).
     metrics: Vec<String>,
 }
@@ -137,6 +141,11 @@ impl RuleSet {
             .unwrap_or_default()
             .compile()
             .map_err(RuleError::Syntax)?;
+        let trips = raw
+            .trips
+            .unwrap_or_default()
+            .compile()
+            .map_err(RuleError::Syntax)?;
         let mut rules: Vec<Rule> = Vec::new();
         for (index, raw) in raw.rules.into_iter().enumerate() {
             let index = index + 1;
@@ -168,6 +177,7 @@ impl RuleSet {
             rules,
             lateness_ms,
             fleet,
+            trips,
             metrics,
         })
     }
@@ -635,6 +645,9 @@ pub struct DeviceRuleStates {
     /// outbox, as `outbox` is for alert transitions).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fleet_outbox: Vec<crate::fleet::FleetEvent>,
+    /// Trips, stops and the minute under way (history items are written as they complete).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub history: crate::history::HistoryState,
 }
 
 fn is_default<T: Default + PartialEq>(value: &T) -> bool {
