@@ -94,12 +94,16 @@ fn inspector(
         alert_bus,
         ports.dead_letters.clone(),
     );
-    match &ports.fleet {
+    let inspector = match &ports.fleet {
         Some(fleet) => inspector.with_fleet(
             fleet.geofences.clone(),
             fleet.events.clone(),
             ports.geofence_refresh,
         ),
+        None => inspector,
+    };
+    match &ports.history {
+        Some(history) => inspector.with_history(history.clone()),
         None => inspector,
     }
 }
@@ -262,6 +266,9 @@ pub async fn start(config: LocalConfig) -> Result<RunningStack, String> {
     .with_access(access);
     if let Some(fleet) = &ports.query.fleet {
         query_api = query_api.with_fleet(fleet.geofences.clone(), fleet.events.clone());
+    }
+    if let Some(history) = &ports.query.history {
+        query_api = query_api.with_history(history.clone());
     }
     let stack = Arc::new(Stack {
         ingest,

@@ -84,6 +84,10 @@ pub struct MemoryStats {
     /// Stream records trimmed by retention (records or bytes), read or not; a reader that had
     /// not read them counts them as expired in its mapping's read errors.
     pub trimmed_stream_records: u64,
+    /// Trips, stops and minute summaries, and how many were evicted (first written first) to
+    /// keep them within their part.
+    pub history_bytes: usize,
+    pub evicted_history_items: u64,
 }
 
 impl MemoryStats {
@@ -101,6 +105,8 @@ impl MemoryStats {
             telemetry_stream_bytes: memory.telemetry.bytes(),
             alert_stream_bytes: memory.alert_stream.bytes(),
             trimmed_stream_records: memory.telemetry.trimmed() + memory.alert_stream.trimmed(),
+            history_bytes: memory.history.bytes(),
+            evicted_history_items: memory.history.evicted(),
         }
     }
 }

@@ -14,10 +14,10 @@ use geostream_aws::manifest;
 use geostream_aws::provision::{create_resources, queue_url};
 use geostream_shared::memory::{
     MemoryAlertStore, MemoryArchive, MemoryDeadLetters, MemoryFleetEvents, MemoryGeofences,
-    MemoryMetricNames, MemoryPositionStore, MemoryStream,
+    MemoryHistory, MemoryMetricNames, MemoryPositionStore, MemoryStream,
 };
 use geostream_shared::ports::{
-    AlertStore, Archive, DeadLetterSink, EventBus, FleetEventStore, GeofenceStore,
+    AlertStore, Archive, DeadLetterSink, EventBus, FleetEventStore, GeofenceStore, HistoryStore,
     MetricNameRegistry, PositionStore, DEFAULT_MAX_METRIC_NAMES,
 };
 
@@ -36,6 +36,7 @@ pub struct MemoryParts {
     pub dead_letters: Arc<MemoryDeadLetters>,
     pub geofences: Arc<MemoryGeofences>,
     pub fleet_events: Arc<MemoryFleetEvents>,
+    pub history: Arc<MemoryHistory>,
 }
 
 /// The stores of fleet events: geofences, and the events made.
@@ -102,6 +103,8 @@ pub struct Ports {
     pub telemetry: TelemetrySource,
     /// The anomaly-inspector's fleet-event stores.
     pub fleet: Option<FleetPorts>,
+    /// Where the anomaly-inspector writes trips, stops and summaries.
+    pub history: Option<Arc<dyn HistoryStore>>,
     /// How often the inspector looks whether the geofences changed.
     pub geofence_refresh: std::time::Duration,
     /// Set on the embedded backend.
@@ -115,6 +118,7 @@ pub struct QueryPorts {
     pub archive: Arc<dyn Archive>,
     pub alerts: Arc<dyn AlertStore>,
     pub fleet: Option<FleetPorts>,
+    pub history: Option<Arc<dyn HistoryStore>>,
 }
 
 /// What one function's AWS clients did: requests per operation and capacity units.
@@ -207,6 +211,9 @@ fn embedded_ports(config: &LocalConfig) -> Ports {
         dead_letters: Arc::new(MemoryDeadLetters::new(config.dead_letter_capacity)),
         geofences: Arc::new(MemoryGeofences::new()),
         fleet_events: Arc::new(MemoryFleetEvents::new(FLEET_EVENT_CAPACITY)),
+        history: Arc::new(MemoryHistory::with_byte_limit(
+            config.memory_budget.history(),
+        )),
     };
     Ports {
         bus: memory.telemetry.clone(),
@@ -224,12 +231,14 @@ fn embedded_ports(config: &LocalConfig) -> Ports {
                 geofences: memory.geofences.clone(),
                 events: memory.fleet_events.clone(),
             }),
+            history: Some(memory.history.clone()),
         },
         telemetry: TelemetrySource::Memory(memory.telemetry.clone()),
         fleet: Some(FleetPorts {
             geofences: memory.geofences.clone(),
             events: memory.fleet_events.clone(),
         }),
+        history: Some(memory.history.clone()),
         // The embedded store answers its version from memory: looked at on every batch.
         geofence_refresh: std::time::Duration::ZERO,
         memory: Some(memory),
@@ -342,12 +351,14 @@ async fn aws_ports(aws: &AwsBackend, bus: &Bus, shards: usize) -> Result<Ports, 
                 geofences: query_api.geofences().map_err(composed)?,
                 events: query_api.fleet_events().map_err(composed)?,
             }),
+            history: None,
         },
         telemetry,
         fleet: Some(FleetPorts {
             geofences: inspector.geofences().map_err(composed)?,
             events: inspector.fleet_events().map_err(composed)?,
         }),
+        history: None,
         geofence_refresh: geostream_anomaly_inspector::GEOFENCE_REFRESH,
         memory: None,
         aws_usage: Some(usage),

@@ -22,7 +22,9 @@ use crate::rules::DeviceRuleStates;
 use crate::{now_millis, EpochMillis};
 
 mod archive;
+mod history;
 pub use archive::MemoryArchive;
+pub use history::MemoryHistory;
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it: every writer here
 /// leaves the data consistent before anything that could panic.

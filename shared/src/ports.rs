@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::fleet::{FleetEvent, FleetEventType, Geofence};
+use crate::history::{HistoryItem, HistoryKind};
 use crate::model::{Alert, AlertState, Position, Reading};
 use crate::rules::DeviceRuleStates;
 use crate::EpochMillis;
@@ -288,6 +289,24 @@ pub trait FleetEventStore: Send + Sync {
     async fn occupants(&self, geofence_id: &str) -> Result<Vec<Occupant>, StoreError>;
     /// Forgets who is inside a geofence (it was deleted: its memberships end without exits).
     async fn clear_occupants(&self, geofence_id: &str) -> Result<(), StoreError>;
+}
+
+/// Trips, stops and minute summaries of each vehicle, as the anomaly-inspector completes them
+/// and the history routes read them.
+#[async_trait]
+pub trait HistoryStore: Send + Sync {
+    /// Stores a vehicle's complete items, keyed by (device, kind, start): an item written again
+    /// (a retried batch makes the same one) replaces the one stored.
+    async fn write(&self, device_id: &str, items: &[HistoryItem]) -> Result<(), StoreError>;
+    /// A vehicle's items of one kind that start in `from..to`, oldest first, at most `limit`.
+    async fn read(
+        &self,
+        device_id: &str,
+        kind: HistoryKind,
+        from: EpochMillis,
+        to: EpochMillis,
+        limit: usize,
+    ) -> Result<Vec<HistoryItem>, StoreError>;
 }
 
 /// A record a stream function gave up on, whole, with where it sat and why: what a redrive

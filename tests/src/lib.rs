@@ -10,6 +10,8 @@
 pub mod fleet;
 pub mod fleet_events;
 pub mod harness;
+pub mod history;
+pub mod http;
 pub mod runtime_api;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};

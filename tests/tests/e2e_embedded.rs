@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use geostream_e2e::http::Client;
 use geostream_local::{start, LocalConfig, RunningStack};
 use serde_json::{json, Value};
 
@@ -17,43 +18,6 @@ fn now_ms() -> i64 {
     geostream_shared::now_millis()
 }
 
-struct Client {
-    http: reqwest::Client,
-    base: String,
-}
-
-impl Client {
-    fn new(running: &RunningStack) -> Client {
-        Client {
-            http: reqwest::Client::new(),
-            base: format!("http://{}", running.addr),
-        }
-    }
-
-    async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let response = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .json(body)
-            .send()
-            .await
-            .unwrap();
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn get(&self, path_and_query: &str) -> (u16, Value) {
-        let response = self
-            .http
-            .get(format!("{}{path_and_query}", self.base))
-            .send()
-            .await
-            .unwrap();
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap_or(Value::Null))
-    }
-}
-
 async fn drained(running: &RunningStack) {
     assert!(
         running.wait_drained(Duration::from_secs(20)).await,
@@ -64,7 +28,7 @@ async fn drained(running: &RunningStack) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn telemetry_becomes_position_archive_and_alerts() {
     let running = stack().await;
-    let client = Client::new(&running);
+    let client = Client::new(running.addr);
     let t0 = now_ms() - 60_000;
     let reading = |n: i64, engine: f64| {
         json!({
@@ -202,7 +166,7 @@ async fn telemetry_becomes_position_archive_and_alerts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_with_bad_items_keeps_its_valid_items() {
     let running = stack().await;
-    let client = Client::new(&running);
+    let client = Client::new(running.addr);
     let now = now_ms();
     let batch = json!([
         {"device_id": "e2e-good-1", "ts": now, "lat": 40.0, "lon": -3.7},
@@ -236,15 +200,8 @@ async fn a_batch_with_bad_items_keeps_its_valid_items() {
     assert_eq!(status, 404);
 
     // Whole-body problems are a 400 that says what is wrong.
-    let response = client
-        .http
-        .post(format!("{}/v1/telemetry", client.base))
-        .body("{\"device_id\":")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status().as_u16(), 400);
-    let body: Value = response.json().await.unwrap();
+    let (status, body) = client.post_raw("/v1/telemetry", "{\"device_id\":").await;
+    assert_eq!(status, 400);
     assert!(
         body["error"].as_str().unwrap().contains("not valid JSON"),
         "{body}"
@@ -299,7 +256,7 @@ async fn a_simulated_fleet_is_processed_completely_and_its_anomalies_raise_alert
     assert_eq!(stats.dead_letters, Some(0));
 
     // Every injected anomaly of an instant rule raised an alert that started with it.
-    let client = Client::new(&running);
+    let client = Client::new(running.addr);
     let (_, alerts) = client.get("/v1/alerts?limit=1000").await;
     let alerts = alerts["alerts"].as_array().unwrap().clone();
     let truth = std::fs::read_to_string(&truth_path).unwrap();
@@ -343,7 +300,7 @@ async fn every_dashboard_metric_is_emitted_by_its_function() {
     use geostream_shared::ports::{BusRecord, EventBus};
 
     let running = stack().await;
-    let client = Client::new(&running);
+    let client = Client::new(running.addr);
     let t0 = now_ms() - 60_000;
     let reading = |n: i64, engine: f64| json!({"device_id": "dash-1", "ts": t0 + n * 1000, "lat": 52.5, "lon": 13.4, "engine_temp_c": engine});
     let mixed = json!([reading(0, 90.0), {"device_id": "dash-2", "ts": "soon"}]);
@@ -424,7 +381,7 @@ async fn a_small_memory_budget_evicts_the_oldest_readings_and_serves_the_rest() 
     })
     .await
     .expect("the embedded stack starts");
-    let client = Client::new(&running);
+    let client = Client::new(running.addr);
     let (vehicles, rounds) = (200, 60);
     let t0 = now_ms() - 120_000;
     for round in 0..rounds {

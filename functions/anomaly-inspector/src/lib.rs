@@ -14,6 +14,10 @@
 //! in the same state and committed in the same write: no store request per reading more. The
 //! events go out through an outbox as transitions do: recorded in the event store, then
 //! published on the alerts bus. [`AnomalyInspector::check_offline`] makes `device_offline`.
+//!
+//! With a history store ([`AnomalyInspector::with_history`]) it keeps each vehicle's trips,
+//! stops and minute summaries in the same state and writes them as they complete
+//! (`geostream_shared::history`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,7 +30,7 @@ use geostream_shared::metrics::{Measurements, MetricName};
 use geostream_shared::model::{AlertTransition, Reading, TransitionKind};
 use geostream_shared::ports::{
     AlertChanges, AlertStore, BusRecord, DeadLetterSink, ErrorKind, EventBus, FleetEventStore,
-    GeofenceStore, StoreError, MAX_ALERTS_PER_COMMIT,
+    GeofenceStore, HistoryStore, StoreError, MAX_ALERTS_PER_COMMIT,
 };
 use geostream_shared::rules::{DeviceRuleStates, Evaluation, RuleSet};
 use geostream_shared::stream::{
@@ -76,6 +80,7 @@ pub struct AnomalyInspector {
     alert_bus: Arc<dyn EventBus>,
     dead_letters: Arc<dyn DeadLetterSink>,
     fleet: Option<Fleet>,
+    history: Option<Arc<dyn HistoryStore>>,
 }
 
 /// Where fleet events come from and go.
@@ -97,7 +102,15 @@ impl AnomalyInspector {
             alert_bus,
             dead_letters,
             fleet: None,
+            history: None,
         }
+    }
+
+    /// Keeps each vehicle's trips, stops and minute summaries too (state in the same rule-state
+    /// item, so no store read more), writing them to `history` as they complete.
+    pub fn with_history(mut self, history: Arc<dyn HistoryStore>) -> Self {
+        self.history = Some(history);
+        self
     }
 
     /// Makes fleet events too, against the geofences of `geofences` (looked at again every
@@ -242,6 +255,19 @@ impl AnomalyInspector {
                 None => Vec::new(),
             };
             let fleet_moved = state.fleet != loaded.fleet;
+            let history = match &self.history {
+                Some(store) => {
+                    let update = self
+                        .rules
+                        .trips
+                        .advance(&mut state.history, &readings[start..start + taken]);
+                    Some((store, update))
+                }
+                None => None,
+            };
+            let history_moved = history
+                .as_ref()
+                .is_some_and(|(_, update)| update.skipped < taken);
             let evaluated_through = loaded.evaluated_through.as_deref().map(RecordId::parse);
             let too_late: Vec<&(i64, String)> = evaluation
                 .too_late
@@ -264,11 +290,20 @@ impl AnomalyInspector {
             if newest_record > evaluated_through.as_ref() {
                 state.evaluated_through = newest_record.map(RecordId::to_string);
             }
-            if evaluation.readings_evaluated == 0 && too_late == 0 && !fleet_moved {
+            if evaluation.readings_evaluated == 0 && too_late == 0 && !fleet_moved && !history_moved
+            {
                 // Nothing new; what an earlier attempt committed may still wait to go out.
                 self.publish_outbox(device_id, expected_version, state)
                     .await?;
                 return Ok(made);
+            }
+            // Complete history items go to their store before the state that made them is
+            // committed, keyed by what they are: a retry (after a conflict or a crash) makes and
+            // writes the same items again.
+            if let Some((store, update)) = &history {
+                if !update.items.is_empty() {
+                    store.write(device_id, &update.items).await?;
+                }
             }
             state.outbox.extend(evaluation.transitions.iter().cloned());
             state.fleet_outbox.extend(fleet_events);

@@ -13,6 +13,13 @@
 //!   /v1/geofences/{geofence_id}`, `GET /v1/geofences/{geofence_id}/vehicles` (who is inside)
 //! - `GET /v1/events?device_id=&type=&geofence_id=&from=&to=&limit=`: fleet events, newest first
 //!
+//! With a history store ([`QueryApi::with_history`]):
+//!
+//! - `GET /v1/vehicles/{id}/trips?from=&to=&limit=`: trips that started in the range
+//! - `GET /v1/vehicles/{id}/stops?from=&to=&limit=`: stops that began in the range
+//! - `GET /v1/vehicles/{id}/summary?from=&to=&interval=1m|1h|1d`: readings summarized per
+//!   minute, hour or day (UTC)
+//!
 //! It routes on the request path itself, so it serves both per-route integrations and a
 //! `$default` route. Reads need the `fleet:read` scope, acknowledging `alerts:ack`, writing
 //! geofences `geofences:write` ([`geostream_lambda::identity`]).
@@ -27,11 +34,12 @@ use geostream_lambda::http::{
 use geostream_lambda::identity::{AccessPolicy, Caller, Refusal};
 use geostream_shared::fleet::{is_valid_geofence_id, FleetEventType, Geofence};
 use geostream_shared::geo::MAX_QUERY_RADIUS_M;
+use geostream_shared::history::{summarize, HistoryItem, HistoryKind, Rollup, SummaryInterval};
 use geostream_shared::metrics::{Measurements, MetricsSink};
 use geostream_shared::model::{AlertState, GeoPoint};
 use geostream_shared::ports::{
     AlertFilter, AlertStore, Archive, ErrorKind, EventFilter, FleetEventStore, GeofenceStore,
-    PositionStore, StoreError,
+    HistoryStore, PositionStore, StoreError,
 };
 use geostream_shared::validation::{is_valid_device_id, parse_timestamp};
 use geostream_shared::{now_millis, EpochMillis};
@@ -46,12 +54,17 @@ const MAX_TRACK_LIMIT: usize = 10_000;
 const MAX_ALERT_LIMIT: usize = 1_000;
 const MAX_EVENT_LIMIT: usize = 1_000;
 const DEFAULT_TRACK_SPAN_MS: EpochMillis = 3_600_000;
+const DEFAULT_HISTORY_SPAN_MS: EpochMillis = 86_400_000;
+const MAX_HISTORY_LIMIT: usize = 10_000;
+/// A summary combines at most this many minutes (31 days) per request.
+const MAX_SUMMARY_MINUTES: i64 = 31 * 24 * 60;
 
 pub struct QueryApi {
     positions: Arc<dyn PositionStore>,
     archive: Arc<dyn Archive>,
     alerts: Arc<dyn AlertStore>,
     fleet: Option<FleetStores>,
+    history: Option<Arc<dyn HistoryStore>>,
     access: AccessPolicy,
 }
 
@@ -103,6 +116,7 @@ impl QueryApi {
             archive,
             alerts,
             fleet: None,
+            history: None,
             access: AccessPolicy::open(),
         }
     }
@@ -115,6 +129,21 @@ impl QueryApi {
     ) -> Self {
         self.fleet = Some(FleetStores { geofences, events });
         self
+    }
+
+    /// Serves trips, stops and summaries from this store.
+    pub fn with_history(mut self, history: Arc<dyn HistoryStore>) -> Self {
+        self.history = Some(history);
+        self
+    }
+
+    fn history(&self) -> Result<&Arc<dyn HistoryStore>, Reject> {
+        self.history.as_ref().ok_or_else(|| {
+            Reject(
+                404,
+                "trips, stops and summaries are not set up on this deployment".into(),
+            )
+        })
     }
 
     fn fleet(&self) -> Result<&FleetStores, Reject> {
@@ -190,6 +219,13 @@ impl QueryApi {
             (&Method::GET, ["v1", "vehicles", "near"]) => self.near(&query).await,
             (&Method::GET, ["v1", "vehicles", id]) => self.vehicle(id).await,
             (&Method::GET, ["v1", "vehicles", id, "track"]) => self.track(id, &query).await,
+            (&Method::GET, ["v1", "vehicles", id, "trips"]) => {
+                self.history_items(id, HistoryKind::Trip, &query).await
+            }
+            (&Method::GET, ["v1", "vehicles", id, "stops"]) => {
+                self.history_items(id, HistoryKind::Stop, &query).await
+            }
+            (&Method::GET, ["v1", "vehicles", id, "summary"]) => self.summary(id, &query).await,
             (&Method::GET, ["v1", "alerts"]) => self.list_alerts(&query).await,
             (&Method::POST, ["v1", "alerts", id, "ack"]) => {
                 self.acknowledge(id, request, &caller).await
@@ -274,16 +310,77 @@ impl QueryApi {
 
     async fn track(&self, id: &str, query: &Params<'_>) -> Result<Value, Reject> {
         valid_device(id)?;
-        let to = time(query, "to")?.unwrap_or_else(|| now_millis() + 1);
-        let from = time(query, "from")?.unwrap_or(to - DEFAULT_TRACK_SPAN_MS);
-        if from >= to {
-            return Err(bad(format!("from ({from}) must be before to ({to})")));
-        }
+        let (from, to) = range(query, DEFAULT_TRACK_SPAN_MS)?;
         let limit = limit(query, 1_000, MAX_TRACK_LIMIT)?;
         let readings = self.archive.track(id, from, to, limit).await?;
         Ok(
             json!({ "device_id": id, "from": from, "to": to, "count": readings.len(), "readings": readings }),
         )
+    }
+
+    /// Trips or stops that began in the range (default: the last day), oldest first.
+    async fn history_items(
+        &self,
+        id: &str,
+        kind: HistoryKind,
+        query: &Params<'_>,
+    ) -> Result<Value, Reject> {
+        valid_device(id)?;
+        let (from, to) = range(query, DEFAULT_HISTORY_SPAN_MS)?;
+        let limit = limit(query, 1_000, MAX_HISTORY_LIMIT)?;
+        let items = self.history()?.read(id, kind, from, to, limit).await?;
+        let items: Vec<Value> = items
+            .into_iter()
+            .filter_map(|item| match item {
+                HistoryItem::Trip(trip) => Some(json!(trip)),
+                HistoryItem::Stop(stop) => Some(json!(stop)),
+                HistoryItem::Minute(_) => None,
+            })
+            .collect();
+        let name = match kind {
+            HistoryKind::Trip => "trips",
+            _ => "stops",
+        };
+        Ok(json!({ "device_id": id, "from": from, "to": to, "count": items.len(), name: items }))
+    }
+
+    /// Minute summaries combined into buckets of the interval (default `1h`), over the range
+    /// widened to whole buckets; minutes not yet complete are not in it.
+    async fn summary(&self, id: &str, query: &Params<'_>) -> Result<Value, Reject> {
+        valid_device(id)?;
+        let interval = match query.get("interval") {
+            None => SummaryInterval::Hour,
+            Some(text) => SummaryInterval::parse(&text)
+                .ok_or_else(|| bad(format!("interval={text:?} is not 1m, 1h or 1d")))?,
+        };
+        let (from, to) = range(query, DEFAULT_HISTORY_SPAN_MS)?;
+        let width = interval.millis();
+        let (from, to) = (
+            from.div_euclid(width) * width,
+            to.div_euclid(width) * width + if to % width == 0 { 0 } else { width },
+        );
+        let minutes = (to - from) / 60_000;
+        if minutes > MAX_SUMMARY_MINUTES {
+            return Err(bad(format!(
+                "the range holds {minutes} minutes; a summary reads at most {MAX_SUMMARY_MINUTES} (31 days): ask for shorter ranges"
+            )));
+        }
+        let items = self
+            .history()?
+            .read(id, HistoryKind::Minute, from, to, minutes as usize)
+            .await?;
+        let minutes: Vec<Rollup> = items
+            .into_iter()
+            .filter_map(|item| match item {
+                HistoryItem::Minute(minute) => Some(minute),
+                _ => None,
+            })
+            .collect();
+        let buckets = summarize(&minutes, interval);
+        Ok(json!({
+            "device_id": id, "from": from, "to": to, "interval": query.get("interval").unwrap_or_else(|| "1h".into()),
+            "count": buckets.len(), "buckets": buckets
+        }))
     }
 
     async fn list_alerts(&self, query: &Params<'_>) -> Result<Value, Reject> {
@@ -427,6 +524,16 @@ fn limit(query: &Params<'_>, default: usize, max: usize) -> Result<usize, Reject
 }
 
 /// A time parameter: epoch milliseconds or RFC 3339.
+/// `from` and `to` of a time range, by default the `span` up to now.
+fn range(query: &Params<'_>, span: EpochMillis) -> Result<(EpochMillis, EpochMillis), Reject> {
+    let to = time(query, "to")?.unwrap_or_else(|| now_millis() + 1);
+    let from = time(query, "from")?.unwrap_or(to - span);
+    if from >= to {
+        return Err(bad(format!("from ({from}) must be before to ({to})")));
+    }
+    Ok((from, to))
+}
+
 fn time(query: &Params<'_>, name: &str) -> Result<Option<EpochMillis>, Reject> {
     match query.get(name) {
         None => Ok(None),
