@@ -103,7 +103,7 @@ pub fn day(device: &str, midnight: i64) -> Day {
     let mut t = 0;
     let mut n = 0;
     let mut stop_since = Some((0, HOME));
-    let mut reading = |t: i64, at: GeoPoint, speed: Option<f64>, n: &mut u64| {
+    let reading = |t: i64, at: GeoPoint, speed: Option<f64>, n: &mut u64| {
         let mut item = json!({
             "device_id": device, "ts": midnight + t * 1000, "event_id": format!("{device}-{n}"),
             "lat": at.lat, "lon": at.lon,
