@@ -45,6 +45,9 @@ locals {
     "GET /v1/vehicles/near"                    = "query-api"
     "GET /v1/vehicles/{id}"                    = "query-api"
     "GET /v1/vehicles/{id}/track"              = "query-api"
+    "GET /v1/vehicles/{id}/trips"              = "query-api"
+    "GET /v1/vehicles/{id}/stops"              = "query-api"
+    "GET /v1/vehicles/{id}/summary"            = "query-api"
     "GET /v1/alerts"                           = "query-api"
     "POST /v1/alerts/{alert_id}/ack"           = "query-api"
     "GET /v1/geofences"                        = "query-api"
@@ -61,6 +64,9 @@ locals {
     "GET /v1/vehicles/near"                    = [var.scopes.fleet_read]
     "GET /v1/vehicles/{id}"                    = [var.scopes.fleet_read]
     "GET /v1/vehicles/{id}/track"              = [var.scopes.fleet_read]
+    "GET /v1/vehicles/{id}/trips"              = [var.scopes.fleet_read]
+    "GET /v1/vehicles/{id}/stops"              = [var.scopes.fleet_read]
+    "GET /v1/vehicles/{id}/summary"            = [var.scopes.fleet_read]
     "GET /v1/alerts"                           = [var.scopes.fleet_read]
     "POST /v1/alerts/{alert_id}/ack"           = [var.scopes.alerts_ack]
     "GET /v1/geofences"                        = [var.scopes.fleet_read]

@@ -239,6 +239,38 @@ resource "aws_dynamodb_table" "fleet_events" {
   }
 }
 
+# Trips, stops and minute summaries (docs/history.md): a vehicle's items of one kind and time
+# range are one key range (item_key = "{kind}#{start}"); DynamoDB's TTL is the retention.
+resource "aws_dynamodb_table" "history" {
+  name         = "${var.name_prefix}-history"
+  billing_mode = "PAY_PER_REQUEST"
+  hash_key     = "device_id"
+  range_key    = "item_key"
+
+  attribute {
+    name = "device_id"
+    type = "S"
+  }
+
+  attribute {
+    name = "item_key"
+    type = "S"
+  }
+
+  ttl {
+    attribute_name = "expires_at"
+    enabled        = true
+  }
+
+  point_in_time_recovery {
+    enabled = true
+  }
+
+  server_side_encryption {
+    enabled = true
+  }
+}
+
 resource "aws_dynamodb_table" "geofence_occupants" {
   name         = "${var.name_prefix}-geofence-occupants"
   billing_mode = "PAY_PER_REQUEST"

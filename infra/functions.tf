@@ -63,6 +63,12 @@ locals {
     FLEET_EVENT_RETENTION_DAYS = tostring(var.fleet_event_retention_days)
   }
 
+  # Trips, stops and summaries (docs/history.md), for the anomaly-inspector and the query API.
+  history_environment = {
+    HISTORY_TABLE          = aws_dynamodb_table.history.name
+    HISTORY_RETENTION_DAYS = tostring(var.history_retention_days)
+  }
+
   # What a function that makes fleet events writes: the events, and who is inside (an enter
   # puts, an exit deletes).
   fleet_event_statements = [
@@ -241,7 +247,7 @@ module "anomaly_inspector" {
   log_retention_days = var.log_retention_days
   system_log_level   = var.lambda_system_log_level
   vpc                = local.rule_state_vpc
-  environment = merge(local.kafka_environment, local.rule_state_environment, local.dead_letter_environment, local.fleet_environment, {
+  environment = merge(local.kafka_environment, local.rule_state_environment, local.dead_letter_environment, local.fleet_environment, local.history_environment, {
     ALERTS_TABLE  = aws_dynamodb_table.alerts.name
     ALERTS_STREAM = var.bus == "kinesis" ? aws_kinesis_stream.alerts[0].name : ""
     ALERTS_TOPIC  = var.bus == "kafka" ? var.kafka_alerts_topic : ""
@@ -267,6 +273,12 @@ module "anomaly_inspector" {
       actions   = ["dynamodb:GetItem", "dynamodb:Scan"]
       resources = [aws_dynamodb_table.geofences.arn]
     },
+    {
+      # Trips, stops and minutes as they complete.
+      sid       = "WriteHistory"
+      actions   = ["dynamodb:BatchWriteItem"]
+      resources = [aws_dynamodb_table.history.arn]
+    },
     ], local.fleet_event_statements, local.dead_letter_statements, var.bus == "kinesis" ? [
     {
       sid       = "PublishAlerts"
@@ -284,7 +296,7 @@ module "query_api" {
   log_retention_days = var.log_retention_days
   system_log_level   = var.lambda_system_log_level
   vpc                = local.query_api_vpc
-  environment = merge(local.archive_environment, local.position_environment, local.access_environment, local.fleet_environment, {
+  environment = merge(local.archive_environment, local.position_environment, local.access_environment, local.fleet_environment, local.history_environment, {
     ALERT_STATE_TABLE = aws_dynamodb_table.alert_state.name
     ALERTS_TABLE      = aws_dynamodb_table.alerts.name
   })
@@ -329,6 +341,11 @@ module "query_api" {
       sid       = "ListFleetEvents"
       actions   = ["dynamodb:Query"]
       resources = ["${aws_dynamodb_table.fleet_events.arn}/index/by-device", "${aws_dynamodb_table.fleet_events.arn}/index/by-day", "${aws_dynamodb_table.fleet_events.arn}/index/by-geofence", "${aws_dynamodb_table.geofence_occupants.arn}/index/by-geofence"]
+    },
+    {
+      sid       = "ReadHistory"
+      actions   = ["dynamodb:Query"]
+      resources = [aws_dynamodb_table.history.arn]
     },
   ], local.archive_read_statements)
 }

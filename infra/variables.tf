@@ -299,6 +299,17 @@ variable "fleet_event_retention_days" {
   }
 }
 
+variable "history_retention_days" {
+  description = "How many days trips, stops and minute summaries are kept (from their end): DynamoDB's TTL removes older ones (within a few days of expiry)."
+  type        = number
+  default     = 90
+
+  validation {
+    condition     = var.history_retention_days >= 1 && var.history_retention_days <= 3650 && floor(var.history_retention_days) == var.history_retention_days
+    error_message = "history_retention_days must be a whole number of days from 1 to 3650."
+  }
+}
+
 variable "jwt_audiences" {
   description = "Accepted token audiences (for Cognito: the app client ids of devices and operators)."
   type        = list(string)

@@ -334,6 +334,7 @@ pub fn check(
             "metric_names" => &names.metric_names_table,
             "geofences" => &names.geofences_table,
             "fleet_events" => &names.fleet_events_table,
+            "history" => &names.history_table,
             "geofence_occupants" => &names.geofence_occupants_table,
             _ => &names.alerts_table,
         };
@@ -384,6 +385,17 @@ pub fn check(
             table.hash_key,
             attribute(body, "hash_key").map(reference),
         ));
+        let declared_range_key = attribute(body, "range_key").map(reference);
+        match table.range_key {
+            Some(range_key) => {
+                problems.extend(check_key("range key", range_key, declared_range_key));
+            }
+            None if declared_range_key.is_some() => problems.push(format!(
+                "table {}: Terraform declares range key {declared_range_key:?}, the code none",
+                table.label
+            )),
+            None => {}
+        }
         let tf_indexes: BTreeMap<String, &Block> = body
             .blocks()
             .filter(|b| b.identifier() == "global_secondary_index")

@@ -1,6 +1,6 @@
 //! The anomaly-inspector Lambda: the telemetry bus (Kinesis or Kafka) -> rules -> DynamoDB
 //! alerts + the alerts bus (Kafka with `BUS=kafka` in a build with `--features kafka`), and
-//! fleet events against the geofences.
+//! fleet events against the geofences, trips, stops and minute summaries to DynamoDB.
 
 use geostream_anomaly_inspector::{AnomalyInspector, FUNCTION_NAME, GEOFENCE_REFRESH};
 use geostream_aws::compose::Composition;
@@ -15,6 +15,7 @@ async fn main() -> Result<(), geostream_lambda::Error> {
         ports.alerts_bus().await?,
         ports.dead_letters()?,
     )
-    .with_fleet(ports.geofences()?, ports.fleet_events()?, GEOFENCE_REFRESH);
+    .with_fleet(ports.geofences()?, ports.fleet_events()?, GEOFENCE_REFRESH)
+    .with_history(ports.history()?);
     ports.run_stream_function(handler).await
 }

@@ -16,6 +16,7 @@ async fn main() -> Result<(), geostream_lambda::Error> {
         ports.alert_records()?,
     )
     .with_fleet(ports.geofences()?, ports.fleet_events()?)
+    .with_history(ports.history()?)
     .with_access(ports.access()?);
     let metrics = ports.metrics();
     geostream_lambda::run_http_function(|request| api.handle(request, &metrics)).await

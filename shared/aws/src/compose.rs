@@ -14,7 +14,7 @@ use std::sync::Arc;
 use geostream_shared::limits::{DeviceLimits, DeviceRateLimit, LocalDeviceLimits};
 use geostream_shared::metrics::EmfLog;
 use geostream_shared::ports::{
-    AlertStore, Archive, DeadLetterSink, EventBus, FleetEventStore, GeofenceStore,
+    AlertStore, Archive, DeadLetterSink, EventBus, FleetEventStore, GeofenceStore, HistoryStore,
     MetricNameRegistry, PositionStore, SilentCandidates, DEFAULT_MAX_METRIC_NAMES,
 };
 use geostream_shared::rules::RuleSet;
@@ -26,6 +26,7 @@ use geostream_lambda::jwt::{JwtVerifier, KeySource};
 use crate::config::Clients;
 use crate::dynamodb::{DynamoAlerts, DynamoPositions};
 use crate::fleet::{DynamoFleetEvents, DynamoGeofences};
+use crate::history::DynamoHistory;
 use crate::kinesis::KinesisBus;
 use crate::metric_names::DynamoMetricNames;
 use crate::s3archive::S3Archive;
@@ -208,6 +209,15 @@ pub mod settings {
         purpose: "how many days fleet events are kept (DynamoDB TTL; default 30)",
         optional: true,
     };
+    pub const HISTORY_TABLE: Setting = setting(
+        "HISTORY_TABLE",
+        "the DynamoDB table of trips, stops and minute summaries",
+    );
+    pub const HISTORY_RETENTION_DAYS: Setting = Setting {
+        name: "HISTORY_RETENTION_DAYS",
+        purpose: "how many days trips, stops and summaries are kept (DynamoDB TTL; default 90)",
+        optional: true,
+    };
     pub const DEVICE_RATE_PER_SECOND: Setting = Setting {
         name: "DEVICE_RATE_PER_SECOND",
         purpose: "requests a second one device may post on average (default 2; fractions allowed); past it and its burst it is answered 429 with Retry-After",
@@ -263,6 +273,8 @@ pub enum Port {
     Geofences,
     /// Fleet events and geofence occupants.
     FleetEvents,
+    /// Trips, stops and minute summaries.
+    History,
 }
 
 impl Port {
@@ -310,6 +322,7 @@ impl Port {
                 GEOFENCE_OCCUPANTS_TABLE,
                 FLEET_EVENT_RETENTION_DAYS,
             ],
+            Port::History => &[HISTORY_TABLE, HISTORY_RETENTION_DAYS],
             Port::Access => &[
                 AUTHORIZATION,
                 JWT_ISSUER,
@@ -699,6 +712,30 @@ impl Composition {
                 self.clients.dynamodb.clone(),
                 self.required(settings::FLEET_EVENTS_TABLE)?,
                 self.required(settings::GEOFENCE_OCCUPANTS_TABLE)?,
+                retention_days,
+            )
+            .metered(self.clients.capacity.clone()),
+        ))
+    }
+
+    /// Trips, stops and summaries in DynamoDB (`HISTORY_TABLE`), kept `HISTORY_RETENTION_DAYS`.
+    pub fn history(&self) -> Result<Arc<dyn HistoryStore>, ComposeError> {
+        let retention_days = match self.optional(settings::HISTORY_RETENTION_DAYS)? {
+            None => crate::history::DEFAULT_HISTORY_RETENTION_DAYS,
+            Some(text) => text
+                .parse::<u32>()
+                .ok()
+                .filter(|days| (1..=3_650).contains(days))
+                .ok_or(ComposeError::Invalid {
+                    name: settings::HISTORY_RETENTION_DAYS.name,
+                    value: text,
+                    expected: "a whole number of days from 1 to 3650",
+                })?,
+        };
+        Ok(Arc::new(
+            DynamoHistory::new(
+                self.clients.dynamodb.clone(),
+                self.required(settings::HISTORY_TABLE)?,
                 retention_days,
             )
             .metered(self.clients.capacity.clone()),

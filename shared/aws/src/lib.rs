@@ -22,6 +22,7 @@ pub mod counting;
 pub mod dynamodb;
 pub mod errors;
 pub mod fleet;
+pub mod history;
 pub mod kinesis;
 pub mod manifest;
 pub mod metric_names;

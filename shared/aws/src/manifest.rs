@@ -141,10 +141,12 @@ pub const FUNCTIONS: &[FunctionManifest] = &[
             Port::DeadLetters,
             Port::Geofences,
             Port::FleetEvents,
+            Port::History,
         ],
         operations: &[
             "GetItem",
             "PutItem",
+            "BatchWriteItem",
             "TransactWriteItems",
             "UpdateItem",
             "DeleteItem",
@@ -171,6 +173,8 @@ pub const FUNCTIONS: &[FunctionManifest] = &[
                 "dynamodb:DeleteItem",
                 "aws_dynamodb_table.geofence_occupants",
             ),
+            // Trips, stops and minutes as they complete.
+            allow("dynamodb:BatchWriteItem", "aws_dynamodb_table.history"),
             allow("kinesis:PutRecords", "aws_kinesis_stream.alerts"),
             allow("secretsmanager:GetSecretValue", "var.kafka_secret_arn"),
             allow("kms:Decrypt", "var.kafka_secret_kms_key_arn"),
@@ -188,6 +192,7 @@ pub const FUNCTIONS: &[FunctionManifest] = &[
             Port::Access,
             Port::Geofences,
             Port::FleetEvents,
+            Port::History,
         ],
         operations: &[
             "GetItem",
@@ -246,6 +251,7 @@ pub const FUNCTIONS: &[FunctionManifest] = &[
                 "dynamodb:DeleteItem",
                 "aws_dynamodb_table.geofence_occupants",
             ),
+            allow("dynamodb:Query", "aws_dynamodb_table.history"),
             allow("timestream:Select", "aws_timestreamwrite_table.readings"),
             allow("timestream:DescribeEndpoints", "*"),
             allow("s3:ListBucket", "aws_s3_bucket.archive"),
@@ -354,6 +360,7 @@ pub struct TableSchema {
     /// as `-`).
     pub label: &'static str,
     pub hash_key: (&'static str, KeyType),
+    pub range_key: Option<(&'static str, KeyType)>,
     pub indexes: &'static [IndexSchema],
 }
 
@@ -368,6 +375,7 @@ pub const TABLES: &[TableSchema] = &[
     TableSchema {
         label: "positions",
         hash_key: ("device_id", KeyType::String),
+        range_key: None,
         indexes: &[IndexSchema {
             name: crate::dynamodb::GEO_INDEX,
             hash_key: ("geo_pk", KeyType::String),
@@ -378,16 +386,19 @@ pub const TABLES: &[TableSchema] = &[
     TableSchema {
         label: "metric_names",
         hash_key: ("name", KeyType::String),
+        range_key: None,
         indexes: &[],
     },
     TableSchema {
         label: "alert_state",
         hash_key: ("device_id", KeyType::String),
+        range_key: None,
         indexes: &[],
     },
     TableSchema {
         label: "alerts",
         hash_key: ("alert_id", KeyType::String),
+        range_key: None,
         indexes: &[
             IndexSchema {
                 name: crate::dynamodb::ALERTS_BY_STATE_INDEX,
@@ -408,11 +419,13 @@ pub const TABLES: &[TableSchema] = &[
     TableSchema {
         label: "geofences",
         hash_key: ("geofence_id", KeyType::String),
+        range_key: None,
         indexes: &[],
     },
     TableSchema {
         label: "fleet_events",
         hash_key: ("event_id", KeyType::String),
+        range_key: None,
         // Events are written once and never changed: whole items in every index cost no
         // later write, and a listing needs no second read.
         indexes: &[
@@ -437,8 +450,16 @@ pub const TABLES: &[TableSchema] = &[
         ],
     },
     TableSchema {
+        label: "history",
+        hash_key: ("device_id", KeyType::String),
+        // `{kind}#{start}`: a vehicle's trips, stops or minutes of a time range are one key range.
+        range_key: Some(("item_key", KeyType::String)),
+        indexes: &[],
+    },
+    TableSchema {
         label: "geofence_occupants",
         hash_key: ("occupant_id", KeyType::String),
+        range_key: None,
         indexes: &[IndexSchema {
             name: crate::fleet::OCCUPANTS_BY_GEOFENCE_INDEX,
             hash_key: ("geofence_id", KeyType::String),

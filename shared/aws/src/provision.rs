@@ -42,6 +42,7 @@ pub struct ResourceNames {
     pub geofences_table: String,
     pub fleet_events_table: String,
     pub geofence_occupants_table: String,
+    pub history_table: String,
     pub timestream_database: String,
     pub timestream_table: String,
     pub archive_bucket: String,
@@ -65,6 +66,7 @@ impl ResourceNames {
             geofences_table: format!("{prefix}-geofences"),
             fleet_events_table: format!("{prefix}-fleet-events"),
             geofence_occupants_table: format!("{prefix}-geofence-occupants"),
+            history_table: format!("{prefix}-history"),
             timestream_database: format!("{prefix}-archive"),
             timestream_table: "readings".to_string(),
             archive_bucket: format!("{prefix}-archive"),
@@ -128,6 +130,11 @@ impl ResourceNames {
             .set(
                 settings::FLEET_EVENT_RETENTION_DAYS,
                 crate::fleet::DEFAULT_EVENT_RETENTION_DAYS.to_string(),
+            )
+            .set(settings::HISTORY_TABLE, &self.history_table)
+            .set(
+                settings::HISTORY_RETENTION_DAYS,
+                crate::history::DEFAULT_HISTORY_RETENTION_DAYS.to_string(),
             )
             .set(settings::ARCHIVE, archive.setting())
             .set(settings::RECENT_TRACKS, "none")
@@ -253,10 +260,14 @@ pub async fn create_resources(
         &names.alerts_table,
         &names.geofences_table,
         &names.fleet_events_table,
+        &names.history_table,
         &names.geofence_occupants_table,
     ];
     for (schema, table) in TABLES.iter().zip(table_names) {
         let mut attributes = vec![attribute(schema.hash_key)?];
+        if let Some(range_key) = schema.range_key {
+            attributes.push(attribute(range_key)?);
+        }
         let mut indexes = Vec::new();
         for index_schema in schema.indexes {
             for key in [index_schema.hash_key, index_schema.range_key] {
@@ -271,7 +282,13 @@ pub async fn create_resources(
             .create_table()
             .table_name(table)
             .billing_mode(BillingMode::PayPerRequest)
-            .key_schema(key(schema.hash_key.0, KeyType::Hash)?)
+            .set_key_schema(match schema.range_key {
+                Some(range_key) => Some(vec![
+                    key(schema.hash_key.0, KeyType::Hash)?,
+                    key(range_key.0, KeyType::Range)?,
+                ]),
+                None => Some(vec![key(schema.hash_key.0, KeyType::Hash)?]),
+            })
             .set_attribute_definitions(Some(attributes))
             .set_global_secondary_indexes((!indexes.is_empty()).then_some(indexes))
             .send()
