@@ -89,6 +89,16 @@ resource "aws_apigatewayv2_route" "route" {
   authorization_scopes = local.route_scopes[each.key]
 }
 
+# The API's OpenAPI description (docs/openapi.json), served by the query API to anyone: it
+# holds no data, and tools read it before they have a token.
+resource "aws_apigatewayv2_route" "openapi" {
+  #checkov:skip=CKV_AWS_309:the API description is public by design: no data, read before a token exists
+  api_id             = aws_apigatewayv2_api.http.id
+  route_key          = "GET /openapi.json"
+  target             = "integrations/${aws_apigatewayv2_integration.function["query-api"].id}"
+  authorization_type = "NONE"
+}
+
 resource "aws_cloudwatch_log_group" "api_access" {
   count             = var.api_access_logs ? 1 : 0
   name              = "/aws/apigateway/${var.name_prefix}-api"

@@ -116,15 +116,17 @@ async fn api_gateway(
     body: Bytes,
 ) -> Response {
     let mut event = build_event(&method, &uri, headers, &body, peer);
-    if let Some(tokens) = &stack.tokens {
+    let path = uri.path();
+    // The API's description is for anyone, as on API Gateway.
+    let public = path == geostream_query_api::OPENAPI_PATH;
+    if let Some(tokens) = stack.tokens.as_ref().filter(|_| !public) {
         if let Err(refusal) = tokens.authorize(&mut event).await {
             return token_refused(refusal);
         }
     }
-    let path = uri.path();
     let response = if path == geostream_ingest::TELEMETRY_PATH {
         stack.ingest.handle(event, stack.metrics.as_ref()).await
-    } else if path.starts_with("/v1/") {
+    } else if path.starts_with("/v1/") || public {
         stack.query_api.handle(event, stack.metrics.as_ref()).await
     } else {
         return (

@@ -33,6 +33,16 @@ impl Client {
         .await
     }
 
+    pub async fn put(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.send(self.http.put(format!("{}{path}", self.base)).json(body))
+            .await
+    }
+
+    pub async fn delete(&self, path: &str) -> (u16, Value) {
+        self.send(self.http.delete(format!("{}{path}", self.base)))
+            .await
+    }
+
     pub async fn get(&self, path_and_query: &str) -> (u16, Value) {
         self.send(self.http.get(format!("{}{path_and_query}", self.base)))
             .await

@@ -20,6 +20,8 @@
 //! - `GET /v1/vehicles/{id}/summary?from=&to=&interval=1m|1h|1d`: readings summarized per
 //!   minute, hour or day (UTC)
 //!
+//! And `GET /openapi.json`, this API's OpenAPI 3.1 description (`docs/openapi.json`), to anyone.
+//!
 //! It routes on the request path itself, so it serves both per-route integrations and a
 //! `$default` route. Reads need the `fleet:read` scope, acknowledging `alerts:ack`, writing
 //! geofences `geofences:write` ([`geostream_lambda::identity`]).
@@ -48,6 +50,10 @@ use percent_encoding::percent_decode_str;
 use serde_json::{json, Value};
 
 pub const FUNCTION_NAME: &str = "query-api";
+/// Where the API's OpenAPI description is served, without a token.
+pub const OPENAPI_PATH: &str = "/openapi.json";
+/// The API's OpenAPI 3.1 description, every route of ingest and the query API.
+pub const OPENAPI_DOCUMENT: &str = include_str!("../../../docs/openapi.json");
 const DEFAULT_RADIUS_M: f64 = 1_000.0;
 const MAX_NEAR_LIMIT: usize = 1_000;
 const MAX_TRACK_LIMIT: usize = 10_000;
@@ -189,6 +195,10 @@ impl QueryApi {
             .collect();
         let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
         let query = Params(&request.query_string_parameters);
+        if method == Method::GET && path == OPENAPI_PATH {
+            return serde_json::from_str(OPENAPI_DOCUMENT)
+                .map_err(|e| Reject(500, format!("the bundled OpenAPI description: {e}")));
+        }
         let caller = self.access.caller(request)?;
         let scopes = &self.access.scopes;
         match (&method, segments.as_slice()) {
