@@ -695,18 +695,10 @@ impl Composition {
     /// Fleet events and geofence occupants in DynamoDB (`FLEET_EVENTS_TABLE`,
     /// `GEOFENCE_OCCUPANTS_TABLE`), kept `FLEET_EVENT_RETENTION_DAYS`.
     pub fn fleet_events(&self) -> Result<Arc<dyn FleetEventStore>, ComposeError> {
-        let retention_days = match self.optional(settings::FLEET_EVENT_RETENTION_DAYS)? {
-            None => crate::fleet::DEFAULT_EVENT_RETENTION_DAYS,
-            Some(text) => text
-                .parse::<u32>()
-                .ok()
-                .filter(|days| (1..=3_650).contains(days))
-                .ok_or(ComposeError::Invalid {
-                    name: settings::FLEET_EVENT_RETENTION_DAYS.name,
-                    value: text,
-                    expected: "a whole number of days from 1 to 3650",
-                })?,
-        };
+        let retention_days = self.retention_days(
+            settings::FLEET_EVENT_RETENTION_DAYS,
+            crate::fleet::DEFAULT_EVENT_RETENTION_DAYS,
+        )?;
         Ok(Arc::new(
             DynamoFleetEvents::new(
                 self.clients.dynamodb.clone(),
@@ -720,18 +712,10 @@ impl Composition {
 
     /// Trips, stops and summaries in DynamoDB (`HISTORY_TABLE`), kept `HISTORY_RETENTION_DAYS`.
     pub fn history(&self) -> Result<Arc<dyn HistoryStore>, ComposeError> {
-        let retention_days = match self.optional(settings::HISTORY_RETENTION_DAYS)? {
-            None => crate::history::DEFAULT_HISTORY_RETENTION_DAYS,
-            Some(text) => text
-                .parse::<u32>()
-                .ok()
-                .filter(|days| (1..=3_650).contains(days))
-                .ok_or(ComposeError::Invalid {
-                    name: settings::HISTORY_RETENTION_DAYS.name,
-                    value: text,
-                    expected: "a whole number of days from 1 to 3650",
-                })?,
-        };
+        let retention_days = self.retention_days(
+            settings::HISTORY_RETENTION_DAYS,
+            crate::history::DEFAULT_HISTORY_RETENTION_DAYS,
+        )?;
         Ok(Arc::new(
             DynamoHistory::new(
                 self.clients.dynamodb.clone(),
@@ -740,6 +724,22 @@ impl Composition {
             )
             .metered(self.clients.capacity.clone()),
         ))
+    }
+
+    /// A retention setting: whole days from 1 to 3650, `default` when unset.
+    fn retention_days(&self, setting: Setting, default: u32) -> Result<u32, ComposeError> {
+        match self.optional(setting)? {
+            None => Ok(default),
+            Some(text) => text
+                .parse::<u32>()
+                .ok()
+                .filter(|days| (1..=3_650).contains(days))
+                .ok_or(ComposeError::Invalid {
+                    name: setting.name,
+                    value: text,
+                    expected: "a whole number of days from 1 to 3650",
+                }),
+        }
     }
 
     /// Alert records for listing, reading and acknowledging (the rule state is not touched).

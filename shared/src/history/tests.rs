@@ -94,19 +94,21 @@ fn brute_force(rules: &TripRules, readings: &[Reading]) -> (Vec<Trip>, Vec<Stop>
         e > s
             && (ts(e) - ts(s) >= rules.min_trip_duration_ms || covered >= rules.min_trip_distance_m)
     };
+    // A stop from fix `since` to fix `end`, placed at `since`.
+    let stop_between = |since: usize, end: usize| Stop {
+        start_ts: ts(since),
+        end_ts: ts(end),
+        lat: point(since).lat,
+        lon: point(since).lon,
+        duration_s: (ts(end) - ts(since)) as f64 / 1000.0,
+    };
     let (mut trips, mut stops) = (Vec::new(), Vec::new());
     let mut stop_since: Option<usize> = None;
     let mut s = 0;
     for &(a, b) in &stop_runs {
         if n > 0 && kept(s, a) {
             if let Some(since) = stop_since {
-                stops.push(Stop {
-                    start_ts: ts(since),
-                    end_ts: ts(s),
-                    lat: point(since).lat,
-                    lon: point(since).lon,
-                    duration_s: (ts(s) - ts(since)) as f64 / 1000.0,
-                });
+                stops.push(stop_between(since, s));
             }
             let covered: f64 = distance[s + 1..=a].iter().sum();
             let duration_s = (ts(a) - ts(s)) as f64 / 1000.0;
@@ -132,13 +134,7 @@ fn brute_force(rules: &TripRules, readings: &[Reading]) -> (Vec<Trip>, Vec<Stop>
     if let Some(since) = stop_since {
         let last_moving = (s + 1..n).filter(|&k| !still[k]).max();
         if last_moving.is_some_and(|e| kept(s, e)) {
-            stops.push(Stop {
-                start_ts: ts(since),
-                end_ts: ts(s),
-                lat: point(since).lat,
-                lon: point(since).lon,
-                duration_s: (ts(s) - ts(since)) as f64 / 1000.0,
-            });
+            stops.push(stop_between(since, s));
         }
     }
 
