@@ -54,6 +54,12 @@ resource "aws_dynamodb_table" "positions" {
     projection_type = "ALL"
   }
 
+  # The position of a vehicle gone silent goes position_retention_days after its reading.
+  ttl {
+    attribute_name = "expires_at"
+    enabled        = true
+  }
+
   point_in_time_recovery {
     enabled = true
   }
@@ -140,6 +146,12 @@ resource "aws_dynamodb_table" "alerts" {
     hash_key        = "device_id"
     range_key       = "started_at"
     projection_type = "KEYS_ONLY"
+  }
+
+  # A cleared alert goes alert_retention_days after its clear; an active one stays.
+  ttl {
+    attribute_name = "expires_at"
+    enabled        = true
   }
 
   point_in_time_recovery {

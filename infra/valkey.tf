@@ -15,16 +15,18 @@ locals {
   # The position store the deployment chose, for geo-update and the query API. With valkey the
   # table name still prefixes the keys, so two stacks can share a cache.
   position_environment = {
-    POSITION_STORE  = var.position_store
-    POSITIONS_TABLE = aws_dynamodb_table.positions.name
-    VALKEY_URL      = local.valkey_url
+    POSITION_STORE          = var.position_store
+    POSITIONS_TABLE         = aws_dynamodb_table.positions.name
+    POSITION_RETENTION_DAYS = tostring(var.position_retention_days)
+    VALKEY_URL              = local.valkey_url
   }
 
   # Where the anomaly-inspector keeps rule state (alert records stay in DynamoDB).
   rule_state_environment = {
-    RULE_STATE_STORE  = var.rule_state_store
-    ALERT_STATE_TABLE = aws_dynamodb_table.alert_state.name
-    VALKEY_URL        = local.valkey_url
+    RULE_STATE_STORE     = var.rule_state_store
+    ALERT_STATE_TABLE    = aws_dynamodb_table.alert_state.name
+    ALERT_RETENTION_DAYS = tostring(var.alert_retention_days)
+    VALKEY_URL           = local.valkey_url
   }
 
   vpc_access = local.valkey ? {

@@ -299,6 +299,28 @@ variable "fleet_event_retention_days" {
   }
 }
 
+variable "position_retention_days" {
+  description = "How many days the position of a vehicle gone silent is kept (from its reading; a newer one replaces it): DynamoDB's TTL removes it, and the vehicle leaves radius queries and the offline check. Not applied with position_store = valkey."
+  type        = number
+  default     = 90
+
+  validation {
+    condition     = var.position_retention_days >= 1 && var.position_retention_days <= 3650 && floor(var.position_retention_days) == var.position_retention_days
+    error_message = "position_retention_days must be a whole number of days from 1 to 3650."
+  }
+}
+
+variable "alert_retention_days" {
+  description = "How many days a cleared alert's record is kept (from its clear): DynamoDB's TTL removes it. Active alerts are kept."
+  type        = number
+  default     = 90
+
+  validation {
+    condition     = var.alert_retention_days >= 1 && var.alert_retention_days <= 3650 && floor(var.alert_retention_days) == var.alert_retention_days
+    error_message = "alert_retention_days must be a whole number of days from 1 to 3650."
+  }
+}
+
 variable "history_retention_days" {
   description = "How many days trips, stops and minute summaries are kept (from their end): DynamoDB's TTL removes older ones (within a few days of expiry)."
   type        = number

@@ -108,10 +108,11 @@ pub struct LocalConfig {
 
 /// What the embedded backend's stores and bus may hold in memory, shared out as fixed parts:
 /// half to the archive, an eighth to the telemetry stream, a thirty-second to the alert stream,
-/// a sixteenth to trips, stops and summaries. The rest (over a quarter) is left for what is not evicted (latest positions, rule states,
-/// fleet events, dead letters, the live page) and for the process itself. The archive evicts
-/// its oldest readings and the streams trim their oldest records (a reader that had not read
-/// them is told how many it missed) to stay within their parts.
+/// a sixteenth to trips, stops and summaries. The rest (over a quarter) is left for what is not
+/// evicted (latest positions, rule states, fleet events, dead letters, the live page) and for
+/// the process itself. The archive and the history evict what they took first and the streams
+/// trim their oldest records (a reader that had not read them is told how many it missed) to
+/// stay within their parts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryBudget {
     pub bytes: usize,

@@ -114,8 +114,8 @@ struct Cli {
     archive_per_device: usize,
     /// MiB the embedded stores and bus may hold: half for the archive (oldest readings evicted
     /// first), an eighth for the telemetry stream, a thirty-second for the alert stream (oldest
-    /// records trimmed), the rest left for positions, rule states and the process [default: a
-    /// quarter of the machine's memory].
+    /// records trimmed), a sixteenth for trips, stops and summaries, the rest left for
+    /// positions, rule states and the process [default: a quarter of the machine's memory].
     #[arg(long)]
     memory_budget_mb: Option<usize>,
     /// Event source mapping: records per invocation [default: 100].

@@ -209,6 +209,16 @@ pub mod settings {
         purpose: "how many days fleet events are kept (DynamoDB TTL; default 30)",
         optional: true,
     };
+    pub const POSITION_RETENTION_DAYS: Setting = Setting {
+        name: "POSITION_RETENTION_DAYS",
+        purpose: "how many days the position of a vehicle gone silent is kept (DynamoDB TTL from its reading; default 90)",
+        optional: true,
+    };
+    pub const ALERT_RETENTION_DAYS: Setting = Setting {
+        name: "ALERT_RETENTION_DAYS",
+        purpose: "how many days a cleared alert's record is kept (DynamoDB TTL from its clear; default 90)",
+        optional: true,
+    };
     pub const HISTORY_TABLE: Setting = setting(
         "HISTORY_TABLE",
         "the DynamoDB table of trips, stops and minute summaries",
@@ -245,6 +255,10 @@ enum Authorization {
     /// Nobody: every caller may do everything.
     Open,
 }
+
+/// How many days silent vehicles' positions and cleared alerts are kept when the deployment
+/// says nothing.
+pub const DEFAULT_RETENTION_DAYS: u32 = 90;
 
 /// What a function is built from. Each port names the settings it reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -296,10 +310,16 @@ impl Port {
                 KAFKA_SECRET_ARN,
             ],
             Port::TelemetryEvents => &[BUS, STREAM_MAX_RETRIES, STREAM_MAX_RECORD_AGE_SECONDS],
-            Port::Positions => &[POSITION_STORE, POSITIONS_TABLE, VALKEY_URL],
+            Port::Positions => &[
+                POSITION_STORE,
+                POSITIONS_TABLE,
+                POSITION_RETENTION_DAYS,
+                VALKEY_URL,
+            ],
             Port::Alerts => &[
                 ALERT_STATE_TABLE,
                 ALERTS_TABLE,
+                ALERT_RETENTION_DAYS,
                 RULE_STATE_STORE,
                 VALKEY_URL,
             ],
@@ -605,6 +625,10 @@ impl Composition {
         match self.optional(settings::POSITION_STORE)?.as_deref() {
             None | Some("dynamodb") => Ok(Arc::new(
                 DynamoPositions::new(self.clients.dynamodb.clone(), table)
+                    .with_retention_days(self.retention_days(
+                        settings::POSITION_RETENTION_DAYS,
+                        DEFAULT_RETENTION_DAYS,
+                    )?)
                     .metered(self.clients.capacity.clone()),
             )),
             Some("valkey") => {
@@ -645,7 +669,9 @@ impl Composition {
     /// Rule state and alert records: rule state where `RULE_STATE_STORE` says (`dynamodb`, the
     /// default, or `valkey`), alert records in DynamoDB.
     pub async fn alerts(&self) -> Result<Arc<dyn AlertStore>, ComposeError> {
-        let records = self.dynamo_alerts()?;
+        let records = self.dynamo_alerts()?.with_retention_days(
+            self.retention_days(settings::ALERT_RETENTION_DAYS, DEFAULT_RETENTION_DAYS)?,
+        );
         match self.optional(settings::RULE_STATE_STORE)?.as_deref() {
             None | Some("dynamodb") => Ok(Arc::new(records)),
             Some("valkey") => {

@@ -78,6 +78,14 @@ pub struct DynamoPositions {
     client: aws_sdk_dynamodb::Client,
     table: String,
     meter: CapacityMeter,
+    /// Each position item's `expires_at` (DynamoDB's TTL) is this long after its reading, so
+    /// the position of a vehicle gone silent goes; a newer position pushes it on.
+    retention_days: Option<u32>,
+}
+
+/// `expires_at` (epoch seconds, DynamoDB's TTL attribute) `days` after `ts` (epoch ms).
+pub(crate) fn expires_at(ts: EpochMillis, days: u32) -> AttributeValue {
+    n(ts.div_euclid(1000) + i64::from(days) * 86_400)
 }
 
 impl DynamoPositions {
@@ -86,7 +94,14 @@ impl DynamoPositions {
             client,
             table: table.into(),
             meter: CapacityMeter::default(),
+            retention_days: None,
         }
+    }
+
+    /// Positions expire `days` after their reading unless a newer one replaces them.
+    pub fn with_retention_days(mut self, days: u32) -> Self {
+        self.retention_days = Some(days);
+        self
     }
 
     /// Counts the capacity units this store consumes on `meter`.
@@ -116,13 +131,16 @@ impl DynamoPositions {
     }
 
     /// The position's attributes as `Position` serializes them, plus the index's partition key.
-    fn to_item(position: &Position) -> Result<Item, StoreError> {
+    fn to_item(&self, position: &Position) -> Result<Item, StoreError> {
         let mut item: Item = serde_dynamo::to_item(position)
             .map_err(|e| StoreError::permanent("PutItem positions", e.to_string()))?;
         item.insert(
             "geo_pk".to_string(),
             s(index_partition_key(&position.geohash, &position.device_id)),
         );
+        if let Some(days) = self.retention_days {
+            item.insert("expires_at".to_string(), expires_at(position.ts, days));
+        }
         Ok(item)
     }
 
@@ -184,7 +202,7 @@ impl SilentCandidates for DynamoPositions {
 impl PositionStore for DynamoPositions {
     async fn upsert_if_newer(&self, position: Position) -> Result<UpsertOutcome, StoreError> {
         let position = with_geohash(position, "PutItem")?;
-        let item = Self::to_item(&position)?;
+        let item = self.to_item(&position)?;
         let result = self
             .client
             .put_item()
@@ -370,6 +388,8 @@ pub struct DynamoAlerts {
     state_table: String,
     alerts_table: String,
     meter: CapacityMeter,
+    /// A cleared alert's record expires (DynamoDB's TTL) this long after its clear.
+    retention_days: Option<u32>,
 }
 
 impl DynamoAlerts {
@@ -383,7 +403,14 @@ impl DynamoAlerts {
             state_table: state_table.into(),
             alerts_table: alerts_table.into(),
             meter: CapacityMeter::default(),
+            retention_days: None,
         }
+    }
+
+    /// Cleared alerts' records expire `days` after their clear; active ones never.
+    pub fn with_retention_days(mut self, days: u32) -> Self {
+        self.retention_days = Some(days);
+        self
     }
 
     /// Counts the capacity units this store consumes on `meter`.
@@ -425,9 +452,15 @@ impl DynamoAlerts {
             Some(cleared_at) => {
                 values.insert(":cleared_at".into(), n(cleared_at));
                 expression.push_str(", cleared_at = :cleared_at");
+                if let Some(days) = self.retention_days {
+                    values.insert(":expires_at".into(), expires_at(cleared_at, days));
+                    expression.push_str(", expires_at = :expires_at");
+                }
             }
-            // A clear a late reading retracted.
-            None if alert.state == AlertState::Active => expression.push_str(" REMOVE cleared_at"),
+            // A clear a late reading retracted: the alert is active again, and stays.
+            None if alert.state == AlertState::Active => {
+                expression.push_str(" REMOVE cleared_at, expires_at")
+            }
             None => {}
         }
         Update::builder()
@@ -998,6 +1031,76 @@ fn cancelled_for_now(error: &TransactWriteItemsError) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn offline_client() -> aws_sdk_dynamodb::Client {
+        aws_sdk_dynamodb::Client::from_conf(
+            aws_sdk_dynamodb::Config::builder()
+                .behavior_version(aws_sdk_dynamodb::config::BehaviorVersion::latest())
+                .region(aws_sdk_dynamodb::config::Region::new("us-east-1"))
+                .build(),
+        )
+    }
+
+    /// Retention: a position expires its days after its reading (a newer one moves it on); a
+    /// cleared alert its days after the clear; an alert a late reading made active again loses
+    /// its expiry; without a retention nothing expires.
+    #[test]
+    fn positions_and_cleared_alerts_carry_their_expiry() {
+        let position = Position {
+            device_id: "truck-1".into(),
+            ts: 1_796_000_000_500,
+            event_id: "truck-1@1796000000500".into(),
+            lat: 52.5,
+            lon: 13.4,
+            geohash: "u33dc0cpw".into(),
+            speed_kmh: None,
+            heading_deg: None,
+            received_at: 1_796_000_001_000,
+        };
+        let store = DynamoPositions::new(offline_client(), "positions");
+        assert!(!store.to_item(&position).unwrap().contains_key("expires_at"));
+        let item = store.with_retention_days(30).to_item(&position).unwrap();
+        assert_eq!(
+            item.get("expires_at"),
+            Some(&AttributeValue::N(
+                (1_796_000_000 + 30 * 86_400).to_string()
+            ))
+        );
+
+        let alerts = DynamoAlerts::new(offline_client(), "state", "alerts").with_retention_days(7);
+        let mut alert = Alert {
+            alert_id: "truck-1|engine_overheat|1796000000000".into(),
+            device_id: "truck-1".into(),
+            rule: "engine_overheat".into(),
+            severity: Severity::Critical,
+            state: AlertState::Active,
+            acknowledged: false,
+            acknowledged_by: None,
+            acknowledged_at: None,
+            started_at: 1_796_000_000_000,
+            cleared_at: None,
+            peak_value: 104.0,
+            last_value: 104.0,
+            count: 3,
+        };
+        let active = alerts.alert_update(&alert).unwrap();
+        assert!(active
+            .update_expression()
+            .ends_with(" REMOVE cleared_at, expires_at"));
+        alert.state = AlertState::Cleared;
+        alert.cleared_at = Some(1_796_000_060_000);
+        let cleared = alerts.alert_update(&alert).unwrap();
+        assert!(cleared
+            .update_expression()
+            .contains("expires_at = :expires_at"));
+        assert_eq!(
+            cleared
+                .expression_attribute_values()
+                .unwrap()
+                .get(":expires_at"),
+            Some(&AttributeValue::N((1_796_000_060 + 7 * 86_400).to_string()))
+        );
+    }
 
     /// Issue #12: a transaction cancelled for a conflict with another transaction was taken as
     /// a permanent refusal and its records dead-lettered; it is retried.

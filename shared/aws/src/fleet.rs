@@ -28,7 +28,7 @@ use geostream_shared::ports::{EventFilter, FleetEventStore, GeofenceStore, Occup
 use geostream_shared::EpochMillis;
 
 use crate::capacity::{self, CapacityMeter, Unit};
-use crate::dynamodb::{failed_a_condition, is_conditional_failure, n, s};
+use crate::dynamodb::{expires_at, failed_a_condition, is_conditional_failure, n, s};
 use crate::errors::store_error;
 
 /// The geofences table's item that holds the version (`~` is not allowed in a geofence id).
@@ -310,14 +310,16 @@ impl FleetEventStore for DynamoFleetEvents {
         for event in events {
             let json = serde_json::to_string(event)
                 .map_err(|e| StoreError::permanent("PutItem fleet events", e.to_string()))?;
-            let expires_at = event.ts / 1000 + i64::from(self.retention_days) * 86_400;
             let mut item: Item = [
                 ("event_id".to_string(), s(&event.event_id)),
                 ("device_id".to_string(), s(&event.device_id)),
                 ("ts".to_string(), n(event.ts)),
                 ("day".to_string(), s(day_of(event.ts))),
                 ("event".to_string(), s(json)),
-                ("expires_at".to_string(), n(expires_at)),
+                (
+                    "expires_at".to_string(),
+                    expires_at(event.ts, self.retention_days),
+                ),
             ]
             .into();
             if let Some(geofence_id) = &event.geofence_id {

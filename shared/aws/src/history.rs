@@ -17,7 +17,7 @@ use geostream_shared::ports::{HistoryStore, StoreError};
 use geostream_shared::EpochMillis;
 
 use crate::capacity::{self, CapacityMeter, Unit};
-use crate::dynamodb::{n, s};
+use crate::dynamodb::{expires_at, s};
 use crate::errors::store_error;
 
 /// How long history is kept when the deployment says nothing (`HISTORY_RETENTION_DAYS`).
@@ -68,7 +68,6 @@ impl DynamoHistory {
             HistoryItem::Stop(stop) => stop.end_ts,
             HistoryItem::Minute(minute) => minute.start,
         };
-        let expires_at = end / 1000 + i64::from(self.retention_days) * 86_400;
         Ok([
             ("device_id".to_string(), s(device_id)),
             (
@@ -76,7 +75,10 @@ impl DynamoHistory {
                 s(item_key(history.kind(), history.start())),
             ),
             ("item".to_string(), s(json)),
-            ("expires_at".to_string(), n(expires_at)),
+            (
+                "expires_at".to_string(),
+                expires_at(end, self.retention_days),
+            ),
         ]
         .into())
     }

@@ -133,6 +133,14 @@ impl ResourceNames {
             )
             .set(settings::HISTORY_TABLE, &self.history_table)
             .set(
+                settings::POSITION_RETENTION_DAYS,
+                crate::compose::DEFAULT_RETENTION_DAYS.to_string(),
+            )
+            .set(
+                settings::ALERT_RETENTION_DAYS,
+                crate::compose::DEFAULT_RETENTION_DAYS.to_string(),
+            )
+            .set(
                 settings::HISTORY_RETENTION_DAYS,
                 crate::history::DEFAULT_HISTORY_RETENTION_DAYS.to_string(),
             )
