@@ -104,6 +104,9 @@ pub struct LocalConfig {
     /// Per-device request limits (`--device-rate`); none by default, so the simulator's
     /// bench mode is not throttled.
     pub device_limit: Option<DeviceRateLimit>,
+    /// Tracker apps' device secrets (`--device-secret-key`); without them the tracker routes
+    /// are open, or closed when tokens are verified.
+    pub device_secrets: Option<geostream_shared::device_secret::DeviceSecrets>,
 }
 
 /// What the embedded backend's stores and bus may hold in memory, shared out as fixed parts:
@@ -182,6 +185,7 @@ impl Default for LocalConfig {
             rules: RuleSet::default_rules(),
             tokens: None,
             device_limit: None,
+            device_secrets: None,
         }
     }
 }

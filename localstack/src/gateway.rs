@@ -117,14 +117,20 @@ async fn api_gateway(
 ) -> Response {
     let mut event = build_event(&method, &uri, headers, &body, peer);
     let path = uri.path();
-    // The API's description is for anyone, as on API Gateway.
+    // The API's description is for anyone, as on API Gateway; tracker apps present their
+    // device's secret to the ingest function instead of a token.
+    let tracker = [
+        geostream_ingest::OSMAND_PATH,
+        geostream_ingest::OWNTRACKS_PATH,
+    ]
+    .contains(&path);
     let public = path == geostream_query_api::OPENAPI_PATH;
-    if let Some(tokens) = stack.tokens.as_ref().filter(|_| !public) {
+    if let Some(tokens) = stack.tokens.as_ref().filter(|_| !public && !tracker) {
         if let Err(refusal) = tokens.authorize(&mut event).await {
             return token_refused(refusal);
         }
     }
-    let response = if path == geostream_ingest::TELEMETRY_PATH {
+    let response = if path == geostream_ingest::TELEMETRY_PATH || tracker {
         stack.ingest.handle(event, stack.metrics.as_ref()).await
     } else if path.starts_with("/v1/") || public {
         stack.query_api.handle(event, stack.metrics.as_ref()).await

@@ -40,7 +40,7 @@ use geostream_aws::config::{sdk_config, Clients};
 use geostream_aws::provision::queue_url;
 use geostream_aws::redrive::{Redrive, RedriveReport};
 use geostream_geo_update::GeoUpdate;
-use geostream_ingest::Ingest;
+use geostream_ingest::{Ingest, TrackerAuth};
 use geostream_lambda::identity::AccessPolicy;
 use geostream_lambda::jwt::{JwtVerifier, KeySource};
 use geostream_query_api::QueryApi;
@@ -253,8 +253,12 @@ pub async fn start(config: LocalConfig) -> Result<RunningStack, String> {
         Some(_) => AccessPolicy::jwt(),
         None => AccessPolicy::open(),
     };
-    let mut ingest =
-        Ingest::new(ports.bus.clone(), ports.metric_names.clone()).with_access(access.clone());
+    let mut ingest = Ingest::new(ports.bus.clone(), ports.metric_names.clone())
+        .with_access(access.clone())
+        .with_tracker_auth(TrackerAuth::new(
+            config.device_secrets.clone(),
+            config.tokens.is_some(),
+        ));
     if let Some(limit) = config.device_limit {
         ingest = ingest.with_device_limits(Arc::new(LocalDeviceLimits::new(limit)));
     }

@@ -11,8 +11,10 @@ use geostream_local::{
     start, ArchiveKind, AwsBackend, Backend, Bus, KafkaBusConfig, LocalConfig, MemoryBudget,
     StoreKind, TokenVerification, KAFKA_QUIET,
 };
+use geostream_shared::device_secret::DeviceSecrets;
 use geostream_shared::limits::DeviceRateLimit;
 use geostream_shared::rules::RuleSet;
+use geostream_shared::validation::is_valid_device_id;
 use geostream_sim::SimOptions;
 
 // The pipeline allocates many small strings and maps across threads; mimalloc keeps that off
@@ -48,6 +50,14 @@ struct Cli {
     /// have it on (2 a second, burst 20).
     #[arg(long, value_name = "PER_SECOND")]
     device_rate: Option<f64>,
+    /// A device whose secret the tracker routes refuse (403), repeatable or comma-separated
+    /// (with --device-secret-key).
+    #[arg(
+        long = "revoked-device",
+        value_name = "DEVICE_ID",
+        value_delimiter = ','
+    )]
+    revoked_devices: Vec<String>,
     /// Requests a device may post at once above --device-rate.
     #[arg(long, value_name = "N", default_value_t = 20, requires = "device_rate")]
     device_burst: u32,
@@ -166,6 +176,16 @@ struct Cli {
 
 #[derive(clap::Subcommand)]
 enum Command {
+    /// Prints the secret of each device named, derived from --device-secret-key (or
+    /// GEOSTREAM_DEVICE_SECRET_KEY): the deployment's key, as the ingest function holds it in
+    /// DEVICE_SECRET_KEY. A phone running Traccar Client posts to
+    /// `https://API/v1/ingest/osmand?secret=SECRET`; OwnTracks posts to
+    /// `https://API/v1/ingest/owntracks` with the secret as its password.
+    DeviceSecret {
+        /// The devices (as their apps name them; OwnTracks: `USER` or `USER:DEVICE`).
+        #[arg(required = true, value_name = "DEVICE_ID")]
+        device_ids: Vec<String>,
+    },
     /// Replays what the stream functions gave up on, with --backend aws (the options before
     /// `redrive` name the deployment as for a run): every letter on the queue
     /// `PREFIX-dead-letters` (whole records; large ones from the bucket `PREFIX-dead-letters`),
@@ -282,6 +302,33 @@ async fn main() -> ExitCode {
             .with_env_filter(filter)
             .with_writer(std::io::stderr)
             .init();
+    }
+    let device_secrets = match cli
+        .sim
+        .device_secret_key
+        .as_deref()
+        .map(|key| DeviceSecrets::new(key.as_bytes(), cli.revoked_devices.clone()))
+        .transpose()
+    {
+        Ok(secrets) => secrets,
+        Err(error) => {
+            eprintln!("geostream-local: --device-secret-key: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(Command::DeviceSecret { device_ids }) = &cli.command {
+        let Some(secrets) = &device_secrets else {
+            eprintln!("geostream-local: device-secret needs the deployment's key: --device-secret-key or GEOSTREAM_DEVICE_SECRET_KEY");
+            return ExitCode::FAILURE;
+        };
+        for device_id in device_ids {
+            if !is_valid_device_id(device_id) {
+                eprintln!("geostream-local: {device_id:?} is not a device id: 1-64 characters of A-Z a-z 0-9 _ . : -");
+                return ExitCode::FAILURE;
+            }
+            println!("{device_id}\t{}", secrets.issue(device_id));
+        }
+        return ExitCode::SUCCESS;
     }
     if let Some(Command::FaultProxy {
         upstream,
@@ -428,6 +475,7 @@ async fn main() -> ExitCode {
         rules,
         tokens,
         device_limit,
+        device_secrets,
         ..LocalConfig::default()
     };
     if let Some(Command::Redrive) = cli.command {

@@ -7,6 +7,7 @@
 //! the SDK adapters live in `geostream-aws`, so that most tests compile fast. The map of the
 //! crates is `docs/architecture.md`.
 
+pub mod device_secret;
 pub mod envelope;
 pub mod fleet;
 pub mod geo;
@@ -18,6 +19,7 @@ pub mod model;
 pub mod ports;
 pub mod rules;
 pub mod stream;
+pub mod trackers;
 pub mod validation;
 
 /// Milliseconds since the Unix epoch, the one clock unit used across GeoStream.

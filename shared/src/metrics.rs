@@ -61,6 +61,7 @@ metric_names! {
     Requests: Count, "HTTP requests answered.";
     ClientErrors: Count, "HTTP requests answered 4xx.";
     DevicesThrottled: Count, "Requests of a device over its limit (a device's 429, or a gateway's items of that device), one per device per request.";
+    DevicesRefused: Count, "Tracker app requests refused for their device's secret (none, a wrong one: 401; a revoked device: 403).";
     RecordsIn: Count, "Stream records handed to a stream function.";
     RecordsRetried: Count, "Stream records answered as batch item failures (to be retried).";
     IteratorAge: Milliseconds, "Age of the oldest record of a batch when its handling began.";

@@ -7,6 +7,7 @@
 
 pub mod fleet;
 pub mod geofence_routes;
+pub mod trackers;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -20,6 +21,8 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 
 use fleet::{Fleet, FleetSpec, GroundTruth, Item};
+use geostream_shared::device_secret::DeviceSecrets;
+use trackers::{app_request, AppRequest, Protocol};
 
 /// How the simulated fleet behaves and how hard it pushes.
 #[derive(Debug, Clone, clap::Args)]
@@ -71,6 +74,16 @@ pub struct SimOptions {
     /// still chooses): the closing report only.
     #[arg(long)]
     pub quiet: bool,
+    /// What the devices speak: GeoStream's batches, or a tracker app's protocol (one reading
+    /// per request, as the apps send them; --batch-size is not used; OwnTracks sends whole
+    /// seconds, so it needs --interval-ms 1000 or more).
+    #[arg(long, value_enum, default_value_t = Protocol::Telemetry)]
+    pub protocol: Protocol,
+    /// The key device secrets are derived from: tracker-protocol devices present their
+    /// secrets, and geostream-local verifies them with the same key (the tracker routes are
+    /// open without one, unless tokens are verified).
+    #[arg(long, env = "GEOSTREAM_DEVICE_SECRET_KEY", hide_env_values = true)]
+    pub device_secret_key: Option<String>,
 }
 
 impl Default for SimOptions {
@@ -91,6 +104,8 @@ impl Default for SimOptions {
             id_prefix: "veh-".into(),
             ground_truth: None,
             quiet: true,
+            protocol: Protocol::Telemetry,
+            device_secret_key: None,
         }
     }
 }
@@ -193,6 +208,24 @@ pub async fn run(
             "anomaly-rate and bad-item-ratio must be between 0 and 1".into(),
         ));
     }
+    if options.protocol != Protocol::Telemetry && options.bad_item_ratio > 0.0 {
+        return Err(SimError::Options(
+            "bad-item-ratio is for --protocol telemetry: a tracker app sends only what it reads"
+                .into(),
+        ));
+    }
+    if options.protocol == Protocol::Owntracks && options.interval_ms < 1000 {
+        return Err(SimError::Options(
+            "OwnTracks sends whole seconds: --protocol owntracks needs --interval-ms 1000 or more"
+                .into(),
+        ));
+    }
+    let secrets = options
+        .device_secret_key
+        .as_deref()
+        .map(|key| DeviceSecrets::new(key.as_bytes(), []))
+        .transpose()
+        .map_err(|error| SimError::Options(error.to_string()))?;
     let mut ground_truth = match &options.ground_truth {
         Some(path) => {
             Some(
@@ -209,21 +242,21 @@ pub async fn run(
         .timeout(Duration::from_secs(30))
         .build()
         .map_err(|e| SimError::Client(e.to_string()))?;
-    let url = format!("{}/v1/telemetry", base_url.trim_end_matches('/'));
+    let base_url = base_url.trim_end_matches('/').to_string();
 
     let counters = Arc::new(Counters::default());
     let latencies = Arc::new(Mutex::new(
         Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds"),
     ));
     let errors = Arc::new(Mutex::new(Vec::<String>::new()));
-    let (batches_tx, batches_rx) = mpsc::channel::<(u64, Vec<u8>)>(options.concurrency * 2);
+    let (batches_tx, batches_rx) = mpsc::channel::<(u64, AppRequest)>(options.concurrency * 2);
     let batches_rx = Arc::new(tokio::sync::Mutex::new(batches_rx));
 
     let mut senders = Vec::new();
     for _ in 0..options.concurrency {
-        let (client, url, counters, latencies, errors, batches_rx) = (
+        let (client, base_url, counters, latencies, errors, batches_rx) = (
             client.clone(),
-            url.clone(),
+            base_url.clone(),
             counters.clone(),
             latencies.clone(),
             errors.clone(),
@@ -232,8 +265,11 @@ pub async fn run(
         senders.push(tokio::spawn(async move {
             loop {
                 let next = batches_rx.lock().await.recv().await;
-                let Some((items, body)) = next else { break };
-                send_batch(&client, &url, items, body, &counters, &latencies, &errors).await;
+                let Some((items, request)) = next else { break };
+                send_batch(
+                    &client, &base_url, items, request, &counters, &latencies, &errors,
+                )
+                .await;
             }
         }));
     }
@@ -292,6 +328,24 @@ pub async fn run(
             }
         }
         let now = chrono::Utc::now().timestamp_millis();
+        if options.protocol != Protocol::Telemetry {
+            // A tracker app's request: one reading.
+            let request = match fleet.next_item(now) {
+                Item::Valid(reading) => app_request(options.protocol, &reading, secrets.as_ref()),
+                Item::Invalid(_) => None,
+            };
+            generated += 1;
+            if let (Some(file), finished) = (ground_truth.as_mut(), fleet.take_finished()) {
+                write_truth(file, &finished);
+            }
+            if let Some(request) = request {
+                tokio::select! {
+                    sent = batches_tx.send((1, request)) => if sent.is_err() { break },
+                    _ = stop.changed() => {}
+                }
+            }
+            continue;
+        }
         let mut batch = Vec::with_capacity(options.batch_size as usize * 330 + 2);
         batch.push(b'[');
         let mut items = 0u64;
@@ -313,8 +367,15 @@ pub async fn run(
         if let (Some(file), finished) = (ground_truth.as_mut(), fleet.take_finished()) {
             write_truth(file, &finished);
         }
+        let request = AppRequest {
+            path_and_query: "/v1/telemetry".into(),
+            body: batch,
+            content_type: Some("application/json"),
+            basic: None,
+            headers: Vec::new(),
+        };
         tokio::select! {
-            sent = batches_tx.send((items, batch)) => if sent.is_err() { break },
+            sent = batches_tx.send((items, request)) => if sent.is_err() { break },
             _ = stop.changed() => {}
         }
         if last_progress.elapsed() > Duration::from_millis(250) {
@@ -377,9 +438,9 @@ fn write_truth(file: &mut std::fs::File, truths: &[GroundTruth]) {
 
 async fn send_batch(
     client: &reqwest::Client,
-    url: &str,
+    base_url: &str,
     items: u64,
-    body: Vec<u8>,
+    request: AppRequest,
     counters: &Counters,
     latencies: &Mutex<Histogram<u64>>,
     errors: &Mutex<Vec<String>>,
@@ -390,13 +451,20 @@ async fn send_batch(
             errors.push(message);
         }
     };
+    let telemetry = request.path_and_query == "/v1/telemetry";
+    let url = format!("{base_url}{}", request.path_and_query);
+    let mut builder = client.post(&url).body(request.body);
+    if let Some(content_type) = request.content_type {
+        builder = builder.header(reqwest::header::CONTENT_TYPE, content_type);
+    }
+    if let Some((user, password)) = &request.basic {
+        builder = builder.basic_auth(user, Some(password));
+    }
+    for (name, value) in &request.headers {
+        builder = builder.header(*name, value);
+    }
     let started = Instant::now();
-    let result = client
-        .post(url)
-        .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .body(body)
-        .send()
-        .await;
+    let result = builder.send().await;
     counters.requests.fetch_add(1, Ordering::Relaxed);
     counters.sent.fetch_add(items, Ordering::Relaxed);
     let response = match result {
@@ -417,7 +485,13 @@ async fn send_batch(
         .record(elapsed_us.max(1));
     let parsed: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
     let count = |field: &str| parsed.get(field).and_then(serde_json::Value::as_u64);
-    match (count("accepted"), count("rejected"), count("failed")) {
+    let counted = if telemetry || !status.is_success() {
+        (count("accepted"), count("rejected"), count("failed"))
+    } else {
+        // A tracker app's request is answered 200 when its reading was taken.
+        (Some(items), Some(0), Some(0))
+    };
+    match counted {
         (Some(accepted), Some(rejected), Some(failed)) => {
             counters.accepted.fetch_add(accepted, Ordering::Relaxed);
             counters.rejected.fetch_add(rejected, Ordering::Relaxed);

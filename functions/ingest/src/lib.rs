@@ -6,6 +6,13 @@
 //! bus keyed by device. Answers 202 when every item
 //! was accepted, 207 with per-item results when some were not, 400 when none was valid, 503
 //! when the bus took none of the valid ones.
+//!
+//! Tracker apps post to their own routes: `POST /v1/ingest/osmand` (Traccar Client, the
+//! OsmAnd protocol; `GET` too, as the OsmAnd app sends it) and `POST /v1/ingest/owntracks`
+//! (OwnTracks in HTTP mode). Their messages become readings with the same validation and go
+//! the same way; each device authenticates with its secret ([`DeviceSecrets`]) instead of a
+//! token, and is answered as its app expects: 200 (OwnTracks: with an empty JSON array of
+//! commands) when its readings were taken.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -17,17 +24,51 @@ use geostream_lambda::http::{
 };
 use geostream_lambda::identity::{AccessPolicy, Poster};
 use geostream_lambda::jwt::JwtVerifier;
+use geostream_shared::device_secret::{DeviceSecrets, SecretCheck};
 use geostream_shared::envelope::{envelopes_by_device, split_to_fit, Envelope, MAX_RECORD_BYTES};
 use geostream_shared::limits::{retry_after_seconds, Admission, DeviceLimits, DeviceRateLimit};
 use geostream_shared::metrics::{Measurements, MetricName, MetricsSink};
 use geostream_shared::model::Reading;
 use geostream_shared::ports::{EventBus, MetricNameRegistry};
-use geostream_shared::validation::{validate_body, FieldError, ValidationPolicy};
+use geostream_shared::trackers::{self, TrackerPost, TrackerRequest};
+use geostream_shared::validation::{validate_body, FieldError, ValidatedBatch, ValidationPolicy};
 use geostream_shared::{now_millis, EpochMillis};
 use serde::Serialize;
 
 pub const FUNCTION_NAME: &str = "ingest";
 pub const TELEMETRY_PATH: &str = "/v1/telemetry";
+pub const OSMAND_PATH: &str = "/v1/ingest/osmand";
+pub const OWNTRACKS_PATH: &str = "/v1/ingest/owntracks";
+
+/// How the tracker apps' requests are authenticated.
+#[derive(Debug, Clone)]
+pub enum TrackerAuth {
+    /// Every device is believed (the local runner without token verification).
+    Open,
+    /// Each device presents its secret.
+    Secrets(DeviceSecrets),
+    /// The tracker routes are closed: a deployment that verifies tokens and has no key.
+    Disabled,
+}
+
+impl TrackerAuth {
+    /// With a key, secrets; without one, closed where tokens are verified and open where
+    /// nothing is.
+    pub fn new(secrets: Option<DeviceSecrets>, tokens_verified: bool) -> TrackerAuth {
+        match (secrets, tokens_verified) {
+            (Some(secrets), _) => TrackerAuth::Secrets(secrets),
+            (None, true) => TrackerAuth::Disabled,
+            (None, false) => TrackerAuth::Open,
+        }
+    }
+}
+
+/// A tracker app's protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TrackerApp {
+    OsmAnd,
+    OwnTracks,
+}
 
 pub struct Ingest {
     bus: Arc<dyn EventBus>,
@@ -38,6 +79,7 @@ pub struct Ingest {
     tokens: Option<JwtVerifier>,
     /// Per-device request limits; none until given.
     limits: Option<Arc<dyn DeviceLimits>>,
+    trackers: TrackerAuth,
     policy: ValidationPolicy,
     clock: fn() -> EpochMillis,
 }
@@ -79,6 +121,7 @@ impl Ingest {
             access: AccessPolicy::open(),
             tokens: None,
             limits: None,
+            trackers: TrackerAuth::Open,
             policy: ValidationPolicy::default(),
             clock: now_millis,
         }
@@ -105,6 +148,13 @@ impl Ingest {
         self
     }
 
+    /// How tracker apps authenticate (open, as the local runner without token verification,
+    /// until given).
+    pub fn with_tracker_auth(mut self, trackers: TrackerAuth) -> Self {
+        self.trackers = trackers;
+        self
+    }
+
     /// Uses another clock (tests pin "now").
     pub fn with_clock(mut self, clock: fn() -> EpochMillis) -> Self {
         self.clock = clock;
@@ -127,22 +177,37 @@ impl Ingest {
 
     async fn answer(
         &self,
-        mut request: ApiGatewayV2httpRequest,
+        request: ApiGatewayV2httpRequest,
         measurements: &mut Measurements,
     ) -> ApiGatewayV2httpResponse {
         let (method, path) = method_and_path(&request);
-        if path != TELEMETRY_PATH {
-            return error_response(
-                404,
-                format!("no route {path}; telemetry goes to POST {TELEMETRY_PATH}"),
-            );
+        let app = match path.as_str() {
+            TELEMETRY_PATH => None,
+            OSMAND_PATH => Some(TrackerApp::OsmAnd),
+            OWNTRACKS_PATH => Some(TrackerApp::OwnTracks),
+            _ => {
+                return error_response(
+                    404,
+                    format!("no route {path}; telemetry goes to POST {TELEMETRY_PATH}, or from tracker apps to {OSMAND_PATH} and {OWNTRACKS_PATH}"),
+                )
+            }
+        };
+        let allowed = method == http::Method::POST
+            || (app == Some(TrackerApp::OsmAnd) && method == http::Method::GET);
+        if !allowed {
+            return error_response(405, format!("{method} is not allowed on {path}; use POST"));
         }
-        if method != http::Method::POST {
-            return error_response(
-                405,
-                format!("{method} is not allowed on {TELEMETRY_PATH}; use POST"),
-            );
+        match app {
+            None => self.telemetry(request, measurements).await,
+            Some(app) => self.tracker(app, request, measurements).await,
         }
+    }
+
+    async fn telemetry(
+        &self,
+        mut request: ApiGatewayV2httpRequest,
+        measurements: &mut Measurements,
+    ) -> ApiGatewayV2httpResponse {
         if let Some(tokens) = &self.tokens {
             if let Err(refusal) = tokens.authorize(&mut request).await {
                 return error_response(refusal.status, refusal.message);
@@ -157,17 +222,9 @@ impl Ingest {
             Err(refusal) => return error_response(refusal.status, refusal.message),
         };
         // A device token's requests are all its own vehicle's: refused before any work.
-        if let (Poster::Vehicle(own), Some(limits)) = (&poster, &self.limits) {
-            if let Admission::RetryAfter(wait) = limits.admit(own).await {
-                measurements.count(MetricName::DevicesThrottled, 1);
-                return too_many_requests(
-                    &format!(
-                        "vehicle {own:?} is over its limit of {}: retry after {} s",
-                        describe_limit(limits.limit()),
-                        retry_after_seconds(wait)
-                    ),
-                    wait,
-                );
+        if let Poster::Vehicle(own) = &poster {
+            if let Some(refused) = self.admit_device(own, measurements).await {
+                return refused;
             }
         }
         let body = match request_body(&request) {
@@ -179,7 +236,168 @@ impl Ingest {
             Ok(batch) => batch,
             Err(error) => return error_response(400, error.to_string()),
         };
+        let published = self
+            .publish(&poster, batch, received_at, measurements)
+            .await;
+        let Published {
+            response,
+            forbidden,
+            throttled,
+        } = published;
+        let status = match (response.accepted, response.rejected, response.failed) {
+            _ if forbidden => 403,
+            (_, 0, 0) => 202,
+            (0, _, 0) => 400,
+            // Every valid item's device over its limit, and the bus never asked.
+            (0, 0, failed) if throttled.as_ref().is_some_and(|t| t.items == failed) => 429,
+            (0, 0, _) => 503,
+            _ => 207,
+        };
+        let mut response = response;
+        if status == 202 {
+            response.results.clear();
+        }
+        let mut answer = json_response(status, &response);
+        if let Some(throttled) = throttled {
+            set_retry_after(&mut answer, throttled.longest_wait);
+        }
+        answer
+    }
 
+    /// A tracker app's request: read in its protocol, its device's secret checked, its
+    /// readings published, answered as the app expects.
+    async fn tracker(
+        &self,
+        app: TrackerApp,
+        request: ApiGatewayV2httpRequest,
+        measurements: &mut Measurements,
+    ) -> ApiGatewayV2httpResponse {
+        if matches!(self.trackers, TrackerAuth::Disabled) {
+            return error_response(
+                404,
+                "tracker apps are not enabled on this deployment: its operator sets a device secret key (DEVICE_SECRET_KEY; Terraform variable device_secret_key)",
+            );
+        }
+        let body = match request_body(&request) {
+            Ok(body) => body,
+            Err(message) => return error_response(400, message),
+        };
+        let received_at = (self.clock)();
+        let sent = TrackerRequest {
+            query: request.raw_query_string.as_deref().unwrap_or_default(),
+            headers: &request.headers,
+            body: &body,
+        };
+        let read = match app {
+            TrackerApp::OsmAnd => trackers::osmand::read(&sent, received_at, &self.policy),
+            TrackerApp::OwnTracks => trackers::owntracks::read(&sent, received_at, &self.policy),
+        };
+        let TrackerPost {
+            device_id,
+            secret,
+            batch,
+            ignored: _,
+        } = match read {
+            Ok(post) => post,
+            Err(error) => return error_response(400, error.to_string()),
+        };
+        if let TrackerAuth::Secrets(secrets) = &self.trackers {
+            let refusal = match secrets.check(&device_id, secret.as_deref()) {
+                SecretCheck::Valid => None,
+                SecretCheck::Missing => Some((401, format!(
+                    "device {device_id:?} presented no secret: put it in the URL (?{}=...) or as the HTTP Basic password",
+                    trackers::SECRET_PARAMETER
+                ))),
+                SecretCheck::Wrong => Some((
+                    401,
+                    format!("the secret presented is not device {device_id:?}'s"),
+                )),
+                SecretCheck::Revoked => Some((403, format!("device {device_id:?} is revoked"))),
+            };
+            if let Some((status, message)) = refusal {
+                measurements.count(MetricName::DevicesRefused, 1);
+                let mut response = error_response(status, message);
+                if status == 401 {
+                    response.headers.insert(
+                        http::header::WWW_AUTHENTICATE,
+                        http::HeaderValue::from_static("Basic realm=\"geostream\""),
+                    );
+                }
+                return response;
+            }
+        }
+        if let Some(refused) = self.admit_device(&device_id, measurements).await {
+            return refused;
+        }
+        let Published {
+            response,
+            throttled,
+            ..
+        } = self
+            .publish(
+                &Poster::Vehicle(device_id),
+                batch,
+                received_at,
+                measurements,
+            )
+            .await;
+        match (response.rejected, response.failed) {
+            (0, 0) => match app {
+                // Traccar's own server answers an empty 200.
+                TrackerApp::OsmAnd => {
+                    let mut answer = ApiGatewayV2httpResponse::default();
+                    answer.status_code = 200;
+                    answer
+                }
+                // OwnTracks reads the answer as a list of commands for the app: none.
+                TrackerApp::OwnTracks => json_response(200, &serde_json::json!([])),
+            },
+            (_, 0) => json_response(400, &response),
+            (_, failed) => {
+                let status = if throttled.as_ref().is_some_and(|t| t.items == failed) {
+                    429
+                } else {
+                    503
+                };
+                let mut answer = json_response(status, &response);
+                if let Some(throttled) = throttled {
+                    set_retry_after(&mut answer, throttled.longest_wait);
+                }
+                answer
+            }
+        }
+    }
+
+    /// Admits one device's request under its limit; the refusal when it is over.
+    async fn admit_device(
+        &self,
+        device_id: &str,
+        measurements: &mut Measurements,
+    ) -> Option<ApiGatewayV2httpResponse> {
+        let limits = self.limits.as_ref()?;
+        let Admission::RetryAfter(wait) = limits.admit(device_id).await else {
+            return None;
+        };
+        measurements.count(MetricName::DevicesThrottled, 1);
+        Some(too_many_requests(
+            &format!(
+                "vehicle {device_id:?} is over its limit of {}: retry after {} s",
+                describe_limit(limits.limit()),
+                retry_after_seconds(wait)
+            ),
+            wait,
+        ))
+    }
+
+    /// Publishes a request's valid readings the poster may post, one envelope per device, and
+    /// answers for every item.
+    async fn publish(
+        &self,
+        poster: &Poster,
+        batch: ValidatedBatch,
+        received_at: EpochMillis,
+        measurements: &mut Measurements,
+    ) -> Published {
         let mut results: Vec<ItemResult> = batch
             .rejected
             .into_iter()
@@ -287,31 +505,16 @@ impl Ingest {
         measurements.count(MetricName::EventsAccepted, accepted);
         measurements.count(MetricName::EventsRejected, rejected);
         measurements.count(MetricName::EventsFailed, failed);
-        let status = match (accepted, rejected, failed) {
-            _ if forbidden => 403,
-            (_, 0, 0) => 202,
-            (0, _, 0) => 400,
-            // Every valid item's device over its limit, and the bus never asked.
-            (0, 0, failed) if throttled.as_ref().is_some_and(|t| t.items == failed) => 429,
-            (0, 0, _) => 503,
-            _ => 207,
-        };
-        if status == 202 {
-            results.clear();
-        }
-        let mut response = json_response(
-            status,
-            &IngestResponse {
+        Published {
+            response: IngestResponse {
                 accepted,
                 rejected,
                 failed,
                 results,
             },
-        );
-        if let Some(throttled) = throttled {
-            set_retry_after(&mut response, throttled.longest_wait);
+            forbidden,
+            throttled,
         }
-        response
     }
 
     /// The readings of the devices within their limits; the items of the others are answered
@@ -420,6 +623,14 @@ impl Ingest {
         }
         admitted
     }
+}
+
+/// What publishing a request's readings came to.
+struct Published {
+    response: IngestResponse,
+    /// Nothing of the token's own vehicle, and something of another's.
+    forbidden: bool,
+    throttled: Option<Throttled>,
 }
 
 /// A gateway's items refused for their vehicles' limits.

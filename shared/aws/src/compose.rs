@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use geostream_shared::device_secret::DeviceSecrets;
 use geostream_shared::limits::{DeviceLimits, DeviceRateLimit, LocalDeviceLimits};
 use geostream_shared::metrics::EmfLog;
 use geostream_shared::ports::{
@@ -238,6 +239,16 @@ pub mod settings {
         purpose: "requests one device may post at once above its average rate (default 20)",
         optional: true,
     };
+    pub const DEVICE_SECRET_KEY: Setting = Setting {
+        name: "DEVICE_SECRET_KEY",
+        purpose: "the key tracker apps' device secrets are derived from (32 bytes or more, e.g. `openssl rand -base64 32`); without it the tracker routes are closed where tokens are verified",
+        optional: true,
+    };
+    pub const REVOKED_DEVICES: Setting = Setting {
+        name: "REVOKED_DEVICES",
+        purpose: "device ids whose secrets are refused (403), separated by commas",
+        optional: true,
+    };
     pub const RULES_FILE: Setting = Setting {
         name: "RULES_FILE",
         purpose: "a rules file (TOML) in place of the bundled default rules",
@@ -283,6 +294,8 @@ pub enum Port {
     Access,
     /// Per-device request limits (ingest).
     DeviceLimits,
+    /// Tracker apps' per-device secrets (ingest).
+    DeviceSecrets,
     /// Geofences: written and read (the query API), cached (the anomaly-inspector).
     Geofences,
     /// Fleet events and geofence occupants.
@@ -336,6 +349,7 @@ impl Port {
             Port::Rules => &[RULES_FILE],
             Port::MetricNames => &[METRIC_NAMES_TABLE, MAX_METRIC_NAMES],
             Port::DeviceLimits => &[DEVICE_RATE_PER_SECOND, DEVICE_RATE_BURST],
+            Port::DeviceSecrets => &[DEVICE_SECRET_KEY, REVOKED_DEVICES],
             Port::Geofences => &[GEOFENCES_TABLE],
             Port::FleetEvents => &[
                 FLEET_EVENTS_TABLE,
@@ -896,6 +910,26 @@ impl Composition {
             )
             .metered(self.clients.capacity.clone()),
         ))
+    }
+
+    /// Tracker apps' device secrets: the key `DEVICE_SECRET_KEY` and the deny-list
+    /// `REVOKED_DEVICES`; `None` without a key.
+    pub fn device_secrets(&self) -> Result<Option<DeviceSecrets>, ComposeError> {
+        let Some(key) = self.optional(settings::DEVICE_SECRET_KEY)? else {
+            return Ok(None);
+        };
+        let revoked = self
+            .optional(settings::REVOKED_DEVICES)?
+            .map(|list| DeviceSecrets::parse_revoked(&list))
+            .unwrap_or_default();
+        DeviceSecrets::new(key.as_bytes(), revoked)
+            .map(Some)
+            .map_err(|too_short| ComposeError::Invalid {
+                name: settings::DEVICE_SECRET_KEY.name,
+                value: format!("({} bytes, not shown)", too_short.0),
+                expected:
+                    "a key of 32 bytes or more, such as the output of `openssl rand -base64 32`",
+            })
     }
 
     /// Per-device request limits: `DEVICE_RATE_PER_SECOND` and `DEVICE_RATE_BURST` (each with

@@ -80,6 +80,7 @@ pub const FUNCTIONS: &[FunctionManifest] = &[
             Port::MetricNames,
             Port::Access,
             Port::DeviceLimits,
+            Port::DeviceSecrets,
         ],
         operations: &[
             "PutRecords",
