@@ -99,6 +99,19 @@ resource "aws_apigatewayv2_route" "openapi" {
   authorization_type = "NONE"
 }
 
+# Tracker apps (Traccar Client, OwnTracks) cannot hold a JWT: each device presents its own
+# secret (in the URL, or as the HTTP Basic password), which ingest verifies with one HMAC under
+# device_secret_key and no database read, refusing revoked_devices.
+resource "aws_apigatewayv2_route" "tracker" {
+  #checkov:skip=CKV_AWS_309:tracker apps present a per-device secret that the ingest function verifies; a phone app cannot hold a JWT
+  for_each = toset(var.tracker_apps && var.ingress == "api_gateway" ? ["POST /v1/ingest/osmand", "GET /v1/ingest/osmand", "POST /v1/ingest/owntracks"] : [])
+
+  api_id             = aws_apigatewayv2_api.http.id
+  route_key          = each.key
+  target             = "integrations/${aws_apigatewayv2_integration.function["ingest"].id}"
+  authorization_type = "NONE"
+}
+
 resource "aws_cloudwatch_log_group" "api_access" {
   count             = var.api_access_logs ? 1 : 0
   name              = "/aws/apigateway/${var.name_prefix}-api"

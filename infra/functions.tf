@@ -188,6 +188,9 @@ module "ingest" {
     DEVICE_RATE_PER_SECOND = tostring(var.device_rate_limit.per_second)
     DEVICE_RATE_BURST      = tostring(var.device_rate_limit.burst)
     MAX_METRIC_NAMES       = tostring(var.max_metric_names)
+    # Tracker apps' device secrets: without a key their routes answer 404.
+    DEVICE_SECRET_KEY = var.device_secret_key == null ? "" : var.device_secret_key
+    REVOKED_DEVICES   = join(",", var.revoked_devices)
   })
   policy_statements = concat(var.bus == "kinesis" ? [
     {

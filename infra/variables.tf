@@ -510,3 +510,37 @@ variable "recent_tracks" {
     error_message = "recent_tracks must be none or valkey."
   }
 }
+
+variable "tracker_apps" {
+  description = "Serve the tracker apps' routes on API Gateway: POST /v1/ingest/osmand (Traccar Client; GET too, for the OsmAnd app) and POST /v1/ingest/owntracks (OwnTracks, HTTP mode). The apps cannot hold a JWT: each device presents its own secret, which ingest verifies with one HMAC and no database read (docs/deploying.md, \"Tracker apps\"). Needs device_secret_key. With ingress = \"function_url\" the routes are on ingest's URL whenever the key is set."
+  type        = bool
+  default     = false
+
+  validation {
+    condition     = !var.tracker_apps || var.device_secret_key != null
+    error_message = "tracker_apps needs device_secret_key: the key the devices' secrets are derived from."
+  }
+}
+
+variable "device_secret_key" {
+  description = "The key tracker apps' device secrets are derived from: 32 bytes or more, such as the output of `openssl rand -base64 32`. Pass it as TF_VAR_device_secret_key; it is kept in the Terraform state and in ingest's environment (encrypted at rest by Lambda). A device's secret is issued with `geostream-local device-secret --device-secret-key KEY DEVICE_ID`; a new key revokes every secret at once."
+  type        = string
+  default     = null
+  sensitive   = true
+
+  validation {
+    condition     = var.device_secret_key == null || length(coalesce(var.device_secret_key, "-")) >= 32
+    error_message = "device_secret_key must be 32 bytes or more (for example `openssl rand -base64 32`)."
+  }
+}
+
+variable "revoked_devices" {
+  description = "Devices whose secrets ingest refuses (403). Kept in ingest's environment, so it takes effect at the next apply, with no read per request; Lambda's 4 KB environment bounds it to about 150 ids: past that, rotate device_secret_key and issue the remaining devices new secrets."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = length(join(",", var.revoked_devices)) <= 2500
+    error_message = "revoked_devices takes at most 2,500 characters joined (Lambda's environment is 4 KB in all): rotate device_secret_key instead."
+  }
+}
