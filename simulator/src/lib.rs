@@ -328,55 +328,51 @@ pub async fn run(
             }
         }
         let now = chrono::Utc::now().timestamp_millis();
-        if options.protocol != Protocol::Telemetry {
+        let (items, request) = if options.protocol != Protocol::Telemetry {
             // A tracker app's request: one reading.
-            let request = match fleet.next_item(now) {
-                Item::Valid(reading) => app_request(options.protocol, &reading, secrets.as_ref()),
-                Item::Invalid(_) => None,
-            };
             generated += 1;
-            if let (Some(file), finished) = (ground_truth.as_mut(), fleet.take_finished()) {
-                write_truth(file, &finished);
-            }
-            if let Some(request) = request {
-                tokio::select! {
-                    sent = batches_tx.send((1, request)) => if sent.is_err() { break },
-                    _ = stop.changed() => {}
+            match fleet.next_item(now) {
+                Item::Valid(reading) => {
+                    (1, app_request(options.protocol, &reading, secrets.as_ref()))
                 }
+                Item::Invalid(_) => (0, None),
             }
-            continue;
-        }
-        let mut batch = Vec::with_capacity(options.batch_size as usize * 330 + 2);
-        batch.push(b'[');
-        let mut items = 0u64;
-        while items < options.batch_size && options.max_events.is_none_or(|m| generated < m) {
-            if items > 0 {
-                batch.push(b',');
+        } else {
+            let mut batch = Vec::with_capacity(options.batch_size as usize * 330 + 2);
+            batch.push(b'[');
+            let mut items = 0u64;
+            while items < options.batch_size && options.max_events.is_none_or(|m| generated < m) {
+                if items > 0 {
+                    batch.push(b',');
+                }
+                let written = match fleet.next_item(now) {
+                    Item::Valid(reading) => serde_json::to_writer(&mut batch, &reading),
+                    Item::Invalid(value) => serde_json::to_writer(&mut batch, &value),
+                };
+                if written.is_err() {
+                    break 'produce;
+                }
+                items += 1;
+                generated += 1;
             }
-            let written = match fleet.next_item(now) {
-                Item::Valid(reading) => serde_json::to_writer(&mut batch, &reading),
-                Item::Invalid(value) => serde_json::to_writer(&mut batch, &value),
+            batch.push(b']');
+            let request = AppRequest {
+                path_and_query: "/v1/telemetry".into(),
+                body: batch,
+                content_type: Some("application/json"),
+                basic: None,
+                headers: Vec::new(),
             };
-            if written.is_err() {
-                break 'produce;
-            }
-            items += 1;
-            generated += 1;
-        }
-        batch.push(b']');
+            (items, Some(request))
+        };
         if let (Some(file), finished) = (ground_truth.as_mut(), fleet.take_finished()) {
             write_truth(file, &finished);
         }
-        let request = AppRequest {
-            path_and_query: "/v1/telemetry".into(),
-            body: batch,
-            content_type: Some("application/json"),
-            basic: None,
-            headers: Vec::new(),
-        };
-        tokio::select! {
-            sent = batches_tx.send((items, request)) => if sent.is_err() { break },
-            _ = stop.changed() => {}
+        if let Some(request) = request {
+            tokio::select! {
+                sent = batches_tx.send((items, request)) => if sent.is_err() { break },
+                _ = stop.changed() => {}
+            }
         }
         if last_progress.elapsed() > Duration::from_millis(250) {
             last_progress = Instant::now();
