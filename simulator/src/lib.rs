@@ -82,7 +82,12 @@ pub struct SimOptions {
     /// The key device secrets are derived from: tracker-protocol devices present their
     /// secrets, and geostream-local verifies them with the same key (the tracker routes are
     /// open without one, unless tokens are verified).
-    #[arg(long, env = "GEOSTREAM_DEVICE_SECRET_KEY", hide_env_values = true, global = true)]
+    #[arg(
+        long,
+        env = "GEOSTREAM_DEVICE_SECRET_KEY",
+        hide_env_values = true,
+        global = true
+    )]
     pub device_secret_key: Option<String>,
 }
 

@@ -1117,6 +1117,82 @@ mod tests {
             .contains("ProvisionedThroughput"));
     }
 
+    /// A Traccar Client request, as API Gateway passes it on (no authorizer on the route).
+    fn osmand_request(device: &str, secret: &str) -> ApiGatewayV2httpRequest {
+        let mut request = fixture_request("");
+        request.body = None;
+        request.request_context.http.path = Some(OSMAND_PATH.into());
+        request.request_context.authorizer = None;
+        request.raw_query_string = Some(format!(
+            "id={device}&timestamp={}&lat=52.5&lon=13.4&speed=10&secret={secret}",
+            NOW / 1000
+        ));
+        request
+    }
+
+    #[tokio::test]
+    async fn tracker_routes_take_a_device_secret_where_tokens_are_verified() {
+        let secrets =
+            DeviceSecrets::new(b"0123456789abcdef0123456789abcdef", ["gone".into()]).unwrap();
+        let stream = Arc::new(MemoryStream::new("t", 1, 100));
+        let ingest = Ingest::new(stream.clone(), names(64))
+            .with_access(AccessPolicy::jwt())
+            .with_tracker_auth(TrackerAuth::new(Some(secrets.clone()), true))
+            .with_clock(|| NOW);
+        let metrics = RecordedMetrics::new();
+        let taken = ingest
+            .handle(
+                osmand_request("phone-1", &secrets.issue("phone-1")),
+                &metrics,
+            )
+            .await;
+        assert_eq!((taken.status_code, &taken.body), (200, &None));
+        let published = stream_records(&stream);
+        assert_eq!(published.len(), 1);
+        assert_eq!(published[0].readings[0].speed_kmh, Some(18.52));
+
+        let wrong = ingest
+            .handle(
+                osmand_request("phone-1", &secrets.issue("phone-2")),
+                &metrics,
+            )
+            .await;
+        assert_eq!(wrong.status_code, 401);
+        assert!(wrong.headers.contains_key(http::header::WWW_AUTHENTICATE));
+        let revoked = ingest
+            .handle(osmand_request("gone", &secrets.issue("gone")), &metrics)
+            .await;
+        assert_eq!(revoked.status_code, 403);
+        assert_eq!(stream_records(&stream).len(), 1, "nothing more published");
+        assert_eq!(
+            metrics.total(FUNCTION_NAME, MetricName::DevicesRefused),
+            2.0
+        );
+
+        // The telemetry route still wants its token.
+        let telemetry = ingest
+            .handle(
+                fixture_request(r#"{"device_id":"phone-1","ts":1763900000000}"#),
+                &metrics,
+            )
+            .await;
+        assert_eq!(telemetry.status_code, 401);
+
+        // No key where tokens are verified: the tracker routes are closed.
+        let closed = Ingest::new(stream.clone(), names(64))
+            .with_access(AccessPolicy::jwt())
+            .with_tracker_auth(TrackerAuth::new(None, true))
+            .with_clock(|| NOW);
+        let answer = closed
+            .handle(osmand_request("phone-1", "x"), &metrics)
+            .await;
+        assert_eq!(answer.status_code, 404);
+        assert!(body_json(&answer)["error"]
+            .as_str()
+            .unwrap()
+            .contains("DEVICE_SECRET_KEY"));
+    }
+
     #[tokio::test]
     async fn wrong_route_or_method() {
         let ingest = Ingest::new(Arc::new(DownBus), names(64)).with_clock(|| NOW);
