@@ -1,7 +1,9 @@
 // The live page in a real browser: starts geostream-local with a simulated fleet, opens the
 // page in Debian's headless Chromium (Playwright), waits for vehicles on the map and an alert
 // in the feed, acknowledges the alert, opens a vehicle's details and track, checks the metric
-// charts, saves a screenshot, and reports how long drawing the fleet takes.
+// charts, saves a screenshot, and reports how long drawing the fleet takes; then posts a van's
+// morning with past times and plays it back (trips, stops and alerts on the map, the time
+// slider moving), and saves a screenshot of that.
 //
 //   node live-page.mjs --binary ../../target/debug/geostream-local --vehicles 500 \
 //        --screenshot ../../target/live-page.png
@@ -22,6 +24,7 @@ const { values: options } = parseArgs({
     vehicles: { type: 'string', default: '500' },
     'anomaly-rate': { type: 'string', default: '0.02' },
     screenshot: { type: 'string', default: '../../target/live-page.png' },
+    'playback-screenshot': { type: 'string', default: '../../target/playback.png' },
     'measure-s': { type: 'string', default: '5' },
   },
 });
@@ -63,6 +66,51 @@ function waitForStack(timeoutMs) {
       if (first) reject(new Error('geostream-local exited before serving (its log is above)'));
     });
   });
+}
+
+// A datetime-local input's value for epoch ms, in this machine's time zone (the browser's).
+const localInput = ms => new Date(ms - new Date(ms).getTimezoneOffset() * 60000).toISOString().slice(0, 16);
+
+// A van's morning three hours ago, a reading every 30 s: parked 8 min, a 20 min drive, a 10 min
+// stop, a 15 min drive whose second half overheats the engine, parked 8 min. Posted, then
+// waited for until its trips are made; returns the range and what the API answers for it.
+async function postMorning(base, device) {
+  const step = 30_000;
+  const start = Math.floor((Date.now() - 3 * 3600_000) / 60_000) * 60_000;
+  const readings = [];
+  let t = start, lat = 52.49, lon = 13.33;
+  const park = minutes => {
+    for (let i = 0; i < minutes * 60_000 / step; i++, t += step) {
+      readings.push({ device_id: device, ts: t, lat, lon, speed_kmh: 0, engine_temp_c: 70 });
+    }
+  };
+  let secondTripMiddle = null;
+  const drive = (minutes, dLat, dLon, overheat) => {
+    const n = minutes * 60_000 / step;
+    for (let i = 0; i < n; i++, t += step) {
+      lat += dLat / n; lon += dLon / n + Math.sin(i / 3) * 0.0004;
+      readings.push({ device_id: device, ts: t, lat, lon, speed_kmh: 30 + 10 * Math.sin(i / 4), engine_temp_c: overheat && i > n / 2 ? 112 : 88 });
+      if (overheat && i === Math.floor(n / 2)) secondTripMiddle = t;
+    }
+  };
+  park(8); drive(20, 0.04, 0.07, false); park(10); drive(15, -0.03, 0.05, true); park(8);
+  for (let i = 0; i < readings.length; i += 500) {
+    const response = await fetch(`${base}/v1/telemetry`, {
+      method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(readings.slice(i, i + 500)),
+    });
+    if (response.status !== 202) throw new Error(`posting the van's morning: ${response.status} ${await response.text()}`);
+  }
+  const from = start - 60_000, to = t + 60_000;
+  const range = `from=${from}&to=${to}`;
+  const deadline = Date.now() + 30_000;
+  for (;;) {
+    const trips = (await (await fetch(`${base}/v1/vehicles/${device}/trips?${range}`)).json()).trips;
+    const stops = (await (await fetch(`${base}/v1/vehicles/${device}/stops?${range}`)).json()).stops;
+    if (trips.length >= 2 || Date.now() > deadline) {
+      return { from, to, readings: readings.length, trips: trips.length, stops: stops.length, secondTripMiddle };
+    }
+    await new Promise(resolve => setTimeout(resolve, 250));
+  }
 }
 
 function check(condition, message) {
@@ -173,8 +221,44 @@ try {
   check(/events\s+[^\n]*mitte/.test(eventDetails), `vehicle details list its fleet events (${eventDevice})`);
 
   await page.screenshot({ path: options.screenshot, fullPage: true });
-  check(pageErrors.length === 0, `no script errors in the page${pageErrors.length ? ': ' + pageErrors.join('; ') : ''}`);
   console.log(`screenshot: ${options.screenshot}`);
+
+  // Playback: a van's morning posted afterwards, as a tracker that was offline sends it.
+  const range = await postMorning(base, 'playback-van');
+  check(range.trips >= 2, `the van's morning has its trips (${range.trips}) and stops (${range.stops}) through the API`);
+  await page.fill('#pb-vehicle', 'playback-van');
+  await page.fill('#pb-from', localInput(range.from));
+  await page.fill('#pb-to', localInput(range.to));
+  await page.click('#pb-load');
+  await page.waitForFunction(() => window.geostreamLive.playback.readings.length > 0, null, { timeout: 10_000 });
+  const loaded = await page.evaluate(() => {
+    const p = window.geostreamLive.playback;
+    return { readings: p.readings.length, trips: p.trips.length, stops: p.stops.length, alerts: p.alerts.length, t: p.t, playhead: p.playhead };
+  });
+  check(loaded.readings === range.readings && loaded.trips === range.trips && loaded.stops === range.stops,
+    `playback loads the van's ${loaded.readings} positions, ${loaded.trips} trips and ${loaded.stops} stops`);
+  check(loaded.alerts >= 1, `playback shows the alert of its overheating engine (${loaded.alerts})`);
+  await page.selectOption('#pb-speed', '1200');
+  await page.click('#pb-play');
+  await page.waitForTimeout(1500);
+  const played = await page.evaluate(() => {
+    const p = window.geostreamLive.playback;
+    return { t: p.t, playhead: p.playhead, playing: p.playing };
+  });
+  const playedMinutes = (played.t - loaded.t) / 60000;
+  check(playedMinutes > 5 && played.playhead.join() !== loaded.playhead.join(),
+    `playing at 1200x moves the van along its track (${playedMinutes.toFixed(0)} min of its morning in 1.5 s)`);
+  // Half way through its second trip, for the picture.
+  await page.evaluate(t => {
+    const slider = document.getElementById('pb-slider');
+    if (window.geostreamLive.playback.playing) document.getElementById('pb-play').click();
+    slider.value = t; slider.dispatchEvent(new Event('input'));
+  }, range.secondTripMiddle);
+  const scrubbed = await page.evaluate(() => window.geostreamLive.playback.t);
+  check(scrubbed === range.secondTripMiddle, 'the time slider moves the playback');
+  await page.screenshot({ path: options['playback-screenshot'] });
+  console.log(`screenshot: ${options['playback-screenshot']}`);
+  check(pageErrors.length === 0, `no script errors in the page${pageErrors.length ? ': ' + pageErrors.join('; ') : ''}`);
 } catch (error) {
   console.error(`not ok - ${error.message}`);
   process.exitCode = 1;
