@@ -107,6 +107,8 @@ pub struct LocalConfig {
     /// Tracker apps' device secrets (`--device-secret-key`); without them the tracker routes
     /// are open, or closed when tokens are verified.
     pub device_secrets: Option<geostream_shared::device_secret::DeviceSecrets>,
+    /// How long the embedded backend keeps each kind of data (`--retention KIND=DAYS`).
+    pub retention: crate::retention::Retention,
 }
 
 /// What the embedded backend's stores and bus may hold in memory, shared out as fixed parts:
@@ -186,6 +188,7 @@ impl Default for LocalConfig {
             tokens: None,
             device_limit: None,
             device_secrets: None,
+            retention: crate::retention::Retention::default(),
         }
     }
 }

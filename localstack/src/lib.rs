@@ -27,6 +27,7 @@ pub mod host_guard;
 pub mod live;
 pub mod metrics;
 pub mod positions;
+pub mod retention;
 pub mod stack;
 pub mod wiring;
 
@@ -248,6 +249,22 @@ pub async fn start(config: LocalConfig) -> Result<RunningStack, String> {
         }));
     }
 
+    // Retention by age, on the embedded stores (on AWS the stores' own TTLs and lifecycles).
+    let expired = Arc::new(retention::Expired::default());
+    if let Some(memory) = ports.memory.clone() {
+        let (expired, retention) = (expired.clone(), config.retention);
+        let mut stop = shutdown_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(retention.sweep_every) => {}
+                    _ = stop.wait_for(|stop| *stop) => return,
+                }
+                expired.sweep(&memory, &retention, geostream_shared::now_millis());
+            }
+        }));
+    }
+
     // With token verification, the handlers require a verified token's claims, as on AWS.
     let access = match config.tokens {
         Some(_) => AccessPolicy::jwt(),
@@ -291,6 +308,7 @@ pub async fn start(config: LocalConfig) -> Result<RunningStack, String> {
         bus: ports.telemetry.bus_name(),
         memory: ports.memory,
         memory_budget: config.memory_budget,
+        expired,
         aws_usage: ports.aws_usage,
         metrics,
         alerts: ports.alerts.clone(),

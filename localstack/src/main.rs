@@ -7,6 +7,7 @@ use clap::Parser;
 use geostream_aws::provision::ResourceNames;
 use geostream_local::cost::{self, Deployment, KinesisMode, Measured, PriceTable};
 use geostream_local::esm::MappingConfig;
+use geostream_local::retention::Retention;
 use geostream_local::{
     start, ArchiveKind, AwsBackend, Backend, Bus, KafkaBusConfig, LocalConfig, MemoryBudget,
     StoreKind, TokenVerification, KAFKA_QUIET,
@@ -128,6 +129,13 @@ struct Cli {
     /// positions, rule states and the process [default: a quarter of the machine's memory].
     #[arg(long)]
     memory_budget_mb: Option<usize>,
+    /// How long the embedded backend keeps a kind of data, `KIND=DAYS` (repeatable; fractions
+    /// allowed): `readings` (default 365, from their time), `history` (trips, stops and
+    /// summaries: 90, from their end), `fleet-events` (30), `alerts` (cleared ones: 90, from the
+    /// clear) and `positions` (of vehicles gone silent: 90). Swept once a minute; the AWS
+    /// deployment has a Terraform variable for each.
+    #[arg(long, value_name = "KIND=DAYS")]
+    retention: Vec<String>,
     /// Event source mapping: records per invocation [default: 100].
     #[arg(long)]
     esm_batch_size: Option<usize>,
@@ -459,6 +467,13 @@ async fn main() -> ExitCode {
             cli.listen
         );
     }
+    let mut retention = Retention::default();
+    for setting in &cli.retention {
+        if let Err(error) = retention.set(setting) {
+            eprintln!("geostream-local: --retention {error}");
+            return ExitCode::FAILURE;
+        }
+    }
     let config = LocalConfig {
         listen: cli.listen,
         allowed_hosts: cli.allowed_hosts.clone(),
@@ -476,6 +491,7 @@ async fn main() -> ExitCode {
         tokens,
         device_limit,
         device_secrets,
+        retention,
         ..LocalConfig::default()
     };
     if let Some(Command::Redrive) = cli.command {

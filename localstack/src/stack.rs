@@ -36,6 +36,8 @@ pub struct Stack {
     /// Set on the embedded backend.
     pub memory: Option<MemoryParts>,
     pub memory_budget: MemoryBudget,
+    /// What the embedded backend's retention removed.
+    pub expired: Arc<crate::retention::Expired>,
     /// Set on the AWS backend: each function's API calls and capacity units so far.
     pub aws_usage: Option<AwsUsage>,
     /// Which bus the stack runs on: memory, kinesis or kafka.
@@ -88,10 +90,16 @@ pub struct MemoryStats {
     /// keep them within their part.
     pub history_bytes: usize,
     pub evicted_history_items: u64,
+    /// What retention by age removed, per kind (`--retention`).
+    pub expired: crate::retention::ExpiredCounts,
 }
 
 impl MemoryStats {
-    fn of(memory: &MemoryParts, budget: MemoryBudget) -> MemoryStats {
+    fn of(
+        memory: &MemoryParts,
+        budget: MemoryBudget,
+        expired: crate::retention::ExpiredCounts,
+    ) -> MemoryStats {
         let archived = memory.archive.len();
         let archive_bytes = memory.archive.bytes();
         MemoryStats {
@@ -107,6 +115,7 @@ impl MemoryStats {
             trimmed_stream_records: memory.telemetry.trimmed() + memory.alert_stream.trimmed(),
             history_bytes: memory.history.bytes(),
             evicted_history_items: memory.history.evicted(),
+            expired,
         }
     }
 }
@@ -139,7 +148,7 @@ impl Stack {
                 .map(|m| m.alert_stream.tips().iter().sum()),
             positions: memory.map(|m| m.positions.len()),
             archived_readings: memory.map(|m| m.archive.len()),
-            memory: memory.map(|m| MemoryStats::of(m, self.memory_budget)),
+            memory: memory.map(|m| MemoryStats::of(m, self.memory_budget, self.expired.counts())),
             dead_letters: memory.map(|m| m.dead_letters.snapshot().1),
             mappings: self.mappings.iter().map(Mapping::snapshot).collect(),
             post_to_position: self.post_to_position.snapshot(),

@@ -26,7 +26,8 @@ use crate::esm::kafka::KafkaTopic;
 use crate::esm::memory::MemoryShard;
 use crate::esm::{kinesis, Source};
 
-/// The in-memory parts of the embedded backend, for counters and the status page.
+/// The in-memory parts of the embedded backend, for counters, the status page and retention.
+#[derive(Clone)]
 pub struct MemoryParts {
     pub telemetry: Arc<MemoryStream>,
     pub alert_stream: Arc<MemoryStream>,

@@ -319,6 +319,16 @@ pub enum HistoryItem {
 }
 
 impl HistoryItem {
+    /// Where the item ends (a minute summary: where its minute begins): what retention
+    /// counts from.
+    pub fn end(&self) -> EpochMillis {
+        match self {
+            HistoryItem::Trip(trip) => trip.end_ts,
+            HistoryItem::Stop(stop) => stop.end_ts,
+            HistoryItem::Minute(minute) => minute.start,
+        }
+    }
+
     /// Where the item begins: with the kind, its key in a vehicle's history (a retried write
     /// of the same item overwrites it).
     pub fn start(&self) -> EpochMillis {

@@ -295,6 +295,23 @@ impl MemoryPositionStore {
         let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
         inner.by_device.values().cloned().collect()
     }
+
+    /// Removes the positions of vehicles last heard from before `before` (retention); how
+    /// many.
+    pub fn expire(&self, before: EpochMillis) -> usize {
+        let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        let inner = &mut *inner;
+        let by_cell = &mut inner.by_cell;
+        let count = inner.by_device.len();
+        inner.by_device.retain(|device_id, position| {
+            let keep = position.ts >= before;
+            if !keep {
+                by_cell.remove(&(position.geohash.clone(), device_id.clone()));
+            }
+            keep
+        });
+        count - inner.by_device.len()
+    }
 }
 
 #[async_trait]
@@ -420,6 +437,16 @@ impl MemoryAlertStore {
         Self::default()
     }
 
+    /// Removes the alerts cleared before `before` (retention; active alerts stay); how many.
+    pub fn expire_cleared(&self, before: EpochMillis) -> usize {
+        let mut inner = lock(&self.inner);
+        let count = inner.alerts.len();
+        inner
+            .alerts
+            .retain(|_, alert| alert.cleared_at.is_none_or(|cleared| cleared >= before));
+        count - inner.alerts.len()
+    }
+
     /// What the offline check looks at: the devices last heard from before `before` and not
     /// offline yet, and those with fleet events committed but not yet known to be out.
     pub fn silent_devices(&self, before: EpochMillis) -> Vec<String> {
@@ -506,6 +533,23 @@ impl MemoryFleetEvents {
             inner: Mutex::new(FleetEventTables::default()),
             capacity: capacity.max(1),
         }
+    }
+
+    /// Removes the events that happened before `before` (retention; who is inside a geofence
+    /// stays); how many.
+    pub fn expire(&self, before: EpochMillis) -> usize {
+        let mut inner = lock(&self.inner);
+        let inner = &mut *inner;
+        let ids = &mut inner.ids;
+        let count = inner.events.len();
+        inner.events.retain(|event| {
+            let keep = event.ts >= before;
+            if !keep {
+                ids.remove(&event.event_id);
+            }
+            keep
+        });
+        count - inner.events.len()
     }
 }
 
@@ -896,6 +940,102 @@ mod tests {
         };
         stream.publish(vec![big]).await;
         assert_eq!(stream.read(shard, 1, 10).records.len(), 1);
+    }
+
+    /// Retention by age, store by store: what is older than the cut goes, the rest stays and
+    /// is still found.
+    #[tokio::test]
+    async fn each_store_expires_what_is_older_than_its_retention() {
+        let cut = 10_000;
+        let positions = MemoryPositionStore::new();
+        positions
+            .upsert_if_newer(position("silent", 5_000, 52.5, 13.4))
+            .await
+            .unwrap();
+        positions
+            .upsert_if_newer(position("heard", 15_000, 52.5, 13.4))
+            .await
+            .unwrap();
+        assert_eq!(positions.expire(cut), 1);
+        assert_eq!(positions.get("silent").await.unwrap(), None);
+        let near = positions
+            .near(
+                GeoPoint {
+                    lat: 52.5,
+                    lon: 13.4,
+                },
+                100.0,
+                10,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            near.iter()
+                .map(|v| v.position.device_id.as_str())
+                .collect::<Vec<_>>(),
+            ["heard"]
+        );
+
+        let alerts = MemoryAlertStore::new();
+        let alert = |id: &str, cleared_at: Option<EpochMillis>| Alert {
+            alert_id: id.into(),
+            device_id: "a".into(),
+            rule: "r".into(),
+            severity: crate::model::Severity::Major,
+            state: if cleared_at.is_some() {
+                crate::model::AlertState::Cleared
+            } else {
+                crate::model::AlertState::Active
+            },
+            acknowledged: false,
+            acknowledged_by: None,
+            acknowledged_at: None,
+            started_at: 1,
+            cleared_at,
+            peak_value: 1.0,
+            last_value: 1.0,
+            count: 1,
+        };
+        let all = [
+            alert("old", Some(9_000)),
+            alert("recent", Some(11_000)),
+            alert("active", None),
+        ];
+        alerts
+            .commit("a", 0, &DeviceRuleStates::default(), &all)
+            .await
+            .unwrap();
+        assert_eq!(alerts.expire_cleared(cut), 1);
+        assert!(alerts.get_alert("old").await.unwrap().is_none());
+        assert!(alerts.get_alert("recent").await.unwrap().is_some());
+        assert!(alerts.get_alert("active").await.unwrap().is_some());
+
+        let events = MemoryFleetEvents::new(100);
+        let event = |id: &str, ts: EpochMillis| FleetEvent {
+            event_id: id.into(),
+            device_id: "a".into(),
+            kind: FleetEventType::DeviceOffline,
+            ts,
+            geofence_id: None,
+            value: None,
+            limit: None,
+            lat: None,
+            lon: None,
+        };
+        events
+            .record(&[event("e1", 9_999), event("e2", 10_000)])
+            .await
+            .unwrap();
+        assert_eq!(events.expire(cut), 1);
+        let everything = EventFilter {
+            limit: 100,
+            ..EventFilter::default()
+        };
+        let kept = events.list(&everything).await.unwrap();
+        assert_eq!(
+            kept.iter().map(|e| e.event_id.as_str()).collect::<Vec<_>>(),
+            ["e2"]
+        );
     }
 
     #[tokio::test]

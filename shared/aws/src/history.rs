@@ -63,11 +63,7 @@ impl DynamoHistory {
     fn item(&self, device_id: &str, history: &HistoryItem) -> Result<Item, StoreError> {
         let json = serde_json::to_string(history)
             .map_err(|e| StoreError::permanent("BatchWriteItem history", e.to_string()))?;
-        let end = match history {
-            HistoryItem::Trip(trip) => trip.end_ts,
-            HistoryItem::Stop(stop) => stop.end_ts,
-            HistoryItem::Minute(minute) => minute.start,
-        };
+        let end = history.end();
         Ok([
             ("device_id".to_string(), s(device_id)),
             (

@@ -313,6 +313,26 @@ impl MemoryArchive {
     pub fn evicted(&self) -> u64 {
         self.evicted.load(Ordering::Relaxed)
     }
+
+    /// Removes the readings older than `before` (retention); how many.
+    pub fn expire(&self, before: EpochMillis) -> usize {
+        let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        let mut expired = 0;
+        for track in 0..inner.tracks.len() {
+            // Each track is oldest first; a removed reading's eviction entry goes stale.
+            while inner.tracks[track]
+                .readings
+                .front()
+                .is_some_and(|oldest| oldest.ts < before)
+            {
+                inner.remove_oldest_of(track as u32);
+                inner.stale_entries += 1;
+                expired += 1;
+            }
+        }
+        inner.compact_queue();
+        expired
+    }
 }
 
 #[async_trait]
@@ -428,6 +448,44 @@ mod tests {
             .track(device, EpochMillis::MIN, EpochMillis::MAX, usize::MAX)
             .await
             .unwrap()
+    }
+
+    #[tokio::test]
+    async fn retention_removes_the_older_readings_and_their_bytes() {
+        let archive = MemoryArchive::with_byte_limit(100, usize::MAX);
+        let readings: Vec<Reading> = (1..=6)
+            .flat_map(|i| {
+                [
+                    full("veh-1", i * 1_000),
+                    reading("veh-2", i * 1_000 + 500, "x"),
+                ]
+            })
+            .map(|mut r| {
+                r.event_id = format!("{}@{}", r.device_id, r.ts);
+                r
+            })
+            .collect();
+        archive.write(&readings).await.unwrap();
+        let bytes = archive.bytes();
+        assert_eq!(
+            archive.expire(3_000),
+            4,
+            "veh-1 at 1 and 2 s, veh-2 at 1.5 and 2.5 s"
+        );
+        assert_eq!(archive.len(), 8);
+        assert!(archive.bytes() < bytes);
+        let kept: Vec<EpochMillis> = all(&archive, "veh-1").await.iter().map(|r| r.ts).collect();
+        assert_eq!(kept, [3_000, 4_000, 5_000, 6_000]);
+        assert_eq!(all(&archive, "veh-2").await.len(), 4);
+        // Eviction still takes the oldest left.
+        let small = archive.bytes() - 1;
+        let bounded = MemoryArchive::with_byte_limit(100, small);
+        bounded.write(&readings).await.unwrap();
+        bounded.expire(3_000);
+        assert!(bounded.bytes() <= small);
+        let left = bounded.len();
+        assert_eq!(bounded.expire(EpochMillis::MAX), left);
+        assert!(bounded.is_empty());
     }
 
     #[tokio::test]

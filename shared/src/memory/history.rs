@@ -62,6 +62,31 @@ impl MemoryHistory {
     pub fn evicted(&self) -> u64 {
         lock(&self.tables).evicted
     }
+
+    /// Removes the items that ended before `before` (retention); how many.
+    pub fn expire(&self, before: EpochMillis) -> usize {
+        let mut tables = lock(&self.tables);
+        let tables = &mut *tables;
+        let mut expired = 0;
+        tables.by_device.retain(|_, track| {
+            track.retain(|_, (item, size)| {
+                let keep = item.end() >= before;
+                if !keep {
+                    tables.bytes -= *size;
+                    expired += 1;
+                }
+                keep
+            });
+            !track.is_empty()
+        });
+        if expired > 0 {
+            let by_device = &tables.by_device;
+            tables
+                .written
+                .retain(|(device, key)| by_device.get(device).is_some_and(|t| t.contains_key(key)));
+        }
+        expired
+    }
 }
 
 #[async_trait]
@@ -169,6 +194,33 @@ mod tests {
             .await
             .unwrap()
             .is_empty());
+    }
+
+    #[tokio::test]
+    async fn retention_removes_what_ended_before_the_cut() {
+        let store = MemoryHistory::with_byte_limit(1 << 20);
+        // A stop from 1 s to 301 s, minutes at 0 and 60 s.
+        store
+            .write("truck-1", &[stop(1_000, 300.0), minute(0), minute(60_000)])
+            .await
+            .unwrap();
+        store.write("truck-2", &[minute(0)]).await.unwrap();
+        assert_eq!(store.expire(60_000), 2, "the two minutes at 0");
+        let minutes = store
+            .read("truck-1", HistoryKind::Minute, 0, 120_000, 10)
+            .await
+            .unwrap();
+        assert_eq!(minutes, [minute(60_000)]);
+        assert_eq!(
+            store
+                .read("truck-1", HistoryKind::Stop, 0, 10_000, 10)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        assert_eq!(store.expire(400_000), 2);
+        assert_eq!(store.bytes(), 0);
     }
 
     #[tokio::test]
