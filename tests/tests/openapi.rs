@@ -314,7 +314,9 @@ const TRACKER_KEY: &str = "openapi-test-key-0123456789abcdef0123456789";
 async fn tracker_routes(api: &mut Description, addr: &str, secrets: &DeviceSecrets) {
     let http = reqwest::Client::new();
     let now_s = geostream_shared::now_millis() / 1000;
-    let answer = |response: reqwest::Response| async move {
+    // Status and body (`null` when empty, as the OsmAnd answer is).
+    let send = |request: reqwest::RequestBuilder| async move {
+        let response = request.send().await.unwrap();
         let status = response.status().as_u16();
         let text = response.text().await.unwrap();
         let body = if text.is_empty() {
@@ -324,85 +326,36 @@ async fn tracker_routes(api: &mut Description, addr: &str, secrets: &DeviceSecre
         };
         (status, body)
     };
-    let osmand = |device: &str, lat: f64, secret: Option<String>| {
+    let osmand = |device: &str, lat: f64, secret: bool| {
         let mut url = format!(
             "http://{addr}/v1/ingest/osmand?id={device}&timestamp={now_s}&lat={lat}&lon=13.4&speed=12"
         );
-        if let Some(secret) = secret {
-            url.push_str(&format!("&secret={secret}"));
+        if secret {
+            url.push_str(&format!("&secret={}", secrets.issue(device)));
         }
         url
     };
-    let taken = answer(
-        http.post(osmand(
-            "spec-phone",
-            52.5,
-            Some(secrets.issue("spec-phone")),
-        ))
-        .send()
-        .await
-        .unwrap(),
-    )
-    .await;
-    assert_eq!(taken.0, 200, "{}", taken.1);
-    api.check("post", "/v1/ingest/osmand", &taken);
-    let by_get = answer(
-        http.get(osmand(
-            "spec-phone",
-            52.6,
-            Some(secrets.issue("spec-phone")),
-        ))
-        .send()
-        .await
-        .unwrap(),
-    )
-    .await;
-    assert_eq!(by_get.0, 200, "{}", by_get.1);
-    api.check("get", "/v1/ingest/osmand", &by_get);
-    let refused = answer(
-        http.post(osmand(
-            "spec-phone",
-            95.0,
-            Some(secrets.issue("spec-phone")),
-        ))
-        .send()
-        .await
-        .unwrap(),
-    )
-    .await;
-    assert_eq!(refused.0, 400);
-    api.check("post", "/v1/ingest/osmand", &refused);
-    let unread = answer(
-        http.post(format!("http://{addr}/v1/ingest/osmand?lat=1&lon=2"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(unread.0, 400);
-    api.check("post", "/v1/ingest/osmand", &unread);
-    let no_secret = answer(
-        http.get(osmand("spec-phone", 52.5, None))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(no_secret.0, 401);
-    api.check("get", "/v1/ingest/osmand", &no_secret);
-    let revoked = answer(
-        http.post(osmand(
-            "revoked-phone",
-            52.5,
-            Some(secrets.issue("revoked-phone")),
-        ))
-        .send()
-        .await
-        .unwrap(),
-    )
-    .await;
-    assert_eq!(revoked.0, 403);
-    api.check("post", "/v1/ingest/osmand", &revoked);
+    let cases = [
+        ("post", osmand("spec-phone", 52.5, true), 200),
+        ("get", osmand("spec-phone", 52.6, true), 200),
+        ("post", osmand("spec-phone", 95.0, true), 400),
+        (
+            "post",
+            format!("http://{addr}/v1/ingest/osmand?lat=1&lon=2"),
+            400,
+        ),
+        ("get", osmand("spec-phone", 52.5, false), 401),
+        ("post", osmand("revoked-phone", 52.5, true), 403),
+    ];
+    for (method, url, status) in cases {
+        let request = match method {
+            "get" => http.get(&url),
+            _ => http.post(&url),
+        };
+        let answer = send(request).await;
+        assert_eq!(answer.0, status, "{method} {url}: {}", answer.1);
+        api.check(method, "/v1/ingest/osmand", &answer);
+    }
 
     let owntracks = |password: String| {
         http.post(format!("http://{addr}/v1/ingest/owntracks"))
@@ -410,12 +363,11 @@ async fn tracker_routes(api: &mut Description, addr: &str, secrets: &DeviceSecre
             .header("X-Limit-U", "spec")
             .header("X-Limit-D", "phone")
             .json(&json!({"_type": "location", "lat": 52.5, "lon": 13.4, "tst": now_s, "vel": 30}))
-            .send()
     };
-    let taken = answer(owntracks(secrets.issue("spec:phone")).await.unwrap()).await;
+    let taken = send(owntracks(secrets.issue("spec:phone"))).await;
     assert_eq!(taken, (200, json!([])));
     api.check("post", "/v1/ingest/owntracks", &taken);
-    let wrong = answer(owntracks("guess".into()).await.unwrap()).await;
+    let wrong = send(owntracks("guess".into())).await;
     assert_eq!(wrong.0, 401);
     api.check("post", "/v1/ingest/owntracks", &wrong);
 }

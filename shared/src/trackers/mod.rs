@@ -114,6 +114,13 @@ struct Item {
 }
 
 impl Item {
+    /// An item of `device_id`, named `app_field` by the app.
+    fn of_device(device_id: &str, app_field: &str) -> Item {
+        let mut item = Item::default();
+        item.set("device_id", app_field, Value::String(device_id.to_string()));
+        item
+    }
+
     fn error(&mut self, app_field: &str, message: String) {
         self.errors.push(FieldError {
             field: app_field.to_string(),

@@ -216,12 +216,7 @@ fn read_json(
 }
 
 fn json_location(device_id: &str, location: &Value) -> Item {
-    let mut item = Item::default();
-    item.set(
-        "device_id",
-        "device_id",
-        Value::String(device_id.to_string()),
-    );
+    let mut item = Item::of_device(device_id, "device_id");
     item.name("ts", "location.timestamp", None);
     match location.get("timestamp") {
         Some(time) => item.set("ts", "location.timestamp", time.clone()),

@@ -91,12 +91,7 @@ fn device_of(request: &TrackerRequest<'_>, messages: &[Value]) -> Result<String,
 }
 
 fn location(device_id: &str, message: &Value) -> Item {
-    let mut item = Item::default();
-    item.set(
-        "device_id",
-        "X-Limit-U:X-Limit-D",
-        Value::String(device_id.to_string()),
-    );
+    let mut item = Item::of_device(device_id, "X-Limit-U:X-Limit-D");
     item.name("ts", "tst", None);
     match message.get("tst") {
         None | Some(Value::Null) => item.error("tst", "is required (epoch seconds)".into()),
