@@ -101,8 +101,9 @@ pub struct RuleSet {
     pub fleet: crate::fleet::FleetRules,
     /// The `[trips]` table: how trips and stops are told apart.
     pub trips: crate::history::TripRules,
-    /// The metrics the rules read, each once, in rule order (found once, not per evaluation).
-    metrics: Vec<String>,
+    /// The metrics the rules read, each once, in rule order (found once, not per evaluation;
+    /// shared with the lateness windows made from it).
+    metrics: Arc<[String]>,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -178,7 +179,7 @@ impl RuleSet {
             lateness_ms,
             fleet,
             trips,
-            metrics,
+            metrics: metrics.into(),
         })
     }
 
@@ -241,8 +242,13 @@ impl RuleSet {
         evaluation.readings_evaluated = fresh.len() + late.len();
         let newest = if late.is_empty() {
             let mut touched = BTreeMap::new();
-            evaluation.transitions =
-                self.run(device_id, &mut state.rules, &fresh, metrics, &mut touched);
+            evaluation.transitions = self.run(
+                device_id,
+                Arc::make_mut(&mut state.rules),
+                &fresh,
+                metrics,
+                &mut touched,
+            );
             evaluation.touched_alerts = touched.into_values().collect();
             let newest = fresh.last().map(WindowReading::watermark);
             for reading in fresh {
@@ -279,7 +285,7 @@ impl RuleSet {
         let metrics = &self.metrics;
         let retracted_at = late[0].0;
         let mut readings: Vec<WindowReading> = window.readings.iter().cloned().collect();
-        let mut made_rules = window.base.clone();
+        let mut made_rules = BTreeMap::clone(&window.base);
         let mut made_touched = BTreeMap::new();
         let made = self.run(
             device_id,
@@ -291,10 +297,10 @@ impl RuleSet {
         readings.extend(late);
         readings.extend(fresh);
         sort_dedup(&mut readings);
-        let mut rules = window.base.clone();
+        let mut rules = BTreeMap::clone(&window.base);
         let mut touched = BTreeMap::new();
         let now = self.run(device_id, &mut rules, &readings, metrics, &mut touched);
-        state.rules = rules;
+        state.rules = Arc::new(rules);
         let newest = readings.last().map(WindowReading::watermark);
         window.readings = readings.into_iter().collect();
 
@@ -349,7 +355,7 @@ impl RuleSet {
         }
         self.run(
             device_id,
-            &mut window.base,
+            Arc::make_mut(&mut window.base),
             &folded,
             metrics,
             &mut BTreeMap::new(),
@@ -406,12 +412,13 @@ fn sort_dedup(readings: &mut Vec<WindowReading>) {
 /// Stored with the rule state; none when the bound is 0 or no reading is within it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LatenessWindow {
-    /// The rule state after every reading up to `base_mark` and before the window's.
-    pub base: BTreeMap<String, RuleState>,
+    /// The rule state after every reading up to `base_mark` and before the window's (shared
+    /// with the copies of the window until one of them folds readings into it).
+    pub base: Arc<BTreeMap<String, RuleState>>,
     /// The last reading folded into `base`: a reading at or before it is too late.
     pub base_mark: Option<Watermark>,
     /// What each value of a window reading is (the rules' metrics when it was stored).
-    pub metrics: Vec<String>,
+    pub metrics: Arc<[String]>,
     /// In [`Reading::order_key`] order, oldest first. A persistent queue: a copy of the window
     /// shares its readings, and an evaluation adds the newest and drops the oldest without
     /// copying the rest (a copied list of 64 readings was an eighth of the embedded pipeline's
@@ -445,8 +452,8 @@ mod reading_queue {
 
 impl LatenessWindow {
     /// Re-lays the stored values out for `metrics` (the rules file may have changed).
-    fn align(&mut self, metrics: &[String]) {
-        if self.metrics == metrics {
+    fn align(&mut self, metrics: &Arc<[String]>) {
+        if self.metrics == *metrics {
             return;
         }
         let realigned = self
@@ -466,7 +473,7 @@ impl LatenessWindow {
             })
             .collect();
         self.readings = realigned;
-        self.metrics = metrics.to_vec();
+        self.metrics = metrics.clone();
     }
 
     /// Whether a reading of this key is in the window.
@@ -625,7 +632,8 @@ pub struct DeviceRuleStates {
     /// Optimistic-concurrency version; the store bumps it on every commit.
     pub version: u64,
     pub watermark: Option<Watermark>,
-    pub rules: BTreeMap<String, RuleState>,
+    /// Shared between copies of the state (a store's load and commit) until one changes it.
+    pub rules: Arc<BTreeMap<String, RuleState>>,
     /// Transitions committed with this state but not yet known to be on the alerts bus (an
     /// outbox): the anomaly-inspector publishes them before anything newer, then empties it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -647,7 +655,8 @@ pub struct DeviceRuleStates {
     pub fleet_outbox: Vec<crate::fleet::FleetEvent>,
     /// Trips, stops and the minute under way (history items are written as they complete).
     #[serde(default, skip_serializing_if = "is_default")]
-    pub history: crate::history::HistoryState,
+    /// Shared between copies of the state until one changes it, as `rules`.
+    pub history: Arc<crate::history::HistoryState>,
 }
 
 fn is_default<T: Default + PartialEq>(value: &T) -> bool {

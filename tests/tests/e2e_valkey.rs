@@ -183,7 +183,7 @@ async fn rule_state_commits_are_versioned() {
         }),
         ..Default::default()
     };
-    states.rules.insert(
+    std::sync::Arc::make_mut(&mut states.rules).insert(
         "engine_overheat".into(),
         RuleState {
             phase: Phase::Pending {

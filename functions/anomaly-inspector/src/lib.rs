@@ -257,10 +257,10 @@ impl AnomalyInspector {
             let fleet_moved = state.fleet != loaded.fleet;
             let history = match &self.history {
                 Some(store) => {
-                    let update = self
-                        .rules
-                        .trips
-                        .advance(&mut state.history, &readings[start..start + taken]);
+                    let update = self.rules.trips.advance(
+                        Arc::make_mut(&mut state.history),
+                        &readings[start..start + taken],
+                    );
                     Some((store, update))
                 }
                 None => None,
