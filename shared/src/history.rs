@@ -30,6 +30,7 @@
 //! not counted here again.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -179,7 +180,8 @@ pub struct Rollup {
     pub max_speed_kmh: Option<f64>,
     /// Every numeric reading field and metric (`metrics.<name>`) present.
     #[serde(default)]
-    pub fields: BTreeMap<String, FieldRollup>,
+    /// Keys shared between copies (a vehicle's minute under way is copied with its state).
+    pub fields: BTreeMap<Arc<str>, FieldRollup>,
 }
 
 impl Rollup {
@@ -197,7 +199,7 @@ impl Rollup {
         match self.fields.get_mut(name) {
             Some(field) => field.combine(&FieldRollup::of(value)),
             None => {
-                self.fields.insert(name.to_string(), FieldRollup::of(value));
+                self.fields.insert(Arc::from(name), FieldRollup::of(value));
             }
         }
     }
@@ -296,7 +298,7 @@ pub fn summarize(minutes: &[Rollup], interval: SummaryInterval) -> Vec<SummaryBu
                 .map(|(name, f)| {
                     let avg = f.sum / f.count.max(1) as f64;
                     (
-                        name,
+                        name.to_string(),
                         FieldSummary {
                             min: f.min,
                             avg,

@@ -368,7 +368,7 @@ impl RuleSet {
     fn run(
         &self,
         device_id: &str,
-        rules: &mut BTreeMap<String, RuleState>,
+        rules: &mut BTreeMap<Arc<str>, RuleState>,
         readings: &[WindowReading],
         metrics: &[String],
         touched: &mut BTreeMap<String, Alert>,
@@ -385,10 +385,10 @@ impl RuleSet {
                 let Some(value) = slot.and_then(|i| reading.2.get(i).copied().flatten()) else {
                     continue;
                 };
-                if !rules.contains_key(&rule.name) {
-                    rules.insert(rule.name.clone(), RuleState::default());
+                if !rules.contains_key(rule.name.as_str()) {
+                    rules.insert(Arc::from(rule.name.as_str()), RuleState::default());
                 }
-                let Some(rule_state) = rules.get_mut(&rule.name) else {
+                let Some(rule_state) = rules.get_mut(rule.name.as_str()) else {
                     continue;
                 };
                 if let Some(transition) =
@@ -414,7 +414,7 @@ fn sort_dedup(readings: &mut Vec<WindowReading>) {
 pub struct LatenessWindow {
     /// The rule state after every reading up to `base_mark` and before the window's (shared
     /// with the copies of the window until one of them folds readings into it).
-    pub base: Arc<BTreeMap<String, RuleState>>,
+    pub base: Arc<BTreeMap<Arc<str>, RuleState>>,
     /// The last reading folded into `base`: a reading at or before it is too late.
     pub base_mark: Option<Watermark>,
     /// What each value of a window reading is (the rules' metrics when it was stored).
@@ -633,7 +633,7 @@ pub struct DeviceRuleStates {
     pub version: u64,
     pub watermark: Option<Watermark>,
     /// Shared between copies of the state (a store's load and commit) until one changes it.
-    pub rules: Arc<BTreeMap<String, RuleState>>,
+    pub rules: Arc<BTreeMap<Arc<str>, RuleState>>,
     /// Transitions committed with this state but not yet known to be on the alerts bus (an
     /// outbox): the anomaly-inspector publishes them before anything newer, then empties it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
