@@ -19,6 +19,7 @@ use geostream_e2e::harness::{read_stream, request, Emulator, EmulatorKind};
 use geostream_e2e::on_each_emulator;
 use geostream_e2e::runtime_api::{build_function_binaries, FunctionProcess};
 use geostream_e2e::terraform_environment;
+use geostream_shared::device_secret::DeviceSecrets;
 use serde_json::{json, Value};
 
 const INVOCATION_TIMEOUT: Duration = Duration::from_secs(60);
@@ -167,6 +168,15 @@ async fn the_lambda_binaries_run_the_pipeline_under_the_runtime_api(emulator: Em
     let post = request("POST", "/v1/telemetry", &[], Some(body));
     let anonymous = invoke(&functions["ingest"], serde_json::to_value(&post).unwrap()).await;
     assert_eq!(anonymous["statusCode"], 401, "no token: {anonymous}");
+    // Terraform's default has no device secret key: the tracker apps' routes are closed.
+    let mut tracker =
+        serde_json::to_value(request("POST", "/v1/ingest/osmand", &[], None)).unwrap();
+    tracker["rawQueryString"] = json!(format!(
+        "id=bin-phone&timestamp={}&lat=52.5&lon=13.4",
+        t0 / 1000
+    ));
+    let closed = invoke(&functions["ingest"], tracker).await;
+    assert_eq!(closed["statusCode"], 404, "no device secret key: {closed}");
     let device = invoke(
         &functions["ingest"],
         with_token(&post, "bin-other-9", "telemetry:write"),
@@ -321,6 +331,9 @@ async fn serve_issuer(fetches: Arc<AtomicUsize>) -> String {
 
 /// ingest = "function_url": no authorizer runs before ingest, which verifies the bearer token
 /// itself, with the keys found through the issuer's discovery document, read once and kept.
+/// The key the Function URL deployment derives its tracker apps' device secrets from.
+const TRACKER_KEY: &str = "lambda-binaries-test-key-0123456789abcdef";
+
 async fn ingest_behind_a_function_url_verifies_tokens_itself(emulator: Emulator) {
     let endpoint = emulator.endpoint;
     let binaries = binaries();
@@ -332,7 +345,9 @@ async fn ingest_behind_a_function_url_verifies_tokens_itself(emulator: Emulator)
         .settings(ArchiveKind::S3, &queue_url)
         .set(settings::AUTHORIZATION, "jwt_in_function")
         .set(settings::JWT_ISSUER, &issuer)
-        .set(settings::JWT_AUDIENCES, "fleet-console, geostream");
+        .set(settings::JWT_AUDIENCES, "fleet-console, geostream")
+        .set(settings::DEVICE_SECRET_KEY, TRACKER_KEY)
+        .set(settings::REVOKED_DEVICES, "url-phone-9");
     let environment = lambda_environment("ingest", &endpoint, &deployment);
     let mut ingest = FunctionProcess::spawn("geostream-ingest", &binaries["ingest"], &environment)
         .await
@@ -392,10 +407,37 @@ async fn ingest_behind_a_function_url_verifies_tokens_itself(emulator: Emulator)
         2,
         "the discovery document and the JWKS, each read once for every request of this environment"
     );
+
+    // A phone running Traccar Client on the same URL: no token, its device's secret (derived
+    // from DEVICE_SECRET_KEY) in the URL; a revoked one is refused.
+    let secrets = DeviceSecrets::new(TRACKER_KEY.as_bytes(), []).unwrap();
+    let osmand = |device: &str| {
+        let mut event =
+            serde_json::to_value(request("POST", "/v1/ingest/osmand", &[], None)).unwrap();
+        // As a Function URL passes the query on (a secret is base64url: nothing to escape).
+        event["rawQueryString"] = json!(format!(
+            "id={device}&timestamp={}&lat=52.5&lon=13.4&secret={}",
+            t0 / 1000,
+            secrets.issue(device)
+        ));
+        event
+    };
+    let answer = invoke(&ingest, osmand("url-phone-1")).await;
+    assert_eq!(
+        status(&answer),
+        200,
+        "a tracker app's device secret: {answer}"
+    );
+    let answer = invoke(&ingest, osmand("url-phone-9")).await;
+    assert_eq!(status(&answer), 403, "a revoked device: {answer}");
+
     let records: usize = read_stream(&harness.kinesis, &names.telemetry_stream)
         .await
         .iter()
         .map(|e| e.records.len())
         .sum();
-    assert_eq!(records, 3, "the three accepted posts, and nothing else");
+    assert_eq!(
+        records, 4,
+        "the three accepted posts and the phone's, and nothing else"
+    );
 }

@@ -116,6 +116,9 @@ impl ResourceNames {
             .set(settings::DEVICE_CLAIM, "sub")
             .set(settings::DEVICE_RATE_PER_SECOND, "2")
             .set(settings::DEVICE_RATE_BURST, "20")
+            // Terraform's default: no tracker apps (no key, nobody revoked).
+            .set(settings::DEVICE_SECRET_KEY, "")
+            .set(settings::REVOKED_DEVICES, "")
             .set(settings::SCOPE_TELEMETRY_WRITE, "telemetry:write")
             .set(settings::SCOPE_TELEMETRY_WRITE_ANY, "telemetry:write:any")
             .set(settings::SCOPE_FLEET_READ, "fleet:read")
