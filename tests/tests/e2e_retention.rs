@@ -44,32 +44,54 @@ async fn what_is_older_than_its_retention_is_swept_away() {
     assert!(running.wait_drained(Duration::from_secs(30)).await);
 
     let range = format!("from={midnight}&to={}", midnight + DAY_MS);
+    // What the old van left, as an operator would ask for it; empty once it is swept away (a
+    // sweep may come while the inspector is still writing the day's last items: the next one
+    // takes those).
+    let left_of_old_van = || async {
+        let mut left = Vec::new();
+        if client.get("/v1/vehicles/old-van").await.0 != 404 {
+            left.push("position".to_string());
+        }
+        let (_, track) = client
+            .get(&format!("/v1/vehicles/old-van/track?{range}&limit=10000"))
+            .await;
+        if track["readings"] != json!([]) {
+            left.push(format!("track {track}"));
+        }
+        for kind in ["trips", "stops"] {
+            let (_, items) = client
+                .get(&format!("/v1/vehicles/old-van/{kind}?{range}"))
+                .await;
+            if items[kind] != json!([]) {
+                left.push(format!("{kind} {items}"));
+            }
+        }
+        let (_, summary) = client
+            .get(&format!("/v1/vehicles/old-van/summary?{range}&interval=1h"))
+            .await;
+        if summary["buckets"] != json!([]) {
+            left.push(format!("summary {summary}"));
+        }
+        left
+    };
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let (_, stats) = client.get("/local/stats").await;
-        let expired = &stats["memory"]["expired"];
-        if expired["readings"] == old.readings.len() && expired["positions"] == 1 {
+        let expired = stats["memory"]["expired"].clone();
+        let left = left_of_old_van().await;
+        if left.is_empty() {
+            assert_eq!(expired["readings"], old.readings.len(), "{expired}");
+            // Once, or again if a late write brought it back between two sweeps.
+            assert!(expired["positions"].as_u64().unwrap() >= 1, "{expired}");
             assert!(expired["history_items"].as_u64().unwrap() > 0, "{expired}");
             break;
         }
-        assert!(Instant::now() < deadline, "not swept in 20 s: {expired}");
+        assert!(
+            Instant::now() < deadline,
+            "not swept in 20 s: {expired}, left {left:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(client.get("/v1/vehicles/old-van").await.0, 404);
-    let (_, track) = client
-        .get(&format!("/v1/vehicles/old-van/track?{range}&limit=10000"))
-        .await;
-    assert_eq!(track["readings"], json!([]), "{track}");
-    for kind in ["trips", "stops"] {
-        let (_, items) = client
-            .get(&format!("/v1/vehicles/old-van/{kind}?{range}"))
-            .await;
-        assert_eq!(items[kind], json!([]), "{items}");
-    }
-    let (_, summary) = client
-        .get(&format!("/v1/vehicles/old-van/summary?{range}&interval=1h"))
-        .await;
-    assert_eq!(summary["buckets"], json!([]), "{summary}");
 
     let (status, position) = client.get("/v1/vehicles/new-van").await;
     assert_eq!((status, position["ts"].as_i64()), (200, Some(now)));
