@@ -39,7 +39,8 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct StoredRecord {
     pub sequence: u64,
     pub partition_key: String,
-    pub data: Vec<u8>,
+    /// Shared by every reader's copy of the record.
+    pub data: bytes::Bytes,
     /// The envelope `data` encodes, as the publisher handed it over.
     pub decoded: Option<Arc<Envelope>>,
     pub arrival: EpochMillis,
@@ -199,7 +200,7 @@ impl MemoryStream {
         let record = StoredRecord {
             sequence,
             partition_key: record.partition_key,
-            data: record.data,
+            data: record.data.into(),
             decoded: record.decoded,
             arrival: now_millis(),
         };
@@ -915,7 +916,7 @@ mod tests {
         let one = StoredRecord {
             sequence: 1,
             partition_key: "truck-1".into(),
-            data: vec![0; 1_000],
+            data: vec![0; 1_000].into(),
             decoded: None,
             arrival: 0,
         }

@@ -132,7 +132,8 @@ impl fmt::Display for RecordId {
 pub struct StreamRecord {
     pub id: RecordId,
     pub partition_key: String,
-    pub data: Vec<u8>,
+    /// Shared, not copied, by every function a record is handed to.
+    pub data: bytes::Bytes,
     /// When the bus took the record (Kinesis' approximate arrival time, Kafka's timestamp).
     pub arrived_at: Option<EpochMillis>,
     /// The envelope `data` encodes, when the bus handed it over decoded (the embedded runner's
@@ -348,7 +349,7 @@ pub async fn decode_batch(
                     function,
                     &record.id,
                     record.partition_key.clone(),
-                    record.data.clone(),
+                    record.data.to_vec(),
                     &refusal,
                 );
                 letter.arrived_at = record.arrived_at;
@@ -495,7 +496,7 @@ impl<F: StreamFunction> StreamFunction for WithRetryBudget<F> {
                 self.function.name(),
                 &record.id,
                 record.partition_key.clone(),
-                record.data.clone(),
+                record.data.to_vec(),
                 &retry.error,
             );
             letter.arrived_at = record.arrived_at;
@@ -562,7 +563,7 @@ mod tests {
         StreamRecord {
             id: RecordId::kinesis(id),
             partition_key: "truck-1".into(),
-            data: data.to_vec(),
+            data: data.to_vec().into(),
             arrived_at,
             decoded: None,
         }

@@ -488,7 +488,7 @@ mod tests {
                 .map(|(n, e)| StreamRecord {
                     id: RecordId::kinesis((first_id + n as u64).to_string()),
                     partition_key: e.device_id.clone(),
-                    data: e.encode(),
+                    data: e.encode().into(),
                     arrived_at: None,
                     decoded: None,
                 })

@@ -269,7 +269,7 @@ mod refusal_tests {
                 StreamRecord {
                     id: RecordId::kinesis((10 + n).to_string()),
                     partition_key: device.to_string(),
-                    data: envelope.encode(),
+                    data: envelope.encode().into(),
                     arrived_at: None,
                     decoded: None,
                 }

@@ -144,7 +144,7 @@ fn kinesis_event(
                     kinesis_schema_version: Some("1.0".into()),
                     partition_key: source.partition_key.clone(),
                     sequence_number: source.id.to_string(),
-                    data: RecordData(source.data.clone()),
+                    data: RecordData(source.data.to_vec()),
                     approximate_arrival_timestamp: Some(source.arrival as f64 / 1000.0),
                 },
             })

@@ -98,7 +98,7 @@ impl KafkaTopic {
             partition: format!("{topic}-{partition}"),
             id: RecordId::kafka(topic, partition, message.offset()),
             partition_key: String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
-            data: message.payload().unwrap_or_default().to_vec(),
+            data: bytes::Bytes::copy_from_slice(message.payload().unwrap_or_default()),
             arrival: message.timestamp().to_millis().unwrap_or(0),
             decoded: None,
         })

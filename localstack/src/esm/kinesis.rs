@@ -215,7 +215,7 @@ impl Source for KinesisShard {
                     id: RecordId::kinesis(r.sequence_number()),
                     partition: self.shard_id.clone(),
                     partition_key: r.partition_key().unwrap_or_default().to_string(),
-                    data: r.data().as_ref().to_vec(),
+                    data: r.data().as_ref().to_vec().into(),
                     arrival: r
                         .approximate_arrival_timestamp()
                         .map_or(0, |t| t.to_millis().unwrap_or(0)),

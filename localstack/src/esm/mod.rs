@@ -111,7 +111,7 @@ pub struct SourceRecord {
     /// The shard id, or `topic-partition`: order and checkpoints are per partition.
     pub partition: String,
     pub partition_key: String,
-    pub data: Vec<u8>,
+    pub data: bytes::Bytes,
     pub arrival: EpochMillis,
     /// The envelope `data` encodes, when the source has it decoded (the in-memory stream).
     pub decoded: Option<Arc<Envelope>>,
@@ -472,7 +472,7 @@ impl MappingLoop {
                 function: name.clone(),
                 record_id: r.id.to_string(),
                 partition_key: r.partition_key.clone(),
-                data: r.data.clone(),
+                data: r.data.to_vec(),
                 arrived_at: Some(r.arrival),
                 error_kind: ErrorKind::Transient,
                 reason: if failed.contains(&r.id) {

@@ -54,7 +54,7 @@ impl FakeSource {
                     id,
                     partition: partition_name,
                     partition_key: format!("device-{partition}"),
-                    data: vec![n],
+                    data: vec![n].into(),
                     arrival: 1,
                     decoded: None,
                 }
@@ -162,10 +162,10 @@ impl Flaky {
     fn failed(&self, batch: StreamBatch) -> Vec<RecordId> {
         let mut failed = Vec::new();
         let mut left = self.failures_left.lock().unwrap();
-        let poisoned = batch.records.iter().any(|r| r.data == [self.poison]) && *left > 0;
+        let poisoned = batch.records.iter().any(|r| *r.data == [self.poison]) && *left > 0;
         for record in batch.records {
             self.seen.lock().unwrap().push(record.data[0]);
-            if poisoned && record.data == [self.poison] {
+            if poisoned && *record.data == [self.poison] {
                 failed.push(record.id);
             }
         }

@@ -169,7 +169,7 @@ impl Redrive<'_> {
                             records: vec![StreamRecord {
                                 id: RecordId::parse(&letter.record_id),
                                 partition_key: letter.partition_key,
-                                data: letter.data,
+                                data: letter.data.into(),
                                 arrived_at: letter.arrived_at,
                                 decoded: None,
                             }],
@@ -369,7 +369,7 @@ impl Redrive<'_> {
                 records.push(StreamRecord {
                     id,
                     partition_key: record.partition_key().unwrap_or_default().to_string(),
-                    data: record.data().as_ref().to_vec(),
+                    data: record.data().as_ref().to_vec().into(),
                     arrived_at: record
                         .approximate_arrival_timestamp()
                         .and_then(|t| t.to_millis().ok()),
@@ -506,7 +506,7 @@ mod tests {
                 StreamRecord {
                     id: RecordId::kinesis(id),
                     partition_key: String::new(),
-                    data: Vec::new(),
+                    data: Vec::new().into(),
                     arrived_at: None,
                     decoded: None,
                 },

@@ -108,7 +108,7 @@ pub fn batch_from_kinesis(event: KinesisEvent) -> StreamBatch {
             .map(|record| StreamRecord {
                 id: RecordId::kinesis(record.kinesis.sequence_number),
                 partition_key: record.kinesis.partition_key,
-                data: record.kinesis.data.0,
+                data: record.kinesis.data.0.into(),
                 arrived_at: record
                     .kinesis
                     .approximate_arrival_timestamp
@@ -206,7 +206,7 @@ pub fn batch_from_kafka(event: KafkaEvent) -> StreamBatch {
             records.push(StreamRecord {
                 id: RecordId::kafka(topic, partition, message.offset),
                 partition_key,
-                data,
+                data: data.into(),
                 arrived_at: message.timestamp.filter(|millis| *millis > 0),
                 decoded: None,
             });
