@@ -1,20 +1,22 @@
-//! The function side of an event source mapping: records turned into the event Lambda's
-//! trigger sends (`KinesisEvent` from a Kinesis shard, `KafkaEvent` from Kafka partitions), and
-//! the function's partial batch response read back as the records to retry. The embedded
+//! The function side of an event source mapping: records turned into the event the function
+//! is invoked with, and its partial batch response read back as the records to retry. A
+//! Kinesis shard's records become the `KinesisEvent` Lambda's trigger sends. The embedded
 //! runner's in-memory stream hands its records to the function as the core's batch, envelopes
 //! still decoded: nothing crosses a process boundary there, and building a Lambda event only to
 //! take it apart again cost a fifth of the burst bench's CPU (base64, ids and ARNs formatted per
-//! record, every envelope parsed once per function). The Lambda event adapters are exercised
-//! by the Kinesis and Kafka buses and by the real binaries under the Runtime API.
+//! record, every envelope parsed once per function). Kafka partitions' records go the same way,
+//! as the bytes the broker delivered (each function decodes them, as on Lambda): Lambda's
+//! `KafkaEvent` (base64 keys and values) cost the Kafka burst a tenth of the runner's CPU
+//! (docs/performance.md). The Kafka event adapter is exercised by the Lambda binaries under the
+//! Runtime API, its unit tests on a captured event and its fuzz target; the mapping's retries
+//! from the lowest failed record per partition are Lambda's Kafka semantics either way.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use aws_lambda_events::event::streams::KinesisEventResponse;
-use base64::Engine;
 use geostream_lambda::stream::{
-    handle_kafka, handle_kinesis, KafkaBatchResponse, KafkaEvent, KafkaRecord, KinesisEvent,
-    KinesisEventRecord, KinesisRecord, RecordData,
+    handle_kinesis, KinesisEvent, KinesisEventRecord, KinesisRecord, RecordData,
 };
 use geostream_shared::metrics::MetricsSink;
 use geostream_shared::stream::{
@@ -26,14 +28,12 @@ use super::SourceRecord;
 /// Which trigger a source stands for, with what its events carry.
 #[derive(Debug, Clone)]
 pub enum EventSource {
-    /// The embedded runner's in-memory stream: no Lambda event, the batch as it is.
+    /// The embedded runner's in-memory stream and Kafka topics: no Lambda event, the batch as
+    /// it is.
     InProcess,
     Kinesis {
         stream_arn: String,
         shard_id: String,
-    },
-    Kafka {
-        bootstrap_servers: String,
     },
 }
 
@@ -42,7 +42,6 @@ pub enum EventSource {
 pub enum Event {
     InProcess(StreamBatch),
     Kinesis(KinesisEvent),
-    Kafka(KafkaEvent),
 }
 
 /// One invocation's answer: Lambda's partial batch response for the event's kind.
@@ -51,7 +50,6 @@ pub enum Response {
     /// The records to retry, as the core answers them.
     InProcess(Vec<RecordId>),
     Kinesis(KinesisEventResponse),
-    Kafka(KafkaBatchResponse),
 }
 
 /// A stream function as Lambda sees it: an event in, partial batch failures out, or an error
@@ -85,7 +83,6 @@ impl Invoke for InProcess {
             Event::Kinesis(event) => {
                 Response::Kinesis(handle_kinesis(function, event, metrics).await)
             }
-            Event::Kafka(event) => Response::Kafka(handle_kafka(function, event, metrics).await),
         })
     }
 }
@@ -99,9 +96,6 @@ impl EventSource {
                 stream_arn,
                 shard_id,
             } => Event::Kinesis(kinesis_event(stream_arn, shard_id, function, records)),
-            EventSource::Kafka { bootstrap_servers } => {
-                Event::Kafka(kafka_event(bootstrap_servers, records))
-            }
         }
     }
 }
@@ -152,41 +146,6 @@ fn kinesis_event(
     }
 }
 
-/// Lambda's Kafka event: records grouped by `topic-partition`, base64 keys and values.
-fn kafka_event(bootstrap_servers: &str, records: &[SourceRecord]) -> KafkaEvent {
-    let base64 = &base64::engine::general_purpose::STANDARD;
-    let mut event = KafkaEvent {
-        event_source: Some("SelfManagedKafka".into()),
-        bootstrap_servers: Some(bootstrap_servers.to_string()),
-        ..KafkaEvent::default()
-    };
-    for source in records {
-        let RecordId::Kafka {
-            topic,
-            partition,
-            offset,
-        } = &source.id
-        else {
-            continue;
-        };
-        let record = KafkaRecord {
-            topic: Some(topic.clone()),
-            partition: *partition,
-            offset: *offset,
-            timestamp: Some(source.arrival),
-            timestamp_type: Some("CREATE_TIME".into()),
-            key: Some(base64.encode(&source.partition_key)),
-            value: Some(base64.encode(&source.data)),
-        };
-        event
-            .records
-            .entry(source.partition.clone())
-            .or_default()
-            .push(record);
-    }
-    event
-}
-
 /// The records of the batch the response asks to retry, or `None` when it names something
 /// that is not in the batch (Lambda then treats the whole batch as failed).
 pub fn failed_records(response: &Response, records: &[SourceRecord]) -> Option<Vec<RecordId>> {
@@ -206,21 +165,5 @@ pub fn failed_records(response: &Response, records: &[SourceRecord]) -> Option<V
                     .map(|r| r.id.clone())
             })
             .collect(),
-        Response::Kafka(response) => {
-            let mut failed = Vec::new();
-            for failure in &response.batch_item_failures {
-                let resume = &failure.item_identifier;
-                let in_partition = records.iter().filter(|r| r.partition == resume.partition);
-                let from = in_partition.clone().find(
-                    |r| matches!(r.id, RecordId::Kafka { offset, .. } if offset == resume.offset),
-                )?;
-                failed.extend(
-                    in_partition
-                        .filter(|r| r.id >= from.id)
-                        .map(|r| r.id.clone()),
-                );
-            }
-            Some(failed)
-        }
     }
 }

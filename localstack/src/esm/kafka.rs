@@ -59,9 +59,7 @@ impl KafkaTopic {
         Ok(KafkaTopic {
             consumer,
             describe: format!("{topic} (group {group})"),
-            event_source: EventSource::Kafka {
-                bootstrap_servers: settings.bootstrap_servers.clone(),
-            },
+            event_source: EventSource::InProcess,
         })
     }
 

@@ -80,6 +80,11 @@ pub mod settings {
         "KAFKA_SECRET_ARN",
         "the Secrets Manager secret with the brokers' SASL/SCRAM credentials; empty for none",
     );
+    pub const KAFKA_LINGER_MS: Setting = Setting {
+        name: "KAFKA_LINGER_MS",
+        purpose: "how long the Kafka producer gathers records into one produce request, in milliseconds (default 0: a Lambda invocation sends its records at once; the local runner, whose requests share one producer, sets 20)",
+        optional: true,
+    };
     pub const POSITION_STORE: Setting = setting(
         "POSITION_STORE",
         "where latest positions live: dynamodb or valkey",
@@ -314,6 +319,7 @@ impl Port {
                 TELEMETRY_TOPIC,
                 KAFKA_BOOTSTRAP_SERVERS,
                 KAFKA_SECRET_ARN,
+                KAFKA_LINGER_MS,
             ],
             Port::AlertsBus => &[
                 BUS,
@@ -321,6 +327,7 @@ impl Port {
                 ALERTS_TOPIC,
                 KAFKA_BOOTSTRAP_SERVERS,
                 KAFKA_SECRET_ARN,
+                KAFKA_LINGER_MS,
             ],
             Port::TelemetryEvents => &[BUS, STREAM_MAX_RETRIES, STREAM_MAX_RECORD_AGE_SECONDS],
             Port::Positions => &[
@@ -573,9 +580,24 @@ impl Composition {
 
     #[cfg(feature = "kafka")]
     async fn kafka_bus(&self, topic: Setting) -> Result<Arc<dyn EventBus>, ComposeError> {
-        let settings = self.kafka_settings().await?;
-        let bus = geostream_kafka::KafkaBus::new(&settings, self.required(topic)?)
-            .map_err(ComposeError::Unavailable)?;
+        let kafka = self.kafka_settings().await?;
+        let linger =
+            match self.optional(settings::KAFKA_LINGER_MS)? {
+                None => 0,
+                Some(text) => text.trim().parse().ok().filter(|ms| *ms <= 5_000).ok_or(
+                    ComposeError::Invalid {
+                        name: settings::KAFKA_LINGER_MS.name,
+                        value: text,
+                        expected: "a whole number of milliseconds from 0 to 5000",
+                    },
+                )?,
+            };
+        let bus = geostream_kafka::KafkaBus::new(
+            &kafka,
+            self.required(topic)?,
+            std::time::Duration::from_millis(linger),
+        )
+        .map_err(ComposeError::Unavailable)?;
         Ok(Arc::new(bus))
     }
 
@@ -1170,6 +1192,34 @@ mod tests {
         assert!(s3.archive().await.is_ok());
     }
 
+    /// The producer's linger: absent is 0 (Lambda), a number of milliseconds is taken, anything
+    /// else stops init with the setting named. No broker is needed: the producer connects lazily.
+    #[cfg(feature = "kafka")]
+    #[tokio::test]
+    async fn the_kafka_producers_linger_is_read_from_its_setting() {
+        let kafka = |linger: Option<&str>| {
+            let settings = SettingMap::new()
+                .set(settings::BUS, "kafka")
+                .set(settings::KAFKA_BOOTSTRAP_SERVERS, "127.0.0.1:9")
+                .set(settings::TELEMETRY_TOPIC, "telemetry");
+            let settings = match linger {
+                Some(value) => settings.set(settings::KAFKA_LINGER_MS, value),
+                None => settings,
+            };
+            composition(&[Port::TelemetryBus], settings)
+        };
+        assert!(kafka(None).telemetry_bus().await.is_ok());
+        assert!(kafka(Some("20")).telemetry_bus().await.is_ok());
+        for bad in ["soon", "-1", "60000"] {
+            assert_eq!(
+                kafka(Some(bad)).telemetry_bus().await.err().unwrap().to_string(),
+                format!(
+                    "KAFKA_LINGER_MS={bad:?}: expected a whole number of milliseconds from 0 to 5000"
+                )
+            );
+        }
+    }
+
     #[test]
     fn settings_are_listed_once_by_name() {
         let names: Vec<&str> = settings_of(&[Port::TelemetryBus, Port::AlertsBus])
@@ -1183,6 +1233,7 @@ mod tests {
                 "ALERTS_TOPIC",
                 "BUS",
                 "KAFKA_BOOTSTRAP_SERVERS",
+                "KAFKA_LINGER_MS",
                 "KAFKA_SECRET_ARN",
                 "TELEMETRY_STREAM",
                 "TELEMETRY_TOPIC"
