@@ -64,6 +64,8 @@ struct ShardRecords {
 }
 
 struct Shard {
+    /// Kinesis's shard id (`shardId-000000000000`), made once: every record published names it.
+    id: String,
     records: Mutex<ShardRecords>,
     /// Each registered reader's first sequence number not yet done with: records before all of
     /// them are done with and dropped (nothing in this process reads a record again).
@@ -107,7 +109,8 @@ impl MemoryStream {
     ) -> Self {
         let shard_count = shard_count.max(1);
         let shards = (0..shard_count)
-            .map(|_| Shard {
+            .map(|shard| Shard {
+                id: Self::shard_id(shard),
                 records: Mutex::new(ShardRecords::default()),
                 readers: Mutex::new(Vec::new()),
                 tip: watch::channel(0).0,
@@ -236,15 +239,23 @@ impl MemoryStream {
         }
         shard.tip.send_replace(sequence);
         Published {
-            shard_id: Self::shard_id(shard_index),
+            shard_id: shard.id.clone(),
             sequence_number: format_sequence(sequence),
         }
     }
 }
 
-/// Sequence numbers as zero-padded decimal strings, so that text order is numeric order.
+/// Sequence numbers as zero-padded decimal strings, so that text order is numeric order. Made
+/// for every record published and again for each function reading it: `itoa` and the padding
+/// by hand, as `format!("{sequence:020}")` took 4% of the embedded burst's CPU.
 pub fn format_sequence(sequence: u64) -> String {
-    format!("{sequence:020}")
+    const WIDTH: usize = 20; // u64::MAX has 20 digits
+    let mut digits = itoa::Buffer::new();
+    let digits = digits.format(sequence);
+    let mut text = String::with_capacity(WIDTH);
+    text.extend(std::iter::repeat_n('0', WIDTH.saturating_sub(digits.len())));
+    text.push_str(digits);
+    text
 }
 
 pub fn parse_sequence(text: &str) -> Option<u64> {
@@ -1111,6 +1122,24 @@ mod tests {
             ),
         ]
         .prop_map(|(points, (lat, lon), radius)| (points, GeoPoint { lat, lon }, radius))
+    }
+
+    #[test]
+    fn sequence_numbers_are_twenty_digits_zero_padded() {
+        assert_eq!(format_sequence(0), "00000000000000000000");
+        assert_eq!(format_sequence(6), "00000000000000000006");
+        assert_eq!(format_sequence(u64::MAX), "18446744073709551615");
+    }
+
+    proptest! {
+        /// Text order is numeric order, and the text reads back as the number.
+        #[test]
+        fn sequence_text_orders_and_parses_as_the_number(a in any::<u64>(), b in any::<u64>()) {
+            let (text_a, text_b) = (format_sequence(a), format_sequence(b));
+            prop_assert_eq!(text_a.len(), 20);
+            prop_assert_eq!(text_a.cmp(&text_b), a.cmp(&b));
+            prop_assert_eq!(parse_sequence(&text_a), Some(a));
+        }
     }
 
     proptest! {
