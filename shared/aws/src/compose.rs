@@ -581,17 +581,12 @@ impl Composition {
     #[cfg(feature = "kafka")]
     async fn kafka_bus(&self, topic: Setting) -> Result<Arc<dyn EventBus>, ComposeError> {
         let kafka = self.kafka_settings().await?;
-        let linger =
-            match self.optional(settings::KAFKA_LINGER_MS)? {
-                None => 0,
-                Some(text) => text.trim().parse().ok().filter(|ms| *ms <= 5_000).ok_or(
-                    ComposeError::Invalid {
-                        name: settings::KAFKA_LINGER_MS.name,
-                        value: text,
-                        expected: "a whole number of milliseconds from 0 to 5000",
-                    },
-                )?,
-            };
+        let linger = self.whole_number(
+            settings::KAFKA_LINGER_MS,
+            0,
+            0..=5_000,
+            "a whole number of milliseconds from 0 to 5000",
+        )?;
         let bus = geostream_kafka::KafkaBus::new(
             &kafka,
             self.required(topic)?,
@@ -788,6 +783,30 @@ impl Composition {
         ))
     }
 
+    /// An optional whole-number setting (spaces around it ignored): `default` when unset, refused
+    /// with `expected` when it is not a whole number within `allowed`.
+    fn whole_number(
+        &self,
+        setting: Setting,
+        default: u64,
+        allowed: std::ops::RangeInclusive<u64>,
+        expected: &'static str,
+    ) -> Result<u64, ComposeError> {
+        match self.optional(setting)? {
+            None => Ok(default),
+            Some(text) => text
+                .trim()
+                .parse()
+                .ok()
+                .filter(|n| allowed.contains(n))
+                .ok_or(ComposeError::Invalid {
+                    name: setting.name,
+                    value: text,
+                    expected,
+                }),
+        }
+    }
+
     /// A retention setting: whole days from 1 to 3650, `default` when unset.
     fn retention_days(&self, setting: Setting, default: u32) -> Result<u32, ComposeError> {
         match self.optional(setting)? {
@@ -910,20 +929,13 @@ impl Composition {
     /// The registry of free metric names: the table `METRIC_NAMES_TABLE`, bounded by
     /// `MAX_METRIC_NAMES` (default [`DEFAULT_MAX_METRIC_NAMES`]).
     pub fn metric_names(&self) -> Result<Arc<dyn MetricNameRegistry>, ComposeError> {
-        let limit = match self.optional(settings::MAX_METRIC_NAMES)? {
-            None => DEFAULT_MAX_METRIC_NAMES,
-            Some(text) => {
-                text.trim()
-                    .parse()
-                    .ok()
-                    .filter(|n| *n > 0)
-                    .ok_or(ComposeError::Invalid {
-                        name: settings::MAX_METRIC_NAMES.name,
-                        value: text,
-                        expected: "a whole number above 0",
-                    })?
-            }
-        };
+        let limit = self.whole_number(
+            settings::MAX_METRIC_NAMES,
+            DEFAULT_MAX_METRIC_NAMES as u64,
+            1..=u64::MAX,
+            "a whole number above 0",
+        )?;
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
         Ok(Arc::new(
             DynamoMetricNames::new(
                 self.clients.dynamodb.clone(),
@@ -1102,15 +1114,8 @@ impl Composition {
     /// mapping makes (`STREAM_MAX_RETRIES`), or near the record's maximum age
     /// (`STREAM_MAX_RECORD_AGE_SECONDS`), as Terraform configures the mapping.
     pub fn retry_budget(&self) -> Result<RetryBudget, ComposeError> {
-        let number = |setting: Setting, default: u64| -> Result<u64, ComposeError> {
-            match self.optional(setting)? {
-                None => Ok(default),
-                Some(text) => text.trim().parse().map_err(|_| ComposeError::Invalid {
-                    name: setting.name,
-                    value: text,
-                    expected: "a whole number",
-                }),
-            }
+        let number = |setting: Setting, default: u64| {
+            self.whole_number(setting, default, 0..=u64::MAX, "a whole number")
         };
         let defaults = crate::manifest::MAPPING_DEFAULTS;
         let retries = number(
