@@ -249,8 +249,8 @@ impl Mapping {
     }
 }
 
-/// Starts one loop per source for `function`; they stop when `shutdown` turns true, after the
-/// batch in flight.
+/// Starts one loop per source for `function`, on the runner's runtime; they stop when
+/// `shutdown` turns true, after the batch in flight.
 pub fn start_mapping(
     function: Arc<dyn Invoke>,
     sources: Vec<Arc<dyn Source>>,
@@ -258,19 +258,74 @@ pub fn start_mapping(
     dead_letters: Arc<dyn DeadLetterSink>,
     shutdown: watch::Receiver<bool>,
 ) -> (Mapping, Vec<tokio::task::JoinHandle<()>>) {
+    let (mapping, loops) = mapping_loops(function, sources, config, dead_letters, shutdown);
+    let tasks = loops
+        .into_iter()
+        .map(|mapping_loop| tokio::spawn(mapping_loop.run()))
+        .collect();
+    (mapping, tasks)
+}
+
+/// As [`start_mapping`], but the loops run on a thread of their own (named after the
+/// function), as a Lambda function runs in sandboxes of its own: the kernel wakes that thread
+/// as soon as records arrive, instead of the loops waiting in the runner's run queue behind
+/// the gateway's requests and the other functions' batches. The handle ends when the loops
+/// have stopped.
+pub fn start_mapping_on_own_thread(
+    function: Arc<dyn Invoke>,
+    sources: Vec<Arc<dyn Source>>,
+    config: MappingConfig,
+    dead_letters: Arc<dyn DeadLetterSink>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(Mapping, tokio::task::JoinHandle<()>), String> {
+    let name = function.name().to_string();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime for {name}'s mapping: {e}"))?;
+    let (mapping, loops) = mapping_loops(function, sources, config, dead_letters, shutdown);
+    let (stopped, on_stop) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(name.clone())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let tasks: Vec<_> = loops
+                    .into_iter()
+                    .map(|mapping_loop| tokio::spawn(mapping_loop.run()))
+                    .collect();
+                for task in tasks {
+                    if let Err(error) = task.await {
+                        tracing::error!(%error, "a mapping loop ended abnormally");
+                    }
+                }
+            });
+            let _ = stopped.send(());
+        })
+        .map_err(|e| format!("cannot start a thread for {name}'s mapping: {e}"))?;
+    let task = tokio::spawn(async move {
+        // The sender goes when the thread ends, stopped or not.
+        let _ = on_stop.await;
+    });
+    Ok((mapping, task))
+}
+
+fn mapping_loops(
+    function: Arc<dyn Invoke>,
+    sources: Vec<Arc<dyn Source>>,
+    config: MappingConfig,
+    dead_letters: Arc<dyn DeadLetterSink>,
+    shutdown: watch::Receiver<bool>,
+) -> (Mapping, Vec<MappingLoop>) {
     let stats = Arc::new(MappingStats::default());
-    let tasks = sources
+    let loops = sources
         .iter()
-        .map(|source| {
-            let mapping_loop = MappingLoop {
-                function: function.clone(),
-                source: source.clone(),
-                config: config.clone(),
-                dead_letters: dead_letters.clone(),
-                stats: stats.clone(),
-                shutdown: shutdown.clone(),
-            };
-            tokio::spawn(mapping_loop.run())
+        .map(|source| MappingLoop {
+            function: function.clone(),
+            source: source.clone(),
+            config: config.clone(),
+            dead_letters: dead_letters.clone(),
+            stats: stats.clone(),
+            shutdown: shutdown.clone(),
         })
         .collect();
     let mapping = Mapping {
@@ -278,7 +333,7 @@ pub fn start_mapping(
         stats,
         sources,
     };
-    (mapping, tasks)
+    (mapping, loops)
 }
 
 /// How long one read waits for records before the loop looks at the shutdown flag again.

@@ -142,6 +142,8 @@ struct Flaky {
     failures_left: Mutex<u32>,
     seen: Mutex<Vec<u8>>,
     invoked_at: Mutex<Vec<Instant>>,
+    /// The name of the thread each invocation ran on.
+    invoked_on: Mutex<Vec<Option<String>>>,
 }
 
 impl Flaky {
@@ -151,6 +153,7 @@ impl Flaky {
             failures_left: Mutex::new(fail_times),
             seen: Mutex::new(Vec::new()),
             invoked_at: Mutex::new(Vec::new()),
+            invoked_on: Mutex::new(Vec::new()),
         })
     }
 
@@ -178,6 +181,10 @@ impl Invoke for Flaky {
     }
     async fn invoke(&self, event: Event) -> Result<Response, String> {
         self.invoked_at.lock().unwrap().push(Instant::now());
+        self.invoked_on
+            .lock()
+            .unwrap()
+            .push(std::thread::current().name().map(String::from));
         Ok(match event {
             Event::InProcess(batch) => Response::InProcess(self.failed(batch)),
             Event::Kinesis(event) => {
@@ -505,4 +512,56 @@ async fn a_partition_revoked_mid_retry_is_let_go_not_retried_beside_its_new_owne
     );
     assert_eq!(sink.taken.snapshot().1, 0, "nothing dead-lettered");
     assert_eq!(mapping.stats.retried_records.load(Ordering::Relaxed), 4);
+}
+
+#[tokio::test]
+async fn a_mapping_on_its_own_thread_runs_the_same_policy_there_and_its_handle_ends_when_it_stops()
+{
+    // Real time: the loops run on their own runtime, whose clock this test cannot pause.
+    let source = FakeSource::new(Flavour::InProcess, 5, 1);
+    let function = Flaky::new(2, 1);
+    let sink = UnreliableSink::new(0);
+    let (stop, stopped) = watch::channel(false);
+    let quick_retries = MappingConfig {
+        retry_backoff: Duration::from_millis(1),
+        ..config(3)
+    };
+    let (mapping, task) = start_mapping_on_own_thread(
+        function.clone(),
+        vec![source.clone() as Arc<dyn Source>],
+        quick_retries,
+        sink.clone(),
+        stopped,
+    )
+    .expect("a thread and a runtime for the mapping");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !source
+        .checkpoint_history()
+        .last()
+        .is_some_and(|last| last.contains(&4))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the mapping did not get there"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("the handle ends once the loops stop")
+        .unwrap();
+    assert_eq!(*function.seen.lock().unwrap(), [0, 1, 2, 3, 4, 2, 3, 4]);
+    assert_eq!(
+        *function.invoked_on.lock().unwrap(),
+        [Some("flaky".to_string()), Some("flaky".to_string())],
+        "every invocation on the thread named after the function"
+    );
+    assert_ne!(
+        std::thread::current().name(),
+        Some("flaky"),
+        "not the test's own thread"
+    );
+    assert_eq!(mapping.stats.invocations.load(Ordering::Relaxed), 2);
+    assert_eq!(sink.taken.snapshot().1, 0, "nothing dead-lettered");
 }
