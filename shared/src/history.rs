@@ -29,8 +29,8 @@
 //! history has taken (a late or replayed reading) is archived and evaluated by the rules, but
 //! not counted here again.
 
+use smol_str::SmolStr;
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -178,10 +178,11 @@ pub struct Rollup {
     pub distance_m: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_speed_kmh: Option<f64>,
-    /// Every numeric reading field and metric (`metrics.<name>`) present.
+    /// Every numeric reading field and metric (`metrics.<name>`) present. Names of up to 23
+    /// bytes are kept inline (`SmolStr`): the minute under way is copied with the vehicle's
+    /// state on every batch, and a copy of inline names touches no shared reference count.
     #[serde(default)]
-    /// Keys shared between copies (a vehicle's minute under way is copied with its state).
-    pub fields: BTreeMap<Arc<str>, FieldRollup>,
+    pub fields: BTreeMap<SmolStr, FieldRollup>,
 }
 
 impl Rollup {
@@ -199,7 +200,8 @@ impl Rollup {
         match self.fields.get_mut(name) {
             Some(field) => field.combine(&FieldRollup::of(value)),
             None => {
-                self.fields.insert(Arc::from(name), FieldRollup::of(value));
+                self.fields
+                    .insert(SmolStr::new(name), FieldRollup::of(value));
             }
         }
     }
