@@ -207,7 +207,8 @@ pub async fn start(config: LocalConfig) -> Result<RunningStack, String> {
             // not wait behind the inspector's (about 10 µs a reading, a 500-record batch
             // polled in one go) and the gateway's requests. Sharing one run queue, its
             // records waited 9-10 ms (p50) to be read in the burst bench; on its own thread,
-            // POST-to-position p99 went from 44-50 to 12-17 ms (docs/performance.md).
+            // POST-to-position p50 went from 12-14 to 4-5 ms, p99 from 44-50 to 15-18 ms
+            // while the inspector keeps up (docs/performance.md).
             let (mapping, task) = start_mapping_on_own_thread(
                 function,
                 sources,

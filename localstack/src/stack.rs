@@ -86,6 +86,11 @@ pub struct MemoryStats {
     /// Stream records trimmed by retention (records or bytes), read or not; a reader that had
     /// not read them counts them as expired in its mapping's read errors.
     pub trimmed_stream_records: u64,
+    /// Publishes to the telemetry stream that waited for its slowest function (a backlog of
+    /// 25,000 records on a shard), and of them those that waited the longest allowed (5 s)
+    /// and went ahead: the gateway slows its clients rather than trim unread records.
+    pub held_back_publishes: u64,
+    pub publishes_waited_out: u64,
     /// Trips, stops and minute summaries, and how many were evicted (first written first) to
     /// keep them within their part.
     pub history_bytes: usize,
@@ -113,6 +118,8 @@ impl MemoryStats {
             telemetry_stream_bytes: memory.telemetry.bytes(),
             alert_stream_bytes: memory.alert_stream.bytes(),
             trimmed_stream_records: memory.telemetry.trimmed() + memory.alert_stream.trimmed(),
+            held_back_publishes: memory.telemetry.held_back().0,
+            publishes_waited_out: memory.telemetry.held_back().1,
             history_bytes: memory.history.bytes(),
             evicted_history_items: memory.history.evicted(),
             expired,

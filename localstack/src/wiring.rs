@@ -13,8 +13,8 @@ use geostream_aws::counting::CallCounter;
 use geostream_aws::manifest;
 use geostream_aws::provision::{create_resources, queue_url};
 use geostream_shared::memory::{
-    MemoryAlertStore, MemoryArchive, MemoryDeadLetters, MemoryFleetEvents, MemoryGeofences,
-    MemoryHistory, MemoryMetricNames, MemoryPositionStore, MemoryStream,
+    Backpressure, MemoryAlertStore, MemoryArchive, MemoryDeadLetters, MemoryFleetEvents,
+    MemoryGeofences, MemoryHistory, MemoryMetricNames, MemoryPositionStore, MemoryStream,
 };
 use geostream_shared::ports::{
     AlertStore, Archive, DeadLetterSink, EventBus, FleetEventStore, GeofenceStore, HistoryStore,
@@ -186,17 +186,34 @@ pub async fn ports(config: &LocalConfig) -> Result<Ports, String> {
     }
 }
 
+/// How far the slowest stream function may fall behind on a shard of the in-memory stream
+/// before the gateway's publishes wait for it: at 100,000 readings/s over 4 shards, about a
+/// second. Without a bound, a function slower than the gateway under sustained load (the
+/// anomaly-inspector with 100,000 vehicles) fell behind until retention trimmed records it had
+/// not read (docs/performance.md).
+const STREAM_BACKLOG_PER_SHARD: u64 = 25_000;
+/// The longest a publish waits for a slow function: one that is stuck (retrying a batch) must
+/// not stop ingest; past it, retention trims and counts, as without a bound.
+const STREAM_BACKLOG_MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The fleet events the embedded backend keeps (the oldest dropped beyond).
 const FLEET_EVENT_CAPACITY: usize = 100_000;
 
 fn embedded_ports(config: &LocalConfig) -> Ports {
     let memory = MemoryParts {
-        telemetry: Arc::new(MemoryStream::with_byte_limit(
-            "geostream-telemetry",
-            config.shards,
-            config.retention_per_shard,
-            config.memory_budget.telemetry_stream(),
-        )),
+        telemetry: Arc::new(
+            MemoryStream::with_byte_limit(
+                "geostream-telemetry",
+                config.shards,
+                config.retention_per_shard,
+                config.memory_budget.telemetry_stream(),
+            )
+            .with_backpressure(Backpressure {
+                unprocessed_per_shard: STREAM_BACKLOG_PER_SHARD
+                    .min(config.retention_per_shard as u64),
+                max_wait: STREAM_BACKLOG_MAX_WAIT,
+            }),
+        ),
         alert_stream: Arc::new(MemoryStream::with_byte_limit(
             "geostream-alerts",
             config.shards,

@@ -92,6 +92,21 @@ pub struct MemoryStream {
     retention: usize,
     max_bytes_per_shard: usize,
     trimmed: AtomicU64,
+    backpressure: Option<Backpressure>,
+    /// Publishes that waited for a slow reader, and those that gave up waiting.
+    held_back: AtomicU64,
+    waited_out: AtomicU64,
+}
+
+/// How far the slowest registered reader of a shard may fall behind before a publish waits for
+/// it: a bounded queue, so that a function slower than the gateway slows the gateway's clients
+/// instead of its unread records being trimmed. A publish waits at most `max_wait` (a reader
+/// that is stuck, not slow, must not stop ingest); then it goes ahead and retention trims, and
+/// counts, as without a bound.
+#[derive(Debug, Clone, Copy)]
+pub struct Backpressure {
+    pub unprocessed_per_shard: u64,
+    pub max_wait: std::time::Duration,
 }
 
 impl MemoryStream {
@@ -122,6 +137,61 @@ impl MemoryStream {
             retention: retention_per_shard.max(1),
             max_bytes_per_shard: max_bytes / shard_count,
             trimmed: AtomicU64::new(0),
+            backpressure: None,
+            held_back: AtomicU64::new(0),
+            waited_out: AtomicU64::new(0),
+        }
+    }
+
+    /// The stream with a bound on its readers' backlog (see [`Backpressure`]).
+    pub fn with_backpressure(mut self, backpressure: Backpressure) -> Self {
+        self.backpressure = Some(backpressure);
+        self
+    }
+
+    /// Publishes that waited for a slow reader so far, and of them those that waited the
+    /// longest allowed and went ahead anyway.
+    pub fn held_back(&self) -> (u64, u64) {
+        (
+            self.held_back.load(Ordering::Relaxed),
+            self.waited_out.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Records of the shard its slowest registered reader is not done with.
+    fn unprocessed(shard: &Shard) -> u64 {
+        let tip = *shard.tip.borrow();
+        lock(&shard.readers)
+            .iter()
+            .map(|cursor| (tip + 1).saturating_sub(cursor.load(Ordering::Acquire)))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Waits while a shard's slowest reader is [`Backpressure::unprocessed_per_shard`] records
+    /// or more behind, at most [`Backpressure::max_wait`].
+    async fn wait_for_readers(&self) {
+        let Some(bound) = self.backpressure else {
+            return;
+        };
+        let behind = || {
+            self.shards
+                .iter()
+                .any(|shard| Self::unprocessed(shard) >= bound.unprocessed_per_shard)
+        };
+        if !behind() {
+            return;
+        }
+        self.held_back.fetch_add(1, Ordering::Relaxed);
+        let deadline = tokio::time::Instant::now() + bound.max_wait;
+        while behind() {
+            if tokio::time::Instant::now() >= deadline {
+                self.waited_out.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            // Readers move their cursors without telling the stream; a millisecond is the
+            // timer's resolution and short beside a batch's processing.
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
     }
 
@@ -265,6 +335,7 @@ pub fn parse_sequence(text: &str) -> Option<u64> {
 #[async_trait]
 impl EventBus for MemoryStream {
     async fn publish(&self, records: Vec<BusRecord>) -> Vec<Result<Published, StoreError>> {
+        self.wait_for_readers().await;
         records
             .into_iter()
             .map(|record| Ok(self.append(record)))
@@ -805,6 +876,7 @@ mod tests {
     use crate::geo::haversine_m;
     use crate::model::GeoPoint;
     use proptest::prelude::*;
+    use std::time::Duration;
 
     fn position(device: &str, ts: EpochMillis, lat: f64, lon: f64) -> Position {
         Position {
@@ -844,6 +916,88 @@ mod tests {
         let old_cell = geohash_of(GeoPoint { lat: 1.0, lon: 1.0 }).unwrap();
         assert!(store.query_prefixes(&[old_cell]).is_empty());
         assert_eq!(store.len(), 1);
+    }
+
+    fn truck_record(n: u8) -> BusRecord {
+        BusRecord {
+            partition_key: "truck-1".into(),
+            data: vec![n],
+            decoded: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_publish_waits_while_the_slowest_reader_is_too_far_behind() {
+        let stream = Arc::new(
+            MemoryStream::new("t", 1, 1_000).with_backpressure(Backpressure {
+                unprocessed_per_shard: 3,
+                max_wait: Duration::from_secs(30),
+            }),
+        );
+        let fast = stream.register_reader(0);
+        let slow = stream.register_reader(0);
+        let first = stream.publish((0..3).map(truck_record).collect()).await;
+        assert!(first.iter().all(Result::is_ok), "under the bound: no wait");
+        assert_eq!(stream.held_back(), (0, 0));
+        fast.store(4, Ordering::Release);
+        let publishing = tokio::spawn({
+            let stream = stream.clone();
+            async move { stream.publish(vec![truck_record(3)]).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !publishing.is_finished(),
+            "3 records unprocessed by the slowest reader: the publish waits"
+        );
+        slow.store(2, Ordering::Release);
+        let published = tokio::time::timeout(Duration::from_secs(10), publishing)
+            .await
+            .expect("the publish goes on once the reader caught up")
+            .unwrap();
+        assert!(published[0].is_ok());
+        assert_eq!(stream.tips(), [4]);
+        assert_eq!(stream.held_back(), (1, 0));
+        assert_eq!(stream.trimmed(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_publish_behind_a_stuck_reader_goes_ahead_after_the_longest_wait() {
+        let stream = MemoryStream::new("t", 1, 1_000).with_backpressure(Backpressure {
+            unprocessed_per_shard: 2,
+            max_wait: Duration::from_millis(30),
+        });
+        let _stuck = stream.register_reader(0);
+        stream.publish((0..2).map(truck_record).collect()).await;
+        let published = tokio::time::timeout(
+            Duration::from_secs(10),
+            stream.publish(vec![truck_record(2)]),
+        )
+        .await
+        .expect("a stuck reader does not stop ingest");
+        assert!(published[0].is_ok());
+        assert_eq!(stream.tips(), [3]);
+        assert_eq!(stream.held_back(), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn without_a_bound_or_readers_a_publish_never_waits() {
+        let unbounded = MemoryStream::new("t", 1, 1_000);
+        let _reader = unbounded.register_reader(0);
+        let bounded = MemoryStream::new("t", 1, 1_000).with_backpressure(Backpressure {
+            unprocessed_per_shard: 1,
+            max_wait: Duration::from_secs(30),
+        });
+        for stream in [&unbounded, &bounded] {
+            for n in 0..5 {
+                tokio::time::timeout(
+                    Duration::from_secs(10),
+                    stream.publish(vec![truck_record(n)]),
+                )
+                .await
+                .expect("no wait");
+            }
+            assert_eq!(stream.held_back(), (0, 0));
+        }
     }
 
     #[tokio::test]

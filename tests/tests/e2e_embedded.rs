@@ -427,6 +427,9 @@ async fn a_small_memory_budget_evicts_the_oldest_readings_and_serves_the_rest() 
     // came, so it holds one request's records at most (under a KiB each, with their decoded
     // envelopes; its part is 256 KiB) and retention never had to trim.
     assert_eq!(memory["trimmed_stream_records"], 0, "{memory}");
+    // Nothing was ever 25,000 records behind: no publish waited.
+    assert_eq!(memory["held_back_publishes"], 0, "{memory}");
+    assert_eq!(memory["publishes_waited_out"], 0, "{memory}");
     assert!(
         memory["telemetry_stream_bytes"].as_u64().unwrap() <= vehicles as u64 * 1024,
         "{memory}"
