@@ -105,6 +105,7 @@ impl MemoryStats {
         budget: MemoryBudget,
         expired: crate::retention::ExpiredCounts,
     ) -> MemoryStats {
+        let (held_back_publishes, publishes_waited_out) = memory.telemetry.held_back();
         let archived = memory.archive.len();
         let archive_bytes = memory.archive.bytes();
         MemoryStats {
@@ -118,8 +119,8 @@ impl MemoryStats {
             telemetry_stream_bytes: memory.telemetry.bytes(),
             alert_stream_bytes: memory.alert_stream.bytes(),
             trimmed_stream_records: memory.telemetry.trimmed() + memory.alert_stream.trimmed(),
-            held_back_publishes: memory.telemetry.held_back().0,
-            publishes_waited_out: memory.telemetry.held_back().1,
+            held_back_publishes,
+            publishes_waited_out,
             history_bytes: memory.history.bytes(),
             evicted_history_items: memory.history.evicted(),
             expired,

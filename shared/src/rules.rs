@@ -82,7 +82,12 @@ pub enum Condition {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rule {
-    pub name: String,
+    /// Also the key of the rule's state in every device's rule map. Names of up to 23 bytes
+    /// are inline (`SmolStr`): a device's map is copied on every evaluation (twice with the
+    /// lateness window), and copying inline keys touches no reference count; `Arc<str>` keys
+    /// made per device cost a cache miss each (7.3% of the embedded burst's samples in the
+    /// map copy, 4.9% with the keys shared, docs/performance.md).
+    pub name: SmolStr,
     pub metric: String,
     pub severity: Severity,
     pub condition: Condition,
@@ -105,12 +110,6 @@ pub struct RuleSet {
     /// The metrics the rules read, each once, in rule order (found once, not per evaluation;
     /// shared with the lateness windows made from it).
     metrics: Arc<[String]>,
-    /// Each rule's name as the key of its state, made once. Names of up to 23 bytes are
-    /// inline (`SmolStr`): a device's rule map is copied on every evaluation (twice with the
-    /// lateness window), and copying inline keys touches no reference count; `Arc<str>` keys
-    /// made per device cost a cache miss each (7.3% of the embedded burst's samples in the
-    /// map copy, 4.9% with the keys shared, docs/performance.md).
-    rule_keys: Vec<SmolStr>,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -181,9 +180,7 @@ impl RuleSet {
                 metrics.push(rule.metric.clone());
             }
         }
-        let rule_keys = rules.iter().map(|r| SmolStr::new(&r.name)).collect();
         Ok(RuleSet {
-            rule_keys,
             rules,
             lateness_ms,
             fleet,
@@ -390,12 +387,12 @@ impl RuleSet {
             .map(|rule| metrics.iter().position(|m| *m == rule.metric))
             .collect();
         for reading in readings {
-            for ((rule, slot), key) in self.rules.iter().zip(&slots).zip(&self.rule_keys) {
+            for (rule, slot) in self.rules.iter().zip(&slots) {
                 let Some(value) = slot.and_then(|i| reading.2.get(i).copied().flatten()) else {
                     continue;
                 };
                 if !rules.contains_key(rule.name.as_str()) {
-                    rules.insert(key.clone(), RuleState::default());
+                    rules.insert(rule.name.clone(), RuleState::default());
                 }
                 let Some(rule_state) = rules.get_mut(rule.name.as_str()) else {
                     continue;
@@ -618,7 +615,7 @@ fn compile(raw: RawRule) -> Result<Rule, String> {
         }
     };
     Ok(Rule {
-        name,
+        name: SmolStr::new(name),
         metric,
         severity,
         condition,
@@ -789,7 +786,7 @@ fn step(
     let raise = |since: EpochMillis, peak_value: f64, count: u64| Alert {
         alert_id: Alert::make_id(device_id, &rule.name, since),
         device_id: device_id.to_string(),
-        rule: rule.name.clone(),
+        rule: rule.name.to_string(),
         severity: rule.severity,
         state: AlertState::Active,
         acknowledged: false,
