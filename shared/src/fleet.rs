@@ -24,6 +24,7 @@ use rstar::primitives::{GeomWithData, Rectangle};
 use rstar::{RTree, AABB};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use smol_str::SmolStr;
 
 use crate::geo::{haversine_m, EARTH_RADIUS_M};
 use crate::model::{GeoPoint, Reading};
@@ -743,7 +744,7 @@ pub struct FleetState {
     /// (or later than the device's newest: fleet events follow event-time order and skip
     /// them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mark: Option<(EpochMillis, String)>,
+    pub mark: Option<(EpochMillis, SmolStr)>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub geofences: BTreeMap<String, Membership>,
     #[serde(default, skip_serializing_if = "is_normal")]
@@ -792,9 +793,11 @@ impl FleetRules {
         if !fresh.is_empty() {
             state.seen_at = Some(now);
         }
-        for reading in fresh {
+        for reading in &fresh {
             self.step(index, device_id, state, reading, &mut events);
-            state.mark = Some((reading.ts, reading.event_id.clone()));
+        }
+        if let Some(newest) = fresh.last() {
+            state.mark = Some((newest.ts, SmolStr::from(newest.event_id.as_str())));
         }
         events
     }

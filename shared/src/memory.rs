@@ -741,7 +741,16 @@ impl AlertStore for MemoryAlertStore {
                 ),
             ));
         }
-        inner.states.insert(device_id.to_string(), Arc::new(stored));
+        let stored = Arc::new(stored);
+        // The state it replaces is dropped after the lock is let go, and a device's key is
+        // made once, not on every commit.
+        let replaced = match inner.states.get_mut(device_id) {
+            Some(slot) => Some(std::mem::replace(slot, stored)),
+            None => {
+                inner.states.insert(device_id.to_string(), stored);
+                None
+            }
+        };
         for alert_id in changes.removed {
             inner.alerts.remove(alert_id);
         }
@@ -754,6 +763,8 @@ impl AlertStore for MemoryAlertStore {
             }
             inner.alerts.insert(alert.alert_id.clone(), alert);
         }
+        drop(inner);
+        drop(replaced);
         Ok(())
     }
 

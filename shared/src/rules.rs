@@ -495,13 +495,13 @@ impl LatenessWindow {
 /// most of the embedded pipeline's time (the burst bench fell from ~118,000 to 31,000
 /// readings/s). Serialized as a plain string and list.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct WindowReading(pub EpochMillis, pub Arc<str>, pub Arc<[Option<f64>]>);
+pub struct WindowReading(pub EpochMillis, pub SmolStr, pub Arc<[Option<f64>]>);
 
 impl WindowReading {
     fn of(reading: &Reading, metrics: &[String]) -> Self {
         WindowReading(
             reading.ts,
-            Arc::from(reading.event_id.as_str()),
+            SmolStr::from(reading.event_id.as_str()),
             metrics.iter().map(|m| reading.value(m)).collect(),
         )
     }
@@ -513,7 +513,7 @@ impl WindowReading {
     fn watermark(&self) -> Watermark {
         Watermark {
             ts: self.0,
-            event_id: self.1.to_string(),
+            event_id: self.1.clone(),
         }
     }
 }
@@ -628,7 +628,7 @@ fn compile(raw: RawRule) -> Result<Rule, String> {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Watermark {
     pub ts: EpochMillis,
-    pub event_id: String,
+    pub event_id: SmolStr,
 }
 
 /// All rule state of one device: one entry per (device, rule), stored as one item so a batch
@@ -651,7 +651,7 @@ pub struct DeviceRuleStates {
     /// The newest bus record (its id as written) whose readings these rules took: a reading
     /// behind the lateness bound in a record at or before it is a replay, not a late reading.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub evaluated_through: Option<String>,
+    pub evaluated_through: Option<SmolStr>,
     /// Fleet events' state (geofences, overspeed, offline).
     #[serde(default, skip_serializing_if = "is_default")]
     pub fleet: crate::fleet::FleetState,

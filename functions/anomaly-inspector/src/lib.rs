@@ -288,7 +288,7 @@ impl AnomalyInspector {
             }
             let too_late = too_late.len();
             if newest_record > evaluated_through.as_ref() {
-                state.evaluated_through = newest_record.map(RecordId::to_string);
+                state.evaluated_through = newest_record.map(|id| id.to_string().into());
             }
             if evaluation.readings_evaluated == 0 && too_late == 0 && !fleet_moved && !history_moved
             {
