@@ -420,7 +420,7 @@ pub enum Segment {
 pub struct HistoryState {
     /// The newest reading taken, in [`Reading::order_key`] order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub through: Option<(EpochMillis, String)>,
+    pub through: Option<(EpochMillis, SmolStr)>,
     /// The newest position taken.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last: Option<Fix>,
@@ -458,7 +458,7 @@ impl TripRules {
                 update.skipped += 1;
                 continue;
             }
-            state.through = Some((reading.ts, reading.event_id.clone()));
+            state.through = Some((reading.ts, SmolStr::from(reading.event_id.as_str())));
             self.take(state, reading, &mut update.items);
         }
         update
