@@ -29,6 +29,8 @@ struct Seen {
     statuses: BTreeMap<u16, u64>,
     /// 429s without a Retry-After of 1 s or more.
     bad_retry_after: u64,
+    /// From the first request sent to the last answer: the runner saw the requests within it.
+    span: Option<(Instant, Instant)>,
 }
 
 impl Seen {
@@ -37,6 +39,7 @@ impl Seen {
             latency_us: Histogram::new(3).unwrap(),
             statuses: BTreeMap::new(),
             bad_retry_after: 0,
+            span: None,
         }
     }
 
@@ -46,6 +49,10 @@ impl Seen {
             *self.statuses.entry(status).or_default() += count;
         }
         self.bad_retry_after += other.bad_retry_after;
+        self.span = match (self.span, other.span) {
+            (Some((a, b)), Some((c, d))) => Some((a.min(c), b.max(d))),
+            (one, other) => one.or(other),
+        };
     }
 
     fn count(&self, status: u16) -> u64 {
@@ -99,6 +106,8 @@ async fn report(
             .await
             .expect("the runner answers");
         let elapsed = started.elapsed();
+        let first_sent = seen.span.map_or(started, |(first, _)| first);
+        seen.span = Some((first_sent, Instant::now()));
         let status = response.status().as_u16();
         let retry_after = response
             .headers()
@@ -168,8 +177,13 @@ async fn a_flooding_device_is_answered_429_and_the_others_see_no_difference() {
             seen.statuses
         );
     }
-    // Its burst and its rate over the phase pass (one more for the tick at the phase's edge).
-    let allowance = BURST + (RATE_PER_SECOND * PHASE.as_secs_f64()) as u64 + 1;
+    // Its burst and its rate over the time its requests took (one more for the tick at the
+    // edge); measured, not the phase's nominal length: on a loaded machine the last request
+    // may reach the runner well after the phase ends.
+    let span = flooder
+        .span
+        .map_or(PHASE, |(first, last)| last.duration_since(first));
+    let allowance = BURST + (RATE_PER_SECOND * span.as_secs_f64()).ceil() as u64 + 1;
     assert!(
         flooder.count(202) <= allowance,
         "the flooder got {} accepted, more than its allowance of {allowance}",
@@ -181,8 +195,10 @@ async fn a_flooding_device_is_answered_429_and_the_others_see_no_difference() {
         "the flooder sees only 202 and 429: {:?}",
         flooder.statuses
     );
+    // How many it sent depends on the machine's speed; with the two checks above, all past
+    // its allowance were refused.
     assert!(
-        flooder.count(429) > allowance,
+        flooder.count(429) > 0,
         "the flood was refused: {:?}",
         flooder.statuses
     );
