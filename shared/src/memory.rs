@@ -731,8 +731,12 @@ impl AlertStore for MemoryAlertStore {
         }
         let mut stored = states.clone();
         stored.version = expected_version + 1;
+        let stored = Arc::new(stored);
         let mut inner = lock(&self.inner);
-        let current = inner.states.get(device_id).map_or(0, |s| s.version);
+        // One lookup for the version check and the write; the state replaced is dropped after
+        // the lock is let go, and a device's key is made once, not on every commit.
+        let slot = inner.states.get_mut(device_id);
+        let current = slot.as_ref().map_or(0, |s| s.version);
         if current != expected_version {
             return Err(StoreError::conflict(
                 "alert state commit",
@@ -741,10 +745,7 @@ impl AlertStore for MemoryAlertStore {
                 ),
             ));
         }
-        let stored = Arc::new(stored);
-        // The state it replaces is dropped after the lock is let go, and a device's key is
-        // made once, not on every commit.
-        let replaced = match inner.states.get_mut(device_id) {
+        let replaced = match slot {
             Some(slot) => Some(std::mem::replace(slot, stored)),
             None => {
                 inner.states.insert(device_id.to_string(), stored);

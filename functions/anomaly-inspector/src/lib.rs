@@ -19,7 +19,6 @@
 //! stops and minute summaries in the same state and writes them as they complete
 //! (`geostream_shared::history`).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -220,21 +219,26 @@ impl AnomalyInspector {
         geofences: Option<&GeofenceIndex>,
     ) -> Result<Inspected, StoreError> {
         let device_id = group.device_id.as_str();
-        // Each reading with the newest record that carried it (a client's retry sends one
-        // again in a later record).
-        let mut readings: Vec<(&Reading, &RecordId)> = group
+        // Each reading with the record that carried it; a client's retry sends one again in a
+        // later record, and the newest of those counts (`carried_by`).
+        let mut carried: Vec<(&Reading, &RecordId)> = group
             .record_ids
             .iter()
             .zip(&group.envelopes)
             .flat_map(|(id, envelope)| envelope.readings.iter().map(move |r| (r, id)))
             .collect();
-        readings.sort_by(|a, b| (a.0.order_key(), a.1).cmp(&(b.0.order_key(), b.1)));
+        carried.sort_by(|a, b| (a.0.order_key(), a.1).cmp(&(b.0.order_key(), b.1)));
         let newest_record = group.record_ids.iter().max();
-        let mut carried_by: HashMap<&str, &RecordId> = HashMap::new();
-        for (reading, id) in &readings {
-            carried_by.insert(reading.event_id.as_str(), id);
-        }
-        let readings: Vec<&Reading> = readings.into_iter().map(|(r, _)| r).collect();
+        // Looked up only for readings behind the lateness bound, which are rare: no map is
+        // built for every batch.
+        let carried_by = |event_id: &str| {
+            carried
+                .iter()
+                .filter(|(reading, _)| reading.event_id == event_id)
+                .map(|(_, id)| *id)
+                .max()
+        };
+        let readings: Vec<&Reading> = carried.iter().map(|(r, _)| *r).collect();
         let mut made = Inspected::default();
         let mut start = 0;
         let mut attempt = 0;
@@ -272,9 +276,7 @@ impl AnomalyInspector {
             let too_late: Vec<&(i64, String)> = evaluation
                 .too_late
                 .iter()
-                .filter(|(_, event_id)| {
-                    carried_by.get(event_id.as_str()).copied() > evaluated_through.as_ref()
-                })
+                .filter(|(_, event_id)| carried_by(event_id) > evaluated_through.as_ref())
                 .collect();
             if !too_late.is_empty() {
                 tracing::warn!(
@@ -501,6 +503,28 @@ mod tests {
             .flat_map(|s| bus.read(s, 1, 10_000).records)
             .map(|r| serde_json::from_slice(&r.data).unwrap())
             .collect()
+    }
+
+    #[tokio::test]
+    async fn a_reading_behind_the_bound_is_counted_too_late_per_record_that_brings_it_anew() {
+        let inspector = AnomalyInspector::new(
+            Arc::new(RuleSet::default_rules()),
+            Arc::new(MemoryAlertStore::new()),
+            Arc::new(MemoryStream::new("alerts", 1, 100)),
+            Arc::new(MemoryDeadLetters::new(1)),
+        );
+        let too_late =
+            |outcome: BatchOutcome| outcome.measurements.get(MetricName::ReadingsTooLate);
+        let on_time = batch((0..5).map(|i| (100_000 + i * 20_000, 90.0)).collect(), 1);
+        assert_eq!(too_late(inspector.process(&on_time).await), Some(0.0));
+        // At 1 s, far behind the 60 s bound from the newest (180 s), in a new record.
+        let late = batch(vec![(1_000, 90.0)], 2);
+        assert_eq!(too_late(inspector.process(&late).await), Some(1.0));
+        // The same record delivered again: a replay, not counted again.
+        assert_eq!(too_late(inspector.process(&late).await), Some(0.0));
+        // The device sending it again, in a newer record: counted.
+        let sent_again = batch(vec![(1_000, 90.0)], 3);
+        assert_eq!(too_late(inspector.process(&sent_again).await), Some(1.0));
     }
 
     #[tokio::test]
