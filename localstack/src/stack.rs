@@ -86,9 +86,10 @@ pub struct MemoryStats {
     /// Stream records trimmed by retention (records or bytes), read or not; a reader that had
     /// not read them counts them as expired in its mapping's read errors.
     pub trimmed_stream_records: u64,
-    /// Publishes to the telemetry stream that waited for its slowest function (a backlog of
-    /// 25,000 records on a shard), and of them those that waited the longest allowed (5 s)
-    /// and went ahead: the gateway slows its clients rather than trim unread records.
+    /// Publishes to the telemetry stream that waited for its slowest function (its backlog on
+    /// a shard at the runner's bound, `STREAM_BACKLOG_PER_SHARD` in `wiring.rs`), and of them
+    /// those that waited the longest allowed and went ahead: the gateway slows its clients
+    /// rather than trim unread records.
     pub held_back_publishes: u64,
     pub publishes_waited_out: u64,
     /// Trips, stops and minute summaries, and how many were evicted (first written first) to
