@@ -112,12 +112,12 @@ pub struct LocalConfig {
 }
 
 /// What the embedded backend's stores and bus may hold in memory, shared out as fixed parts:
-/// half to the archive, an eighth to the telemetry stream, a thirty-second to the alert stream,
-/// a sixteenth to trips, stops and summaries. The rest (over a quarter) is left for what is not
-/// evicted (latest positions, rule states, fleet events, dead letters, the live page) and for
-/// the process itself. The archive and the history evict what they took first and the streams
-/// trim their oldest records (a reader that had not read them is told how many it missed) to
-/// stay within their parts.
+/// fifteen thirty-seconds to the archive, an eighth to the telemetry stream, a thirty-second to
+/// the alert stream, a sixteenth to trips, stops and summaries. The rest (about 31%) is left for
+/// what is not evicted (latest positions, rule states, fleet events, dead letters, the live
+/// page) and for the process itself. The archive and the history evict what they took first
+/// and the streams trim their oldest records (a reader that had not read them is told how many
+/// it missed) to stay within their parts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryBudget {
     pub bytes: usize,
@@ -145,11 +145,20 @@ impl MemoryBudget {
     }
 
     pub fn archive(&self) -> usize {
-        self.bytes / 2
+        self.bytes / 32 * 15
     }
 
     pub fn telemetry_stream(&self) -> usize {
         self.bytes / 8
+    }
+
+    /// The bytes of telemetry records the slowest stream function may leave unread before the
+    /// gateway's publishes wait for it: a quarter of the stream's part. The stream absorbs a
+    /// burst that the anomaly-inspector works off afterwards, as a Kinesis stream does; a
+    /// sustained overload reaches the bound long before retention would trim records a function
+    /// has not read (docs/performance.md).
+    pub fn telemetry_backlog(&self) -> usize {
+        self.telemetry_stream() / 4
     }
 
     pub fn alert_stream(&self) -> usize {

@@ -123,7 +123,7 @@ struct Cli {
     /// Readings kept per vehicle in the in-memory archive.
     #[arg(long, default_value_t = 2_000)]
     archive_per_device: usize,
-    /// MiB the embedded stores and bus may hold: half for the archive (oldest readings evicted
+    /// MiB the embedded stores and bus may hold: 15/32 for the archive (oldest readings evicted
     /// first), an eighth for the telemetry stream, a thirty-second for the alert stream (oldest
     /// records trimmed), a sixteenth for trips, stops and summaries, the rest left for
     /// positions, rule states and the process [default: a quarter of the machine's memory].

@@ -186,12 +186,6 @@ pub async fn ports(config: &LocalConfig) -> Result<Ports, String> {
     }
 }
 
-/// How far the slowest stream function may fall behind on a shard of the in-memory stream
-/// before the gateway's publishes wait for it: at 100,000 readings/s over 4 shards, about a
-/// second. Without a bound, a function slower than the gateway under sustained load (the
-/// anomaly-inspector with 100,000 vehicles) fell behind until retention trimmed records it had
-/// not read (docs/performance.md).
-const STREAM_BACKLOG_PER_SHARD: u64 = 25_000;
 /// The longest a publish waits for a slow function: one that is stuck (retrying a batch) must
 /// not stop ingest; past it, retention trims and counts, as without a bound.
 const STREAM_BACKLOG_MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -209,8 +203,10 @@ fn embedded_ports(config: &LocalConfig) -> Ports {
                 config.memory_budget.telemetry_stream(),
             )
             .with_backpressure(Backpressure {
-                unprocessed_per_shard: STREAM_BACKLOG_PER_SHARD
-                    .min(config.retention_per_shard as u64),
+                // A quarter of a shard's retention in records, as in bytes.
+                unprocessed_per_shard: (config.retention_per_shard / 4).max(1) as u64,
+                unprocessed_bytes_per_shard: config.memory_budget.telemetry_backlog()
+                    / config.shards.max(1),
                 max_wait: STREAM_BACKLOG_MAX_WAIT,
             }),
         ),

@@ -99,13 +99,17 @@ pub struct MemoryStream {
 }
 
 /// How far the slowest registered reader of a shard may fall behind before a publish waits for
-/// it: a bounded queue, so that a function slower than the gateway slows the gateway's clients
-/// instead of its unread records being trimmed. A publish waits at most `max_wait` (a reader
-/// that is stuck, not slow, must not stop ingest); then it goes ahead and retention trims, and
-/// counts, as without a bound.
+/// it: a bounded queue, so that a function slower than the gateway under sustained load slows
+/// the gateway's clients instead of its unread records being trimmed. The bound is in records
+/// and in bytes, whichever is reached first; set well below retention, it lets the stream absorb
+/// a burst that a slower function works off afterwards (as a Kinesis stream does), while a
+/// sustained overload reaches it. A publish waits at most `max_wait` (a reader that is stuck,
+/// not slow, must not stop ingest); then it goes ahead and retention trims, and counts, as
+/// without a bound.
 #[derive(Debug, Clone, Copy)]
 pub struct Backpressure {
     pub unprocessed_per_shard: u64,
+    pub unprocessed_bytes_per_shard: usize,
     pub max_wait: std::time::Duration,
 }
 
@@ -158,26 +162,50 @@ impl MemoryStream {
         )
     }
 
-    /// Records of the shard its slowest registered reader is not done with.
-    fn unprocessed(shard: &Shard) -> u64 {
-        let tip = *shard.tip.borrow();
-        lock(&shard.readers)
-            .iter()
-            .map(|cursor| (tip + 1).saturating_sub(cursor.load(Ordering::Acquire)))
-            .max()
-            .unwrap_or(0)
+    /// Records of the shard its slowest registered reader is not done with, and their bytes
+    /// (none without registered readers).
+    fn unprocessed(shard: &Shard) -> (u64, usize) {
+        let mut stored = lock(&shard.records);
+        if !Self::drop_done_with(shard, &mut stored) {
+            return (0, 0);
+        }
+        (stored.records.len() as u64, stored.bytes)
     }
 
-    /// Waits while a shard's slowest reader is [`Backpressure::unprocessed_per_shard`] records
-    /// or more behind, at most [`Backpressure::max_wait`].
+    /// Drops the records every registered reader of the shard is done with (they are not
+    /// counted as trimmed); whether the shard has registered readers.
+    fn drop_done_with(shard: &Shard, stored: &mut ShardRecords) -> bool {
+        let Some(done_with) = lock(&shard.readers)
+            .iter()
+            .map(|cursor| cursor.load(Ordering::Acquire))
+            .min()
+        else {
+            return false;
+        };
+        while stored
+            .records
+            .front()
+            .is_some_and(|r| r.sequence < done_with)
+        {
+            if let Some(done) = stored.records.pop_front() {
+                stored.bytes -= done.bytes();
+            }
+        }
+        true
+    }
+
+    /// Waits while a shard's slowest reader is behind by [`Backpressure::unprocessed_per_shard`]
+    /// records or [`Backpressure::unprocessed_bytes_per_shard`] bytes or more, at most
+    /// [`Backpressure::max_wait`].
     async fn wait_for_readers(&self) {
         let Some(bound) = self.backpressure else {
             return;
         };
         let behind = || {
-            self.shards
-                .iter()
-                .any(|shard| Self::unprocessed(shard) >= bound.unprocessed_per_shard)
+            self.shards.iter().any(|shard| {
+                let (records, bytes) = Self::unprocessed(shard);
+                records >= bound.unprocessed_per_shard || bytes >= bound.unprocessed_bytes_per_shard
+            })
         };
         if !behind() {
             return;
@@ -279,22 +307,8 @@ impl MemoryStream {
         };
         stored.bytes += record.bytes();
         stored.records.push_back(record);
-        // Records every registered reader is done with go first; they are not counted as trimmed.
-        let done_with = lock(&shard.readers)
-            .iter()
-            .map(|cursor| cursor.load(Ordering::Acquire))
-            .min();
-        if let Some(done_with) = done_with {
-            while stored
-                .records
-                .front()
-                .is_some_and(|r| r.sequence < done_with)
-            {
-                if let Some(done) = stored.records.pop_front() {
-                    stored.bytes -= done.bytes();
-                }
-            }
-        }
+        // Records every registered reader is done with go first; then retention trims.
+        Self::drop_done_with(shard, &mut stored);
         let mut trimmed = 0;
         while stored.records.len() > self.retention
             || (stored.bytes > self.max_bytes_per_shard && stored.records.len() > 1)
@@ -943,6 +957,7 @@ mod tests {
         let stream = Arc::new(
             MemoryStream::new("t", 1, 1_000).with_backpressure(Backpressure {
                 unprocessed_per_shard: 3,
+                unprocessed_bytes_per_shard: usize::MAX,
                 max_wait: Duration::from_secs(30),
             }),
         );
@@ -973,9 +988,52 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_publish_waits_while_the_slowest_readers_backlog_is_too_many_bytes() {
+        let big_record = |n: u8| BusRecord {
+            partition_key: "truck-1".into(),
+            data: vec![n; 1_000],
+            decoded: None,
+        };
+        let stream = Arc::new(
+            MemoryStream::new("t", 1, 1_000).with_backpressure(Backpressure {
+                unprocessed_per_shard: 1_000,
+                unprocessed_bytes_per_shard: 2_500,
+                max_wait: Duration::from_secs(30),
+            }),
+        );
+        let reader = stream.register_reader(0);
+        stream.publish((0..2).map(big_record).collect()).await;
+        stream.publish(vec![big_record(2)]).await;
+        assert_eq!(
+            stream.held_back(),
+            (0, 0),
+            "two records unread before it, under 2,500 bytes: no wait"
+        );
+        let publishing = tokio::spawn({
+            let stream = stream.clone();
+            async move { stream.publish(vec![big_record(3)]).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !publishing.is_finished(),
+            "three records of over 1,000 bytes unread: the publish waits"
+        );
+        // The reader is done with two of them: dropped while the publish waits, not at the
+        // next append.
+        reader.store(3, Ordering::Release);
+        tokio::time::timeout(Duration::from_secs(10), publishing)
+            .await
+            .expect("the publish goes on once the reader is done with enough bytes")
+            .unwrap();
+        assert_eq!(stream.held_back(), (1, 0));
+        assert_eq!(stream.trimmed(), 0);
+    }
+
+    #[tokio::test]
     async fn a_publish_behind_a_stuck_reader_goes_ahead_after_the_longest_wait() {
         let stream = MemoryStream::new("t", 1, 1_000).with_backpressure(Backpressure {
             unprocessed_per_shard: 2,
+            unprocessed_bytes_per_shard: usize::MAX,
             max_wait: Duration::from_millis(30),
         });
         let _stuck = stream.register_reader(0);
@@ -997,6 +1055,7 @@ mod tests {
         let _reader = unbounded.register_reader(0);
         let bounded = MemoryStream::new("t", 1, 1_000).with_backpressure(Backpressure {
             unprocessed_per_shard: 1,
+            unprocessed_bytes_per_shard: usize::MAX,
             max_wait: Duration::from_secs(30),
         });
         for stream in [&unbounded, &bounded] {
