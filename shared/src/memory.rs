@@ -416,18 +416,34 @@ impl PositionStore for MemoryPositionStore {
     async fn upsert_if_newer(&self, position: Position) -> Result<UpsertOutcome, StoreError> {
         let position = with_geohash(position, "position upsert")?;
         let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(current) = inner.by_device.get(&position.device_id) {
-            if (current.ts, current.event_id.as_str()) >= (position.ts, position.event_id.as_str())
-            {
-                return Ok(UpsertOutcome::Stale);
+        let inner = &mut *inner;
+        match inner.by_device.get_mut(&position.device_id) {
+            Some(current) => {
+                if (current.ts, current.event_id.as_str())
+                    >= (position.ts, position.event_id.as_str())
+                {
+                    return Ok(UpsertOutcome::Stale);
+                }
+                let moved = current.geohash != position.geohash;
+                let replaced = std::mem::replace(current, position);
+                // A vehicle still in its cell keeps its index entry; one that moved is found
+                // by the replaced position's own strings, nothing copied to look it up.
+                if moved {
+                    inner
+                        .by_cell
+                        .remove(&(replaced.geohash, replaced.device_id));
+                    inner
+                        .by_cell
+                        .insert((current.geohash.clone(), current.device_id.clone()));
+                }
             }
-            let old_key = (current.geohash.clone(), current.device_id.clone());
-            inner.by_cell.remove(&old_key);
+            None => {
+                inner
+                    .by_cell
+                    .insert((position.geohash.clone(), position.device_id.clone()));
+                inner.by_device.insert(position.device_id.clone(), position);
+            }
         }
-        inner
-            .by_cell
-            .insert((position.geohash.clone(), position.device_id.clone()));
-        inner.by_device.insert(position.device_id.clone(), position);
         Ok(UpsertOutcome::Applied)
     }
 
@@ -942,6 +958,34 @@ mod tests {
         let old_cell = geohash_of(GeoPoint { lat: 1.0, lon: 1.0 }).unwrap();
         assert!(store.query_prefixes(&[old_cell]).is_empty());
         assert_eq!(store.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_vehicle_that_stays_in_its_cell_is_listed_once_with_its_newest_position() {
+        let store = MemoryPositionStore::new();
+        for ts in [1_000, 2_000, 3_000] {
+            assert_eq!(
+                store
+                    .upsert_if_newer(position("parked", ts, 52.5, 13.4))
+                    .await,
+                Ok(UpsertOutcome::Applied)
+            );
+        }
+        let cell = geohash_of(GeoPoint {
+            lat: 52.5,
+            lon: 13.4,
+        })
+        .unwrap();
+        let listed = store.query_prefixes(std::slice::from_ref(&cell));
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert_eq!(listed[0].ts, 3_000);
+        // Moving on from there leaves nothing behind in the cell.
+        store
+            .upsert_if_newer(position("parked", 4_000, 48.1, 11.6))
+            .await
+            .unwrap();
+        assert!(store.query_prefixes(&[cell]).is_empty());
+        assert_eq!(store.all().len(), 1);
     }
 
     fn truck_record(n: u8) -> BusRecord {
