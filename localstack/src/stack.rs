@@ -87,7 +87,7 @@ pub struct MemoryStats {
     /// not read them counts them as expired in its mapping's read errors.
     pub trimmed_stream_records: u64,
     /// Publishes to the telemetry stream that waited for its slowest function (its backlog on
-    /// a shard at the runner's bound, `STREAM_BACKLOG_PER_SHARD` in `wiring.rs`), and of them
+    /// a shard at the runner's bound, [`crate::MemoryBudget::telemetry_backlog`]), and of them
     /// those that waited the longest allowed and went ahead: the gateway slows its clients
     /// rather than trim unread records.
     pub held_back_publishes: u64,

@@ -996,26 +996,47 @@ mod tests {
         }
     }
 
+    /// A record of 1,000 bytes of data, each `n`.
+    fn kilobyte_truck_record(n: u8) -> BusRecord {
+        BusRecord {
+            data: vec![n; 1_000],
+            ..truck_record(n)
+        }
+    }
+
+    /// A one-shard stream whose publishes wait for its readers ([`Backpressure`]).
+    fn bounded_stream(records: u64, bytes: usize, max_wait: Duration) -> MemoryStream {
+        MemoryStream::new("t", 1, 1_000).with_backpressure(Backpressure {
+            unprocessed_per_shard: records,
+            unprocessed_bytes_per_shard: bytes,
+            max_wait,
+        })
+    }
+
+    /// A publish of `record` started in the background and given 50 ms, long enough to have
+    /// finished unless it waits.
+    async fn publish_in_background(
+        stream: &Arc<MemoryStream>,
+        record: BusRecord,
+    ) -> tokio::task::JoinHandle<Vec<Result<Published, StoreError>>> {
+        let publishing = tokio::spawn({
+            let stream = stream.clone();
+            async move { stream.publish(vec![record]).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        publishing
+    }
+
     #[tokio::test]
     async fn a_publish_waits_while_the_slowest_reader_is_too_far_behind() {
-        let stream = Arc::new(
-            MemoryStream::new("t", 1, 1_000).with_backpressure(Backpressure {
-                unprocessed_per_shard: 3,
-                unprocessed_bytes_per_shard: usize::MAX,
-                max_wait: Duration::from_secs(30),
-            }),
-        );
+        let stream = Arc::new(bounded_stream(3, usize::MAX, Duration::from_secs(30)));
         let fast = stream.register_reader(0);
         let slow = stream.register_reader(0);
         let first = stream.publish((0..3).map(truck_record).collect()).await;
         assert!(first.iter().all(Result::is_ok), "under the bound: no wait");
         assert_eq!(stream.held_back(), (0, 0));
         fast.store(4, Ordering::Release);
-        let publishing = tokio::spawn({
-            let stream = stream.clone();
-            async move { stream.publish(vec![truck_record(3)]).await }
-        });
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let publishing = publish_in_background(&stream, truck_record(3)).await;
         assert!(
             !publishing.is_finished(),
             "3 records unprocessed by the slowest reader: the publish waits"
@@ -1033,31 +1054,18 @@ mod tests {
 
     #[tokio::test]
     async fn a_publish_waits_while_the_slowest_readers_backlog_is_too_many_bytes() {
-        let big_record = |n: u8| BusRecord {
-            partition_key: "truck-1".into(),
-            data: vec![n; 1_000],
-            decoded: None,
-        };
-        let stream = Arc::new(
-            MemoryStream::new("t", 1, 1_000).with_backpressure(Backpressure {
-                unprocessed_per_shard: 1_000,
-                unprocessed_bytes_per_shard: 2_500,
-                max_wait: Duration::from_secs(30),
-            }),
-        );
+        let stream = Arc::new(bounded_stream(1_000, 2_500, Duration::from_secs(30)));
         let reader = stream.register_reader(0);
-        stream.publish((0..2).map(big_record).collect()).await;
-        stream.publish(vec![big_record(2)]).await;
+        stream
+            .publish((0..2).map(kilobyte_truck_record).collect())
+            .await;
+        stream.publish(vec![kilobyte_truck_record(2)]).await;
         assert_eq!(
             stream.held_back(),
             (0, 0),
             "two records unread before it, under 2,500 bytes: no wait"
         );
-        let publishing = tokio::spawn({
-            let stream = stream.clone();
-            async move { stream.publish(vec![big_record(3)]).await }
-        });
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let publishing = publish_in_background(&stream, kilobyte_truck_record(3)).await;
         assert!(
             !publishing.is_finished(),
             "three records of over 1,000 bytes unread: the publish waits"
@@ -1075,11 +1083,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_publish_behind_a_stuck_reader_goes_ahead_after_the_longest_wait() {
-        let stream = MemoryStream::new("t", 1, 1_000).with_backpressure(Backpressure {
-            unprocessed_per_shard: 2,
-            unprocessed_bytes_per_shard: usize::MAX,
-            max_wait: Duration::from_millis(30),
-        });
+        let stream = bounded_stream(2, usize::MAX, Duration::from_millis(30));
         let _stuck = stream.register_reader(0);
         stream.publish((0..2).map(truck_record).collect()).await;
         let published = tokio::time::timeout(
@@ -1097,11 +1101,7 @@ mod tests {
     async fn without_a_bound_or_readers_a_publish_never_waits() {
         let unbounded = MemoryStream::new("t", 1, 1_000);
         let _reader = unbounded.register_reader(0);
-        let bounded = MemoryStream::new("t", 1, 1_000).with_backpressure(Backpressure {
-            unprocessed_per_shard: 1,
-            unprocessed_bytes_per_shard: usize::MAX,
-            max_wait: Duration::from_secs(30),
-        });
+        let bounded = bounded_stream(1, usize::MAX, Duration::from_secs(30));
         for stream in [&unbounded, &bounded] {
             for n in 0..5 {
                 tokio::time::timeout(
@@ -1188,11 +1188,6 @@ mod tests {
 
     #[tokio::test]
     async fn stream_over_its_bytes_trims_the_oldest_and_says_so() {
-        let record = |n: u8| BusRecord {
-            partition_key: "truck-1".into(),
-            data: vec![n; 1_000],
-            decoded: None,
-        };
         let one = StoredRecord {
             sequence: 1,
             partition_key: "truck-1".into(),
@@ -1203,7 +1198,9 @@ mod tests {
         .bytes();
         // Two shards, room for three records in each.
         let stream = MemoryStream::with_byte_limit("t", 2, 1_000, one * 3 * 2 + 1);
-        stream.publish((0..5).map(record).collect()).await;
+        stream
+            .publish((0..5).map(kilobyte_truck_record).collect())
+            .await;
         let shard = stream.shard_of("truck-1");
         let read = stream.read(shard, 1, 10);
         assert_eq!(read.expired, 2, "the reader is told what it missed");
